@@ -1,0 +1,111 @@
+"""Scalar float helpers shared by every kernel: bit casts, fused multiply-add and
+ggml's half/bfloat16 conversions, written so that each matches ggml bit for bit.
+
+All arithmetic here is float32 unless a name says otherwise: a Python float
+literal would silently promote a Numba expression to float64, so constants are
+``np.float32``.
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+from llvmlite import ir
+
+# Flavor codes passed into kernels (see kvlab.types.FLAVORS).
+REF, CPU, CUDA = 0, 1, 2
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """Reinterpret a float32 as uint32 (C's union trick in ggml-impl.h)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, u):
+    """Reinterpret a uint32 as float32."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a*b + c with one rounding (llvm.fma.f32): what nvcc emits when it contracts."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        f = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(f, args)
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def fp16_to_fp32(h):
+    """ggml_compute_fp16_to_fp32 (ggml-impl.h): exact for every half, NaN payload kept."""
+    # Numba widens uint32 arithmetic to 64 bits: wrap explicitly where C relies on it.
+    w = np.uint32(np.uint32(h) << np.uint32(16))
+    sign = w & np.uint32(0x80000000)
+    two_w = np.uint32((w + w) & np.uint32(0xFFFFFFFF))
+    exp_offset = np.uint32(0xE0 << 23)
+    normalized = f32_from_bits(np.uint32((two_w >> np.uint32(4)) + exp_offset)) * np.float32(2.0 ** -112)
+    denormalized = f32_from_bits(np.uint32((two_w >> np.uint32(17)) | np.uint32(126 << 23))) - np.float32(0.5)
+    if two_w < (np.uint32(1) << np.uint32(27)):
+        return f32_from_bits(np.uint32(sign | f32_bits(denormalized)))
+    return f32_from_bits(np.uint32(sign | f32_bits(normalized)))
+
+
+@njit(cache=True, inline="always")
+def fp32_to_fp16(f):
+    """ggml_compute_fp32_to_fp16 (ggml-impl.h): round to nearest even, NaN -> 0x7E00 | sign.
+
+    This is the reference path (GGML_FP32_TO_FP16, used by quantize_row_*_ref).
+    """
+    base = (abs(f) * np.float32(2.0 ** 112)) * np.float32(2.0 ** -110)
+    w = f32_bits(f)
+    shl1_w = np.uint32((w + w) & np.uint32(0xFFFFFFFF))
+    sign = w & np.uint32(0x80000000)
+    bias = shl1_w & np.uint32(0xFF000000)
+    if bias < np.uint32(0x71000000):
+        bias = np.uint32(0x71000000)
+    base = f32_from_bits(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
+    bits = f32_bits(base)
+    exp_bits = (bits >> np.uint32(13)) & np.uint32(0x00007C00)
+    mantissa_bits = bits & np.uint32(0x00000FFF)
+    nonsign = exp_bits + mantissa_bits
+    if shl1_w > np.uint32(0xFF000000):
+        nonsign = np.uint32(0x7E00)
+    return np.uint16((sign >> np.uint32(16)) | nonsign)
+
+
+@njit(cache=True, inline="always")
+def bf16_to_fp32(h):
+    """ggml_compute_bf16_to_fp32: the top half of a float32."""
+    return f32_from_bits(np.uint32(np.uint32(h) << np.uint32(16)))
+
+
+@njit(cache=True, inline="always")
+def fp32_to_bf16(f):
+    """ggml_compute_fp32_to_bf16 (ggml-impl.h): round to nearest even, NaN made quiet."""
+    u = f32_bits(f)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(64))
+    return np.uint16((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def ftz(x):
+    """Flush a float32 subnormal to signed zero, as CUDA's fast-math (-ftz=true) does."""
+    u = f32_bits(x)
+    if (u & np.uint32(0x7F800000)) == np.uint32(0):
+        return f32_from_bits(u & np.uint32(0x80000000))
+    return x

@@ -1,0 +1,20 @@
+"""kvlab: llama.cpp's quantized KV caches under tensor parallelism, bit-exact, in Python.
+
+    import kvlab
+    q = kvlab.quantize(x, "q4_0", flavor="ref")   # q.raw: ggml's bytes
+    y = kvlab.dequantize(q)
+    xr = kvlab.rotate(x, 128)                     # x @ H_128 per 128-chunk
+
+`import kvlab` loads numpy and numba only; torch, pandas, plotly, ipywidgets and
+transformers load where they are used, and CUDA only when a GPU array is passed.
+"""
+from .types import FLAVORS, TYPES, TypeInfo
+from .quant import QTensor, dequantize, empty_cache, quantize, set_rows
+from .rotation import RotationPlan, hadamard, rotate, rotation_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FLAVORS", "TYPES", "TypeInfo", "QTensor", "quantize", "dequantize", "set_rows", "empty_cache",
+    "hadamard", "rotate", "rotation_plan", "RotationPlan",
+]

@@ -1,0 +1,49 @@
+"""numpy / torch interop: take either, compute on numpy views, hand back the caller's kind.
+
+No copies where the input is already a contiguous float32 CPU array or tensor.
+"""
+import sys
+
+import numpy as np
+
+
+def is_torch(x) -> bool:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_cuda(x) -> bool:
+    """A GPU array: a CUDA torch tensor or anything exposing __cuda_array_interface__."""
+    if is_torch(x):
+        return x.is_cuda
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def to_numpy(x, dtype, what: str):
+    """A C-contiguous numpy view of x (numpy array or CPU torch tensor) of exactly `dtype`."""
+    if is_torch(x):
+        if x.is_cuda:
+            raise TypeError(f"{what}: expected a CPU tensor here, got one on {x.device}")
+        x = x.detach()
+        if x.dtype != _torch_dtype(dtype):
+            raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {x.dtype}")
+        return x.contiguous().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        hint = f" (use x.astype(np.{np.dtype(dtype).name}))" if x.dtype.kind == "f" else ""
+        raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {x.dtype}{hint}")
+    return np.ascontiguousarray(x)
+
+
+def like(out: np.ndarray, template):
+    """Return `out` as the same kind (numpy or torch) as `template`, sharing memory."""
+    if is_torch(template):
+        import torch
+        return torch.from_numpy(out)
+    return out
+
+
+def _torch_dtype(dtype):
+    import torch
+    return {np.float32: torch.float32, np.uint8: torch.uint8, np.float64: torch.float64}[np.dtype(dtype).type]

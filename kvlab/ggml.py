@@ -1,0 +1,161 @@
+"""The real ggml C library through ctypes: the ground truth kvlab's bytes are checked against.
+
+Needs only the two shared libraries (no compiler at run time): libggml-base.so (type traits:
+`from_float_ref` = quantize_row_<type>_ref, `to_float` = dequantize_row_<type>) and libggml-cpu.so
+(`from_float` = what the CPU backend's set_rows writes). Build them with `tools/build_ggml.sh`,
+or install ggml-python, which ships them in `ggml/lib/`.
+
+    lib = kvlab.ggml.load()                   # KVLAB_GGML_LIB, then ggml-python's ggml/lib/
+    raw = lib.quantize_ref(x, "q4_0")         # (*x.shape[:-1], row_bytes) uint8
+    y = lib.dequantize(raw, "q4_0", x.shape[-1])
+
+Struct layouts are those of llama-cpp-python 0.3.36's ggml.h / ggml-cpu.h (0.3.24's are the same);
+`load` checks them against kvlab.TYPES so a different layout fails loudly, not silently.
+ctypes releases the GIL around each call, so row chunks can run in parallel Python threads.
+"""
+import ctypes
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .types import TYPES, type_info
+
+# typedef void (*ggml_to_float_t)  (const void * x, float * y, int64_t k);
+# typedef void (*ggml_from_float_t)(const float * x, void * y, int64_t k);   k = number of values
+_ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):        # struct ggml_type_traits (ggml.h)
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+class _TypeTraitsCpu(ctypes.Structure):     # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
+
+
+def _default_lib_dir() -> Path:
+    env = os.environ.get("KVLAB_GGML_LIB")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("ggml")   # ggml-python ships the libraries in ggml/lib/
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "lib"
+    raise FileNotFoundError(
+        "ggml C library not found: set KVLAB_GGML_LIB to the directory holding libggml-base.so and "
+        "libggml-cpu.so (tools/build_ggml.sh prints it), or pip install ggml-python")
+
+
+class GGML:
+    """libggml-base + libggml-cpu loaded from one directory; quantize/dequantize whole arrays."""
+
+    def __init__(self, lib_dir=None):
+        self.lib_dir = Path(lib_dir) if lib_dir is not None else _default_lib_dir()
+        # RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols against this copy.
+        self.base = ctypes.CDLL(str(self.lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(str(self.lib_dir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        self.base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        self.base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
+        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.base.ggml_version.restype = ctypes.c_char_p
+        self.base.ggml_commit.restype = ctypes.c_char_p
+        self.cpu.ggml_cpu_init()              # fills the fp16 tables some CPU from_float paths read
+        for name in TYPES:
+            self._check_layout(name)
+
+    @property
+    def version(self) -> str:
+        return f"{self.base.ggml_version().decode()} ({self.base.ggml_commit().decode()})"
+
+    def _traits(self, name: str) -> _TypeTraits:
+        return self.base.ggml_get_type_traits(type_info(name).ggml_type).contents
+
+    def _check_layout(self, name: str) -> None:
+        info, traits = type_info(name), self._traits(name)
+        seen = (traits.type_name, traits.blck_size, traits.type_size)
+        if seen != (name.encode(), info.block_size, info.type_size):
+            raise RuntimeError(f"ggml in {self.lib_dir} does not match the 0.3.36 ggml_type_traits layout: "
+                               f"type {info.ggml_type} reads as {seen}, expected {name, info.block_size, info.type_size}")
+
+    def row_fn(self, name: str, path: str):
+        """The C function of one path: 'ref' (from_float_ref), 'cpu' (from_float) or 'to_float'.
+
+        None where ggml has none: f32 has neither from_float_ref nor to_float (its rows are copied)."""
+        if path == "cpu":
+            pointer = self.cpu.ggml_get_type_traits_cpu(type_info(name).ggml_type).contents.from_float
+        elif path in ("ref", "to_float"):
+            pointer = getattr(self._traits(name), "from_float_ref" if path == "ref" else "to_float")
+        else:
+            raise ValueError(f"unknown ggml path {path!r}: expected 'ref', 'cpu' or 'to_float'")
+        return _ROW_FN(pointer) if pointer else None
+
+    def quantize_ref(self, x, name: str, out=None):
+        """quantize_row_<type>_ref over x's last axis: (*x.shape[:-1], row_bytes) uint8."""
+        return self._quantize(x, name, "ref", out)
+
+    def quantize_cpu(self, x, name: str, out=None):
+        """The CPU backend's from_float (SIMD where this build has it) over x's last axis."""
+        return self._quantize(x, name, "cpu", out)
+
+    def _quantize(self, x, name, path, out):
+        info = type_info(name)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim == 0 or x.shape[-1] % info.block_size:
+            raise ValueError(f"{name}: last dim must be a multiple of {info.block_size}, got shape {x.shape}")
+        shape = (*x.shape[:-1], info.row_bytes(x.shape[-1]))
+        out = _checked_out(out, shape, np.uint8)
+        fn = self.row_fn(name, path)
+        if fn is None:                        # f32: ggml copies the floats as they are
+            out[...] = x.view(np.uint8).reshape(shape)
+        else:
+            fn(x.ctypes.data, out.ctypes.data, x.size)
+        return out
+
+    def dequantize(self, raw, name: str, n: int, out=None):
+        """to_float (dequantize_row_<type>) of rows of n values: (*raw.shape[:-1], n) float32."""
+        info = type_info(name)
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        if n % info.block_size or raw.shape[-1] != info.row_bytes(n):
+            raise ValueError(f"{name}: rows of {n} values take {info.row_bytes(n)} bytes, got shape {raw.shape}")
+        out = _checked_out(out, (*raw.shape[:-1], n), np.float32)
+        fn = self.row_fn(name, "to_float")
+        if fn is None:                        # f32: the bytes are the floats
+            out[...] = raw.view(np.float32)
+        else:
+            fn(raw.ctypes.data, out.ctypes.data, out.size)
+        return out
+
+
+def _checked_out(out, shape, dtype):
+    if out is None:
+        return np.empty(shape, dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, "
+                         f"got {out.dtype} {out.shape}")
+    return out
+
+
+_loaded: dict = {}
+
+
+def load(lib_dir=None) -> GGML:
+    """The library in lib_dir (default: KVLAB_GGML_LIB, then ggml-python's), loaded once per directory."""
+    key = str(lib_dir if lib_dir is not None else _default_lib_dir())
+    if key not in _loaded:
+        _loaded[key] = GGML(key)
+    return _loaded[key]

@@ -1,0 +1,154 @@
+"""quantize / dequantize / set_rows: the public entry points, dispatching to one kernel pair per type.
+
+The bytes in ``QTensor.raw`` are exactly ggml's: a row of n values is
+``n // block_size`` block structs laid end to end (ggml_row_size), so a raw
+array can be written into a GGUF file or a llama.cpp state file as is.
+"""
+from dataclasses import dataclass
+import importlib
+
+import numpy as np
+
+from ._arrays import is_cuda, is_torch, like, to_numpy
+from .types import TYPES, flavor_code, type_info
+
+
+def _kernel_module(type_name: str):
+    return importlib.import_module(f"kvlab.kernels.{type_name}")
+
+
+@dataclass
+class QTensor:
+    """A tensor stored in a ggml type: `raw` holds ggml's bytes, one row per leading index."""
+    raw: object          # uint8, (*shape[:-1], row_bytes); numpy array or torch tensor
+    type: str
+    shape: tuple         # the logical float shape
+    flavor: str = "ref"  # which ggml code path wrote the bytes
+
+    @classmethod
+    def from_raw(cls, raw, type: str, shape, flavor: str = "ref") -> "QTensor":
+        """Wrap bytes written by ggml (e.g. read from a GGUF tensor or a llama.cpp state file)."""
+        info = type_info(type)
+        flavor_code(flavor)
+        shape = tuple(int(s) for s in shape)
+        _check_row_len(shape, info)
+        expected = shape[:-1] + (info.row_bytes(shape[-1]),)
+        if not is_cuda(raw):
+            arr = to_numpy(raw, np.uint8, "QTensor.from_raw(raw)")
+            got = tuple(arr.shape)
+        else:
+            got = tuple(raw.shape)
+        if got != expected:
+            raise ValueError(f"QTensor.from_raw: raw has shape {got}, but {type} values of shape {shape} "
+                             f"need {expected} ({info.type_size} bytes per {info.block_size} values)")
+        return cls(raw, type, shape, flavor)
+
+    @property
+    def info(self):
+        return TYPES[self.type]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * self.info.row_bytes(self.shape[-1])
+
+    @property
+    def is_cuda(self) -> bool:
+        return is_cuda(self.raw)
+
+    def dequantize(self):
+        return dequantize(self)
+
+    def __repr__(self):
+        where = "cuda" if self.is_cuda else "cpu"
+        return f"QTensor(type={self.type}, shape={self.shape}, flavor={self.flavor}, {self.nbytes} bytes, {where})"
+
+
+def type_name_of(x) -> str:
+    return type(x).__name__
+
+
+def _check_row_len(shape, info) -> None:
+    if len(shape) == 0:
+        raise ValueError("expected at least one dimension (the row of values to quantize)")
+    if shape[-1] % info.block_size:
+        raise ValueError(f"{info.name}: the last dimension ({shape[-1]}) must be a multiple of the block "
+                         f"size {info.block_size}")
+
+
+def quantize(x, type: str, flavor: str = "ref") -> QTensor:
+    """Quantize float32 x along its last dimension into ggml type `type`, as the `flavor` code path does.
+
+    x: numpy array or torch tensor (CPU, or CUDA for the GPU kernels), float32, last dim a multiple of
+    the type's block size. Returns a QTensor whose raw bytes live where x lives.
+    """
+    info = type_info(type)
+    code = flavor_code(flavor)
+    if not (isinstance(x, np.ndarray) or is_torch(x) or is_cuda(x)):
+        raise TypeError(f"quantize: expected a float32 numpy array or torch tensor, got {type_name_of(x)}")
+    shape = tuple(int(s) for s in x.shape)
+    _check_row_len(shape, info)
+    if is_cuda(x):
+        from .kernels import cuda as gpu
+        return QTensor(gpu.quantize(x, type, code), type, shape, flavor)
+    xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
+    n_blocks = xs.size // info.block_size
+    raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
+    if n_blocks:
+        kernel = getattr(_kernel_module(type), f"quantize_row_{type}")
+        kernel(xs.reshape(n_blocks, info.block_size),           # (n_blocks, block_size)
+               raw.reshape(n_blocks, info.type_size), code)     # (n_blocks, type_size)
+    return QTensor(like(raw, x), type, shape, flavor)
+
+
+def dequantize(q: QTensor):
+    """float32 values of a QTensor (ggml's to_float), same shape and device as its raw bytes."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"dequantize: expected a QTensor (from kvlab.quantize or QTensor.from_raw), "
+                        f"got {type(q).__name__}")
+    info = q.info
+    if q.is_cuda:
+        from .kernels import cuda as gpu
+        return gpu.dequantize(q.raw, q.type, q.shape)
+    raw = to_numpy(q.raw, np.uint8, "dequantize(q.raw)")
+    out = np.empty(q.shape, dtype=np.float32)
+    n_blocks = out.size // info.block_size
+    if n_blocks:
+        kernel = getattr(_kernel_module(q.type), f"dequantize_row_{q.type}")
+        kernel(raw.reshape(n_blocks, info.type_size),           # (n_blocks, type_size)
+               out.reshape(n_blocks, info.block_size))          # (n_blocks, block_size)
+    return like(out, q.raw)
+
+
+def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_x=None) -> QTensor:
+    """A zero-filled cache of n_rows rows (ggml ne = [row_len, n_rows]), as llama.cpp allocates it."""
+    info = type_info(type)
+    _check_row_len((row_len,), info)
+    raw = np.zeros((n_rows, info.row_bytes(row_len)), dtype=np.uint8)
+    return QTensor(like(raw, like_x) if like_x is not None else raw, type, (n_rows, row_len), flavor)
+
+
+def set_rows(cache: QTensor, row_ids, values) -> QTensor:
+    """ggml_set_rows: quantize values[i] into row row_ids[i] of the cache, in the cache's type and flavor.
+
+    cache: (..., n_rows, row_len) (ggml ne = [row_len, n_rows, ...]); values: (..., n, row_len) float32;
+    row_ids: (n,) integers in [0, n_rows). Returns the cache, written in place.
+    """
+    if not isinstance(cache, QTensor):
+        raise TypeError(f"set_rows: expected a QTensor cache, got {type(cache).__name__}")
+    ids = np.asarray(row_ids.cpu() if is_torch(row_ids) else row_ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TypeError(f"set_rows: row_ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+    n_rows, row_len = cache.shape[-2], cache.shape[-1]
+    vshape = tuple(values.shape)
+    if vshape[-1] != row_len or vshape[-2] != ids.size or vshape[:-2] != cache.shape[:-2]:
+        raise ValueError(f"set_rows: values of shape {vshape} do not fit {ids.size} rows of a cache of "
+                         f"shape {cache.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+        raise ValueError(f"set_rows: row ids must lie in [0, {n_rows}), got [{ids.min()}, {ids.max()}]")
+    q = quantize(values, cache.type, cache.flavor)
+    if cache.is_cuda:
+        import torch
+        cache.raw[..., torch.as_tensor(ids, device=cache.raw.device), :] = q.raw
+    else:
+        to_numpy(cache.raw, np.uint8, "set_rows(cache.raw)")[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")
+    return cache
