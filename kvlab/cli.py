@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "kvlab.report",     # report (the main job)
     "kvlab.sweep",      # sweep
     "kvlab.split.cli",  # trace, compat
+    "kvlab.evaluate",   # eval
 )
 
 

@@ -72,15 +72,19 @@ class GGML:
         self.base.ggml_get_type_traits.argtypes = [ctypes.c_int]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-        self.base.ggml_version.restype = ctypes.c_char_p
-        self.base.ggml_commit.restype = ctypes.c_char_p
         self.cpu.ggml_cpu_init()              # fills the fp16 tables some CPU from_float paths read
         for name in TYPES:
             self._check_layout(name)
 
     @property
     def version(self) -> str:
-        return f"{self.base.ggml_version().decode()} ({self.base.ggml_commit().decode()})"
+        """ggml's version and commit, where the library exports them (older builds do not)."""
+        try:
+            version, commit = self.base.ggml_version, self.base.ggml_commit
+        except AttributeError:
+            return "unknown"
+        version.restype = commit.restype = ctypes.c_char_p
+        return f"{version().decode()} ({commit().decode()})"
 
     def _traits(self, name: str) -> _TypeTraits:
         return self.base.ggml_get_type_traits(type_info(name).ggml_type).contents

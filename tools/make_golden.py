@@ -6,12 +6,12 @@
 Per type and per input case of tests/golden/inputs.npz (tools/golden_inputs.py), each (16, 256) float32:
   <case>.ref          uint8 (16, row_bytes): from_float_ref (quantize_row_<type>_ref, ggml-quants.c)
   <case>.cpu          uint8 (16, row_bytes): the CPU backend's from_float (what its set_rows writes)
-  <case>.ref_defined  bool  (16, row_bytes): bytes that C writes at all (see below); likewise .cpu_defined
+  <case>.ref_defined  bool  (16, row_bytes): bytes that depend on the block's own input only (see below); likewise .cpu_defined
   <case>.deq          float32 (16, 256): to_float (dequantize_row_<type>) of the .ref bytes
 Some C paths do not write every byte from the block's own input: iq4_nl's quantize_row_iq4_nl_ref packs
 an all-zero block's qs from a stack array that only earlier blocks of the same call (or nothing) filled.
 So each path runs three times: plain (output prefilled 0x00), and with every block preceded, in the
-same call, by a context block of +1s, then of -1s (output prefilled 0xA5). A byte is defined where all
+same call, by one of two context blocks (output prefilled 0xA5). A byte is defined where all
 three runs agree; undefined bytes are stored as 0, so the files do not depend on stack garbage.
 """
 import argparse
@@ -27,7 +27,15 @@ import numpy as np
 from kvlab import ggml
 from kvlab.types import TYPES
 
-CONTEXTS = (1.0, -1.0)     # constant blocks: iq4_nl's stale qs become 0x00 after one, 0xFF after the other
+
+
+def context_blocks(block_size):
+    """Two blocks after which iq4_nl's stale qs differ in every byte: L = all 0 (qs 0x00), then
+    L = 0 at the block's max and 15 elsewhere (qs 0xF0, 0xFF, ...)."""
+    spread = np.full(block_size, -0.875, np.float32)
+    spread[0] = 1.0
+    return np.ones(block_size, np.float32), spread
+
 CPU_FLAGS = ("sse4_2", "f16c", "fma", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
              "avx_vnni", "amx_bf16")
 
@@ -40,7 +48,7 @@ def run_path(lib, x, type_name, path):
     plain = quantize(x, type_name, out=np.zeros(shape, np.uint8))
     defined = np.ones(shape, bool)
     blocks = x.reshape(-1, info.block_size)                                 # (n_blocks, block_size)
-    for context in CONTEXTS:
+    for context in context_blocks(info.block_size):
         pairs = np.empty((len(blocks), 2, info.block_size), np.float32)     # (n_blocks, 2, block_size)
         pairs[:, 0] = context
         pairs[:, 1] = blocks

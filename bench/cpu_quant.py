@@ -1,0 +1,176 @@
+"""CPU quantize / dequantize throughput of kvlab and its peers, side by side, one JSON line per figure.
+
+    python bench/cpu_quant.py [--n 4194304] [--threads 2] [--repeat 5] [--types q4_0,q8_0]
+
+Peers, on the same input and the same thread count:
+  kvlab         Numba kernels (numba threads = --threads), flavors ref and cpu
+  gguf-py       gguf.quants (numpy), rows split over --threads Python threads
+  ggml-ref      the C library's from_float_ref (quantize_row_<type>_ref)
+  ggml-cpu      the C library's CPU-backend from_float (SIMD) and to_float
+  memcpy        numpy copy of the float32 input over the same threads: the machine's yardstick
+The C calls run over row chunks in --threads Python threads (ctypes releases the GIL).
+GB/s counts bytes read + bytes written (1e9 bytes); the median of --repeat runs after one warm-up.
+An impl that is missing (no kernel yet, no ggml library, no gguf) prints a line with "skipped".
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvlab.types import TYPES
+
+ROW_LEN = 4096          # values per row: a typical n_embd_k_gqa; a multiple of every block size
+
+
+@dataclass
+class Config:
+    n: int
+    threads: int
+    repeat: int
+    types: list
+    ggml_lib: str
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1 << 22, help="values per run (a multiple of 4096)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--ggml-lib", default=None, help="libggml directory (default: KVLAB_GGML_LIB)")
+    a = parser.parse_args(argv)
+    if a.n % ROW_LEN:
+        parser.error(f"--n must be a multiple of {ROW_LEN}")
+    return Config(a.n, a.threads, a.repeat, a.types.split(","), a.ggml_lib)
+
+
+def median_seconds(run, repeat):
+    run()                                               # warm-up: JIT compile, page faults, caches
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Chunked:
+    """Run fn(x_chunk, out_chunk) over row chunks of x in a fixed pool of threads."""
+
+    def __init__(self, threads):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads)
+
+    def __call__(self, fn, x, out):
+        bounds = np.linspace(0, len(x), self.threads + 1).astype(int)
+        jobs = [self.pool.submit(fn, x[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        for job in jobs:
+            job.result()
+
+
+def quantize_impls(cfg, chunked):
+    """name -> function(x, out) writing ggml bytes of x into out; a string where the impl is missing."""
+    impls = {}
+    try:
+        import numba
+        import kvlab
+        numba.set_num_threads(cfg.threads)
+        for flavor in ("ref", "cpu"):
+            # kvlab allocates its own output (the public API): out is left alone, no extra copy timed
+            impls[f"kvlab-{flavor}"] = lambda t, fl=flavor: lambda x, out: kvlab.quantize(x, t, flavor=fl)
+    except Exception as e:                              # noqa: BLE001 - reported, not hidden
+        impls["kvlab"] = f"{type(e).__name__}: {e}"
+    try:
+        import gguf
+        from gguf.quants import quantize as gguf_quantize
+
+        def gguf_fn(t):
+            qtype = gguf.GGMLQuantizationType[t.upper()]
+            return lambda x, out: chunked(
+                lambda xc, oc: np.copyto(oc, np.asarray(gguf_quantize(xc, qtype)).view(np.uint8).reshape(oc.shape)),
+                x, out)
+        impls["gguf-py"] = gguf_fn
+    except Exception as e:                              # noqa: BLE001
+        impls["gguf-py"] = f"{type(e).__name__}: {e}"
+    try:
+        from kvlab import ggml
+        lib = ggml.load(cfg.ggml_lib)
+        impls["ggml-ref"] = lambda t: lambda x, out: chunked(lambda xc, oc: lib.quantize_ref(xc, t, out=oc), x, out)
+        impls["ggml-cpu"] = lambda t: lambda x, out: chunked(lambda xc, oc: lib.quantize_cpu(xc, t, out=oc), x, out)
+    except Exception as e:                              # noqa: BLE001
+        impls["ggml"] = f"{type(e).__name__}: {e}"
+    return impls
+
+
+def dequantize_impls(cfg, chunked):
+    """name -> function(raw, out) writing float32 values of raw into out; a string where missing."""
+    impls = {}
+    try:
+        import kvlab
+        impls["kvlab"] = lambda t: lambda raw, out: kvlab.dequantize(kvlab.QTensor.from_raw(raw, t, out.shape))
+    except Exception as e:                              # noqa: BLE001
+        impls["kvlab"] = f"{type(e).__name__}: {e}"
+    try:
+        import gguf
+        from gguf.quants import dequantize as gguf_dequantize
+
+        def gguf_fn(t):
+            qtype = gguf.GGMLQuantizationType[t.upper()]
+            return lambda raw, out: chunked(lambda rc, oc: np.copyto(oc, gguf_dequantize(rc, qtype)), raw, out)
+        impls["gguf-py"] = gguf_fn
+    except Exception as e:                              # noqa: BLE001
+        impls["gguf-py"] = f"{type(e).__name__}: {e}"
+    try:
+        from kvlab import ggml
+        lib = ggml.load(cfg.ggml_lib)
+        impls["ggml-cpu"] = lambda t: lambda raw, out: chunked(
+            lambda rc, oc: lib.dequantize(rc, t, oc.shape[-1], out=oc), raw, out)
+    except Exception as e:                              # noqa: BLE001
+        impls["ggml"] = f"{type(e).__name__}: {e}"
+    return impls
+
+
+def emit(cfg, impl, op, type_name, n_bytes, run, copy_gbps):
+    line = {"impl": impl, "op": op, "type": type_name, "n": cfg.n, "threads": cfg.threads, "bytes": n_bytes}
+    if isinstance(run, str):
+        line["skipped"] = run
+    else:
+        try:
+            seconds = median_seconds(run, cfg.repeat)
+            line.update(seconds=round(seconds, 6), gbps=round(n_bytes / seconds / 1e9, 3))
+            if copy_gbps:
+                line["frac_memcpy"] = round(line["gbps"] / copy_gbps, 3)
+        except Exception as e:                          # noqa: BLE001 - e.g. a kernel not written yet
+            line["skipped"] = f"{type(e).__name__}: {e}"
+    print(json.dumps(line), flush=True)
+    return line.get("gbps")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    x = np.random.default_rng(0).standard_normal((cfg.n // ROW_LEN, ROW_LEN)).astype(np.float32)  # (rows, 4096)
+    chunked = Chunked(cfg.threads)
+    copy_out = np.empty_like(x)
+    copy = lambda: chunked(lambda src, dst: np.copyto(dst, src), x, copy_out)  # noqa: E731
+    copy_gbps = emit(cfg, "memcpy", "copy", "f32", 2 * x.nbytes, copy, None)
+    quantizers, dequantizers = quantize_impls(cfg, chunked), dequantize_impls(cfg, chunked)
+    for type_name in cfg.types:
+        info = TYPES[type_name]
+        raw = np.zeros((len(x), info.row_bytes(ROW_LEN)), np.uint8)   # (rows, row_bytes): quantizers' output
+        n_bytes = x.nbytes + raw.nbytes
+        for impl, make in quantizers.items():
+            run = make if isinstance(make, str) else (lambda fn=make(type_name): fn(x, raw))
+            emit(cfg, impl, "quantize", type_name, n_bytes, run, copy_gbps)
+        values = np.empty_like(x)
+        for impl, make in dequantizers.items():
+            run = make if isinstance(make, str) else (lambda fn=make(type_name): fn(raw, values))
+            emit(cfg, impl, "dequantize", type_name, n_bytes, run, copy_gbps)
+
+
+if __name__ == "__main__":
+    main()

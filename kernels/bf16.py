@@ -1,0 +1,42 @@
+"""bf16: bfloat16 (the top half of a float32), one value per 2-byte little-endian element.
+
+The kernels take any (rows, cols) float32 array and write (rows, 2 * cols) bytes.
+
+- ref, cpu  ``ggml_compute_fp32_to_bf16`` (ggml_cpu_fp32_to_bf16 is the same scalar loop):
+  round to nearest even on the bits (subnormals kept, overflow to Inf), NaN -> top half | 0x0040.
+- cuda  ``__float2bfloat16`` (cvt.rn.bf16.f32): the same rounding, NaN -> canonical 0x7FFF.
+Dequantize shifts the half back up (exact).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .fp import CUDA, bf16_to_fp32, fp32_to_bf16
+
+TYPE_SIZE = 2
+
+
+@njit(cache=True)
+def quantize_value(v, flavor):
+    if flavor == CUDA and v != v:
+        return np.uint16(0x7FFF)
+    return fp32_to_bf16(v)
+
+
+@njit(parallel=True, cache=True)
+def quantize_row_bf16(x, out, flavor):
+    """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8."""
+    n_rows, n_cols = x.shape
+    halves = out.view(np.uint16)  # (rows, cols)
+    for r in prange(n_rows):
+        for c in range(n_cols):
+            halves[r, c] = quantize_value(x[r, c], flavor)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_row_bf16(raw, out):
+    """raw: (rows, 2 * cols) uint8 -> out: (rows, cols) float32."""
+    halves = raw.view(np.uint16)  # (rows, cols)
+    n_rows, n_cols = out.shape
+    for r in prange(n_rows):
+        for c in range(n_cols):
+            out[r, c] = bf16_to_fp32(halves[r, c])

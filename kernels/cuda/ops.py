@@ -1,0 +1,74 @@
+"""Scalar float32 operations for the CUDA kernels, each pinned to one PTX instruction.
+
+Why not plain ``*`` and ``+``: NVVM contracts a multiply and an add into an FMA by default, and
+under fast-math it flushes subnormals everywhere. ggml's C reference does separate IEEE roundings,
+ggml-cuda does fast-math with FMA in some places (tools/cuda_golden/PTX_NOTES.md). Writing every op
+as its own instruction (``mul.rn.f32``, ``fma.rn.ftz.f32``, ``rcp.approx.ftz.f32`` ...) makes the
+bytes independent of compiler flags: ``.rn`` ops are never contracted.
+
+Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same names are plain Python on
+numpy float32 with the same results, so the kernels run unchanged in CI without a GPU.
+Names: ``mul/add/sub/fma/div`` round to nearest, ``*_ftz`` flush subnormal inputs and results,
+``rcp_approx`` is rcp.approx.ftz.f32 (tabled from the H100 for the simulator).
+"""
+import os
+
+import numpy as np
+from numba.cuda import config
+
+SIM = bool(config.ENABLE_CUDASIM) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+if SIM:
+    from .sim_ops import *  # noqa: F401,F403  (the Python twins of the instructions below)
+else:
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    _F32 = ir.FloatType()
+    _I32 = ir.IntType(32)
+    _I16 = ir.IntType(16)
+
+    def _asm(text, n_args, ret=_F32, arg=_F32, ret_c="f", arg_c="f", nb_ret=types.float32,
+             nb_arg=types.float32):
+        """An intrinsic that emits one PTX instruction block, result $0, operands $1.."""
+        constraints = ",".join([f"={ret_c}"] + [arg_c] * n_args)
+
+        def impl(typingctx, *args):
+            sig = nb_ret(*([nb_arg] * n_args))
+
+            def codegen(context, builder, signature, llargs):
+                fty = ir.FunctionType(ret, [arg] * n_args)
+                return builder.call(ir.InlineAsm(fty, text, constraints), llargs)
+
+            return sig, codegen
+
+        # intrinsic needs a function with the right number of named parameters
+        names = ", ".join(f"a{k}" for k in range(n_args))
+        scope = {"impl": impl}
+        exec(f"def wrapper(typingctx, {names}):\n    return impl(typingctx, {names})", scope)
+        return intrinsic(scope["wrapper"])
+
+    mul = _asm("mul.rn.f32 $0, $1, $2;", 2)
+    add = _asm("add.rn.f32 $0, $1, $2;", 2)
+    sub = _asm("sub.rn.f32 $0, $1, $2;", 2)
+    div = _asm("div.rn.f32 $0, $1, $2;", 2)
+    fma = _asm("fma.rn.f32 $0, $1, $2, $3;", 3)
+    mul_ftz = _asm("mul.rn.ftz.f32 $0, $1, $2;", 2)
+    add_ftz = _asm("add.rn.ftz.f32 $0, $1, $2;", 2)
+    sub_ftz = _asm("sub.rn.ftz.f32 $0, $1, $2;", 2)
+    fma_ftz = _asm("fma.rn.ftz.f32 $0, $1, $2, $3;", 3)
+    rcp_approx = _asm("rcp.approx.ftz.f32 $0, $1;", 1)
+    ftz = _asm("add.ftz.f32 $0, $1, 0f80000000;", 1)          # x + (-0): flushes, keeps the sign
+    # roundf (half away from zero), as nvcc writes it: trunc(x + copysign(0.5, x)) with .rz add
+    roundf = _asm("{ .reg .f32 h; copysign.f32 h, $1, 0f3F000000; add.rz.f32 h, $1, h; "
+                  "cvt.rzi.f32.f32 $0, h; }", 1)
+    round_even = _asm("cvt.rni.f32.f32 $0, $1;", 1)
+    # float -> int as PTX does it: truncate, saturate, NaN -> 0
+    ptx_i32 = _asm("cvt.rzi.s32.f32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.int32)
+    ptx_u32 = _asm("cvt.rzi.u32.f32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
+    # half <-> float, IEEE round to nearest even (a NaN comes out 0x7FFF: callers decide NaN first)
+    f32_to_f16_bits = _asm("cvt.rn.f16.f32 $0, $1;", 1, ret=_I16, ret_c="h", nb_ret=types.uint16)
+    f16_bits_to_f32 = _asm("cvt.f32.f16 $0, $1;", 1, arg=_I16, arg_c="h", nb_arg=types.uint16)
+    f32_bits = _asm("mov.b32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
+    f32_from_bits = _asm("mov.b32 $0, $1;", 1, arg=_I32, arg_c="r", nb_arg=types.uint32)

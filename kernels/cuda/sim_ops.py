@@ -1,0 +1,141 @@
+"""Python twins of kernels/cuda/ops.py's PTX instructions, for the Numba CUDA simulator.
+
+numpy float32 scalars round to nearest like the GPU's ``.rn`` instructions; FMA is made exact
+through a float64 product (exact for float32 inputs) and a round-to-odd float64 sum;
+rcp.approx.ftz.f32 reads the table measured on an H100 (tools/cuda_golden/rcp_approx_delta.npz).
+"""
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+_f32 = np.float32
+_TABLE = Path(__file__).resolve().parents[2] / "tools" / "cuda_golden" / "rcp_approx_delta.npz"
+_MIN_NORMAL = _f32(1.1754943508222875e-38)
+
+
+def _quiet(fn):
+    def wrapped(*args):
+        with np.errstate(all="ignore"):
+            return fn(*args)
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def f32_bits(x):
+    return np.array(x, np.float32).view(np.uint32)[()]
+
+
+def f32_from_bits(u):
+    return np.array(u, np.uint32).view(np.float32)[()]
+
+
+def ftz(x):
+    x = _f32(x)
+    return _f32(np.copysign(_f32(0.0), x)) if abs(x) < _MIN_NORMAL else x
+
+
+@_quiet
+def mul(a, b):
+    return _f32(a) * _f32(b)
+
+
+@_quiet
+def add(a, b):
+    return _f32(a) + _f32(b)
+
+
+@_quiet
+def sub(a, b):
+    return _f32(a) - _f32(b)
+
+
+@_quiet
+def div(a, b):
+    return _f32(a) / _f32(b)
+
+
+@_quiet
+def fma(a, b, c):
+    a, b, c = _f32(a), _f32(b), _f32(c)
+    p = np.float64(a) * np.float64(b)                  # exact
+    if not (np.isfinite(p) and np.isfinite(c)):
+        return _f32(p + np.float64(c))
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    s = np.float64(float(exact))
+    if Fraction(float(s)) != exact:                    # round to odd, then once to float32
+        if abs(Fraction(float(s))) > abs(exact):
+            s = np.nextafter(s, np.float64(0.0))
+        s = np.array(s).view(np.uint64)[()] | np.uint64(1)
+        s = np.array(s, np.uint64).view(np.float64)[()]
+    return _f32(s)
+
+
+def mul_ftz(a, b):
+    return ftz(mul(ftz(a), ftz(b)))
+
+
+def add_ftz(a, b):
+    return ftz(add(ftz(a), ftz(b)))
+
+
+def sub_ftz(a, b):
+    return ftz(sub(ftz(a), ftz(b)))
+
+
+def fma_ftz(a, b, c):
+    return ftz(fma(ftz(a), ftz(b), ftz(c)))
+
+
+@lru_cache(maxsize=1)
+def _rcp_delta():
+    return np.load(_TABLE)["rcp_delta"]
+
+
+@_quiet
+def rcp_approx(x):
+    x = ftz(x)
+    if x == 0 or np.isinf(x) or np.isnan(x):
+        return _f32(1.0) / x
+    r = _f32(1.0) / x
+    bits = np.uint32(f32_bits(r) + np.uint32(np.int64(_rcp_delta()[f32_bits(x) & 0x7FFFFF]) & 0xFFFFFFFF))
+    return ftz(f32_from_bits(bits))
+
+
+def roundf(x):
+    x = _f32(x)
+    if not abs(x) < _f32(8388608.0):
+        return x
+    return _f32(np.copysign(np.floor(abs(np.float64(x)) + 0.5), x))
+
+
+def round_even(x):
+    x = _f32(x)
+    return x if not abs(x) < _f32(8388608.0) else _f32(np.rint(x))
+
+
+def ptx_i32(x):
+    x = _f32(x)
+    if x != x:
+        return np.int32(0)
+    return np.int32(min(max(np.float64(x), -2147483648.0), 2147483647.0))
+
+
+def ptx_u32(x):
+    x = _f32(x)
+    if x != x:
+        return np.uint32(0)
+    return np.uint32(min(max(np.float64(x), 0.0), 4294967295.0))
+
+
+@_quiet
+def f32_to_f16_bits(x):
+    x = _f32(x)
+    if x != x:
+        return np.uint16(0x7FFF)
+    return np.array(x, np.float16).view(np.uint16)[()]
+
+
+def f16_bits_to_f32(h):
+    return _f32(np.array(h, np.uint16).view(np.float16)[()])

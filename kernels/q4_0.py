@@ -1,0 +1,85 @@
+"""q4_0: 32 values per block, 18 bytes, x = d * (q - 8), q in 0..15.
+
+Block (ggml-common.h ``block_q4_0``)::
+
+    bytes 0..1   d      ggml_half, little-endian
+    bytes 2..17  qs[16] qs[j] = q[j] | q[j + 16] << 4
+
+Quantize (``quantize_row_q4_0_ref``; the cpu flavor is the same code): ``max`` is the signed value
+of the first element of largest |x|, ``d = max / -8`` (so that element gets q = 0),
+``id = d ? 1/d : 0``, ``q = min(15, (int8_t)(x*id + 8.5f))`` with the float32 add rounded first.
+An all-zero block stores d = -0.0 (0x8000) and q = 8.
+
+cuda (``quantize_f32_q4_0_block``, -use_fast_math): subnormals flush to zero in the search and in
+every arithmetic op, ``x*id + 8.5f`` is one fused multiply-add, ``1/d`` approximate (emulated as
+correctly rounded: see blocks.cuda_rcp).
+
+NaN/Inf (C's float->int8 of NaN is undefined): kvlab writes what x86 writes, q = 0 for a NaN
+(cvttss2si's INT_MIN, low byte 0); CUDA's cvt also gives 0. A block holding +-Inf has d = -+Inf,
+id = -+0, so finite values get q = 8 and the Inf itself q = 0.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (cuda_div, cuda_fp32_to_fp16, first_absmax, load_f16, pack_nibbles, ptx_trunc_i8,
+                     scale_inverse, store_u16, trunc_i8)
+from .fp import CUDA, fma32, fp32_to_fp16, ftz
+
+QK = 32
+TYPE_SIZE = 18
+_QS = 2  # byte offset of qs
+_HALF_QK = QK // 2
+_MINUS_8 = np.float32(-8.0)
+_OFFSET = np.float32(8.5)  # +8 to centre, +0.5 so truncation rounds
+
+
+@njit(cache=True)
+def _q_ref(v, idv):
+    return min(15, trunc_i8(v * idv + _OFFSET))
+
+
+@njit(cache=True)
+def _q_cuda(v, idv):
+    return min(15, ptx_trunc_i8(fma32(ftz(v), idv, _OFFSET)))
+
+
+@njit(cache=True)
+def quantize_block(xb, yb, flavor):
+    """One block: xb (32,) float32 -> yb (18,) uint8."""
+    vmax = first_absmax(xb, flavor)
+    if flavor == CUDA:
+        d = cuda_div(vmax, _MINUS_8)
+        store_u16(yb, 0, cuda_fp32_to_fp16(d))
+    else:
+        d = vmax / _MINUS_8
+        store_u16(yb, 0, fp32_to_fp16(d))
+    idv = scale_inverse(d, flavor)
+    for j in range(_HALF_QK):
+        if flavor == CUDA:
+            lo, hi = _q_cuda(xb[j], idv), _q_cuda(xb[j + _HALF_QK], idv)
+        else:
+            lo, hi = _q_ref(xb[j], idv), _q_ref(xb[j + _HALF_QK], idv)
+        yb[_QS + j] = pack_nibbles(lo, hi)
+
+
+@njit(cache=True)
+def dequantize_block(yb, xb):
+    d = load_f16(yb, 0)
+    for j in range(_HALF_QK):
+        b = yb[_QS + j]
+        xb[j] = np.float32(np.int32(b & 0x0F) - 8) * d
+        xb[j + _HALF_QK] = np.float32(np.int32(b >> 4) - 8) * d
+
+
+@njit(parallel=True, cache=True)
+def quantize_row_q4_0(x, out, flavor):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8."""
+    for i in prange(x.shape[0]):
+        quantize_block(x[i], out[i], flavor)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_row_q4_0(raw, out):
+    """raw: (n_blocks, 18) uint8 -> out: (n_blocks, 32) float32."""
+    for i in prange(raw.shape[0]):
+        dequantize_block(raw[i], out[i])

@@ -1,0 +1,89 @@
+"""q4_1: 32 values per block, 20 bytes, x = d * q + m, q in 0..15.
+
+Block (ggml-common.h ``block_q4_1``)::
+
+    bytes 0..1   d      ggml_half, little-endian
+    bytes 2..3   m      ggml_half (the block minimum)
+    bytes 4..19  qs[16] qs[j] = q[j] | q[j + 16] << 4
+
+Quantize (``quantize_row_q4_1_ref``; the cpu flavor is the same code): min and max searched from
+FLT_MAX / -FLT_MAX with ``v < min`` / ``v > max`` (NaN never taken), ``d = (max - min) / 15``,
+``id = d ? 1/d : 0``, ``q = min(15, (int8_t)((x - min)*id + 0.5f))``. A constant block stores
+d = 0, m = the constant, q = 0.
+
+cuda (``quantize_f32_q4_1_block``, -use_fast_math; same FLT_MAX start as ref in this ggml):
+subnormals flush in compares and arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add,
+``/15`` and ``1/d`` approximate (emulated as correctly rounded: see blocks.cuda_rcp).
+
+NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA cvt of NaN). An all-NaN block keeps
+min = FLT_MAX, max = -FLT_MAX: d = -Inf, m = +Inf (fp16 overflow). Any +-Inf in a block makes
+d = Inf and every q 0.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (cuda_div, cuda_fp32_to_fp16, load_f16, min_max, pack_nibbles, ptx_trunc_i8,
+                     scale_inverse, store_u16, trunc_i8)
+from .fp import CUDA, fma32, fp32_to_fp16, ftz
+
+QK = 32
+TYPE_SIZE = 20
+_QS = 4  # byte offset of qs
+_HALF_QK = QK // 2
+_15 = np.float32(15.0)
+_HALF = np.float32(0.5)
+
+
+@njit(cache=True)
+def _q_ref(v, vmin, idv):
+    return min(15, trunc_i8((v - vmin) * idv + _HALF))
+
+
+@njit(cache=True)
+def _q_cuda(v, vmin, idv):
+    return min(15, ptx_trunc_i8(fma32(ftz(ftz(v) - ftz(vmin)), idv, _HALF)))
+
+
+@njit(cache=True)
+def quantize_block(xb, yb, flavor):
+    """One block: xb (32,) float32 -> yb (20,) uint8."""
+    vmin, vmax = min_max(xb, flavor)
+    if flavor == CUDA:
+        d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _15)
+        store_u16(yb, 0, cuda_fp32_to_fp16(d))
+        store_u16(yb, 2, cuda_fp32_to_fp16(vmin))
+    else:
+        d = (vmax - vmin) / _15
+        store_u16(yb, 0, fp32_to_fp16(d))
+        store_u16(yb, 2, fp32_to_fp16(vmin))
+    idv = scale_inverse(d, flavor)
+    for j in range(_HALF_QK):
+        if flavor == CUDA:
+            lo, hi = _q_cuda(xb[j], vmin, idv), _q_cuda(xb[j + _HALF_QK], vmin, idv)
+        else:
+            lo, hi = _q_ref(xb[j], vmin, idv), _q_ref(xb[j + _HALF_QK], vmin, idv)
+        yb[_QS + j] = pack_nibbles(lo, hi)
+
+
+@njit(cache=True)
+def dequantize_block(yb, xb):
+    d = load_f16(yb, 0)
+    m = load_f16(yb, 2)
+    for j in range(_HALF_QK):
+        b = yb[_QS + j]
+        xb[j] = np.float32(b & 0x0F) * d + m  # two roundings: ggml-base is built without FMA
+        xb[j + _HALF_QK] = np.float32(b >> 4) * d + m
+
+
+@njit(parallel=True, cache=True)
+def quantize_row_q4_1(x, out, flavor):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 20) uint8."""
+    for i in prange(x.shape[0]):
+        quantize_block(x[i], out[i], flavor)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_row_q4_1(raw, out):
+    """raw: (n_blocks, 20) uint8 -> out: (n_blocks, 32) float32."""
+    for i in prange(raw.shape[0]):
+        dequantize_block(raw[i], out[i])

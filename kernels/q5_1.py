@@ -1,0 +1,113 @@
+"""q5_1: 32 values per block, 24 bytes, x = d * q + m, q in 0..31.
+
+Block (ggml-common.h ``block_q5_1``)::
+
+    bytes 0..1   d      ggml_half, little-endian
+    bytes 2..3   m      ggml_half (the block minimum)
+    bytes 4..7   qh[4]  bit j of the little-endian uint32 = bit 4 of q[j]
+    bytes 8..23  qs[16] qs[j] = (q[j] & 15) | (q[j + 16] & 15) << 4
+
+Quantize (``quantize_row_q5_1_ref``; the cpu flavor, ggml-cpu/quants.c ``quantize_row_q5_1``, calls
+it): min and max searched from FLT_MAX / -FLT_MAX (NaN never taken), ``d = (max - min) / 31``,
+``id = d ? 1/d : 0``, ``q = (uint8_t)((x - min)*id + 0.5f)`` with no clamp.
+
+cuda (``quantize_f32_q5_1_block``, -use_fast_math): min and max start from x[0] and run
+``min = v < min ? v : min`` over the rest (a NaN in x[0] stays); subnormals flush in compares and
+arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add, ``/31`` and ``1/d`` are approximate
+(emulated as correctly rounded: see blocks.cuda_rcp; ggml-cuda's hardware reciprocal is sometimes one
+ulp off, which moves a value sitting exactly on a .5 tie to the other side).
+
+NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA converts NaN to 0). An all-NaN block
+gives ref d = -Inf, m = +Inf (FLT_MAX rounds to the half infinity), cuda d = m = NaN (0x7FFF).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (cuda_div, cuda_fp32_to_fp16, load_f16, min_max, ptx_cast_i32, scale_inverse, store_u16,
+                     c_cast_i32)
+from .fp import CUDA, fma32, fp32_to_fp16, ftz
+from .q5_0 import load_q5_pair, load_u32, store_q5_pair, store_u32
+
+QK = 32
+TYPE_SIZE = 24
+_QH, _QS = 4, 8    # byte offsets of qh and qs
+_HALF_QK = QK // 2
+_31 = np.float32(31.0)
+_HALF = np.float32(0.5)
+
+
+@njit(cache=True)
+def _cuda_min_max(xb):
+    vmin = xb[0]
+    vmax = xb[0]
+    for j in range(1, QK):
+        v = xb[j]
+        vmin = v if ftz(v) < ftz(vmin) else vmin
+        vmax = v if ftz(v) > ftz(vmax) else vmax
+    return vmin, vmax
+
+
+@njit(cache=True)
+def _q_ref(v, vmin, idv):
+    return c_cast_i32((v - vmin) * idv + _HALF)
+
+
+@njit(cache=True)
+def _q_cuda(v, vmin, idv):
+    return ptx_cast_i32(ftz(fma32(ftz(ftz(v) - ftz(vmin)), idv, _HALF)))
+
+
+@njit(cache=True)
+def quantize_block(xb, yb, flavor):
+    """One block: xb (32,) float32 -> yb (24,) uint8."""
+    if flavor == CUDA:
+        vmin, vmax = _cuda_min_max(xb)
+        d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _31)
+        store_u16(yb, 0, cuda_fp32_to_fp16(d))
+        store_u16(yb, 2, cuda_fp32_to_fp16(vmin))
+    else:
+        vmin, vmax = min_max(xb, flavor)
+        d = (vmax - vmin) / _31
+        store_u16(yb, 0, fp32_to_fp16(d))
+        store_u16(yb, 2, fp32_to_fp16(vmin))
+    idv = scale_inverse(d, flavor)
+    qh = np.uint32(0)
+    for j in range(_HALF_QK):
+        if flavor == CUDA:
+            lo, hi = _q_cuda(xb[j], vmin, idv), _q_cuda(xb[j + _HALF_QK], vmin, idv)
+        else:
+            lo, hi = _q_ref(xb[j], vmin, idv), _q_ref(xb[j + _HALF_QK], vmin, idv)
+        qh |= store_q5_pair(yb, _QS, j, lo, hi)
+    store_u32(yb, _QH, qh)
+
+
+@njit(cache=True)
+def _scale_add(qd, m):
+    """q*d + m in two roundings (ggml-base is built without FMA). When both are NaN, x86's addss keeps
+    the first operand's payload, q*d's; LLVM may swap the operands of an add, so say it explicitly."""
+    return qd if qd != qd else qd + m
+
+
+@njit(cache=True)
+def dequantize_block(yb, xb):
+    d = load_f16(yb, 0)
+    m = load_f16(yb, 2)
+    qh = load_u32(yb, _QH)
+    for j in range(_HALF_QK):
+        lo, hi = load_q5_pair(yb, _QS, qh, j)
+        xb[j] = _scale_add(np.float32(lo) * d, m)
+        xb[j + _HALF_QK] = _scale_add(np.float32(hi) * d, m)
+
+
+@njit(parallel=True, cache=True)
+def quantize_row_q5_1(x, out, flavor):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 24) uint8."""
+    for i in prange(x.shape[0]):
+        quantize_block(x[i], out[i], flavor)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_row_q5_1(raw, out):
+    """raw: (n_blocks, 24) uint8 -> out: (n_blocks, 32) float32."""
+    for i in prange(raw.shape[0]):
+        dequantize_block(raw[i], out[i])

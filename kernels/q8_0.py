@@ -1,0 +1,138 @@
+"""q8_0: 32 values per block, 34 bytes, x = d * q.
+
+Block (ggml-common.h ``block_q8_0``)::
+
+    bytes 0..1   d      ggml_half, little-endian
+    bytes 2..33  qs[32] int8, value j in byte 2 + j
+
+Flavors (quantize; dequantize is the same for all):
+- ref  ``quantize_row_q8_0_ref``: amax through ``MAX(a, b) = a > b ? a : b`` (so a NaN is kept only
+  until the next element replaces it), ``d = amax/127``, ``id = d ? 1/d : 0``, ``q = roundf(x*id)``
+  (halves away from zero).
+- cpu  x86 AVX2 ``quantize_row_q8_0``: amax by a ``_mm256_max_ps`` lane tree (max_ps returns its
+  second operand when either is NaN), ``id = amax ? 127/amax : 0`` (may differ from 1/d by an ulp),
+  halves to even (``_mm256_round_ps``), int32 -> int8 by saturating packs.
+- cuda ``quantize_f32_q8_0_block`` with -use_fast_math: ``fmaxf`` (ignores NaN), subnormals flushed,
+  ``amax/127`` and ``1/d`` approximate (emulated as correctly rounded, see blocks.cuda_rcp), halves away.
+
+NaN/Inf (C leaves float->int8 of NaN or of an out-of-range value undefined; kvlab writes what
+the x86 build writes): ref stores the low byte of cvttss2si's INT_MIN, 0x00; cpu saturates
+INT_MIN to 0x80 (-128); cuda's cvt gives 0 for NaN. ``d`` NaN is stored as 0x7E00|sign (ref, cpu)
+and 0x7FFF (cuda).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_f16, low_byte, max_abs_key,
+                     ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse, store_u16)
+from .fp import CPU, CUDA, REF, f32_from_bits, fp32_to_fp16, ftz
+
+QK = 32
+TYPE_SIZE = 34
+_QS = 2  # byte offset of qs
+_127 = np.float32(127.0)
+_INF_BITS = np.uint32(0x7F800000)  # |x| bits above this are NaN
+
+
+@njit(cache=True)
+def _ref_absmax(xb):
+    bits = max_abs_key(xb, False, False)
+    if bits <= _INF_BITS:
+        return f32_from_bits(bits)
+    amax = np.float32(0.0)  # a NaN is there: replay ggml's MAX macro, which keeps it only briefly
+    for j in range(QK):
+        a = abs(xb[j])
+        amax = amax if amax > a else a
+    return amax
+
+
+@njit(cache=True)
+def _quantize_block_ref(xb, yb):
+    amax = _ref_absmax(xb)
+    d = amax / _127
+    idv = scale_inverse(d, REF)
+    store_u16(yb, 0, fp32_to_fp16(d))
+    for j in range(QK):
+        yb[_QS + j] = low_byte(c_cast_i32(roundf32(xb[j] * idv)))
+
+
+@njit(cache=True)
+def _max_ps(a, b):
+    return a if a > b else b  # maxps: the second operand when either is NaN
+
+
+@njit(cache=True)
+def _lane_absmax(xb, lane):
+    m = abs(xb[lane])
+    for k in range(1, 4):
+        m = _max_ps(m, abs(xb[8 * k + lane]))
+    return m
+
+
+@njit(cache=True)
+def _avx_absmax(xb):
+    bits = max_abs_key(xb, False, False)
+    if bits <= _INF_BITS:
+        return f32_from_bits(bits)
+    return _avx_absmax_tree(xb)  # a NaN is there: where it ends up depends on the lane tree
+
+
+@njit(cache=True)
+def _avx_absmax_tree(xb):
+    # 8 lanes of 4 loads each, then 128-bit halves (high, low), movehl, movehdup.
+    q0 = _max_ps(_lane_absmax(xb, 4), _lane_absmax(xb, 0))
+    q1 = _max_ps(_lane_absmax(xb, 5), _lane_absmax(xb, 1))
+    q2 = _max_ps(_lane_absmax(xb, 6), _lane_absmax(xb, 2))
+    q3 = _max_ps(_lane_absmax(xb, 7), _lane_absmax(xb, 3))
+    return _max_ps(_max_ps(q0, q2), _max_ps(q1, q3))
+
+
+@njit(cache=True)
+def _quantize_block_cpu(xb, yb):
+    amax = _avx_absmax(xb)
+    store_u16(yb, 0, fp32_to_fp16(amax / _127))  # GGML_CPU_FP32_TO_FP16 is the software one on x86
+    idv = _127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+    for j in range(QK):
+        yb[_QS + j] = saturate_i8(c_cast_i32(round_even32(xb[j] * idv)))
+
+
+@njit(cache=True)
+def _quantize_block_cuda(xb, yb):
+    amax = f32_from_bits(max_abs_key(xb, True, True))  # fmaxf drops NaN; max.ftz flushes
+    d = cuda_div(amax, _127)
+    idv = scale_inverse(d, CUDA)
+    store_u16(yb, 0, cuda_fp32_to_fp16(d))
+    for j in range(QK):
+        yb[_QS + j] = low_byte(ptx_cast_i32(roundf32(ftz(ftz(xb[j]) * idv))))
+
+
+@njit(cache=True)
+def quantize_block(xb, yb, flavor):
+    """One block: xb (32,) float32 -> yb (34,) uint8."""
+    if flavor == CPU:
+        _quantize_block_cpu(xb, yb)
+    elif flavor == CUDA:
+        _quantize_block_cuda(xb, yb)
+    else:
+        _quantize_block_ref(xb, yb)
+
+
+@njit(cache=True)
+def dequantize_block(yb, xb):
+    d = load_f16(yb, 0)
+    for j in range(QK):
+        xb[j] = np.float32(np.int8(yb[_QS + j])) * d
+
+
+@njit(parallel=True, cache=True)
+def quantize_row_q8_0(x, out, flavor):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 34) uint8."""
+    for i in prange(x.shape[0]):
+        quantize_block(x[i], out[i], flavor)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_row_q8_0(raw, out):
+    """raw: (n_blocks, 34) uint8 -> out: (n_blocks, 32) float32."""
+    for i in prange(raw.shape[0]):
+        dequantize_block(raw[i], out[i])

@@ -1,0 +1,320 @@
+"""Attention over a quantized KV cache, the way llama.cpp runs it, and its error against exact attention.
+
+The llama.cpp path (src/llama-graph.cpp build_attn, src/llama-kv-cache.cpp):
+  1. Q and K are rotated with the K Hadamard matrix, V with the V matrix (`rotation_plan`);
+  2. K and V are written into the cache with set_rows (one cache row per token holding all KV heads,
+     ggml ne = [head_dim * n_head_kv, n_kv]) in the cache type and flavor;
+  3. flash attention reads the cache; 4. the output is rotated back with the V matrix.
+
+Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0.3.36 sources).
+- ``"ref"``: exact float64 attention on the dequantized cache (scale 1/sqrt(head_dim), no mask).
+- ``"cpu"`` (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_f16_one_chunk; the tiled and
+  split-KV paths are taken only when K and V are both f32/f16 of one type and change only the
+  summation order): each Q row is converted to K's ``vec_dot_type`` (f32 -> f32, f16 -> f16,
+  bf16 -> bf16, q4_0/q5_0/q8_0/iq4_nl -> q8_0, q4_1/q5_1 -> q8_1; x86 AVX rounding: id = 127/amax,
+  round half to even, d stored as fp16), K.Q is a float32 value times the scale, the softmax is
+  an online float32 softmax with expf, and the V accumulator is float32 -- except for an f16 V
+  cache, where the accumulator itself is an fp16 vector (ggml_vec_mad_f16 / ggml_vec_scale_f16
+  round every update to fp16). That fp16 accumulation is emulated token by token.
+- ``"cuda"`` (ggml-cuda/fattn.cu, fattn-vec.cuh, fattn-common.cuh; the vector kernel that decodes
+  one token, as on an H100 for batch <= 2): Q is pre-multiplied by the scale and, for a quantized
+  K, quantized to q8_1 per 32 values (d = amax/127 in float32, roundf); for f16/bf16 K it stays
+  float32. K.Q and the softmax are float32 and the V accumulator is float32 (NVIDIA has no
+  V_DOT2_F32_F16, so no half2 accumulation). Only the K-V pairs in GGML_CUDA_FA_QUANTS (default
+  ``q4_0-q4_0;q8_0-q8_0;f16-f16;bf16-bf16``, f32 counting as f16) have a vector kernel; for any
+  other pair ggml-cuda converts K and V to f16 and runs the f16-f16 kernel (fattn.cu warns "no
+  FlashAttention vector kernel compiled ... converting K and V to f16"), and f32 K/V are always
+  converted to f16. iq4_nl has no CUDA flash-attention kernel at all (best kernel NONE): the op
+  falls back to the CPU backend, so it is modelled as ``"cpu"``. See `cuda_kernel`.
+Not modelled (documented, small next to quantization error): summation order and fast-math expf;
+the fp16 rounding of the q8_1 block sum ``s`` on the CPU (CUDA uses the exact float sum) in the
+q4_1/q5_1 dot products; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the
+softmax probabilities to f16.
+
+Metrics (kvlab.metrics) compare against exact float64 attention on the unrotated, unquantized input.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
+from .metrics import attention_metrics, tensor_rel_l2
+from .quant import dequantize, empty_cache, set_rows
+from .rotation import hadamard, rotate, rotation_plan
+from .types import TYPES, flavor_code, type_info
+
+BACKENDS = ("ref", "cpu", "cuda")
+
+CPU_VEC_DOT_TYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0",
+                    "q5_0": "q8_0", "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}
+CUDA_FA_QUANTS_DEFAULT = frozenset({("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f16", "f16"), ("bf16", "bf16")})
+CUDA_FA_TYPES = frozenset({"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"})
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)} "
+                         "(ref = exact float64, cpu = ggml-cpu flash attention, cuda = ggml-cuda vector kernel)")
+    return backend
+
+
+def cuda_kernel(type_k: str, type_v: str) -> tuple:
+    """(kernel, K type read, V type read) of ggml-cuda's flash attention with the default build.
+
+    kernel is "vec" (a compiled K-V vector kernel), "vec-f16" (no kernel for the pair: K and V are
+    converted to f16 first) or "cpu" (no CUDA kernel for the type at all: the op runs on the CPU).
+    """
+    if type_k not in CUDA_FA_TYPES or type_v not in CUDA_FA_TYPES:
+        return "cpu", type_k, type_v
+    as_f16 = {"f32": "f16"}  # the F16 template instance accepts f32 and converts it
+    read_k, read_v = as_f16.get(type_k, type_k), as_f16.get(type_v, type_v)
+    if (read_k, read_v) in CUDA_FA_QUANTS_DEFAULT:
+        return "vec", read_k, read_v
+    return "vec-f16", "f16", "f16"
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def as_heads(x, name: str, ndim: int = 3) -> np.ndarray:
+    """float32 numpy (n_head, n_tokens, head_dim) from a numpy array or CPU/CUDA torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name}: expected float32, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected shape (n_head, n_tokens, head_dim), got {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def check_qkv(q, k, v):
+    q, k, v = as_heads(q, "q"), as_heads(k, "k"), as_heads(v, "v")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k {k.shape} and v {v.shape} must have the same (n_head_kv, n_kv)")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from k head_dim {k.shape[2]}")
+    if q.shape[0] % k.shape[0]:
+        raise ValueError(f"n_head ({q.shape[0]}) must be a multiple of n_head_kv ({k.shape[0]}) for GQA")
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        raise ValueError("need at least one query and one key")
+    return q, k, v
+
+
+def group_queries(q: np.ndarray, n_head_kv: int) -> np.ndarray:
+    """(n_head, n_q, D) -> (n_head_kv, group * n_q, D): the query heads that share one KV head."""
+    n_head, n_q, d = q.shape
+    return q.reshape(n_head_kv, (n_head // n_head_kv) * n_q, d)  # head h uses KV head h // group
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+
+def store(x: np.ndarray, type_name: str, flavor: str, rot: int | None) -> np.ndarray:
+    """What the cache holds for x (n_head_kv, n_kv, D): rotate, set_rows, dequantize (rotated basis)."""
+    n_head_kv, n_kv, d = x.shape
+    xr = rotate(x, rot) if rot else x
+    rows = np.ascontiguousarray(xr.transpose(1, 0, 2)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
+    cache = empty_cache(n_kv, n_head_kv * d, type_name, flavor)
+    set_rows(cache, np.arange(n_kv, dtype=np.int64), rows)
+    deq = dequantize(cache).reshape(n_kv, n_head_kv, d)  # (n_kv, n_head_kv, D)
+    return np.ascontiguousarray(deq.transpose(1, 0, 2))  # (n_head_kv, n_kv, D)
+
+
+def unrotate(x: np.ndarray, rot: int | None) -> np.ndarray:
+    """x @ H_rot per rot-chunk of the last dim, in x's precision (H is its own inverse)."""
+    if not rot:
+        return x
+    h = hadamard(rot).astype(x.dtype)
+    chunks = x.reshape(*x.shape[:-1], x.shape[-1] // rot, rot)  # (..., D/rot, rot)
+    return (chunks @ h).reshape(x.shape)
+
+
+# ---- what each backend does to Q -----------------------------------------------------------------
+
+def _fp16(x):
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _bf16(x):
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def q8_blocks(x: np.ndarray, rounding: str) -> np.ndarray:
+    """Q as the q8_0/q8_1 activation quantizers give it back (values d*q), per 32 values.
+
+    rounding="cpu": x86 AVX quantize_row_q8_0/q8_1 (id = 127/amax, round half to even, d as fp16);
+    rounding="cuda": quantize_q8_1_to_shared (q = roundf(x/d), d = amax/127 kept in float32).
+    """
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).astype(np.float32)  # (..., D/32, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if rounding == "cpu":
+            q = np.rint(blocks * np.where(amax > 0, np.float32(127) / amax, np.float32(0)))
+            d = _fp16(d)
+        else:
+            ratio = np.where(d > 0, blocks / d, np.float32(0))
+            q = np.sign(ratio) * np.floor(np.abs(ratio) + np.float32(0.5))  # roundf: halves away from 0
+    return (d * q).astype(np.float32).reshape(x.shape)
+
+
+def backend_query(q_rot: np.ndarray, type_k: str, backend: str, scale: float) -> np.ndarray:
+    """Q as the backend's K.Q dot product sees it, already multiplied by the softmax scale."""
+    if backend == "ref":
+        return q_rot.astype(np.float64) * scale
+    if backend == "cpu":
+        kind = CPU_VEC_DOT_TYPE[type_k]
+        q = {"f32": lambda x: x, "f16": _fp16, "bf16": _bf16}.get(kind, lambda x: q8_blocks(x, "cpu"))(q_rot)
+        return q.astype(np.float64) * np.float64(np.float32(scale))
+    scaled = (q_rot * np.float32(scale)).astype(np.float32)
+    return (scaled if type_k in ("f16", "bf16") else q8_blocks(scaled, "cuda")).astype(np.float64)
+
+
+def backend_cache(values: np.ndarray, type_name: str, backend: str, read_as: str) -> np.ndarray:
+    """The cache values the backend reads: CUDA converts to f16 where `cuda_kernel` says so."""
+    if backend == "cuda" and read_as == "f16" and type_name != "f16":
+        return _fp16(values)
+    return values
+
+
+# ---- softmax and the V accumulation --------------------------------------------------------------
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@njit(parallel=True, cache=True)
+def online_softmax_f16_acc(logits, v, out):
+    """ggml-cpu's online softmax with an fp16 V accumulator (V cache in f16), token by token.
+
+    logits: (G, R, L) float32; v: (G, L, D) float32 holding fp16 values; out: (G, R, D) float32.
+    Every update of the accumulator is rounded to fp16, as ggml_vec_mad_f16/ggml_vec_scale_f16 store it.
+    """
+    n_g, n_r, n_l = logits.shape
+    n_d = v.shape[2]
+    for row in prange(n_g * n_r):
+        g, r = row // n_r, row % n_r
+        acc = np.zeros(n_d, np.float32)
+        m = -np.inf
+        s = np.float32(0)
+        for t in range(n_l):
+            x = logits[g, r, t]
+            ms = np.float32(1)
+            vs = np.float32(1)
+            if x > m:
+                if m != -np.inf:
+                    ms = np.float32(np.exp(np.float32(m - x)))
+                m = x
+                for i in range(n_d):
+                    acc[i] = fp16_to_fp32(fp32_to_fp16(np.float32(acc[i] * ms)))
+            else:
+                vs = np.float32(np.exp(np.float32(x - m)))
+            for i in range(n_d):
+                acc[i] = fp16_to_fp32(fp32_to_fp16(fma32(v[g, t, i], vs, acc[i])))  # AVX2 FMA, then store as fp16
+            s = np.float32(s * ms + vs)
+        inv = np.float32(1) / s if s != 0 else np.float32(0)
+        for i in range(n_d):
+            out[g, r, i] = acc[i] * inv
+
+
+def attend(logits: np.ndarray, v_stack: np.ndarray, backend: str, v_f16_accumulator: bool) -> np.ndarray:
+    """Softmax(logits) @ V for several V caches at once.
+
+    logits: (G, R, L) (float64 for ref, float32 values otherwise); v_stack: (n_v, G, L, D) float32.
+    Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda.
+    """
+    if backend == "ref":
+        return np.einsum("grl,vgld->vgrd", softmax_rows(logits), v_stack.astype(np.float64), optimize=True)
+    logits = logits.astype(np.float32)
+    if v_f16_accumulator:
+        out = np.empty((v_stack.shape[0],) + logits.shape[:2] + (v_stack.shape[-1],), np.float32)
+        for i in range(v_stack.shape[0]):
+            online_softmax_f16_acc(logits, np.ascontiguousarray(v_stack[i]), out[i])
+        return out
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))  # float32, expf(s - M)
+    weighted = np.matmul(e[None], v_stack)  # (n_v, G, R, D) float32 sums of expf(s - M) * v
+    return weighted / e.sum(axis=-1, keepdims=True, dtype=np.float32)[None]
+
+
+# ---- one cell ------------------------------------------------------------------------------------
+
+@dataclass
+class Exact:
+    """Exact float64 attention on the unrotated, unquantized input, grouped by KV head."""
+    logits: np.ndarray  # (G, R, L)
+    out: np.ndarray     # (G, R, D)
+    k: np.ndarray       # (G, L, D) float64
+    v: np.ndarray       # (G, L, D) float64
+    scale: float
+
+
+def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Exact:
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    k64, v64 = k.astype(np.float64), v.astype(np.float64)
+    logits = group_queries(q, k.shape[0]).astype(np.float64) @ k64.transpose(0, 2, 1) * scale
+    return Exact(logits, softmax_rows(logits) @ v64, k64, v64, scale)
+
+
+def quantized_logits(q: np.ndarray, k_cache: np.ndarray, type_k: str, backend: str, scale: float) -> np.ndarray:
+    """K.Q * scale over the cache as the backend computes it (float64 array, float32 values if not ref)."""
+    qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
+    logits = qb @ k_cache.astype(np.float64).transpose(0, 2, 1)
+    return logits if backend == "ref" else logits.astype(np.float32).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class PairPath:
+    """How one backend runs one K-V pair: which code path, and the K/V types its kernel reads."""
+    backend: str         # the backend that really runs it ("cuda" with iq4_nl falls back to "cpu")
+    read_k: str
+    read_v: str
+    f16_accumulator: bool
+    kernel: str          # "exact", "cpu", "vec", "vec-f16"
+
+
+def pair_path(type_k: str, type_v: str, backend: str) -> PairPath:
+    if backend == "cuda":
+        kernel, read_k, read_v = cuda_kernel(type_k, type_v)
+        if kernel != "cpu":
+            return PairPath("cuda", read_k, read_v, False, kernel)
+        backend = "cpu"
+    if backend == "cpu":
+        return PairPath("cpu", type_k, type_v, type_v == "f16", "cpu")
+    return PairPath("ref", type_k, type_v, False, "exact")
+
+
+def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation: bool = True,
+                    flavor: str = "ref", backend: str = "ref", topk: int = 8) -> dict:
+    """Error metrics of llama.cpp's quantized-KV attention against exact float64 attention.
+
+    q: (n_head, n_q, head_dim); k, v: (n_head_kv, n_kv, head_dim); float32 numpy or torch; GQA when
+    n_head is a multiple of n_head_kv; no mask. `rotation` follows `rotation_plan` (llama.cpp's gate)
+    when True and disables it when False. Returns a dict of floats: kl, out_rel_l2, out_cos,
+    logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.metrics).
+    """
+    q, k, v = check_qkv(q, k, v)
+    type_info(type_k), type_info(type_v), flavor_code(flavor), check_backend(backend)
+    plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
+    path = pair_path(type_k, type_v, backend)
+    exact = exact_attention(q, k, v)
+    k_cache = store(k, type_k, flavor, plan.k)
+    v_cache = store(v, type_v, flavor, plan.v)
+    q_rot = rotate(q, plan.k) if plan.k else q
+    k_read = backend_cache(k_cache, type_k, path.backend, path.read_k)
+    logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, exact.scale)
+    v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
+    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]
+    out = unrotate(out_rot.astype(np.float64), plan.v)
+    metrics = attention_metrics(exact.logits, logits, exact.out, out, topk)
+    metrics["k_rel_l2"] = tensor_rel_l2(unrotate(k_cache.astype(np.float64), plan.k), exact.k)
+    metrics["v_rel_l2"] = tensor_rel_l2(unrotate(v_cache.astype(np.float64), plan.v), exact.v)
+    return metrics
+
+
+def bits_per_value(type_name: str) -> float:
+    return TYPES[type_name].bits_per_weight

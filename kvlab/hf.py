@@ -1,0 +1,185 @@
+"""A Hugging Face transformers KV cache that stores K and V as llama.cpp does: ggml bytes, rotated.
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvlab.hf import GGMLQuantizedCache
+
+    model = AutoModelForCausalLM.from_pretrained("/models/Qwen2.5-0.5B", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained("/models/Qwen2.5-0.5B", local_files_only=True)
+    cache = GGMLQuantizedCache(model.config, type_k="q4_0", type_v="q8_0")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, cache=cache, max_new_tokens=20)
+    cache.layers[0].quantized_keys          # QTensor: the ggml bytes of layer 0's K cache
+
+Real weights: any local directory `from_pretrained` accepts (config.json + safetensors +
+tokenizer files, e.g. a `huggingface-cli download` snapshot) works, offline with
+`local_files_only=True`; `kvlab eval --model DIR --text FILE` measures a K/V pair on it.
+Models whose layers are all full attention are supported (as transformers' own QuantizedCache);
+head_dim must be a multiple of 32 (the ggml block size).
+
+How a layer follows llama.cpp (src/llama-graph.cpp build_attn, src/llama-kv-cache.cpp):
+every new K/V row is written in the cache's ggml type before attention reads it (ggml_set_rows),
+so the tokens of the current batch are also seen quantized, and rows are never re-quantized.
+Rotation follows `kvlab.rotation_plan` (the attn_rot_k/attn_rot_v gate, LLAMA_ATTN_ROT_DISABLE).
+llama.cpp rotates Q and K with H_k, stores K H_k, and computes (Q H_k) deq(K H_k)^T; it stores
+V H_v and rotates the attention output back with H_v. Inside a transformers model Q cannot be
+reached from the cache, so this cache stores K H_k and hands attention deq(K H_k) H_k, and
+V likewise deq(V H_v) H_v. Since H is symmetric with H H = I, Q (deq(K H) H)^T = (Q H) deq(K H)^T
+and softmax . (deq(V H) H) = (softmax . deq(V H)) H: the same attention, up to float rounding.
+
+Identical to llama.cpp: the bytes stored for a given float32 K/V row (kvlab's kernels, by
+flavor; a row here is one head of one token, and ggml's blocks never straddle heads, so the
+bytes equal llama.cpp's per-token rows cut per head), the rotation gate and sizes, quantizing
+the current batch before attention. Not identical: the K/V floats themselves (transformers
+computes the projections and RoPE, not ggml), the rotation's rounding (kvlab.rotate is a
+float32 FWHT; ggml rotates with mul_mat or its backends' FWHT paths, in their own order),
+the extra H applied on read instead of to Q and to the output, and the attention kernel
+(transformers' eager/sdpa in the model's dtype, not ggml's flash attention with its f16 Q and
+accumulators). A model running in f16/bf16 gives its K/V to the quantizer as float32 (exact)
+and gets the dequantized values back rounded to its dtype.
+"""
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
+
+from .quant import QTensor, dequantize, quantize
+from .rotation import rotate, rotation_plan
+from .types import flavor_code, type_info
+
+
+@dataclass(frozen=True)
+class CacheTypes:
+    """What a GGMLQuantizedCache stores: the K and V types, the code path writing them, the rotation."""
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flavor: str = "ref"
+    rotation: bool | None = None  # None: llama.cpp's default (on, unless LLAMA_ATTN_ROT_DISABLE)
+
+    def __post_init__(self):
+        type_info(self.type_k)
+        type_info(self.type_v)
+        flavor_code(self.flavor)
+        if self.rotation not in (None, True, False):
+            raise TypeError(f"rotation must be None, True or False, got {self.rotation!r}")
+
+
+class GGMLQuantizedLayer(BaseQuantizedLayer):
+    """One attention layer's cache: ggml bytes of K and V, and their dequantized, un-rotated values.
+
+    `keys`/`values` (batch, n_kv_heads, seq, head_dim) are what attention reads; `quantized_keys` /
+    `quantized_values` are the stored ggml rows, (batch, n_kv_heads, seq, row_bytes).
+    """
+
+    # Each row is quantized once, on its own, and never rewritten: dropping rows undoes appending them.
+    is_croppable = True
+
+    def __init__(self, types: CacheTypes):
+        super().__init__()
+        self.types = types
+        self.plan = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for what, states, type_name in (("K", key_states, self.types.type_k), ("V", value_states, self.types.type_v)):
+            block = type_info(type_name).block_size
+            if states.shape[-1] % block:
+                raise ValueError(f"GGMLQuantizedCache: {what} head_dim {states.shape[-1]} is not a multiple of "
+                                 f"{type_name}'s block size {block}")
+        self.device = key_states.device
+        self.plan = rotation_plan(self.types.type_k, self.types.type_v, key_states.shape[-1], value_states.shape[-1],
+                                  disable=None if self.types.rotation is None else not self.types.rotation)
+        self.keys = key_states.new_empty(key_states.shape[:-2] + (0, key_states.shape[-1]))
+        self.values = value_states.new_empty(value_states.shape[:-2] + (0, value_states.shape[-1]))
+        self._quantized_keys = self._empty_rows(key_states, self.types.type_k)
+        self._quantized_values = self._empty_rows(value_states, self.types.type_v)
+        self.is_initialized = True
+
+    @staticmethod
+    def _empty_rows(states: torch.Tensor, type_name: str) -> torch.Tensor:
+        row_bytes = type_info(type_name).row_bytes(states.shape[-1])
+        return torch.empty(states.shape[:-2] + (0, row_bytes), dtype=torch.uint8, device=states.device)
+
+    def _quantize(self, states: torch.Tensor, type_name: str, rotation: int | None) -> QTensor:
+        """ggml_set_rows' bytes for new rows: float32, rotated when the plan says so, then quantized."""
+        x = states.detach().to(torch.float32)
+        return quantize(rotate(x, rotation) if rotation else x, type_name, self.types.flavor)
+
+    def _dequantize(self, q: QTensor, rotation: int | None) -> torch.Tensor:
+        """What attention reads from stored rows: dequantized, then rotated back (float32)."""
+        y = dequantize(q)
+        return rotate(y, rotation) if rotation else y
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new rows in the cache's types (set_rows), return all K and V as attention reads them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        qk = self._quantize(key_states, self.types.type_k, self.plan.k)
+        qv = self._quantize(value_states, self.types.type_v, self.plan.v)
+        # Stored rows never change, so only the new ones are dequantized; the rest is kept from before.
+        new_k = self._dequantize(qk, self.plan.k).to(device=self.device, dtype=key_states.dtype)
+        new_v = self._dequantize(qv, self.plan.v).to(device=self.device, dtype=value_states.dtype)
+        self._quantized_keys = torch.cat([self._quantized_keys, qk.raw.to(self.device)], dim=-2)
+        self._quantized_values = torch.cat([self._quantized_values, qv.raw.to(self.device)], dim=-2)
+        self.keys = torch.cat([self.keys, new_k], dim=-2)
+        self.values = torch.cat([self.values, new_v], dim=-2)
+        return self.keys, self.values
+
+    @property
+    def quantized_keys(self) -> QTensor:
+        """The K cache's ggml bytes (rotated when plan.k is set), one row per (batch, head, token)."""
+        return QTensor.from_raw(self._quantized_keys, self.types.type_k,
+                                self._quantized_keys.shape[:-1] + (self.keys.shape[-1],), self.types.flavor)
+
+    @property
+    def quantized_values(self) -> QTensor:
+        """The V cache's ggml bytes (rotated when plan.v is set), one row per (batch, head, token)."""
+        return QTensor.from_raw(self._quantized_values, self.types.type_v,
+                                self._quantized_values.shape[:-1] + (self.values.shape[-1],), self.types.flavor)
+
+    def _map(self, fn) -> None:
+        """Apply the same row/batch selection to the bytes and to the values read from them."""
+        if self.is_initialized:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            self._quantized_keys, self._quantized_values = fn(self._quantized_keys), fn(self._quantized_values)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._map(lambda t: t[..., :tokens_to_remove, :])
+        self.cumulative_length = self.keys.shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+
+class GGMLQuantizedCache(Cache):
+    """A transformers Cache storing K and V in ggml types (f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1).
+
+    config: the model's config (its layers must all be full attention). flavor: which ggml code
+    path's bytes ("ref", "cpu", "cuda"). rotation: None follows llama.cpp (Hadamard rotation of a
+    quantized K/V when head_dim allows, unless LLAMA_ATTN_ROT_DISABLE is set), True/False force it.
+    Pass it as `model(..., cache=cache, use_cache=True)` or `model.generate(..., cache=cache)`.
+    """
+
+    def __init__(self, config, type_k: str = "f16", type_v: str = "f16", flavor: str = "ref",
+                 rotation: bool | None = None):
+        self.types = CacheTypes(type_k, type_v, flavor, rotation)
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        unsupported = set(layer_types) - {"full_attention"}
+        if unsupported:
+            raise ValueError(f"GGMLQuantizedCache supports models whose layers are all full attention; "
+                             f"this config has {sorted(unsupported)}")
+        super().__init__(layers=[GGMLQuantizedLayer(self.types) for _ in layer_types])
+
+    def __repr__(self):
+        t = self.types
+        return (f"GGMLQuantizedCache(type_k={t.type_k}, type_v={t.type_v}, flavor={t.flavor}, "
+                f"rotation={t.rotation}, layers={len(self.layers)})")

@@ -1,0 +1,271 @@
+"""The error sweep: every K-V type pair x rotation off/on x flavor x context length, as one tidy table.
+
+One row per cell, with the metrics of `kvlab.attention_error` (see kvlab.metrics) and the settings
+that made it. The flavor picks both the bytes written into the cache and the backend that reads
+them (ref: exact float64 attention; cpu / cuda: what ggml's flash attention does, see
+kvlab.attention). A shorter context is the prefix of the longest one, and its queries are the n_q
+tokens at its end, so each K/V cache is quantized once per (type, flavor, rotation) and sliced.
+
+Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
+all V types that share the backend's code path. Results are cached on disk per (flavor, rotation)
+chunk, keyed by the data, the settings and the kvlab version, so a rerun or an interrupted run
+costs only what is missing.
+"""
+from dataclasses import asdict, dataclass, field, replace
+import hashlib
+import json
+import os
+from pathlib import Path
+import platform
+
+import numpy as np
+
+from .attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
+                        unrotate)
+from .metrics import attention_metrics
+from .rotation import rotate, rotation_plan
+from .synthetic import SyntheticConfig, synthetic_kv, synthetic_queries
+from .types import FLAVORS, TYPES, flavor_code, type_info
+
+
+@dataclass
+class KVSample:
+    """Q/K/V to sweep: K/V of every position, Q at some positions (post-RoPE, float32)."""
+    name: str
+    q: np.ndarray            # (n_head, n_q_positions, D)
+    q_positions: np.ndarray  # (n_q_positions,) the token position of each query
+    k: np.ndarray            # (n_head_kv, n_kv, D)
+    v: np.ndarray            # (n_head_kv, n_kv, D)
+
+    def queries_for(self, length: int, n_q: int) -> np.ndarray:
+        """The n_q queries at the end of a context of `length` tokens: (n_head, n_q, D)."""
+        wanted = np.arange(length - n_q, length)
+        index = np.searchsorted(self.q_positions, wanted)
+        if (index >= len(self.q_positions)).any() or not np.array_equal(self.q_positions[index], wanted):
+            raise ValueError(f"{self.name}: no queries at positions {wanted[0]}..{wanted[-1]}")
+        return self.q[:, index]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.name.encode())
+        for a in (self.q, self.q_positions, self.k, self.v):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def synthetic_sample(lengths, n_q: int, cfg: SyntheticConfig = SyntheticConfig()) -> KVSample:
+    _, k, v = synthetic_kv(max(lengths), replace(cfg, n_q=1))
+    positions = np.unique(np.concatenate([np.arange(n - n_q, n) for n in lengths]))
+    return KVSample(f"synthetic(seed={cfg.seed})", synthetic_queries(positions, cfg), positions, k, v)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    lengths: tuple = (128, 512, 2048, 8192)
+    n_q: int = 4                        # query tokens at the end of each context
+    types_k: tuple = tuple(TYPES)
+    types_v: tuple = tuple(TYPES)
+    rotations: tuple = (False, True)
+    flavors: tuple = FLAVORS
+    topk: int = 8
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        for t in self.types_k + self.types_v:
+            type_info(t)
+        for f in self.flavors:
+            flavor_code(f)
+        if not self.lengths or min(self.lengths) < self.n_q or self.n_q < 1:
+            raise ValueError(f"lengths must be >= n_q >= 1, got lengths={self.lengths}, n_q={self.n_q}")
+
+    def settings(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def versions() -> dict:
+    import numba
+    from . import __version__
+    return {"kvlab": __version__, "numpy": np.__version__, "numba": numba.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab")) / "sweep"
+
+
+# ---- one (flavor, rotation) chunk ----------------------------------------------------------------
+
+def prefix_rel_l2(stored: np.ndarray, rot, exact: np.ndarray) -> np.ndarray:
+    """rel_l2 of stored (unrotated) vs exact over the first n tokens, for every n: (n_kv,)."""
+    diff2 = ((unrotate(stored.astype(np.float64), rot) - exact) ** 2).sum(axis=(0, 2))  # (n_kv,)
+    norm2 = (exact ** 2).sum(axis=(0, 2))
+    return np.sqrt(np.cumsum(diff2) / np.maximum(np.cumsum(norm2), np.finfo(np.float64).tiny))
+
+
+class _VCaches:
+    """Every V type's cache side by side, (G, n_kv, n_types, D), in the forms the backends read."""
+
+    def __init__(self, caches: dict):
+        self.types = list(caches)
+        self.stored = np.stack([caches[t] for t in self.types], axis=2)  # (G, n_kv, n_v, D) float32
+        self._forms = {}
+
+    def form(self, kind: str) -> np.ndarray:
+        """"f32" (as stored), "f64" (for ref), "f16" (converted to f16 by ggml-cuda)."""
+        if kind not in self._forms:
+            convert = {"f32": lambda x: x, "f64": lambda x: x.astype(np.float64),
+                       "f16": lambda x: x.astype(np.float16).astype(np.float32)}[kind]
+            self._forms[kind] = convert(self.stored)
+        return self._forms[kind]
+
+    def attend_all(self, logits, backend: str, kind: str, length: int) -> np.ndarray:
+        """softmax @ V for every V type at once: (n_v, G, R, D)."""
+        v = self.form(kind)[:, :length]  # (G, L, n_v, D)
+        g, l, n_v, d = v.shape
+        out = attend(logits, v.reshape(g, l, n_v * d)[None], backend, False)[0]  # (G, R, n_v*D)
+        return np.moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
+
+
+def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool, exact_by_len, progress):
+    head_dim = sample.k.shape[-1]
+    plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
+    k_caches = {t: store(sample.k, t, flavor, plan_of(t).k) for t in cfg.types_k}
+    v_caches = _VCaches({t: store(sample.v, t, flavor, plan_of(t).v) for t in cfg.types_v})
+    k64, v64 = sample.k.astype(np.float64), sample.v.astype(np.float64)
+    k_err = {t: prefix_rel_l2(k_caches[t], plan_of(t).k, k64) for t in cfg.types_k}
+    v_err = {t: prefix_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v64) for i, t in enumerate(v_caches.types)}
+    rows = []
+    for length in cfg.lengths:
+        exact = exact_by_len[length]
+        q = sample.queries_for(length, cfg.n_q)
+        for type_k in cfg.types_k:
+            rot_k = plan_of(type_k).k
+            k_cache = k_caches[type_k][:, :length]
+            q_rot = rotate(q, rot_k) if rot_k else q
+            groups = {}  # V types that share one K.Q product and one accumulation path
+            for i, type_v in enumerate(v_caches.types):
+                path = pair_path(type_k, type_v, flavor)
+                groups.setdefault((path.backend, path.read_k, path.f16_accumulator), []).append((i, type_v, path))
+            for (backend, read_k, f16_acc), members in groups.items():
+                k_read = backend_cache(k_cache, type_k, backend, read_k)
+                logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale)
+                if f16_acc:  # the fp16 accumulator runs token by token, one V type at a time
+                    outs = {i: attend(logits, v_caches.stored[None, :, :length, i], backend, True)[0]
+                            for i, _, _ in members}
+                else:
+                    kind = "f64" if backend == "ref" else ("f16" if members[0][2].read_v == "f16" else "f32")
+                    assert all((p.read_v == "f16") == (kind == "f16") for _, _, p in members if backend == "cuda")
+                    outs = v_caches.attend_all(logits, backend, kind, length)
+                for i, type_v, path in members:
+                    out = unrotate(np.asarray(outs[i], np.float64), plan_of(type_v).v)
+                    m = attention_metrics(exact.logits, logits, exact.out, out, cfg.topk)
+                    rows.append(dict(
+                        type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
+                        kernel=path.kernel, n_ctx=length, rot_k=rot_k or 0, rot_v=plan_of(type_v).v or 0,
+                        **m, k_rel_l2=float(k_err[type_k][length - 1]), v_rel_l2=float(v_err[type_v][length - 1])))
+            progress.update(1)
+    return rows
+
+
+def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None, progress: bool = True):
+    """The tidy table (pandas DataFrame) of every cell; df.attrs holds settings and versions."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+    if sample.k.shape[1] < max(cfg.lengths):
+        raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    settings, vers = cfg.settings(), versions()
+    key_base = json.dumps({"data": sample.fingerprint(), "settings": settings, "kvlab": vers["kvlab"]},
+                          sort_keys=True)
+    exact_by_len = {n: exact_attention(sample.queries_for(n, cfg.n_q), sample.k[:, :n], sample.v[:, :n])
+                    for n in cfg.lengths}
+    chunks = [(f, r) for f in cfg.flavors for r in cfg.rotations]
+    total = len(chunks) * len(cfg.lengths) * len(cfg.types_k)
+    frames = []
+    with tqdm(total=total, desc="kvlab sweep", unit="K-type", disable=not progress) as bar:
+        for flavor, rotation in chunks:
+            key = hashlib.sha256(f"{key_base}|{flavor}|{rotation}".encode()).hexdigest()[:24]
+            path = cache_dir / f"{key}.parquet"
+            if path.exists():
+                frames.append(pd.read_parquet(path))
+                bar.update(len(cfg.lengths) * len(cfg.types_k))
+                continue
+            frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar))
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(path, index=False)
+            frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    n_head, _, head_dim = sample.q.shape
+    table.insert(0, "source", sample.name)
+    table["n_head"], table["n_head_kv"], table["head_dim"], table["n_q"] = n_head, sample.k.shape[0], head_dim, cfg.n_q
+    table["bits_k"] = table["type_k"].map(lambda t: TYPES[t].bits_per_weight)
+    table["bits_v"] = table["type_v"].map(lambda t: TYPES[t].bits_per_weight)
+    table["bits_per_value"] = (table["bits_k"] + table["bits_v"]) / 2
+    table.attrs.update(settings=settings, versions=vers, data=sample.fingerprint(), source=sample.name)
+    return table
+
+
+def sweep(cfg: SweepConfig = SweepConfig(), sample: KVSample | None = None, **kwargs):
+    """run_sweep on `sample`, or on the synthetic data of cfg.synthetic when none is given."""
+    sample = sample or synthetic_sample(cfg.lengths, cfg.n_q, cfg.synthetic)
+    return run_sweep(sample, cfg, **kwargs)
+
+
+def save_table(table, path) -> list:
+    """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    elif path.suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        raise ValueError(f"save_table: expected a .parquet or .csv path, got {path}")
+    meta = path.with_suffix(path.suffix + ".json")
+    meta.write_text(json.dumps(table.attrs, indent=2, default=str))
+    return [path, meta]
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def add_sweep_options(parser, default_lengths) -> None:
+    parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=default_lengths,
+                        help="context lengths, comma separated (default: %(default)s)")
+    parser.add_argument("--types", default=",".join(TYPES), help="K and V types, comma separated")
+    parser.add_argument("--flavors", default=",".join(FLAVORS), help="flavors (= backends), comma separated")
+    parser.add_argument("--n-q", type=int, default=4, help="query tokens per context (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--data", help=".npz with q, k, v (and optionally q_positions), e.g. from kvlab.capture")
+    parser.add_argument("--cache-dir", help="where cell results are cached (default: $KVLAB_CACHE or ~/.cache/kvlab)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args) -> SweepConfig:
+    types = tuple(t.strip() for t in args.types.split(","))
+    return SweepConfig(lengths=tuple(args.lengths), n_q=args.n_q, types_k=types, types_v=types,
+                       flavors=tuple(f.strip() for f in args.flavors.split(",")),
+                       synthetic=SyntheticConfig(seed=args.seed))
+
+
+def sample_from_args(args, cfg: SweepConfig) -> KVSample:
+    if not args.data:
+        return synthetic_sample(cfg.lengths, cfg.n_q, cfg.synthetic)
+    from .capture import load_sample
+    return load_sample(args.data)
+
+
+def _run(args) -> int:
+    cfg = config_from_args(args)
+    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress)
+    for written in save_table(table, args.out):
+        print(f"wrote {written}")
+    print(f"{len(table)} rows: {table.type_k.nunique()} K types x {table.type_v.nunique()} V types x "
+          f"{table.rotation.nunique()} rotations x {table.flavor.nunique()} flavors x {table.n_ctx.nunique()} lengths")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="error of every K/V type pair x rotation x flavor x context length",
+                              description=__doc__.split("\n\n")[0])
+    add_sweep_options(p, SweepConfig.lengths)
+    p.add_argument("--out", default="kvlab-sweep.parquet", help="output table, .parquet or .csv")
+    p.set_defaults(run=_run)

@@ -1,0 +1,102 @@
+"""Synthetic Q/K/V with the statistics that make KV-cache quantization hard in real LLMs.
+
+- K has a few fixed outlier channels per KV head (large, same sign for every token), chosen among
+  RoPE's low-frequency pairs, where they barely rotate; they set the scale of their quantization
+  block and wash out the other 31 values in it. Q leans on the same channels, as in real models.
+- RoPE (rotate-half / NeoX pairing, as in Llama and Qwen) is applied to Q and K at their positions.
+- V is Student-t distributed (heavier tails than a normal) with per-channel scales.
+- GQA: n_head query heads share n_head_kv KV heads.
+Everything derives from `seed`; K and V of position t are the same whatever n_kv is asked for,
+so a shorter context is a prefix of a longer one.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_head: int = 8
+    n_head_kv: int = 2
+    head_dim: int = 128
+    n_q: int = 4                   # query tokens: the last n_q positions of the context
+    n_outliers: int = 4            # outlier channels per KV head
+    outlier_scale: float = 10.0    # outlier magnitude, in units of the bulk's standard deviation
+    v_dof: float = 4.0             # Student-t degrees of freedom of V
+    logit_std: float = 2.5         # spread of q.k/sqrt(D) from the bulk channels
+    rope_base: float = 10000.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n_head % self.n_head_kv:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+        if self.head_dim % 32 or self.head_dim < 64:
+            raise ValueError(f"head_dim must be a multiple of 32 and at least 64, got {self.head_dim}")
+        if not 0 <= self.n_outliers <= self.head_dim // 4:
+            raise ValueError(f"n_outliers must lie in [0, head_dim/4], got {self.n_outliers}")
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+    """Rotate-half RoPE: channel i pairs with i + D/2 at angle pos * base**(-2i/D). x: (H, T, D)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / x.shape[-1])
+    angle = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (T, D/2)
+    cos, sin = np.cos(angle), np.sin(angle)
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def _head_structure(cfg: SyntheticConfig):
+    """Per KV head: outlier channels with their signed magnitudes, and V's channel scales."""
+    rng = np.random.default_rng([cfg.seed, 0])
+    half = cfg.head_dim // 2
+    low_freq = np.arange(half - half // 4, half)  # the slowest-rotating quarter of the pairs
+    bias = np.zeros((cfg.n_head_kv, cfg.head_dim))
+    for h in range(cfg.n_head_kv):
+        pairs = rng.choice(low_freq, size=cfg.n_outliers, replace=False)
+        channels = np.where(rng.random(cfg.n_outliers) < 0.5, pairs, pairs + half)
+        bias[h, channels] = cfg.outlier_scale * rng.choice([-1.0, 1.0], cfg.n_outliers) * rng.uniform(0.7, 1.0, cfg.n_outliers)
+    v_scale = np.exp(rng.normal(0.0, 0.5, (cfg.n_head_kv, 1, cfg.head_dim)))
+    return bias, v_scale
+
+
+CHUNK = 256  # positions drawn together from one generator
+
+
+def _per_position(seed_key, positions, shape_tail, draw):
+    """Draws that depend on (seed, position) only: (*shape_tail[:-1], len(positions), shape_tail[-1])."""
+    lead, width = shape_tail[:-1], shape_tail[-1]
+    out = np.empty(lead + (len(positions), width))
+    for chunk in np.unique(positions // CHUNK):
+        rows = draw(np.random.default_rng(list(seed_key) + [int(chunk)]), (CHUNK,) + shape_tail)  # (CHUNK, *lead, width)
+        sel = np.nonzero(positions // CHUNK == chunk)[0]
+        out[..., sel, :] = np.moveaxis(rows[positions[sel] % CHUNK], 0, -2)
+    return out
+
+
+def synthetic_queries(positions, cfg: SyntheticConfig = SyntheticConfig()) -> np.ndarray:
+    """Q at the given positions: (n_head, len(positions), head_dim) float32, post-RoPE."""
+    positions = np.asarray(positions, dtype=np.int64)
+    bias, _ = _head_structure(cfg)
+    group = cfg.n_head // cfg.n_head_kv
+    bulk_std = cfg.logit_std  # q.k/sqrt(D) over N(0,1) keys has std |q_bulk| / sqrt(D) = bulk_std
+    normal = lambda rng, shape: rng.standard_normal(shape)
+    q = bulk_std * _per_position((cfg.seed, 1), positions, (cfg.n_head, cfg.head_dim), normal)  # (H, T, D)
+    # lean on the outlier channels (the sign of the KV head's outliers, a fraction of their size)
+    q += 0.1 * np.repeat(np.sign(bias), group, axis=0)[:, None, :] * cfg.logit_std
+    return apply_rope(q, positions, cfg.rope_base).astype(np.float32)
+
+
+def synthetic_kv(n_kv: int, cfg: SyntheticConfig = SyntheticConfig()):
+    """(q, k, v): q (n_head, n_q, D) at the last n_q positions; k, v (n_head_kv, n_kv, D); float32."""
+    if n_kv < 1:
+        raise ValueError(f"n_kv must be positive, got {n_kv}")
+    bias, v_scale = _head_structure(cfg)
+    positions = np.arange(n_kv)
+    normal = lambda rng, shape: rng.standard_normal(shape)
+    student = lambda rng, shape: rng.standard_t(cfg.v_dof, shape)
+    k = bias[:, None, :] + _per_position((cfg.seed, 2), positions, (cfg.n_head_kv, cfg.head_dim), normal)
+    k = apply_rope(k, positions, cfg.rope_base)
+    v = v_scale * _per_position((cfg.seed, 3), positions, (cfg.n_head_kv, cfg.head_dim), student)
+    q = synthetic_queries(positions[-cfg.n_q:], cfg)
+    return q, k.astype(np.float32), v.astype(np.float32)

@@ -1,0 +1,228 @@
+"""Widgets and notebook-only figures for the five notebooks (ipywidgets + plotly).
+
+Each `*_explorer` returns an ipywidgets box: controls above an Output that redraws on every change.
+The first drawing happens when the box is built, so a notebook executed without a browser (nbval,
+nbconvert) still runs every line of it. Figures are shown through plotly's mimetype renderer, which
+JupyterLab's bundled plotly extension draws offline. Tables are pandas DataFrames; the figure
+builders (`*_figure`) return plotly figures for use outside widgets too.
+"""
+import numpy as np
+
+from . import TYPES, dequantize, quantize, rotate, rotation_plan
+from .blocks_view import decode_block
+from .metrics import tensor_rel_l2
+
+QUANTIZED = tuple(name for name, info in TYPES.items() if info.is_quantized)
+
+
+def show(fig) -> None:
+    """Display a plotly figure as its JSON mimetype (no plotly.js copy in the notebook, no CDN)."""
+    fig.show(renderer="plotly_mimetype")
+
+
+def _explorer(controls: dict, render, title: str = ""):
+    """Controls in a row above an Output; render(**values) displays into it, now and on each change."""
+    import ipywidgets as widgets
+    out = widgets.interactive_output(render, controls)
+    rows = [widgets.HTML(f"<b>{title}</b>")] if title else []
+    return widgets.VBox(rows + [widgets.HBox(list(controls.values())), out], layout={"width": "100%"})
+
+
+def _dropdown(options, value, description: str):
+    import ipywidgets as widgets
+    return widgets.Dropdown(options=options, value=value, description=description,
+                            style={"description_width": "initial"}, layout={"width": "auto"})
+
+
+def _slider(value, lo, hi, step, description: str, integer: bool = False):
+    import ipywidgets as widgets
+    cls = widgets.IntSlider if integer else widgets.FloatSlider
+    return cls(value=value, min=lo, max=hi, step=step, description=description, continuous_update=False,
+               style={"description_width": "initial"})
+
+
+# ---------------------------------------------------------------- 01: block formats
+
+def example_block(seed: int = 0, outlier: float = 4.0) -> np.ndarray:
+    """32 float32 values like one block of a K row: normal, with one outlier (value 5)."""
+    x = np.random.default_rng(seed).standard_normal(32).astype(np.float32)
+    x[5] = np.float32(outlier)
+    return np.round(x, 3)
+
+
+def parse_values(text: str, n: int = 32) -> np.ndarray:
+    """n float32 values from comma- or space-separated text (for the editable block)."""
+    try:
+        values = np.array([float(t) for t in text.replace(",", " ").split()], dtype=np.float32)
+    except ValueError:
+        raise ValueError(f"expected {n} numbers separated by commas or spaces, got {text!r}") from None
+    if values.size != n:
+        raise ValueError(f"expected {n} numbers, got {values.size}")
+    return values
+
+
+def quantize_block(values: np.ndarray, type_name: str, flavor: str = "ref"):
+    """(decoded views, dequantized values) of one 32-value block: one view per ggml block (32 for floats)."""
+    q = quantize(values.reshape(1, -1), type_name, flavor)  # (1, 32) -> (1, row_bytes)
+    info = TYPES[type_name]
+    raw = np.asarray(q.raw).reshape(-1, info.type_size)    # (n_blocks, type_size)
+    return [decode_block(r, type_name) for r in raw], dequantize(q).reshape(-1)
+
+
+def block_fields_html(views) -> str:
+    """An HTML table of a block's struct members (quantized types) or of each value's bits (floats)."""
+    if TYPES[views[0].type].is_quantized:
+        view = views[0]
+        rows = [(f.name, f"{f.offset}..{f.offset + f.size - 1}", view.raw[f.offset:f.offset + f.size].hex(" "),
+                 _field_text(f), f.meaning) for f in view.fields]
+        rows.append(("q", "", "", " ".join(str(int(v)) for v in view.q), "index per value (j = 0..31)"))
+        head = ("member", "bytes", "hex", "decoded", "meaning")
+    else:
+        rows = [(j, v.raw.hex(" "), *(f.value for f in v.fields), f"{float(v.values[0]):.6g}")
+                for j, v in enumerate(views[:8])]
+        head = ("j", "hex", "sign", "exponent", "mantissa", "value")
+    cells = "".join("<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in row) + "</tr>"
+                    for row in rows)
+    header = "".join(f"<th style='text-align:left'>{h}</th>" for h in head)
+    return f"<table class='kvlab-fields'><tr>{header}</tr>{cells}</table>"
+
+
+def _field_text(field) -> str:
+    if field.name == "qh":
+        return f"0x{field.value:08x}; bits j = 0..31: {format(field.value, '032b')[::-1]}"
+    if isinstance(field.value, np.ndarray):
+        return " ".join(f"{int(v):02x}" for v in field.value)
+    return f"{field.value:.6g}" if isinstance(field.value, float) else str(field.value)
+
+
+def block_figure(values: np.ndarray, restored: np.ndarray, type_name: str):
+    import plotly.graph_objects as go
+    j = np.arange(values.size)
+    fig = go.Figure([
+        go.Scatter(x=j, y=values, mode="markers", name="input", marker={"size": 9}),
+        go.Scatter(x=j, y=restored, mode="markers", name=f"{type_name} → float",
+                   marker={"symbol": "x", "size": 9}),
+    ])
+    err = tensor_rel_l2(restored, values.astype(np.float64))
+    fig.update_layout(title=f"{type_name}: one block, relative L2 error {err:.3g}", xaxis_title="j",
+                      yaxis_title="value", height=330, margin={"t": 40, "b": 40})
+    return fig
+
+
+def block_explorer(values=None, type_name: str = "q4_0", flavor: str = "ref"):
+    """Pick a type and a flavor, edit the 32 values: the block's bytes and fields, and what comes back."""
+    import ipywidgets as widgets
+    from IPython.display import HTML, display
+    from . import FLAVORS
+    values = example_block() if values is None else np.asarray(values, np.float32)
+    text = widgets.Textarea(value=", ".join(f"{v:g}" for v in values), description="block",
+                            layout={"width": "60%", "height": "4em"})
+
+    def render(type_name, flavor, text):
+        try:
+            x = parse_values(text)
+        except ValueError as e:
+            display(HTML(f"<pre>{e}</pre>"))
+            return
+        views, restored = quantize_block(x, type_name, flavor)
+        display(HTML(block_fields_html(views)))
+        show(block_figure(x, restored, type_name))
+
+    controls = {"type_name": _dropdown(list(TYPES), type_name, "type"),
+                "flavor": _dropdown(list(FLAVORS), flavor, "flavor"), "text": text}
+    return _explorer(controls, render, "One block: bytes, fields, and the values they give back")
+
+
+def types_table(x: np.ndarray, flavor: str = "ref"):
+    """All nine types on the same values x (..., n): bits per value and the error of the round trip."""
+    import pandas as pd
+    rows = []
+    for name, info in TYPES.items():
+        restored = dequantize(quantize(x, name, flavor))
+        rows.append({"type": name, "bits_per_value": info.bits_per_weight, "bytes_per_block": info.type_size,
+                     "values_per_block": info.block_size, "rel_l2": tensor_rel_l2(restored, x.astype(np.float64)),
+                     "max_abs_err": float(np.max(np.abs(restored.astype(np.float64) - x)))})
+    return pd.DataFrame(rows).set_index("type")
+
+
+def types_figure(table):
+    """Bits per value against relative error, one point per type (log error axis)."""
+    import plotly.graph_objects as go
+    fig = go.Figure(go.Scatter(x=table["bits_per_value"], y=table["rel_l2"].clip(lower=1e-9), text=table.index,
+                               mode="markers+text", textposition="top center", marker={"size": 10}))
+    fig.update_layout(title="Nine types: storage against round-trip error", xaxis_title="bits per value",
+                      yaxis_title="relative L2 error (f32 at 1e-9)", yaxis_type="log", height=380,
+                      margin={"t": 40, "b": 40})
+    return fig
+
+
+# ---------------------------------------------------------------- 02: rotation
+
+def rotated_round_trip(x: np.ndarray, type_name: str, size: int | None, flavor: str = "ref") -> np.ndarray:
+    """Quantize x as llama.cpp stores it (rotated by H_size first, None = not rotated), back in x's space."""
+    stored = x if size is None else rotate(x, size)
+    restored = dequantize(quantize(stored, type_name, flavor))
+    return restored if size is None else rotate(restored, size)  # H @ H = I
+
+
+def rotation_error_table(x: np.ndarray, sizes=(None, 64, 128), types=QUANTIZED, flavor: str = "ref"):
+    """Relative L2 error of x after the round trip, per type (rows) and rotation size (columns)."""
+    import pandas as pd
+    return pd.DataFrame({("none" if s is None else f"H{s}"): [tensor_rel_l2(rotated_round_trip(x, t, s, flavor),
+                                                                            x.astype(np.float64)) for t in types]
+                         for s in sizes}, index=pd.Index(types, name="type"))
+
+
+def rotation_gate_table(head_dims=(64, 80, 96, 128, 192, 256), pairs=(("q4_0", "q4_0"), ("f16", "q8_0"))):
+    """llama.cpp's rotation sizes (K, V) per head_dim for some K/V type pairs (None = not rotated)."""
+    import pandas as pd
+    rows = {}
+    for hd in head_dims:
+        rows[hd] = {f"{tk}/{tv}": _plan_text(rotation_plan(tk, tv, hd, disable=False)) for tk, tv in pairs}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("head_dim")
+
+
+def _plan_text(plan) -> str:
+    return f"K:{plan.k or '-'} V:{plan.v or '-'}"
+
+
+def channel_figure(x: np.ndarray, size: int):
+    """Largest |value| per channel before and after the rotation: an outlier channel is spread out."""
+    import plotly.graph_objects as go
+    channels = np.arange(x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])  # (tokens, head_dim)
+    fig = go.Figure([
+        go.Bar(x=channels, y=np.abs(flat).max(axis=0), name="K as computed"),
+        go.Bar(x=channels, y=np.abs(rotate(flat, size)).max(axis=0), name=f"K @ H{size} (what is stored)"),
+    ])
+    fig.update_layout(barmode="overlay", title=f"max |K| per channel, before and after H{size}",
+                      xaxis_title="channel", yaxis_title="max |value|", height=330, margin={"t": 40, "b": 40})
+    fig.update_traces(opacity=0.7)
+    return fig
+
+
+def rotation_figure(table):
+    """Error per type without and with each rotation size (grouped bars, log scale)."""
+    import plotly.graph_objects as go
+    fig = go.Figure([go.Bar(x=table.index, y=table[c], name=c) for c in table.columns])
+    fig.update_layout(barmode="group", yaxis_type="log", title="Round-trip error per type and rotation",
+                      yaxis_title="relative L2 error", height=330, margin={"t": 40, "b": 40})
+    return fig
+
+
+def rotation_explorer(head_dim: int = 128, n_tokens: int = 256, seed: int = 0):
+    """Outlier strength and count of synthetic K: how the rotation spreads them, and the error per type."""
+    from .synthetic import SyntheticConfig, synthetic_kv
+
+    def render(outlier_scale, n_outliers, size):
+        cfg = SyntheticConfig(n_head=1, n_head_kv=1, head_dim=head_dim, n_q=1, n_outliers=n_outliers,
+                              outlier_scale=outlier_scale, seed=seed)
+        _, k, _ = synthetic_kv(n_tokens, cfg)  # (1, n_tokens, head_dim)
+        show(channel_figure(k, size))
+        show(rotation_figure(rotation_error_table(k, sizes=(None, size))))
+
+    sizes = [s for s in (64, 128, 256) if head_dim % s == 0]
+    controls = {"outlier_scale": _slider(10.0, 0.0, 40.0, 1.0, "outlier scale"),
+                "n_outliers": _slider(4, 0, 8, 1, "outlier channels", integer=True),
+                "size": _dropdown(sizes, sizes[-1], "rotation size")}
+    return _explorer(controls, render, "K with outlier channels, rotated before it is quantized")
