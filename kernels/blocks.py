@@ -20,10 +20,15 @@ out-of-range undefined; these are the bytes x86 writes, kept as kvlab's definiti
   ``ptx_cast_i32(v)``             CUDA cvt.rzi.s32.f32: truncate, saturate, NaN -> 0
   ``ptx_trunc_i8(v)``             -> int: CUDA's ``(int8_t)v`` (low byte of ptx_cast_i32, signed)
 
-CUDA fast-math emulation (nvcc -use_fast_math: ftz, approximate division, fma):
-  ``cuda_rcp(x)``                 rcp.approx.ftz.f32, emulated as the correctly rounded 1/x, flushed
-  ``cuda_div(a, b)``              div.approx.ftz.f32 = a * rcp(b), flushed
-  ``cuda_fp32_to_fp16(f)``        __float2half (cvt.rn.f16.f32): RNE, NaN -> canonical 0x7FFF
+CUDA fast-math emulation (nvcc -use_fast_math: ftz, approximate division, fma). ``rcp_table`` is
+None or ``rcp_approx_table()``: int8[2**23], measured on an H100 (tools/cuda_golden/approx_probe.cu),
+bits(rcp.approx.ftz(1.m)) - bits(RN(1/1.m)) per mantissa m; the hardware result for any exponent
+is that table shifted (0 mismatches measured). Without it, rcp is the correctly rounded 1/x, which
+the hardware misses by one ulp for 13% of mantissas (never for the constants 127, 15, 31, 8, 16).
+  ``cuda_rcp(x, rcp_table=None)``     rcp.approx.ftz.f32
+  ``cuda_div(a, b, rcp_table=None)``  div.approx.ftz.f32 = mul.ftz(a, rcp.approx(b)) (measured: always)
+  ``cuda_fp32_to_fp16(f)``            __float2half (cvt.rn.f16.f32): RNE, NaN -> canonical 0x7FFF
+  ``rcp_approx_table()``              the table (numpy, loaded once) or None where the file is absent
 
 Block searches, per flavor (``REF``/``CPU`` are IEEE; ``CUDA`` flushes subnormals in compares):
   ``first_absmax(xb, flavor)``    the signed value of the first element of largest |x| (q4_0, q5_0, iq4_nl)
@@ -31,8 +36,10 @@ Block searches, per flavor (``REF``/``CPU`` are IEEE; ``CUDA`` flushes subnormal
   ``max_abs_key(xb, skip_nan, flush)`` -> uint32: the largest |x| as bits (NaN above Inf unless
                                   skipped; flush: subnormals count as 0); ``f32_from_bits`` gives |x|
 The searches reduce integer keys (float order as integers) so that LLVM vectorizes them.
-  ``scale_inverse(d, flavor)``    ``d ? 1.0f/d : 0.0f``
+  ``scale_inverse(d, flavor, rcp_table=None)``  ``d ? 1.0f/d : 0.0f``
 """
+from pathlib import Path
+
 import numpy as np
 from numba import njit
 
@@ -41,6 +48,12 @@ from .fp import CUDA, f32_bits, f32_from_bits, fp32_to_fp16, fp16_to_fp32, ftz
 FLT_MAX = np.float32(3.4028234663852886e38)
 INT_MIN = np.int32(-2147483648)
 _TWO31 = np.float32(2147483648.0)
+_ABS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_MIN_NORMAL_BITS = np.uint32(0x00800000)
+_MANTISSA = np.uint32(0x007FFFFF)
+_RCP_TABLE_FILE = Path(__file__).with_name("rcp_approx_sm90.npz")
+_rcp_table = None
 _HALF = np.float32(0.5)
 
 
@@ -128,13 +141,29 @@ def ptx_trunc_i8(v):
 
 
 @njit(cache=True)
-def cuda_rcp(x):
-    return ftz(np.float32(1.0) / ftz(x))
+def cuda_rcp(x, rcp_table=None):
+    x = ftz(x)
+    r = ftz(np.float32(1.0) / x)
+    if rcp_table is None:
+        return r
+    a = f32_bits(r) & _ABS
+    if a < _MIN_NORMAL_BITS or a >= _INF_BITS:
+        return r  # zero (flushed), Inf or NaN: the same in hardware
+    return f32_from_bits(np.uint32(np.int64(f32_bits(r)) + np.int64(rcp_table[f32_bits(x) & _MANTISSA])))
 
 
 @njit(cache=True)
-def cuda_div(a, b):
-    return ftz(ftz(a) * cuda_rcp(b))
+def cuda_div(a, b, rcp_table=None):
+    return ftz(ftz(a) * cuda_rcp(b, rcp_table))
+
+
+def rcp_approx_table():
+    """The measured rcp.approx table, or None where kvlab ships without it (see the docstring)."""
+    global _rcp_table
+    if _rcp_table is None and _RCP_TABLE_FILE.exists():
+        with np.load(_RCP_TABLE_FILE) as f:
+            _rcp_table = np.ascontiguousarray(f["rcp_delta"], dtype=np.int8)
+    return _rcp_table
 
 
 @njit(cache=True)
@@ -144,10 +173,7 @@ def cuda_fp32_to_fp16(f):
     return fp32_to_fp16(f)
 
 
-_ABS = np.uint32(0x7FFFFFFF)
-_INF_BITS = np.uint32(0x7F800000)
-_MIN_NORMAL_BITS = np.uint32(0x00800000)
-_FLT_MAX_KEY = np.int32(0x7F7FFFFF)
+_FLT_MAX_KEY = np.int64(0x7F7FFFFF)
 
 
 @njit(cache=True)
@@ -168,12 +194,11 @@ def max_abs_key(xb, skip_nan, flush):
     return m
 
 
-@njit(cache=True)
-def first_with_abs_key(xb, key, flush):
-    for j in range(xb.shape[0]):
-        if _abs_key(xb[j], flush) == key:
-            return xb[j]
-    return np.float32(0.0)
+# The first index reaching an extreme, found in the same vectorized reduction: each value's key
+# goes in the high 32 bits of a uint64, and an index term that prefers earlier positions below it.
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+_KEY_BIAS = np.int64(1 << 31)  # signed key -> unsigned, order kept
 
 
 @njit(cache=True)
@@ -181,23 +206,22 @@ def first_absmax(xb, flavor):
     # `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from amax = max = 0: strict, so the first
     # of equal magnitudes wins, NaN never does, and an all-zero block gives +0.
     flush = flavor == CUDA
-    return first_with_abs_key(xb, max_abs_key(xb, True, flush), flush)
+    n = xb.shape[0]
+    best = np.uint64(0)
+    for j in range(n):
+        a = _abs_key(xb[j], flush)
+        a = np.uint32(0) if a > _INF_BITS else a
+        best = max(best, (np.uint64(a) << _SHIFT32) | np.uint64(n - 1 - j))
+    if (best >> _SHIFT32) == np.uint64(0):
+        return np.float32(0.0)
+    return xb[n - 1 - np.int64(best & _LOW32)]
 
 
 @njit(cache=True)
 def _signed_key(v, flush):
     """Integer whose order is v's float order, with -0 == +0 (a NaN's key is beyond any number's)."""
-    u = f32_bits(v)
-    a = np.int32(_abs_key(v, flush))
-    return -a if (u >> np.uint32(31)) != np.uint32(0) else a
-
-
-@njit(cache=True)
-def _first_with_key(xb, key, flush):
-    for j in range(xb.shape[0]):
-        if _signed_key(xb[j], flush) == key:
-            return xb[j]
-    return np.float32(0.0)
+    a = np.int64(_abs_key(v, flush))
+    return -a if (f32_bits(v) >> np.uint32(31)) != np.uint32(0) else a
 
 
 @njit(cache=True)
@@ -205,21 +229,24 @@ def min_max(xb, flavor):
     # `if (v < min) min = v; if (v > max) max = v;` from FLT_MAX / -FLT_MAX: NaN never taken, the
     # first of equal values kept (so -0 vs +0 is decided by position), the start value kept on ties.
     flush = flavor == CUDA
-    lo = _FLT_MAX_KEY
-    hi = -_FLT_MAX_KEY
-    for j in range(xb.shape[0]):
+    n = xb.shape[0]
+    lo = np.uint64(0xFFFFFFFFFFFFFFFF)
+    hi = np.uint64(0)
+    for j in range(n):
         v = xb[j]
-        k = _signed_key(v, flush)
+        k = np.uint64(_signed_key(v, flush) + _KEY_BIAS)
         nan = v != v
-        lo = min(lo, _FLT_MAX_KEY if nan else k)
-        hi = max(hi, -_FLT_MAX_KEY if nan else k)
-    vmin = FLT_MAX if lo == _FLT_MAX_KEY else _first_with_key(xb, lo, flush)
-    vmax = -FLT_MAX if hi == -_FLT_MAX_KEY else _first_with_key(xb, hi, flush)
+        lo = min(lo, np.uint64(0xFFFFFFFFFFFFFFFF) if nan else (k << _SHIFT32) | np.uint64(j))
+        hi = max(hi, np.uint64(0) if nan else (k << _SHIFT32) | np.uint64(n - 1 - j))
+    lo_key = np.int64(lo >> _SHIFT32) - _KEY_BIAS
+    hi_key = np.int64(hi >> _SHIFT32) - _KEY_BIAS
+    vmin = FLT_MAX if lo_key >= _FLT_MAX_KEY else xb[np.int64(lo & _LOW32)]
+    vmax = -FLT_MAX if hi_key <= -_FLT_MAX_KEY else xb[n - 1 - np.int64(hi & _LOW32)]
     return vmin, vmax
 
 
 @njit(cache=True)
-def scale_inverse(d, flavor):
+def scale_inverse(d, flavor, rcp_table=None):
     if flavor == CUDA:
-        return cuda_rcp(d) if ftz(d) != np.float32(0.0) else np.float32(0.0)
+        return cuda_rcp(d, rcp_table) if ftz(d) != np.float32(0.0) else np.float32(0.0)
     return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)

@@ -11,8 +11,8 @@ of the first element of largest |x|, ``d = max / -8`` (so that element gets q = 
 An all-zero block stores d = -0.0 (0x8000) and q = 8.
 
 cuda (``quantize_f32_q4_0_block``, -use_fast_math): subnormals flush to zero in the search and in
-every arithmetic op, ``x*id + 8.5f`` is one fused multiply-add, ``1/d`` approximate (emulated as
-correctly rounded: see blocks.cuda_rcp).
+every arithmetic op, ``x*id + 8.5f`` is one fused multiply-add, ``1/d`` approximate: exact given the
+measured rcp table, else correctly rounded (see blocks.cuda_rcp).
 
 NaN/Inf (C's float->int8 of NaN is undefined): kvlab writes what x86 writes, q = 0 for a NaN
 (cvttss2si's INT_MIN, low byte 0); CUDA's cvt also gives 0. A block holding +-Inf has d = -+Inf,
@@ -44,7 +44,7 @@ def _q_cuda(v, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (18,) uint8."""
     vmax = first_absmax(xb, flavor)
     if flavor == CUDA:
@@ -53,7 +53,7 @@ def quantize_block(xb, yb, flavor):
     else:
         d = vmax / _MINUS_8
         store_u16(yb, 0, fp32_to_fp16(d))
-    idv = scale_inverse(d, flavor)
+    idv = scale_inverse(d, flavor, rcp_table)
     for j in range(_HALF_QK):
         if flavor == CUDA:
             lo, hi = _q_cuda(xb[j], idv), _q_cuda(xb[j + _HALF_QK], idv)
@@ -72,10 +72,13 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_q4_0(x, out, flavor):
-    """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8."""
+def quantize_row_q4_0(x, out, flavor, rcp_table=None):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8.
+
+    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

@@ -13,7 +13,8 @@ d = 0, m = the constant, q = 0.
 
 cuda (``quantize_f32_q4_1_block``, -use_fast_math; same FLT_MAX start as ref in this ggml):
 subnormals flush in compares and arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add,
-``/15`` and ``1/d`` approximate (emulated as correctly rounded: see blocks.cuda_rcp).
+``/15`` and ``1/d`` approximate: ``/15`` is exactly ``* RN(1/15)`` (measured), ``1/d`` is exact given
+the measured rcp table, else correctly rounded (see blocks.cuda_rcp).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA cvt of NaN). An all-NaN block keeps
 min = FLT_MAX, max = -FLT_MAX: d = -Inf, m = +Inf (fp16 overflow). Any +-Inf in a block makes
@@ -45,7 +46,7 @@ def _q_cuda(v, vmin, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (20,) uint8."""
     vmin, vmax = min_max(xb, flavor)
     if flavor == CUDA:
@@ -56,7 +57,7 @@ def quantize_block(xb, yb, flavor):
         d = (vmax - vmin) / _15
         store_u16(yb, 0, fp32_to_fp16(d))
         store_u16(yb, 2, fp32_to_fp16(vmin))
-    idv = scale_inverse(d, flavor)
+    idv = scale_inverse(d, flavor, rcp_table)
     for j in range(_HALF_QK):
         if flavor == CUDA:
             lo, hi = _q_cuda(xb[j], vmin, idv), _q_cuda(xb[j + _HALF_QK], vmin, idv)
@@ -76,10 +77,13 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_q4_1(x, out, flavor):
-    """x: (n_blocks, 32) float32 -> out: (n_blocks, 20) uint8."""
+def quantize_row_q4_1(x, out, flavor, rcp_table=None):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 20) uint8.
+
+    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

@@ -13,7 +13,8 @@ Flavors (quantize; dequantize is the same for all):
   second operand when either is NaN), ``id = amax ? 127/amax : 0`` (may differ from 1/d by an ulp),
   halves to even (``_mm256_round_ps``), int32 -> int8 by saturating packs.
 - cuda ``quantize_f32_q8_0_block`` with -use_fast_math: ``fmaxf`` (ignores NaN), subnormals flushed,
-  ``amax/127`` and ``1/d`` approximate (emulated as correctly rounded, see blocks.cuda_rcp), halves away.
+  ``amax/127`` = ``amax * RN(1/127)`` (measured), ``1/d`` approximate: exact given the measured rcp
+  table, else correctly rounded (see blocks.cuda_rcp); halves away from zero.
 
 NaN/Inf (C leaves float->int8 of NaN or of an out-of-range value undefined; kvlab writes what
 the x86 build writes): ref stores the low byte of cvttss2si's INT_MIN, 0x00; cpu saturates
@@ -97,22 +98,22 @@ def _quantize_block_cpu(xb, yb):
 
 
 @njit(cache=True)
-def _quantize_block_cuda(xb, yb):
+def _quantize_block_cuda(xb, yb, rcp_table):
     amax = f32_from_bits(max_abs_key(xb, True, True))  # fmaxf drops NaN; max.ftz flushes
     d = cuda_div(amax, _127)
-    idv = scale_inverse(d, CUDA)
+    idv = scale_inverse(d, CUDA, rcp_table)
     store_u16(yb, 0, cuda_fp32_to_fp16(d))
     for j in range(QK):
         yb[_QS + j] = low_byte(ptx_cast_i32(roundf32(ftz(ftz(xb[j]) * idv))))
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (34,) uint8."""
     if flavor == CPU:
         _quantize_block_cpu(xb, yb)
     elif flavor == CUDA:
-        _quantize_block_cuda(xb, yb)
+        _quantize_block_cuda(xb, yb, rcp_table)
     else:
         _quantize_block_ref(xb, yb)
 
@@ -125,10 +126,13 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_q8_0(x, out, flavor):
-    """x: (n_blocks, 32) float32 -> out: (n_blocks, 34) uint8."""
+def quantize_row_q8_0(x, out, flavor, rcp_table=None):
+    """x: (n_blocks, 32) float32 -> out: (n_blocks, 34) uint8.
+
+    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

@@ -13,6 +13,7 @@ METRIC_LABELS = {
     "topk_overlap": "top-k overlap",
 }
 TINY = 1e-12  # floor before log10: f32/f32 is exactly lossless
+ERROR_FLOOR = 1e-6  # flavor ratios: below this (float32 rounding level) an error counts as zero
 
 
 def type_order(types) -> list:
@@ -122,9 +123,9 @@ def flavor_disagreement(table, metric: str = "out_rel_l2", n_ctx=None, rotation:
     flavors = [f for f in ("cpu", "cuda") if f in set(table.flavor)]
     ks, vs, ref = _grid(table, metric, flavor="ref", n_ctx=n_ctx, rotation=rotation)
     fig = make_subplots(rows=1, cols=max(len(flavors), 1), horizontal_spacing=0.12,
-                        subplot_titles=[f"log10({f} / ref)" for f in flavors] or ["only ref in this table"])
-    ratios = [_log10(_grid(table, metric, flavor=f, n_ctx=n_ctx, rotation=rotation)[2]) - _log10(ref)
-              for f in flavors]
+                        subplot_titles=[f"log10({f} / ref), errors floored at 1e-6" for f in flavors] or ["only ref in this table"])
+    floor = lambda x: np.log10(np.maximum(x, ERROR_FLOOR))
+    ratios = [floor(_grid(table, metric, flavor=f, n_ctx=n_ctx, rotation=rotation)[2]) - floor(ref) for f in flavors]
     span = max([float(np.abs(r).max()) for r in ratios] + [1e-3])
     for col, r in enumerate(ratios, start=1):
         fig.add_trace(go.Heatmap(z=r, x=vs, y=ks, colorscale="RdBu_r", zmin=-span, zmax=span,

@@ -76,7 +76,7 @@ def summary(table, pareto: list) -> list:
                      f"tokens: " + "; ".join(growth) + ". More keys means more chances for a quantization "
                      f"error to lift a wrong key into the attended set.")
     if pareto:
-        lines.append("<b>Pareto frontier</b> (bits per value vs KL, rotation on): " + ", ".join(pareto) + ".")
+        lines.append("<b>Pareto frontier</b> (bits per value vs output error, rotation on): " + ", ".join(pareto) + ".")
     for flavor in ("cpu", "cuda"):
         if flavor in set(table.flavor):
             lines.append(_flavor_line(table, flavor))
@@ -85,16 +85,17 @@ def summary(table, pareto: list) -> list:
 
 def _flavor_line(table, flavor: str) -> str:
     keys = ["type_k", "type_v", "rotation", "n_ctx"]
-    ref = table[table.flavor == "ref"].set_index(keys)
-    other = table[table.flavor == flavor].set_index(keys)
-    joined = other.join(ref[["out_rel_l2"]], rsuffix="_ref").dropna(subset=["out_rel_l2_ref"])
+    ref = table[table.flavor == "ref"][keys + ["out_rel_l2"]].rename(columns={"out_rel_l2": "out_rel_l2_ref"})
+    joined = table[table.flavor == flavor].merge(ref, on=keys).set_index(keys)
     n_max = int(table.n_ctx.max())
     at = joined.xs(n_max, level="n_ctx").xs(True, level="rotation") if True in set(table.rotation) else None
     if at is None or not len(at):
         return ""
-    excess = np.log10(np.maximum(at.out_rel_l2, 1e-12)) - np.log10(np.maximum(at.out_rel_l2_ref, 1e-12))
+    from .plots import ERROR_FLOOR
+    excess = np.log10(np.maximum(at.out_rel_l2, ERROR_FLOOR)) - np.log10(np.maximum(at.out_rel_l2_ref, ERROR_FLOOR))
     worst = excess.sort_values(ascending=False).head(3)
-    items = [f"{k}/{v} ({at.loc[(k, v), 'kernel']}: {10 ** x:.3g}× the ref output error)"
+    items = [f"{k}/{v} ({at.loc[(k, v), 'kernel']} path: output error {at.loc[(k, v), 'out_rel_l2']:.2g} vs "
+             f"{at.loc[(k, v), 'out_rel_l2_ref']:.2g})"
              for (k, v), x in worst.items()]
     share = float((np.abs(excess) > np.log10(1.1)).mean())
     return (f"<b>{flavor} vs ref:</b> {share:.0%} of the pairs differ by more than 10% in output error; the "
@@ -130,13 +131,16 @@ def build_report(table, out_path) -> Path:
     n_max = int(table.n_ctx.max())
     types = set(table.type_k) & set(table.type_v)
     pairs = [p for p in GROWTH_PAIRS if set(p) <= types] or [(sorted(types)[0], sorted(types)[0])]
-    bits_fig, pareto = plots.bits_vs_error(table, "kl", n_ctx=n_max,
+    bits_fig, pareto = plots.bits_vs_error(table, "out_rel_l2", n_ctx=n_max,
                                            rotation=True if True in set(table.rotation) else False)
     figures = []
     if table.rotation.nunique() == 2:
-        figures += [("Heatmaps: softmax KL, rotation off / on / difference", plots.rotation_heatmaps(table, "kl")),
-                    ("Heatmaps: output relative error", plots.rotation_heatmaps(table, "out_rel_l2"))]
-    figures += [("Error vs context length", plots.context_growth(table, pairs, "kl")),
+        figures += [("Heatmaps: output relative error, rotation off / on / difference",
+                     plots.rotation_heatmaps(table, "out_rel_l2")),
+                    ("Heatmaps: softmax KL (depends on the K type only: V does not enter the logits)",
+                     plots.rotation_heatmaps(table, "kl"))]
+    figures += [("Error vs context length: softmax KL", plots.context_growth(table, pairs, "kl")),
+                ("Error vs context length: output relative error", plots.context_growth(table, pairs, "out_rel_l2")),
                 ("Error vs bits per value (Pareto frontier)", bits_fig)]
     if {"cpu", "cuda"} & set(table.flavor):
         figures.append(("Where the flavors (ref / cpu / cuda) disagree",

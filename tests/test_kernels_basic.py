@@ -63,7 +63,7 @@ def test_q4_0_error_within_one_step(flavor, scale):
     err = np.abs(dequantize(q4_0, "q4_0", raw, 32).astype(np.float64) - x)
     d = np.abs(f16_scale(raw))[:, None]
     # q = 15 clamps +8d to +7d: one step at worst; half a step for every other value
-    clamped = x * np.sign(-f16_scale(raw))[:, None] > 7.5 * d
+    clamped = x * np.sign(f16_scale(raw))[:, None] > 7.5 * d          # x / d > 7.5
     step = np.where(clamped, 1.0, 0.5)
     assert (err <= d * (step + 8 * HALF_ULP_F16) + np.abs(x) * 2.0 ** -22).all()
     assert (err[~clamped] <= 0.5 * d.repeat(32, 1)[~clamped] * (1 + 16 * HALF_ULP_F16) + 1e-30).all()
@@ -193,7 +193,8 @@ def tricky_block(rng):
     """Values that stress ties: repeated magnitudes, +-0, subnormals, NaN, Inf, FLT_MAX."""
     pool = np.array([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 1e-40, -1e-40, 3e-39, np.nan, -np.nan,
                      np.inf, -np.inf, 3.4028234663852886e38, -3.4028234663852886e38, 0.5], np.float32)
-    return rng.choice(pool, 32)
+    subset = rng.choice(pool, rng.integers(1, 5), replace=False)       # few kinds: all-zero, all-NaN, ...
+    return rng.choice(subset, 32)
 
 
 def same_float(a, b):

@@ -72,7 +72,7 @@ def test_mul_mat_mirrored_times_axis2(era, ok):         # handle_mul_mat: the ru
 def test_mul_mat_split_batches_times_mirrored_only_in_0336():   # handle_mul_mat (0.3.36 batched rule)
     st = {}
     a = leaf("a", (16, 16, 8), SplitState.split(2, (4, 4)), st)
-    b = leaf("b", (16, 3))
+    b = leaf("b", (16, 3, 8))
     assert run(g.mul_mat(a, b, name="y"), "pr23792", static=st).state_of("y").axis == Axis.AXIS_2
     assert run(g.mul_mat(a, b, name="y"), "flatten", static=st).error is not None
 
@@ -109,9 +109,10 @@ def test_reshape_0324_ratio_assert_on_odd_batch():      # calculate_split_state 
 
 def test_reshape_0336_complete_rows_move_to_singleton():   # handle_reshape (0.3.36) complete_rows case
     st = {}
-    x = leaf("x", (64, 1), SplitState.split(0, (64, 0)), st)
-    tr = run(g.reshape(x, 64, 1, 1, name="r"), "pr23792", static=st)
-    assert tr.state_of("r").axis == Axis.AXIS_1
+    x = leaf("x", (64, 2), SplitState.split(0, (64, 0)), st)      # all of dim 0 on device 0
+    tr = run(g.reshape(x, 64, 1, 2, name="r"), "pr23792", static=st)
+    assert tr.state_of("r") == SplitState.split(1, (1, 0))
+    assert run(g.reshape(x, 64, 1, 2, name="r"), "flatten", static=st).state_of("r").axis == Axis.AXIS_0
 
 
 def test_reshape_0324_asserts_not_permuted():           # handle_reshape (0.3.24) permuted assert, via CONT
@@ -148,7 +149,7 @@ def test_view_of_cache_is_a_reshape():                  # handle_view -> handle_
 def test_view_of_permuted_split_tensor_aborts():        # handle_view: "view of permuted tensor not implemented"
     st = {}
     p = g.permute(kcur(4, st), 0, 2, 1, 3)
-    v = g.view(p, (128, 2, 8, 1), (p.nb[1], p.nb[2], p.nb[3]), name="v")
+    v = g.view(p, (128, 4, 4, 1), (p.nb[1], 2 * p.nb[2]), name="v")   # strides differ, still permuted
     assert "view of permuted tensor not implemented" in run(v, "pr23792", static=st).error.rule
 
 

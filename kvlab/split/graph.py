@@ -12,16 +12,14 @@ from ..types import TYPES
 
 # Block size and bytes per block of every type a graph may hold (ggml_blck_size / ggml_type_size).
 _INDEX_TYPES = {"i32": (1, 4), "i64": (1, 8)}
-_WEIGHT_TYPES = {name: (256, 0) for name in ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")}  # granularity only
 
 
 def block_size(type_name: str) -> int:
     if type_name in TYPES:
         return TYPES[type_name].block_size
-    if type_name in _INDEX_TYPES or type_name in _WEIGHT_TYPES:
-        return {**_INDEX_TYPES, **_WEIGHT_TYPES}[type_name][0]
-    raise ValueError(f"unknown ggml type {type_name!r}: expected one of "
-                     f"{', '.join([*TYPES, *_INDEX_TYPES, *_WEIGHT_TYPES])}")
+    if type_name in _INDEX_TYPES:
+        return _INDEX_TYPES[type_name][0]
+    raise ValueError(f"unknown ggml type {type_name!r}: expected one of {', '.join([*TYPES, *_INDEX_TYPES])}")
 
 
 def type_size(type_name: str) -> int:

@@ -144,7 +144,10 @@ class Device:
 
     def run(self, t) -> None:
         op = t.op
-        if op == "NONE":
+        ne, _ = self.local_ne_nb(t)
+        if op not in ("NONE", "RESHAPE", "VIEW", "PERMUTE", "TRANSPOSE", "SET_ROWS") and 0 in ne:
+            self.store(t, np.zeros(0, np.float32))   # a zero-sized slice: ggml clears the compute flag
+        elif op == "NONE":
             self._leaf(t)
         elif op in ("RESHAPE", "VIEW", "PERMUTE", "TRANSPOSE"):
             ne, nb = self.local_ne_nb(t)
@@ -159,10 +162,12 @@ class Device:
             self.store(t, self.array(t.src[0]))
         elif op == "SET_ROWS":
             values, idx, dst = t.src
+            self.geometry[id(t)] = self.geometry[id(dst)]
+            if 0 in self.geometry[id(values)][0]:
+                return
             rows = np.ascontiguousarray(self.array(values)[0, 0])        # (T, row_len)
             ids = self.array(idx).reshape(-1).astype(np.int64)
             set_rows(self.buffers[id(dst.view_src or dst)], ids, rows)
-            self.geometry[id(t)] = self.geometry[id(dst)]
         elif op == "FLASH_ATTN_EXT":
             q, k, v, mask = (self.array(s) for s in t.src)
             out = np.empty((q.shape[2], q.shape[1], v.shape[3]), dtype=np.float32)   # (T, H, Dv)

@@ -9,7 +9,7 @@ and caches in units of one KV head, both at least the quantization block of attn
 """
 from math import gcd
 
-from .state import Axis, SplitState
+from .state import Axis, SplitError, SplitState
 
 
 def _lcm(a: int, b: int) -> int:
@@ -57,7 +57,6 @@ def static_state(role: str, axis: Axis, ne: int, *, layer: int, n_devices: int, 
     """The state llama.cpp assigns a weight or cache of `ne` elements along `axis` in layer `layer`."""
     g = granularity(role, n_devices=n_devices, version=version, **shape)
     if version == "0.3.24" and ne % g:
-        from .state import SplitError
         raise SplitError(f"GGML_ASSERT(ne_full % g_s == 0) failed in llama_meta_device_get_split_state: "
                          f"{ne} elements are not a multiple of the split granularity {g}",
                          node=role, op="NONE", rule="GGML_ASSERT(ne_full % g_s == 0)",

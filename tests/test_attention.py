@@ -1,0 +1,137 @@
+"""kvlab.attention: the exact reference, the llama.cpp path, the backends, and the field's orderings.
+
+The orderings (K more sensitive than V, rotation helps 4-bit K, q8_0 near-lossless, growth with
+context) are checked on seeded synthetic data with outlier channels; thresholds are ratios that
+follow from the quantizers (an 8-bit step is 16x a 4-bit one: squared errors differ ~256x).
+"""
+import numpy as np
+import pytest
+
+from kvlab.attention import (attention_error, cuda_kernel, exact_attention, online_softmax_f16_acc,
+                             pair_path, q8_blocks)
+from kvlab.synthetic import SyntheticConfig, apply_rope, synthetic_kv
+
+CFG = SyntheticConfig(n_head=4, n_head_kv=2, head_dim=128, n_q=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    return synthetic_kv(1024, CFG)
+
+
+def test_exact_attention_matches_a_loop_over_heads_with_gqa():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((6, 3, 64)).astype(np.float32)
+    k = rng.standard_normal((2, 10, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 10, 64)).astype(np.float32)
+    got = exact_attention(q, k, v).out.reshape(2, 3, 3, 64).reshape(6, 3, 64)  # (n_head, n_q, D)
+    for h in range(6):
+        kv = h // 3  # GQA: 3 query heads per KV head
+        s = q[h].astype(np.float64) @ k[kv].T.astype(np.float64) / 8.0
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(got[h], p @ v[kv], rtol=1e-12)
+
+
+@pytest.mark.parametrize("rotation", [False, True])
+def test_f32_cache_on_ref_backend_is_lossless(qkv, rotation):
+    m = attention_error(*qkv, "f32", "f32", rotation=rotation)
+    assert m["kl"] < 1e-12 and m["out_rel_l2"] < 1e-12 and m["k_rel_l2"] == 0 and m["topk_overlap"] == 1
+
+
+def test_torch_input_gives_the_same_metrics(qkv):
+    torch = pytest.importorskip("torch")
+    a = attention_error(*qkv, "q4_0", "q8_0")
+    b = attention_error(*(torch.from_numpy(x) for x in qkv), "q4_0", "q8_0")
+    assert a == b
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q8_0"])
+def test_k_is_more_sensitive_than_v_at_the_same_bits(qkv, quant):
+    k_side = attention_error(*qkv, quant, "f16")
+    v_side = attention_error(*qkv, "f16", quant)
+    assert k_side["out_rel_l2"] > v_side["out_rel_l2"]
+    assert k_side["kl"] > 100 * v_side["kl"]  # V never enters the logits: only f16 K rounding remains
+
+
+def test_rotation_helps_4bit_k_and_not_8bit_k(qkv):
+    kl = {(t, r): attention_error(*qkv, t, "f16", rotation=r)["kl"] for t in ("q4_0", "q8_0") for r in (False, True)}
+    assert kl["q4_0", True] < kl["q4_0", False] / 1.5
+    gain4 = kl["q4_0", False] - kl["q4_0", True]
+    gain8 = kl["q8_0", False] - kl["q8_0", True]
+    assert abs(gain8) < gain4 / 100  # 8-bit steps are 16x finer: squared errors ~256x smaller
+
+
+def test_q8_0_pair_is_near_lossless(qkv):
+    q8 = attention_error(*qkv, "q8_0", "q8_0")
+    q4 = attention_error(*qkv, "q4_0", "q4_0")
+    assert q8["kl"] < q4["kl"] / 100
+    assert q8["out_rel_l2"] < q4["out_rel_l2"] / 10
+    assert q8["k_rel_l2"] < 2 ** -6 and q8["v_rel_l2"] < 2 ** -6
+
+
+@pytest.mark.parametrize("rotation", [False, True])
+def test_error_grows_with_context_for_low_bit_k(rotation):
+    q_long, k, v = synthetic_kv(4096, CFG)
+    q_short, _, _ = synthetic_kv(128, CFG)
+    short = attention_error(q_short, k[:, :128], v[:, :128], "q4_0", "f16", rotation=rotation)
+    long = attention_error(q_long, k, v, "q4_0", "f16", rotation=rotation)
+    assert long["kl"] > short["kl"]
+
+
+def test_cuda_kernel_choice_follows_the_default_fa_quants():
+    assert cuda_kernel("q4_0", "q4_0") == ("vec", "q4_0", "q4_0")
+    assert cuda_kernel("f32", "f16") == ("vec", "f16", "f16")       # f32 goes through the F16 instance
+    assert cuda_kernel("q8_0", "q4_0") == ("vec-f16", "f16", "f16")  # not compiled: converted to f16
+    assert cuda_kernel("iq4_nl", "f16")[0] == "cpu"                  # no CUDA FA kernel for iq4_nl
+    assert pair_path("iq4_nl", "f16", "cuda").backend == "cpu"
+
+
+def test_backends_model_their_precision(qkv):
+    # ggml-cpu accumulates an f16 V cache in an fp16 vector; ref and the f32-accumulating CUDA do not
+    ref = attention_error(*qkv, "f32", "f16", backend="ref")
+    cpu = attention_error(*qkv, "f32", "f16", backend="cpu")
+    assert cpu["out_rel_l2"] > 1.5 * ref["out_rel_l2"]
+    # ggml-cuda converts an f32 cache to f16 and quantizes Q to q8_1 for a quantized K
+    assert attention_error(*qkv, "f32", "f32", backend="cuda")["k_rel_l2"] == 0
+    assert attention_error(*qkv, "f32", "f32", backend="cuda")["kl"] > 0
+    assert attention_error(*qkv, "q4_0", "q4_0", backend="cuda")["logit_rel_l2"] != \
+        attention_error(*qkv, "q4_0", "q4_0", backend="ref")["logit_rel_l2"]
+
+
+def test_q8_activation_rounding_cpu_even_cuda_away():
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1] = 127.0, 2.5   # amax 127: d = 1, 2.5 is a tie
+    assert q8_blocks(x, "cpu")[0, 1] == 2.0 and q8_blocks(x, "cuda")[0, 1] == 3.0
+
+
+def test_fp16_accumulator_rounds_every_update():
+    logits = np.zeros((1, 1, 3), np.float32)           # equal weights 1, 1, 1
+    v = np.array([[[2048.0], [1.0], [1.0]]], np.float32)  # 2048 + 1 is not an fp16: rounds back to 2048
+    out = np.empty((1, 1, 1), np.float32)
+    online_softmax_f16_acc(logits, v, out)
+    assert out[0, 0, 0] == np.float32(2048.0) / 3  # exact would be 2050/3
+
+
+def test_rope_is_a_rotation_that_keeps_relative_position():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 1, 1, 64))
+    dot = lambda p, s: float((apply_rope(a, np.array([p]), 1e4) * apply_rope(b, np.array([s]), 1e4)).sum())
+    assert dot(10, 3) == pytest.approx(dot(107, 100), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(type_k="q3_k"), ValueError), (dict(backend="metal"), ValueError), (dict(flavor="x"), ValueError)])
+def test_bad_arguments_are_named(qkv, bad, error):
+    with pytest.raises(error):
+        attention_error(*qkv, **bad)
+
+
+def test_bad_shapes_are_named(qkv):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match="float32"):
+        attention_error(q.astype(np.float64), k, v)
+    with pytest.raises(ValueError, match="multiple of n_head_kv"):
+        attention_error(q[:3], k, v)
+    with pytest.raises(ValueError, match="same"):
+        attention_error(q, k, v[:, :5])

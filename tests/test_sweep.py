@@ -1,0 +1,93 @@
+"""kvlab.sweep: the full grid, agreement with the one-cell API, the disk cache, the saved table, the CLI."""
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvlab import FLAVORS, TYPES
+from kvlab.attention import attention_error
+from kvlab.metrics import METRICS
+from kvlab.synthetic import SyntheticConfig
+from kvlab.sweep import SweepConfig, register, run_sweep, save_table, synthetic_sample
+
+SMALL = SweepConfig(lengths=(64, 128), n_q=2,
+                    synthetic=SyntheticConfig(n_head=4, n_head_kv=2, head_dim=64, n_q=2, seed=3))
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return synthetic_sample(SMALL.lengths, SMALL.n_q, SMALL.synthetic)
+
+
+@pytest.fixture(scope="module")
+def table(sample, tmp_path_factory):
+    return run_sweep(sample, SMALL, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_table_has_every_cell_once(table):
+    assert len(table) == 81 * 2 * len(FLAVORS) * 2
+    keys = ["type_k", "type_v", "rotation", "flavor", "n_ctx"]
+    assert not table.duplicated(keys).any()
+    assert set(table.type_k) == set(table.type_v) == set(TYPES)
+    assert set(METRICS) <= set(table.columns)
+    assert table[list(METRICS)].notna().all().all()
+
+
+@pytest.mark.parametrize("type_k, type_v, rotation, flavor, n_ctx", [
+    ("q4_0", "q8_0", True, "ref", 128), ("q5_1", "f16", False, "cpu", 64), ("iq4_nl", "q4_1", True, "cuda", 128),
+    ("q8_0", "q4_0", True, "cuda", 64), ("bf16", "f16", True, "cpu", 128), ("f32", "f32", False, "cuda", 128)])
+def test_vectorized_cells_equal_the_one_cell_api(table, sample, type_k, type_v, rotation, flavor, n_ctx):
+    row = table[(table.type_k == type_k) & (table.type_v == type_v) & (table.rotation == rotation)
+                & (table.flavor == flavor) & (table.n_ctx == n_ctx)].iloc[0]
+    one = attention_error(sample.queries_for(n_ctx, SMALL.n_q), sample.k[:, :n_ctx], sample.v[:, :n_ctx],
+                          type_k, type_v, rotation=rotation, flavor=flavor, backend=flavor)
+    for metric in METRICS:
+        assert row[metric] == pytest.approx(one[metric], rel=1e-5, abs=1e-9), metric
+
+
+def test_rotation_columns_follow_rotation_plan(table):
+    on = table[table.rotation]
+    assert set(on[on.type_k == "q4_0"].rot_k) == {64} and set(on[on.type_k == "f16"].rot_k) == {0}
+    assert set(table[~table.rotation].rot_k) == {0}
+
+
+def test_second_run_is_read_from_the_cache(sample, tmp_path):
+    cfg = SweepConfig(lengths=(64,), n_q=2, types_k=("q4_0", "f16"), types_v=("q8_0",), flavors=("ref",),
+                      synthetic=SMALL.synthetic)
+    first = run_sweep(sample, cfg, cache_dir=tmp_path, progress=False)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2  # one per (flavor, rotation) chunk
+    for f in files:  # a cached chunk is what the second run returns
+        pd.read_parquet(f).assign(kl=-1.0).to_parquet(f, index=False)
+    second = run_sweep(sample, cfg, cache_dir=tmp_path, progress=False)
+    assert (second.kl == -1.0).all() and len(second) == len(first)
+
+
+def test_saved_table_carries_settings_and_versions(table, tmp_path):
+    for suffix in (".parquet", ".csv"):
+        path, meta = save_table(table, tmp_path / f"t{suffix}")
+        back = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        assert len(back) == len(table)
+        info = json.loads(meta.read_text())
+        assert info["settings"]["lengths"] == [64, 128] and "numba" in info["versions"]
+    with pytest.raises(ValueError, match="parquet or .csv"):
+        save_table(table, tmp_path / "t.xlsx")
+
+
+def test_cli_writes_the_table(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "s.csv"
+    args = parser.parse_args(["sweep", "--lengths", "32", "--n-q", "2", "--types", "q4_0,f16", "--flavors", "ref",
+                              "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert args.run(args) == 0
+    assert len(pd.read_csv(out)) == 2 * 2 * 2 and "wrote" in capsys.readouterr().out
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="unknown KV type"):
+        SweepConfig(types_k=("q3_k",))
+    with pytest.raises(ValueError, match="lengths"):
+        SweepConfig(lengths=(2,), n_q=4)
