@@ -52,6 +52,7 @@ _ABS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 _MIN_NORMAL_BITS = np.uint32(0x00800000)
 _MANTISSA = np.uint32(0x007FFFFF)
+_FLT_MAX_KEY = np.int64(0x7F7FFFFF)  # FLT_MAX's bits: the start of ggml's min search
 _RCP_TABLE_FILE = Path(__file__).with_name("rcp_approx_sm90.npz")
 _rcp_table = None
 _HALF = np.float32(0.5)
@@ -140,7 +141,7 @@ def ptx_trunc_i8(v):
     return np.int64(np.int8(low_byte(ptx_cast_i32(v))))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # 1/0 is Inf, as in hardware, not ZeroDivisionError
 def cuda_rcp(x, rcp_table=None):
     x = ftz(x)
     r = ftz(np.float32(1.0) / x)
@@ -171,9 +172,6 @@ def cuda_fp32_to_fp16(f):
     if f != f:
         return np.uint16(0x7FFF)
     return fp32_to_fp16(f)
-
-
-_FLT_MAX_KEY = np.int64(0x7F7FFFFF)
 
 
 @njit(cache=True)

@@ -97,9 +97,9 @@ def _mul(a, b):
 
 
 @njit(cache=True)
-def _quantize_block_cuda(xb, yb):
-    d = cuda_div(signed_absmax(xb, CUDA), KVALUES_F32[0])
-    idv = scale_inverse(d, CUDA)
+def _quantize_block_cuda(xb, yb, rcp_table):
+    d = cuda_div(signed_absmax(xb, CUDA), KVALUES_F32[0], rcp_table)
+    idv = scale_inverse(d, CUDA, rcp_table)
     for j in range(_HALF_QK):
         yb[_QS + j] = np.uint8(best_index(_mul(xb[j], idv)) | best_index(_mul(xb[j + _HALF_QK], idv)) << 4)
     sumqx = np.float32(0.0)
@@ -113,14 +113,14 @@ def _quantize_block_cuda(xb, yb):
         wq1 = _mul(_mul(v1, v1), q1)
         sumqx = _flush(sumqx + _flush(fma32(wq0, _flush(v0), _mul(wq1, v1))))
         sumq2 = _flush(sumq2 + _flush(fma32(wq0, q0, _mul(wq1, q1))))
-    store_u16(yb, 0, cuda_fp32_to_fp16(cuda_div(sumqx, sumq2) if sumq2 > 0 else d))
+    store_u16(yb, 0, cuda_fp32_to_fp16(cuda_div(sumqx, sumq2, rcp_table) if sumq2 > 0 else d))
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (18,) uint8."""
     if flavor == CUDA:
-        _quantize_block_cuda(xb, yb)
+        _quantize_block_cuda(xb, yb, rcp_table)
     else:
         _quantize_block_ref(xb, yb)
 
@@ -135,10 +135,10 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_iq4_nl(x, out, flavor):
+def quantize_row_iq4_nl(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

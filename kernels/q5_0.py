@@ -12,7 +12,7 @@ it): max is the first value of largest magnitude, ``d = max / -16``, ``id = d ? 
 
 cuda (``quantize_f32_q5_0_block``, -use_fast_math): the same formulas, but subnormals flush in
 compares and arithmetic, ``x*id + 16.5f`` is one fused multiply-add and ``1/d`` is approximate
-(emulated as correctly rounded: see blocks.cuda_rcp).
+(emulated exactly with the measured rcp.approx table: see blocks.cuda_rcp).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si gives INT_MIN, low byte 0; CUDA converts NaN to 0).
 A +-Inf in a block makes d = -+Inf, id = -+0: every finite value gets q = 16, the Inf q = 0.
@@ -99,7 +99,7 @@ def _q_cuda(v, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (22,) uint8."""
     vmax = signed_absmax(xb, flavor)
     if flavor == CUDA:
@@ -108,7 +108,7 @@ def quantize_block(xb, yb, flavor):
     else:
         d = vmax / np.float32(-16.0)
         store_u16(yb, 0, fp32_to_fp16(d))
-    idv = scale_inverse(d, flavor)
+    idv = scale_inverse(d, flavor, rcp_table)
     qh = np.uint32(0)
     for j in range(_HALF_QK):
         if flavor == CUDA:
@@ -130,10 +130,10 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_q5_0(x, out, flavor):
+def quantize_row_q5_0(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 22) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

@@ -14,8 +14,8 @@ it): min and max searched from FLT_MAX / -FLT_MAX (NaN never taken), ``d = (max 
 cuda (``quantize_f32_q5_1_block``, -use_fast_math): min and max start from x[0] and run
 ``min = v < min ? v : min`` over the rest (a NaN in x[0] stays); subnormals flush in compares and
 arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add, ``/31`` and ``1/d`` are approximate
-(emulated as correctly rounded: see blocks.cuda_rcp; ggml-cuda's hardware reciprocal is sometimes one
-ulp off, which moves a value sitting exactly on a .5 tie to the other side).
+(emulated exactly with the rcp.approx table measured on an H100: see blocks.cuda_rcp; without the
+table, a correctly rounded reciprocal is one ulp off for 13% of divisors).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA converts NaN to 0). An all-NaN block
 gives ref d = -Inf, m = +Inf (FLT_MAX rounds to the half infinity), cuda d = m = NaN (0x7FFF).
@@ -65,18 +65,18 @@ def _q_cuda(v, vmin, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor):
+def quantize_block(xb, yb, flavor, rcp_table=None):
     """One block: xb (32,) float32 -> yb (24,) uint8."""
     vmin, vmax = _min_max(xb, flavor)
     if flavor == CUDA:
-        d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _31)
+        d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _31, rcp_table)
         store_u16(yb, 0, cuda_fp32_to_fp16(d))
         store_u16(yb, 2, cuda_fp32_to_fp16(vmin))
     else:
         d = (vmax - vmin) / _31
         store_u16(yb, 0, fp32_to_fp16(d))
         store_u16(yb, 2, fp32_to_fp16(vmin))
-    idv = scale_inverse(d, flavor)
+    idv = scale_inverse(d, flavor, rcp_table)
     qh = np.uint32(0)
     for j in range(_HALF_QK):
         if flavor == CUDA:
@@ -106,10 +106,10 @@ def dequantize_block(yb, xb):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_q5_1(x, out, flavor):
+def quantize_row_q5_1(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 24) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor)
+        quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)

@@ -42,7 +42,7 @@ from .kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from .metrics import attention_metrics, tensor_rel_l2
 from .quant import dequantize, empty_cache, set_rows
 from .rotation import hadamard, rotate, rotation_plan
-from .types import TYPES, flavor_code, type_info
+from .types import flavor_code, type_info
 
 BACKENDS = ("ref", "cpu", "cuda")
 
@@ -314,7 +314,3 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     metrics["k_rel_l2"] = tensor_rel_l2(unrotate(k_cache.astype(np.float64), plan.k), exact.k)
     metrics["v_rel_l2"] = tensor_rel_l2(unrotate(v_cache.astype(np.float64), plan.v), exact.v)
     return metrics
-
-
-def bits_per_value(type_name: str) -> float:
-    return TYPES[type_name].bits_per_weight

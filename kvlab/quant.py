@@ -10,6 +10,7 @@ import importlib
 import numpy as np
 
 from ._arrays import is_cuda, is_torch, like, to_numpy
+from .kernels.blocks import rcp_approx_table
 from .types import TYPES, flavor_code, type_info
 
 
@@ -91,12 +92,19 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
         from .kernels import cuda as gpu
         return QTensor(gpu.quantize(x, type, code), type, shape, flavor)
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
-    n_blocks = xs.size // info.block_size
     raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
-    if n_blocks:
+    if xs.size:
         kernel = getattr(_kernel_module(type), f"quantize_row_{type}")
-        kernel(xs.reshape(n_blocks, info.block_size),           # (n_blocks, block_size)
-               raw.reshape(n_blocks, info.type_size), code)     # (n_blocks, type_size)
+        if info.is_quantized:
+            # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
+            kernel(xs.reshape(-1, info.block_size),            # (n_blocks, block_size)
+                   raw.reshape(-1, info.type_size), code,      # (n_blocks, type_size)
+                   rcp_approx_table())
+        else:
+            # per-value types convert whole rows: ggml-cpu's f16 path is vector for a row's body
+            # and scalar for its tail, and the two differ on NaN payloads
+            kernel(xs.reshape(-1, shape[-1]),                  # (n_rows, row_len)
+                   raw.reshape(-1, raw.shape[-1]), code)       # (n_rows, row_bytes)
     return QTensor(like(raw, x), type, shape, flavor)
 
 

@@ -73,8 +73,8 @@ def summary(table, pareto: list) -> list:
         growth = [f"rotation {'on' if r else 'off'} {_cell(table, 'kl', 'q4_0', 'f16', r, n_ctx=n_min):.3g} → "
                   f"{_cell(table, 'kl', 'q4_0', 'f16', r, n_ctx=n_max):.3g}" for r in sorted(set(table.rotation))]
         lines.append(f"<b>Error grows with context</b> for low-bit K: KL of q4_0/f16 from {n_min} to {n_max} "
-                     f"tokens: " + "; ".join(growth) + ". More keys means more chances for a quantization "
-                     f"error to lift a wrong key into the attended set.")
+                     "tokens: " + "; ".join(growth) + ". More keys means more chances for a quantization "
+                     "error to lift a wrong key into the attended set.")
     if pareto:
         lines.append("<b>Pareto frontier</b> (bits per value vs output error, rotation on): " + ", ".join(pareto) + ".")
     for flavor in ("cpu", "cuda"):

@@ -255,6 +255,21 @@ def test_rounding_helpers(v):
     assert blocks.c_cast_i32(v) == (int(np.trunc(v)) if fits else -2 ** 31)
 
 
+def test_cuda_rcp_applies_the_measured_table_at_every_exponent():
+    table = np.zeros(1 << 23, np.int8)
+    x = np.float32(1.7)
+    table[int(x.view(np.uint32)) & 0x7FFFFF] = -1                     # hardware one ulp below RN(1/x)
+    for scale in (2.0 ** -100, 1.0, 2.0 ** 100):
+        xs = np.float32(x * scale)
+        rn = np.float32(1) / xs
+        assert blocks.cuda_rcp(xs) == rn
+        assert np.float32(blocks.cuda_rcp(xs, table)).view(np.uint32) == rn.view(np.uint32) - 1
+        assert np.float32(blocks.cuda_rcp(-xs, table)).view(np.uint32) == (-rn).view(np.uint32) - 1
+    assert blocks.cuda_rcp(np.float32(2.0 ** 127), table) == 0                 # 1/x subnormal: flushed
+    assert blocks.cuda_rcp(np.float32(1e-40), table) == np.inf                 # x flushed to 0
+    assert blocks.cuda_rcp(np.float32(np.inf), table) == 0
+
+
 # --- parallel == serial --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(QUANTIZED) + list(ELEMENTWISE))

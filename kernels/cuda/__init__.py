@@ -27,6 +27,12 @@ if not hasattr(np, "row_stack"):
 _THREADS = 256
 
 
+def _scalar_grid(n):
+    from .ops import SIM
+    threads = 32 if SIM else _THREADS
+    return (max(1, min(1024, (n + threads - 1) // threads)), threads)
+
+
 def _k():
     from . import kernels        # numba.cuda loads here, not at `import kvlab`
     return kernels
@@ -97,7 +103,7 @@ def _write(x, out, type_name, flavor_code, row_ids):
         raise ValueError(f"out: {tuple(od.shape)} bytes do not fit {type_name} of x {tuple(xd.shape)}")
     if not info.is_quantized:
         ids = row_ids if row_ids is not None else _no_rows()
-        k.scalar_quantize_kernel[256, _THREADS](k.SCALAR_CODES[type_name], xd, _scalar_view(od, info),
+        k.scalar_quantize_kernel[_scalar_grid(xd.size)](k.SCALAR_CODES[type_name], xd, _scalar_view(od, info),
                                                 flavor_code, ids)
         return
     xb = _rows_as_blocks(xd, info, "x")
@@ -112,7 +118,7 @@ def dequantize(raw, out, type_name):
     rd = _dev(raw, "raw", np.uint8, 2)
     od = _dev(out, "out", np.float32, 2)
     if not info.is_quantized:
-        k.scalar_dequantize_kernel[256, _THREADS](k.SCALAR_CODES[type_name], _scalar_view(rd, info), od)
+        k.scalar_dequantize_kernel[_scalar_grid(od.size)](k.SCALAR_CODES[type_name], _scalar_view(rd, info), od)
         return
     yb = _rows_as_blocks(rd, info, "raw")
     k.dequantize_kernel[_launch_blocks(yb.shape[0])](k.QUANT_CODES[type_name], yb, _rows_as_blocks(od, info, "out"))

@@ -10,11 +10,12 @@ import numpy as np
 from numba import cuda, float32
 
 from . import blocks as B
-from .ops import add, mul, sub
+from .ops import SIM, add, mul, sub
 
 QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "iq4_nl": 3, "q5_0": 4, "q5_1": 5}
 SCALAR_CODES = {"f32": 0, "f16": 1, "bf16": 2}
-TPB = 128                     # threads (= 32-value blocks) per CUDA block
+# threads (= 32-value blocks) per CUDA block; the simulator runs each thread as a Python thread
+TPB = 8 if SIM else 128
 TILE_W = 33                   # padded tile row
 
 

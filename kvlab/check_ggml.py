@@ -1,0 +1,311 @@
+"""`kvlab check-ggml`: hold a real libggml against kvlab, bytes and split states.
+
+    kvlab check-ggml --lib build/bin/libggml-base.so [--era NAME] [--format text|json]
+
+1. Bytes: all nine types, quantized by ggml's ref path (from_float_ref) and CPU path (from_float)
+   against kvlab's "ref" and "cpu" flavors, and ggml's to_float of the ref bytes against
+   kvlab.dequantize (float32 bit patterns), on the golden inputs (tools/golden_inputs.py, where the
+   checkout has it) plus random rows. Bytes that ggml itself does not derive from the block's own
+   input (iq4_nl's stale qs on blocks with amax < 1e-15) are left out, as the golden files do.
+2. Split states: a matrix of device counts (1-4), head layouts (MHA, GQA, uneven GQA, MQA), decode
+   and prompt batches, rotation on and off; each configuration runs in its own process through the
+   real meta backend (kvlab.ggml_meta) and is compared node by node with kvlab.split's trace of the
+   same block: the graph (names, ops, shapes), every node's state (axis, per-device counts, nr) and
+   where each side stops, if it stops. The era defaults to the one the library's struct layout
+   belongs to (with nr: pr23792, without: flatten); the init guard is skipped (inference is the question).
+
+Exit status 1 on any difference, 2 on bad arguments or a library that cannot be loaded.
+
+Known version drift: ggml-python 0.0.45 ships an early post-#23792 ggml whose handle_reshape lacks the
+"complete dim-0 rows move to the singleton axis 1" case and checks `n_segments == 1` first;
+EXPECTED_DRIFT lists what that changes in the matrix (see tests/test_check_ggml.py).
+"""
+import importlib.util
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .types import TYPES
+
+LAYOUTS = {            # name: (head_dim, n_head, n_head_kv)
+    "mha": (64, 4, 4),
+    "gqa": (128, 32, 8),
+    "gqa-uneven": (128, 12, 6),
+    "mqa": (128, 8, 1),
+}
+DEVICE_COUNTS = (1, 2, 3, 4)
+BATCHES = {"decode": 1, "prompt": 7}
+CACHE_TYPES = ("q8_0", "q4_0")       # quantized K and V, so rotation applies unless turned off
+N_EMBD = 256                         # model width: small weights, the split states do not depend on it
+
+# Known version drift: ggml version (ggml_version()) -> (why it differs from kvlab's era, configurations).
+_MQA_DRIFT = frozenset(f"mqa/{n}dev/{batch}/rot-{rot}" for n in DEVICE_COUNTS
+                       for batch, rot in (("decode", "off"), ("prompt", "on"), ("prompt", "off")))
+EXPECTED_DRIFT = {
+    "0.15.3": (   # ggml-python 0.0.45: an early post-#23792 ggml
+        "its handle_reshape lacks October-2026 ggml's case 'a complete dim-0 split moves to the following "
+        "singleton dimension': with one KV head (MQA) Kcur/Vcur [head_dim, 1, T] and the cache views "
+        "[head_dim, 1, n_kv] stay split on axis 0 instead of axis 1 (heads), so flash_attn_ext asserts "
+        "src_ss[1].axis == AXIS_2 (rotation off) and, in a prompt batch, the states before the Hadamard "
+        "mul_mat abort differ (both versions abort there with rotation on)", _MQA_DRIFT),
+}
+
+
+# ------------------------------------------------------------------------------------------ bytes
+
+def _golden_cases() -> dict:
+    path = Path(__file__).resolve().parents[1] / "tools" / "golden_inputs.py"   # in a checkout only
+    if not path.exists():
+        return {}
+    spec = importlib.util.spec_from_file_location("golden_inputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.golden_cases()
+
+
+def input_cases() -> dict:
+    """Golden cases plus random rows of several scales: name -> (rows, 256) float32."""
+    rng = np.random.default_rng(20261001)
+    cases = dict(_golden_cases())
+    for scale in (1e-2, 1.0, 1e2):
+        cases[f"random_{scale:g}"] = (rng.standard_normal((32, 256)) * scale).astype(np.float32)
+    cases["random_uniform"] = rng.uniform(-4, 4, (32, 256)).astype(np.float32)
+    return cases
+
+
+def _defined(quantize, x, info, plain):
+    """Bytes of `plain` that the block's own input decides: the same when each block is quantized right
+    after a context block (ggml's iq4_nl ref reuses the previous block's qs where amax < 1e-15)."""
+    blocks = x.reshape(-1, info.block_size)                              # (n_blocks, block_size)
+    defined = np.ones(plain.shape, bool)
+    for context in (np.ones(info.block_size, np.float32), np.linspace(1, -1, info.block_size, dtype=np.float32)):
+        pairs = np.empty((len(blocks), 2, info.block_size), np.float32)  # (n_blocks, context + block)
+        pairs[:, 0], pairs[:, 1] = context, blocks
+        out = np.full((len(blocks), 2 * info.type_size), 0xA5, np.uint8)
+        quantize(pairs.reshape(len(blocks), -1), info.name, out=out)
+        defined &= plain == out[:, info.type_size:].reshape(plain.shape)
+    return defined
+
+
+@dataclass
+class BytesRow:
+    type: str
+    path: str          # "ref", "cpu" (quantize) or "to_float"
+    blocks: int = 0
+    differ: int = 0
+    first: str = ""    # the first differing block, as "case row/block"
+
+
+def check_bytes(lib, cases: dict) -> list:
+    import kvlab
+    rows = []
+    for name, info in TYPES.items():
+        per_path = {p: BytesRow(name, p) for p in ("ref", "cpu", "to_float")}
+        for case, x in cases.items():
+            for path, quantize in (("ref", lib.quantize_ref), ("cpu", lib.quantize_cpu)):
+                want = quantize(x, name)
+                got = np.asarray(kvlab.quantize(x, name, flavor=path).raw)
+                bad = ((got != want) & _defined(quantize, x, info, want)).reshape(len(x), -1, info.type_size)
+                _count(per_path[path], bad.any(axis=2), case)
+                if path == "ref":
+                    deq_want = lib.dequantize(want, name, x.shape[1]).view(np.uint32)
+                    deq_got = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, x.shape)))
+                    bad = (deq_got.view(np.uint32) != deq_want).reshape(len(x), -1, info.block_size)
+                    _count(per_path["to_float"], bad.any(axis=2), case)
+        rows.extend(per_path.values())
+    return rows
+
+
+def _count(row: BytesRow, differs, case: str) -> None:
+    row.blocks += differs.size
+    row.differ += int(differs.sum())
+    if differs.any() and not row.first:
+        r, b = np.unravel_index(int(np.argmax(differs)), differs.shape)
+        row.first = f"{case} row {r} block {b}"
+
+
+# ----------------------------------------------------------------------------------- split states
+
+@dataclass(frozen=True)
+class Config:
+    layout: str
+    n_devices: int
+    batch: str
+    rotation: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.layout}/{self.n_devices}dev/{self.batch}/rot-{'on' if self.rotation else 'off'}"
+
+
+@dataclass
+class ConfigResult:
+    config: Config
+    era: str
+    compared: int = 0                          # nodes whose states both sides give
+    differences: list = field(default_factory=list)
+    ggml_stop: str = ""                        # "node: message" where the library aborted
+    kvlab_stop: str = ""                       # "node: rule" where kvlab's model raises SplitError
+
+    @property
+    def agrees(self) -> bool:
+        return not self.differences
+
+
+def matrix() -> list:
+    return [Config(layout, n, batch, rot) for layout in LAYOUTS for n in DEVICE_COUNTS
+            for batch in BATCHES for rot in (True, False)]
+
+
+def _model_block(cfg: Config, era: str):
+    from .split import BlockConfig, build_attention_block
+    hd, h, hkv = LAYOUTS[cfg.layout]
+    return build_attention_block(BlockConfig(
+        head_dim=hd, n_head=h, n_head_kv=hkv, n_devices=cfg.n_devices, type_k=CACHE_TYPES[0],
+        type_v=CACHE_TYPES[1], n_tokens=BATCHES[cfg.batch], rotation=cfg.rotation, era=era, guard=False,
+        n_embd=N_EMBD))
+
+
+def _spec(block):
+    from .ggml_meta import BlockSpec
+    c = block.config
+    static = {t.name: [int(s.axis), [list(seg) for seg in s.ne], list(s.nr)]
+              for t in block.graph.order if (s := block.static_states.get(id(t))) is not None}
+    return BlockSpec(head_dim=c.head_dim, n_head=c.n_head, n_head_kv=c.n_head_kv, n_tokens=c.n_tokens,
+                     cells=c.cells, width=c.width, type_k=TYPES[c.type_k].ggml_type,
+                     type_v=TYPES[c.type_v].ggml_type, rot_k=c.plan.k or 0, rot_v=c.plan.v or 0,
+                     rotation_4d=block.era.rotation_4d, n_devices=c.n_devices, static_states=static)
+
+
+def _first_missing(names, states) -> str:
+    return next((n for n in names if n not in states), "")
+
+
+def compare(cfg: Config, era: str, block, meta) -> ConfigResult:
+    """kvlab's trace of the block against what the real meta backend inferred for it."""
+    from .split import trace
+    res = ConfigResult(cfg, era)
+    tr = trace(block.graph, block.era, cfg.n_devices, block.static_states)
+    if meta.error:
+        res.differences.append(f"ggml run failed: {meta.error}")
+        return res
+    model_graph = [[t.name, t.op, list(t.ne)] for t in block.graph.order]
+    if meta.graph != model_graph:
+        ours = {n[0]: n for n in model_graph}
+        for node in meta.graph:
+            if ours.get(node[0]) != node:
+                res.differences.append(f"graph: ggml built {node}, kvlab {ours.get(node[0])}")
+    model = {n.tensor.name: (n.state.axis.label, tuple(n.state.ne[0]), n.state.nr[0]) for n in tr.nodes}
+    for name, op, _ in model_graph:
+        if name in model and name in meta.states:
+            res.compared += 1
+            if model[name] != meta.states[name]:
+                res.differences.append(f"{name} [{op}]: ggml {_show(meta.states[name])}, "
+                                       f"kvlab {_show(model[name])}")
+    names = [n[0] for n in model_graph]
+    ggml_stop = _first_missing(names, meta.states) if meta.abort else ""
+    kvlab_stop = tr.error.node if tr.error else ""
+    res.ggml_stop = f"{ggml_stop}: {meta.abort}" if meta.abort else ""
+    res.kvlab_stop = f"{kvlab_stop}: {tr.error.rule}" if tr.error else ""
+    if ggml_stop != kvlab_stop:
+        res.differences.append(f"stops: ggml {'at ' + res.ggml_stop if ggml_stop else 'runs through'}; "
+                               f"kvlab {'at ' + res.kvlab_stop if kvlab_stop else 'runs through'}")
+    elif not meta.abort:
+        missing = [n for n in names if (n in model) != (n in meta.states)]
+        res.differences += [f"{n}: state on one side only" for n in missing]
+    return res
+
+
+def _show(state) -> str:
+    axis, ne, nr = state
+    return f"{axis} {{{', '.join(f'{n}x{nr}' for n in ne)}}}"
+
+
+def check_split(lib_dir, era: str | None, configs=None, workers: int | None = None):
+    """(layout, results): every configuration through the library, compared with kvlab's model."""
+    from .ggml_meta import infer_split_states
+    configs = configs or matrix()
+    layout = _probe_layout(lib_dir)
+    era = era or ("pr23792" if layout == "nr" else "flatten")
+    blocks = [_model_block(c, era) for c in configs]
+
+    def run(block):
+        return infer_split_states(_spec(block), lib_dir)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
+        metas = list(pool.map(run, blocks))
+    return layout, era, [compare(c, era, b, m) for c, b, m in zip(configs, blocks, metas)]
+
+
+def _probe_layout(lib_dir) -> str:
+    from .ggml_meta import BlockSpec, infer_split_states
+    meta = infer_split_states(BlockSpec(64, 1, 1, 1, 256, 64, 1, 1, n_devices=1), lib_dir)
+    if not meta.layout:
+        raise RuntimeError(f"could not probe the split-state layout of {lib_dir}: {meta.error or meta.abort}")
+    return meta.layout
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check-ggml", help="hold a real libggml against kvlab: bytes and split states")
+    p.add_argument("--lib", help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
+    p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
+                   help="kvlab's rule set to compare with (default: from the library's split-state layout)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args) -> int:
+    from . import ggml
+    from .ggml_meta import lib_dir_of
+    t0 = time.perf_counter()
+    try:
+        lib_dir = lib_dir_of(args.lib) if args.lib else ggml._default_lib_dir()
+        lib = ggml.load(lib_dir)
+    except (OSError, RuntimeError, FileNotFoundError) as e:
+        print(f"kvlab check-ggml: {e}", file=sys.stderr)
+        return 2
+    cases = input_cases()
+    byte_rows = check_bytes(lib, cases)
+    layout, era, results = check_split(lib_dir, args.era)
+    report = {
+        "library": str(lib_dir), "version": lib.version, "split_state_layout": layout, "era": era,
+        "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
+        "split": [{"config": r.config.id, "compared": r.compared, "agrees": r.agrees,
+                   "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop}
+                  for r in results],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results)
+    report["ok"] = different == 0
+    print(json.dumps(report, indent=1) if args.format == "json" else _text(report))
+    return 0 if different == 0 else 1
+
+
+def _text(rep: dict) -> str:
+    nr = "with nr (PR #23792)" if rep["split_state_layout"] == "nr" else "without nr (pre-#23792)"
+    out = [f"ggml {rep['version']} in {rep['library']}",
+           f"split-state struct: {nr}; compared with kvlab era {rep['era']!r}", "",
+           f"bytes ({rep['input_cases']} input cases)", f"  {'type':<8}{'path':<10}{'blocks':>8}{'differ':>8}"]
+    for r in rep["bytes"]:
+        out.append(f"  {r['type']:<8}{r['path']:<10}{r['blocks']:>8}{r['differ']:>8}  {r['first']}")
+    split = rep["split"]
+    agree = sum(r["agrees"] for r in split)
+    out += ["", f"split states: {agree} of {len(split)} configurations agree "
+                f"({sum(r['compared'] for r in split)} node states compared)",
+            f"  {'configuration':<28}{'nodes':>6}  {'result':<8} stops (ggml | kvlab)"]
+    for r in split:
+        stops = f"{r['ggml_stop'] or '-'} | {r['kvlab_stop'] or '-'}" if r["ggml_stop"] or r["kvlab_stop"] else ""
+        out.append(f"  {r['config']:<28}{r['compared']:>6}  {'agree' if r['agrees'] else 'DIFFER':<8} {stops}")
+        out += [f"      {d}" for d in r["differences"]]
+    bad_bytes = sum(r["differ"] > 0 for r in rep["bytes"])
+    out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
+                f"{len(split) - agree} configurations differ ({rep['seconds']} s)"]
+    return "\n".join(out)
