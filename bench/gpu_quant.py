@@ -33,11 +33,16 @@ def timed(fn, reps=20):
     return float(np.median(times))
 
 
+def half_bytes(v):
+    """(n_blocks, 1) float32 -> (n_blocks, 2) uint8 of the halves (1-D first: inductor cannot bitcast strided)."""
+    return v.reshape(-1).half().view(torch.uint8).reshape(-1, 2)
+
+
 def torch_q8_0(x):
     xb = x.view(-1, 32)                                             # (n_blocks, 32)
     d = xb.abs().amax(1, keepdim=True) / 127
     q = torch.round(xb * torch.where(d > 0, 1 / d, 0)).to(torch.int8)
-    return torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], 1)
+    return torch.cat([half_bytes(d), q.view(torch.uint8)], 1)
 
 
 def torch_q4_0(x):
@@ -45,7 +50,7 @@ def torch_q4_0(x):
     idx = xb.abs().argmax(1, keepdim=True)
     d = xb.gather(1, idx) / -8
     q = torch.clamp((xb * torch.where(d != 0, 1 / d, 0) + 8.5).to(torch.int8), max=15).to(torch.uint8)
-    return torch.cat([d.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
+    return torch.cat([half_bytes(d), q[:, :16] | (q[:, 16:] << 4)], 1)
 
 
 def torch_q4_1(x):
@@ -53,7 +58,7 @@ def torch_q4_1(x):
     lo, hi = xb.amin(1, keepdim=True), xb.amax(1, keepdim=True)
     d = (hi - lo) / 15
     q = torch.clamp(((xb - lo) * torch.where(d != 0, 1 / d, 0) + 0.5).to(torch.int8), max=15).to(torch.uint8)
-    return torch.cat([d.half().view(torch.uint8), lo.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
+    return torch.cat([half_bytes(d), half_bytes(lo), q[:, :16] | (q[:, 16:] << 4)], 1)
 
 
 TORCH_PEERS = {"q8_0": torch_q8_0, "q4_0": torch_q4_0, "q4_1": torch_q4_1}

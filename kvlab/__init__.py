@@ -11,10 +11,15 @@ transformers load where they are used, and CUDA only when a GPU array is passed.
 from .types import FLAVORS, TYPES, TypeInfo
 from .quant import QTensor, dequantize, empty_cache, quantize, set_rows
 from .rotation import RotationPlan, hadamard, rotate, rotation_plan
+from .attention import BACKENDS, attention_error
+from .synthetic import SyntheticConfig, synthetic_kv
+from .sweep import KVSample, SweepConfig, run_sweep, save_table
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FLAVORS", "TYPES", "TypeInfo", "QTensor", "quantize", "dequantize", "set_rows", "empty_cache",
     "hadamard", "rotate", "rotation_plan", "RotationPlan",
+    "attention_error", "BACKENDS", "synthetic_kv", "SyntheticConfig", "run_sweep", "SweepConfig", "KVSample",
+    "save_table",
 ]

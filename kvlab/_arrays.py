@@ -47,3 +47,31 @@ def like(out: np.ndarray, template):
 def _torch_dtype(dtype):
     import torch
     return {np.float32: torch.float32, np.uint8: torch.uint8, np.float64: torch.float64}[np.dtype(dtype).type]
+
+
+def cuda_rows(x, dtype, what: str):
+    """A GPU array as a C-contiguous (rows, last_dim) device view (torch tensor or numba array)."""
+    if is_torch(x):
+        import torch
+        want = {np.float32: torch.float32, np.uint8: torch.uint8}[np.dtype(dtype).type]
+        if x.dtype != want:
+            raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {x.dtype}")
+        x = x.detach().contiguous()
+        return x.view(-1, x.shape[-1]) if x.dim() else x.view(1, 1)
+    from numba import cuda
+    d = cuda.as_cuda_array(x)
+    if d.dtype != np.dtype(dtype):
+        raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {d.dtype}")
+    if not d.is_c_contiguous():
+        raise ValueError(f"{what}: a GPU array must be C-contiguous here")
+    return d.reshape(-1, d.shape[-1])
+
+
+def cuda_empty(shape, dtype, template):
+    """An uninitialised GPU array of the template's kind (torch tensor on its device, else numba)."""
+    if is_torch(template):
+        import torch
+        want = {np.float32: torch.float32, np.uint8: torch.uint8}[np.dtype(dtype).type]
+        return torch.empty(shape, dtype=want, device=template.device)
+    from numba import cuda
+    return cuda.device_array(shape, dtype=dtype)

@@ -262,6 +262,12 @@ def register(subparsers) -> None:
     p.set_defaults(run=run_check)
 
 
+def known_drift(version: str, era: str):
+    """(explanation, configuration ids) of the known drift of a ggml version from kvlab's era pr23792."""
+    why, ids = EXPECTED_DRIFT.get(version.split()[0], ("", frozenset()))
+    return (why, ids) if era == "pr23792" else ("", frozenset())
+
+
 def run_check(args) -> int:
     from . import ggml
     from .ggml_meta import lib_dir_of
@@ -275,11 +281,13 @@ def run_check(args) -> int:
     cases = input_cases()
     byte_rows = check_bytes(lib, cases)
     layout, era, results = check_split(lib_dir, args.era)
+    why, drift = known_drift(lib.version, era)
     report = {
         "library": str(lib_dir), "version": lib.version, "split_state_layout": layout, "era": era,
         "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
         "split": [{"config": r.config.id, "compared": r.compared, "agrees": r.agrees,
-                   "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop}
+                   "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop,
+                   "known_drift": why if not r.agrees and r.config.id in drift else ""}
                   for r in results],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -295,17 +303,22 @@ def _text(rep: dict) -> str:
            f"split-state struct: {nr}; compared with kvlab era {rep['era']!r}", "",
            f"bytes ({rep['input_cases']} input cases)", f"  {'type':<8}{'path':<10}{'blocks':>8}{'differ':>8}"]
     for r in rep["bytes"]:
-        out.append(f"  {r['type']:<8}{r['path']:<10}{r['blocks']:>8}{r['differ']:>8}  {r['first']}")
+        out.append(f"  {r['type']:<8}{r['path']:<10}{r['blocks']:>8}{r['differ']:>8}  {r['first']}".rstrip())
     split = rep["split"]
     agree = sum(r["agrees"] for r in split)
     out += ["", f"split states: {agree} of {len(split)} configurations agree "
                 f"({sum(r['compared'] for r in split)} node states compared)",
-            f"  {'configuration':<28}{'nodes':>6}  {'result':<8} stops (ggml | kvlab)"]
+            f"  {'configuration':<30}{'nodes':>6}  {'result':<8} stops (ggml | kvlab)"]
     for r in split:
         stops = f"{r['ggml_stop'] or '-'} | {r['kvlab_stop'] or '-'}" if r["ggml_stop"] or r["kvlab_stop"] else ""
-        out.append(f"  {r['config']:<28}{r['compared']:>6}  {'agree' if r['agrees'] else 'DIFFER':<8} {stops}")
+        result = "agree" if r["agrees"] else "drift" if r["known_drift"] else "DIFFER"
+        out.append(f"  {r['config']:<30}{r['compared']:>6}  {result:<8} {stops}".rstrip())
         out += [f"      {d}" for d in r["differences"]]
     bad_bytes = sum(r["differ"] > 0 for r in rep["bytes"])
+    drifted = [r for r in split if r["known_drift"]]
+    if drifted:
+        out += ["", f"known version drift ({len(drifted)} configurations): {drifted[0]['known_drift']}"]
     out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
-                f"{len(split) - agree} configurations differ ({rep['seconds']} s)"]
+                f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift "
+                f"({rep['seconds']} s)"]
     return "\n".join(out)

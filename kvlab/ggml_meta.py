@@ -149,6 +149,11 @@ class _TensorHead(ctypes.Structure):      # the first fields of struct ggml_tens
                 ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
 
 
+class _RawTensor(ctypes.Structure):       # struct ggml_tensor up to src (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10)
+    _fields_ = [*_TensorHead._fields_, ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10)]
+
+
 def _state_struct(with_nr: bool):
     """struct ggml_backend_meta_split_state, 0.3.36 (with nr) or 0.3.24 (without)."""
     fields = [("axis", ctypes.c_int), ("ne", ctypes.c_int64 * (16 * MAX_DEVICES))]
@@ -405,11 +410,6 @@ class _BlockBuilder:
         for t in outputs:
             visit(t)
         return order
-
-
-class _RawTensor(ctypes.Structure):       # struct ggml_tensor up to src (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10)
-    _fields_ = [*_TensorHead._fields_, ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10)]
 
 
 def _child_main(lib_dir: str, spec_json: str) -> None:

@@ -9,7 +9,7 @@ import importlib
 
 import numpy as np
 
-from ._arrays import is_cuda, is_torch, like, to_numpy
+from ._arrays import cuda_empty, cuda_rows, is_cuda, is_torch, like, to_numpy
 from .kernels.blocks import rcp_approx_table
 from .types import TYPES, flavor_code, type_info
 
@@ -90,7 +90,11 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     _check_row_len(shape, info)
     if is_cuda(x):
         from .kernels import cuda as gpu
-        return QTensor(gpu.quantize(x, type, code), type, shape, flavor)
+        raw = cuda_empty(shape[:-1] + (info.row_bytes(shape[-1]),), np.uint8, x)
+        if raw.size:
+            gpu.quantize(cuda_rows(x, np.float32, f"quantize(x, {type!r})"),   # (n_rows, row_len)
+                         cuda_rows(raw, np.uint8, "raw"), type, code)          # (n_rows, row_bytes)
+        return QTensor(raw, type, shape, flavor)
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
     raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
     if xs.size:
@@ -116,7 +120,11 @@ def dequantize(q: QTensor):
     info = q.info
     if q.is_cuda:
         from .kernels import cuda as gpu
-        return gpu.dequantize(q.raw, q.type, q.shape)
+        out = cuda_empty(q.shape, np.float32, q.raw)
+        if out.size:
+            gpu.dequantize(cuda_rows(q.raw, np.uint8, "dequantize(q.raw)"),    # (n_rows, row_bytes)
+                           cuda_rows(out, np.float32, "out"), q.type)          # (n_rows, row_len)
+        return out
     raw = to_numpy(q.raw, np.uint8, "dequantize(q.raw)")
     out = np.empty(q.shape, dtype=np.float32)
     n_blocks = out.size // info.block_size
@@ -153,10 +161,19 @@ def set_rows(cache: QTensor, row_ids, values) -> QTensor:
                          f"shape {cache.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
         raise ValueError(f"set_rows: row ids must lie in [0, {n_rows}), got [{ids.min()}, {ids.max()}]")
-    q = quantize(values, cache.type, cache.flavor)
     if cache.is_cuda:
-        import torch
-        cache.raw[..., torch.as_tensor(ids, device=cache.raw.device), :] = q.raw
-    else:
-        to_numpy(cache.raw, np.uint8, "set_rows(cache.raw)")[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")
+        if cache.raw.ndim != 2:
+            raise ValueError("set_rows: a GPU cache must be 2-D (n_rows, row_bytes), as llama.cpp's per-layer cache")
+        from .kernels import cuda as gpu
+        if is_torch(cache.raw):
+            import torch
+            dev_ids = torch.as_tensor(ids.astype(np.int64), device=cache.raw.device)
+        else:
+            from numba import cuda
+            dev_ids = cuda.to_device(ids.astype(np.int64))
+        gpu.set_rows(cache.raw, dev_ids, cuda_rows(values, np.float32, "set_rows(values)"),
+                     cache.type, flavor_code(cache.flavor))
+        return cache
+    q = quantize(values, cache.type, cache.flavor)
+    to_numpy(cache.raw, np.uint8, "set_rows(cache.raw)")[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")
     return cache
