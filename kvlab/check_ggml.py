@@ -273,7 +273,7 @@ def run_check(args) -> int:
     from .ggml_meta import lib_dir_of
     t0 = time.perf_counter()
     try:
-        lib_dir = lib_dir_of(args.lib) if args.lib else ggml._default_lib_dir()
+        lib_dir = lib_dir_of(args.lib) if args.lib else ggml.default_lib_dir()
         lib = ggml.load(lib_dir)
     except (OSError, RuntimeError, FileNotFoundError) as e:
         print(f"kvlab check-ggml: {e}", file=sys.stderr)

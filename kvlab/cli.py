@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "kvlab.sweep",      # sweep
     "kvlab.split.cli",  # trace, compat
     "kvlab.evaluate",   # eval
+    "kvlab.check_ggml", # check-ggml
 )
 
 

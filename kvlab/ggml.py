@@ -48,7 +48,7 @@ class _TypeTraitsCpu(ctypes.Structure):     # struct ggml_type_traits_cpu (ggml-
     ]
 
 
-def _default_lib_dir() -> Path:
+def default_lib_dir() -> Path:
     env = os.environ.get("KVLAB_GGML_LIB")
     if env:
         return Path(env)
@@ -64,7 +64,7 @@ class GGML:
     """libggml-base + libggml-cpu loaded from one directory; quantize/dequantize whole arrays."""
 
     def __init__(self, lib_dir=None):
-        self.lib_dir = Path(lib_dir) if lib_dir is not None else _default_lib_dir()
+        self.lib_dir = Path(lib_dir) if lib_dir is not None else default_lib_dir()
         # RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols against this copy.
         self.base = ctypes.CDLL(str(self.lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
         self.cpu = ctypes.CDLL(str(self.lib_dir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
@@ -159,7 +159,7 @@ _loaded: dict = {}
 
 def load(lib_dir=None) -> GGML:
     """The library in lib_dir (default: KVLAB_GGML_LIB, then ggml-python's), loaded once per directory."""
-    key = str(lib_dir if lib_dir is not None else _default_lib_dir())
+    key = str(lib_dir if lib_dir is not None else default_lib_dir())
     if key not in _loaded:
         _loaded[key] = GGML(key)
     return _loaded[key]

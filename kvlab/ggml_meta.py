@@ -15,7 +15,7 @@ Inference only: nothing is computed (executing set_rows through a bare gallocr o
 crashes; llama.cpp drives it through ggml_backend_sched).
 
 A failed GGML_ASSERT/GGML_ABORT kills the process, so every configuration runs in a child process
-(`infer_split_states`): `python kvlab/ggml_meta.py SPEC_JSON`, which imports only the standard library.
+(`infer_split_states`): `python kvlab/ggml_meta.py LIB_DIR SPEC_JSON`, standard library only.
 The child prints the graph it built, the struct layout it found and every SPLIT_STATE line as it comes
 (unbuffered), so an abort loses nothing; the abort message comes from stderr (GGML_NO_BACKTRACE=1).
 
@@ -44,7 +44,6 @@ from pathlib import Path
 # ggml enum values used by the block (ggml.h; stable across the versions kvlab reads)
 GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32, GGML_TYPE_I64 = 0, 1, 26, 27
 AXIS_MIRRORED = 10
-AXIS_NAMES = {"0": 0, "1": 1, "2": 2, "3": 3, "MIRRORED": 10, "PARTIAL": 11}
 MAX_DEVICES = 16
 
 _LINE = re.compile(r"SPLIT_STATE: \{.*\} -> (?P<name>.*)\[(?P<op>[A-Z0-9_]+), (?P<axis>\w+), \{(?P<ne>[^}]*)\}\]\s*$")
