@@ -226,3 +226,204 @@ def rotation_explorer(head_dim: int = 128, n_tokens: int = 256, seed: int = 0):
                 "n_outliers": _slider(4, 0, 8, 1, "outlier channels", integer=True),
                 "size": _dropdown(sizes, sizes[-1], "rotation size")}
     return _explorer(controls, render, "K with outlier channels, rotated before it is quantized")
+
+
+# ---------------------------------------------------------------- 03: split axis flow
+
+# (head_dim, n_head, n_head_kv) of some real models
+HEAD_CONFIGS = {
+    "Llama-3-8B: 128 x 32 q / 8 kv": (128, 32, 8),
+    "Qwen2.5-0.5B: 64 x 14 q / 2 kv": (64, 14, 2),
+    "Gemma-2-2B: 256 x 8 q / 4 kv": (256, 8, 4),
+    "Phi-2: 80 x 32 q / 32 kv": (80, 32, 32),
+}
+AXIS_COLORS = {"0": "#1f77b4", "1": "#2ca02c", "2": "#9467bd", "3": "#8c564b", "MIRRORED": "#7f7f7f",
+               "PARTIAL": "#ff7f0e"}
+FAILED_COLOR, NOT_REACHED_COLOR = "#d62728", "#dddddd"
+
+
+def graph_layout(order) -> dict:
+    """id(tensor) -> (x, y) for drawing a graph left to right.
+
+    x is an op's depth (a read of a cache counts as depending on the SET_ROWS that wrote it); an op
+    continues the lane of one of its sources where it can; a leaf (weight, cache, input) sits just
+    before its first consumer, below that consumer's lane.
+    """
+    ops = [t for t in order if t.op != "NONE"]
+    pos, taken, leaves_of, writer = {}, set(), {}, {}
+    for t in ops:
+        deps = [pos[id(s)] for s in t.src if s is not None and id(s) in pos]
+        deps += [writer[id(s)] for s in t.src if s is not None and id(s) in writer and t.op != "SET_ROWS"]
+        x = 1 + max((d[0] for d in deps), default=0)
+        lanes = [d[1] for d in deps]
+        y = next((lane for lane in lanes if (x, lane) not in taken), None)
+        if y is None:
+            y = next(lane for lane in range(min(lanes, default=0), 10 ** 6) if (x, lane) not in taken)
+        pos[id(t)] = (x, y)
+        taken.add((x, y))
+        if t.op == "SET_ROWS":
+            writer.update((id(s), (x, y)) for s in t.src if s is not None and s.static)
+    for t in order:
+        if t.op != "NONE":
+            continue
+        consumer = next(c for c in ops if any(s is t for s in c.src))
+        k = leaves_of[id(consumer)] = leaves_of.get(id(consumer), 0) + 1
+        x, y = pos[id(consumer)]
+        pos[id(t)] = (x - 0.5, y + 0.3 * k)
+    return pos
+
+
+def split_graph_figure(block, tr):
+    """The attention block as a graph, left to right, each node coloured by its split state.
+
+    The node where a rule fails is red (and larger); nodes the walk never reached are light grey.
+    Hover a node for its op, shape (ggml ne order) and state.
+    """
+    import plotly.graph_objects as go
+    order = block.graph.order
+    pos = graph_layout(order)
+    states = {id(n.tensor): n.state for n in tr.nodes}
+    failed = tr.error.node if tr.error is not None else None
+    edge_x, edge_y = [], []
+    for t in order:
+        for s in t.src:
+            if s is not None and id(s) in pos:
+                (x0, y0), (x1, y1) = pos[id(s)], pos[id(t)]
+                edge_x += [x0, x1, None]
+                edge_y += [y0, y1, None]
+    fig = go.Figure(go.Scatter(x=edge_x, y=edge_y, mode="lines", line={"color": "#bbbbbb", "width": 1},
+                               hoverinfo="skip", showlegend=False))
+    groups = {}
+    for t in order:
+        if id(t) in states:
+            key = states[id(t)].axis.label
+            text = states[id(t)].describe()
+        elif t.name == failed:
+            key, text = "failed", f"ABORT: {tr.error.rule}"
+        else:
+            key, text = "not reached", "not reached"
+        groups.setdefault(key, []).append((t, text))
+    for key, members in groups.items():
+        color = {"failed": FAILED_COLOR, "not reached": NOT_REACHED_COLOR}.get(key, AXIS_COLORS.get(key))
+        name = f"axis {key}" if key.isdigit() else key
+        fig.add_trace(go.Scatter(
+            x=[pos[id(t)][0] for t, _ in members], y=[pos[id(t)][1] for t, _ in members],
+            name=name, marker={"color": color, "size": 18 if key == "failed" else 11,
+                               "line": {"color": "black", "width": 1}},
+            text=["" if t.op == "NONE" else t.op.lower() for t, _ in members], textposition="top center",
+            textfont={"size": 8}, mode="markers+text",
+            hovertext=[f"{t.name}<br>{t.op} ne={list(t.ne)}<br>{text}" for t, text in members],
+            hoverinfo="text"))
+    status = "runs" if tr.ok else f"aborts at {failed!r}"
+    cfg = block.config
+    fig.update_layout(title=f"{cfg.era}: K {cfg.type_k} / V {cfg.type_v} on {cfg.n_devices} devices: {status}",
+                      xaxis={"visible": False}, yaxis={"visible": False, "autorange": "reversed"}, height=420, margin={"t": 50, "b": 10},
+                      plot_bgcolor="white", legend={"title": "split state"})
+    return fig
+
+
+def explain(block, tr) -> str:
+    """Plain text: what llama.cpp would do with this block, and why (init guard, split rule, CUDA FA)."""
+    from .split import cuda_flash_attn
+    cfg = block.config
+    lines = []
+    if block.init_error is not None:
+        lines.append(f"refused at init: {block.init_error}")
+        lines.append(f"  hint: {block.init_error.hint}")
+    if tr.error is not None:
+        lines.append(f"split state abort{' (behind the guard)' if block.init_error else ''}: {tr.error}")
+    elif block.init_error is None:
+        lines.append(f"every node has a split state ({len(tr.nodes)} nodes)")
+    cuda = cuda_flash_attn(cfg.type_k, cfg.type_v, cfg.head_dim, cfg.era)
+    lines.append(f"CUDA flash attention: {cuda.kernel if cuda.runs else 'no kernel'} ({cuda.reason})")
+    return "\n".join(lines)
+
+
+def trace_block(**config):
+    """(block, trace) of llama.cpp's attention block for BlockConfig fields."""
+    from .split import build_attention_block, trace
+    block = build_attention_block(**config)
+    return block, trace(block.graph, block.era, block.config.n_devices, block.static_states)
+
+
+def split_flow_explorer(era: str = "flatten", n_devices: int = 2, type_k: str = "q8_0", type_v: str = "q4_0",
+                        n_tokens: int = 8):
+    """Era, devices, head config, K/V types, batch, rotation and guard: the graph coloured by split state."""
+    import ipywidgets as widgets
+    from IPython.display import HTML, display
+    from html import escape
+    from .split import ERAS
+
+    def render(era, n_devices, heads, type_k, type_v, n_tokens, rotation, guard):
+        head_dim, n_head, n_head_kv = HEAD_CONFIGS[heads]
+        block, tr = trace_block(era=era, n_devices=n_devices, head_dim=head_dim, n_head=n_head,
+                                n_head_kv=n_head_kv, type_k=type_k, type_v=type_v, n_tokens=n_tokens,
+                                rotation=rotation, guard=guard)
+        bad = block.init_error is not None or tr.error is not None
+        display(HTML(f"<pre class='kvlab-explain' style='white-space:pre-wrap;color:{'#a00' if bad else '#060'}'>"
+                     f"{escape(explain(block, tr))}</pre>"))
+        show(split_graph_figure(block, tr))
+
+    controls = {"era": _dropdown(list(ERAS), era, "era"),
+                "n_devices": _dropdown([1, 2, 3, 4, 8], n_devices, "devices"),
+                "heads": _dropdown(list(HEAD_CONFIGS), next(iter(HEAD_CONFIGS)), "model"),
+                "type_k": _dropdown(list(TYPES), type_k, "K"), "type_v": _dropdown(list(TYPES), type_v, "V"),
+                "n_tokens": _dropdown([1, 8, 512], n_tokens, "batch"),
+                "rotation": widgets.Checkbox(value=True, description="rotation", indent=False,
+                                             layout={"width": "auto"}),
+                "guard": widgets.Checkbox(value=False, description="init guard", indent=False,
+                                          layout={"width": "auto"})}
+    box = _explorer(controls, render, "The attention block under --split-mode tensor")
+    box.children[1].layout = {"flex_flow": "row wrap"}
+    return box
+
+
+def era_table(node_names, **config):
+    """Split state of the named nodes in each era (the guard removed): a DataFrame, nodes x eras.
+
+    A cell is the state, "ABORT: <rule>" at the node where the era's rules fail, or "-" after it.
+    """
+    import pandas as pd
+    from .split import ERAS
+    columns = {}
+    for era in ERAS:
+        _, tr = trace_block(era=era, guard=False, **config)
+        states = {n.tensor.name: n.state.describe() for n in tr.nodes}
+        abort = {tr.error.node: f"ABORT: {tr.error.rule}"} if tr.error is not None else {}
+        columns[era] = [states.get(name, abort.get(name, "-")) for name in node_names]
+    return pd.DataFrame(columns, index=pd.Index(node_names, name="node"))
+
+
+OUTCOMES = ("runs", "runs (slow FA)", "no CUDA FA kernel", "split abort", "refused at init")
+OUTCOME_COLORS = ("#2ca02c", "#bcbd22", "#ff7f0e", "#d62728", "#7f7f7f")
+
+
+def compat_frame(**kwargs):
+    """kvlab.split.compat_matrix as a DataFrame (one row per era, K, V, devices, rotation)."""
+    import pandas as pd
+    from .split import compat_matrix
+    return pd.DataFrame([r.to_dict() for r in compat_matrix(**kwargs)])
+
+
+def compat_figure(frame):
+    """One 9x9 grid per era (K rows, V columns), coloured by what happens to the pair."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    eras = list(dict.fromkeys(frame["era"]))
+    types = list(TYPES)
+    fig = make_subplots(1, len(eras), subplot_titles=eras, horizontal_spacing=0.04)
+    n = len(OUTCOMES)
+    scale = [[edge, OUTCOME_COLORS[i]] for i in range(n) for edge in (i / n, (i + 1) / n)]  # one flat band each
+    for col, era in enumerate(eras, start=1):
+        cells = frame[frame["era"] == era].set_index(["type_k", "type_v"])
+        grid = [[OUTCOMES.index(cells.loc[(k, v), "outcome"]) for v in types] for k in types]
+        hover = [[f"K {k} / V {v}: {cells.loc[(k, v), 'outcome']}<br>{cells.loc[(k, v), 'split'] or cells.loc[(k, v), 'cuda']}"
+                  for v in types] for k in types]
+        fig.add_trace(go.Heatmap(z=grid, x=types, y=types, zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+                                 hovertext=hover, hoverinfo="text", showscale=col == len(eras),
+                                 colorbar={"tickvals": list(range(n)), "ticktext": list(OUTCOMES)}),
+                      row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col, showticklabels=col == 1)
+    fig.update_layout(title="K/V pairs under --split-mode tensor (rows K, columns V)", height=380,
+                      margin={"t": 70, "b": 40})
+    return fig
