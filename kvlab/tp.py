@@ -16,9 +16,12 @@ Contractions run one of two ways (TPConfig.exact):
          lie within kvlab.split.sharded's all-reduce bound (world + 2) * 2**-24 * sum_k |wo[m, k] attn[k]|.
   fast   torch matmuls in the weights' dtype (f16 on GPU): what bench/tp_decode.py times.
 
-    torchrun --nproc-per-node N -m kvlab.tp [options]    one process per rank (GPU = local rank)
+    torchrun --nproc-per-node N -m kvlab.tp [options]    one process per rank (GPU = local rank, NCCL)
     python -m kvlab.tp --nproc N [options]                the same, spawned here on a free localhost port
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set before the group starts).
+    python -m kvlab.tp --nproc 2 --device cuda --backend gloo    two ranks sharing one GPU (no NCCL)
+Each check prints one JSON line (cache_equal, heads_mismatch, within_bound, ok, ...); the exit code is 1
+unless every line is ok. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends are set before the
+group starts).
 """
 import argparse
 from dataclasses import dataclass

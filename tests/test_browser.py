@@ -75,6 +75,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
+def server_up(lab: subprocess.Popen, status_url: str) -> bool:
+    if lab.poll() is not None:
+        raise AssertionError(f"jupyter lab exited with {lab.returncode} (see jupyterlab.log in the test's tmp dir)")
+    return urllib.request.urlopen(status_url, timeout=2).status == 200
+
+
 class DevTools:
     """The few Chrome DevTools Protocol calls the test needs, over one page's websocket."""
 
@@ -185,14 +191,14 @@ def test_notebook_03_renders_in_jupyterlab(tmp_path):
     lab = start([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                  f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                  f"--ServerApp.root_dir={work}", "--expose-app-in-browser", "--LabApp.news_url=None",
-                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                 "--LabApp.extension_manager=readonly", "--allow-root"],
                 tmp_path / "jupyterlab.log", env)
     browser = None
     tools = None
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline.wait_for("the JupyterLab server", lambda: urllib.request.urlopen(
-            f"{base}/api/status?token={token}", timeout=2).status == 200)
+        deadline.wait_for("the JupyterLab server", lambda: server_up(lab, f"{base}/api/status?token={token}"))
         browser = start([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                          "--disable-extensions", "--remote-debugging-port=0", f"--user-data-dir={tmp_path / 'profile'}",
                          "--window-size=1400,1000", "about:blank"], tmp_path / "chromium.log")
