@@ -1,12 +1,18 @@
-"""The large on-GPU byte-equality run (needs a CUDA GPU; prints JSON lines).
+"""The large on-GPU byte-equality run (needs a CUDA GPU and torch; prints JSON lines).
 
-For every type x flavor: kvlab.kernels.cuda.quantize on N blocks of tools/cuda_golden/large_inputs.py
-against the CPU kernels (kvlab.kernels.<type>), and the cuda flavor also against ggml-cuda itself
-(tools/cuda_golden/harness.cu, built here with nvcc when .vendor_cuda/ holds the ggml headers).
-Dequantize is checked against the CPU kernels, the fused rotate+quantize against rotate_rows + quantize.
+Inputs: tools/cuda_golden/large_inputs.py (n_blocks of 32 values, 8 adversarial kinds interleaved),
+as rows of 4096. Every count is of 32-value blocks (of single values for f32/f16/bf16) whose bytes
+differ, outputs poisoned before each GPU run so an unwritten byte shows:
+  quantize      GPU kernels vs the CPU kernels (kvlab.quantize on numpy), 9 types x 3 flavors;
+                the cuda flavor, GPU and CPU, vs ggml-cuda itself: tools/cuda_golden/harness.cu built
+                here by nvcc when .vendor_cuda/ holds ggml's sources (all n_blocks), and the bytes
+                saved in .cuda_large/large_{a,b,c}.npz (their first 2^18 blocks, same inputs)
+  dequantize    GPU vs CPU kernels (float32 bits)
+  set_rows      rows to shuffled cache rows, GPU vs the CPU quantize of the same rows
+  rotate_quantize / dequantize_unrotate / rotate    vs kernels/hadamard.py's rotate_rows + CPU kernels
+  unaligned     arrays off 16-byte alignment and rows of 4k+2 values (the slow paths)
     python bench/gpu_check.py [n_blocks]      (default 2^20)
 """
-import importlib
 import json
 import os
 import subprocess
@@ -15,20 +21,35 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "cuda_golden"))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "tools", "cuda_golden"))
 from large_inputs import large_inputs  # noqa: E402
 
+import kvlab  # noqa: E402
 import kvlab.kernels.cuda as kc  # noqa: E402
 from kvlab.kernels import hadamard  # noqa: E402
 from kvlab.rotation import hadamard_scale  # noqa: E402
 from kvlab.types import TYPES  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+FLAVORS = ("ref", "cpu", "cuda")
+COLS = 4096
+POISON = 0xAB
 
 
-def ggml_cuda_bytes(x):
-    """Run ggml-cuda's own quantizers (the harness) on x; None when nvcc or the headers are missing."""
+def emit(**rec):
+    print(json.dumps(rec), flush=True)
+
+
+def blocks_differ(got, want, info):
+    """Blocks (values for f32/f16/bf16) whose bytes differ; got/want uint8 of the same size."""
+    width = info.type_size
+    return int((np.asarray(got).reshape(-1, width) != np.asarray(want).reshape(-1, width)).any(1).sum())
+
+
+def ggml_cuda_harness(x):
+    """ggml-cuda's own quantizers (tools/cuda_golden/harness.cu) on x; None without nvcc or sources."""
     g = os.path.join(ROOT, ".vendor_cuda", "ggml")
     if not os.path.isdir(g):
         return None
@@ -42,48 +63,137 @@ def ggml_cuda_bytes(x):
     return {t: np.fromfile(os.path.join(work, f"{t}.bin"), np.uint8) for t in TYPES}
 
 
-def main(n_blocks):
-    from numba import cuda
-    x = large_inputs(n_blocks)                                      # (n_blocks, 32)
-    rows = x.reshape(-1, 4096)                                      # (n_blocks / 128, 4096): ggml rows
-    ggml = ggml_cuda_bytes(x)
-    xd = cuda.to_device(rows)
+def saved_ggml_cuda():
+    """The bytes ggml-cuda wrote for large_inputs(2^18), from .cuda_large/ (where carried)."""
+    out = {}
+    for part in "abc":
+        path = os.path.join(ROOT, ".cuda_large", f"large_{part}.npz")
+        if os.path.exists(path):
+            with np.load(path) as z:
+                out.update({k: z[k] for k in z.files})
+    return out
+
+
+def gpu(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def poisoned(shape, dtype=torch.uint8, offset=0):
+    """A GPU array filled with POISON bytes (NaN floats), starting `offset` elements into its buffer."""
+    fill = POISON if dtype == torch.uint8 else float("nan")
+    buf = torch.full((int(np.prod(shape)) + offset,), fill, dtype=dtype, device="cuda")
+    return buf[offset:].view(shape)
+
+
+def cpu_quantize(rows, name, flavor):
+    return np.asarray(kvlab.quantize(rows, name, flavor).raw)
+
+
+def check_quantize(rows, xg, ggml, saved):
+    n_saved = 0
     for name, info in TYPES.items():
-        cpu = importlib.import_module(f"kvlab.kernels.{name}")
-        xin = x if info.is_quantized else rows
-        for flavor, fname in enumerate(("ref", "cpu", "cuda")):
-            out = cuda.device_array((rows.shape[0], info.row_bytes(4096)), np.uint8)
-            kc.quantize(xd, out, name, flavor)
-            got = out.copy_to_host().reshape(-1, info.type_size)
-            want = np.zeros((xin.shape[0], info.type_size if info.is_quantized else info.row_bytes(4096)), np.uint8)
-            getattr(cpu, f"quantize_row_{name}")(xin, want, flavor)
-            want = want.reshape(-1, info.type_size)
-            rec = {"check": "quantize", "type": name, "flavor": fname, "blocks": int(got.shape[0]),
-                   "differ_from_cpu_kernel": int((got != want).any(1).sum())}
-            if flavor == 2 and ggml is not None:
-                rec["differ_from_ggml_cuda"] = int((got != ggml[name].reshape(-1, info.type_size)).any(1).sum())
-            print(json.dumps(rec), flush=True)
-        deq = cuda.device_array(rows.shape, np.float32)
-        kc.dequantize(out, deq, name)
-        want = np.zeros(xin.shape, np.float32)
-        getattr(cpu, f"dequantize_row_{name}")(out.copy_to_host().reshape(xin.shape[0], -1), want)
-        print(json.dumps({"check": "dequantize", "type": name, "values": int(want.size),
-                          "differ_from_cpu_kernel": int((deq.copy_to_host().reshape(-1).view(np.uint32)
-                                                         != want.reshape(-1).view(np.uint32)).sum())}), flush=True)
-        if info.is_quantized:
-            for n in (64, 128, 256):
-                rot = np.zeros((x.size // n, n), np.float32)
-                hadamard.rotate_rows(x.reshape(-1, n), rot, hadamard_scale(n))   # (chunks, n)
-                want = np.zeros((n_blocks, info.type_size), np.uint8)
-                getattr(cpu, f"quantize_row_{name}")(rot.reshape(-1, 32), want, 0)
-                out = cuda.device_array((rows.shape[0], info.row_bytes(4096)), np.uint8)
-                kc.rotate_quantize(xd, out, name, 0, n, hadamard_scale(n))
-                got = out.copy_to_host().reshape(-1, info.type_size)
-                print(json.dumps({"check": "rotate_quantize", "type": name, "n": n, "flavor": "ref",
-                                  "differ_from_cpu": int((got != want).any(1).sum())}), flush=True)
+        for flavor in FLAVORS:
+            out = poisoned((rows.shape[0], info.row_bytes(COLS)))
+            kc.quantize(xg, out, name, FLAVORS.index(flavor))
+            got = out.cpu().numpy()
+            want = cpu_quantize(rows, name, flavor)
+            rec = {"check": "quantize", "type": name, "flavor": flavor, "blocks": got.size // info.type_size,
+                   "gpu_vs_cpu_kernel": blocks_differ(got, want, info)}
+            if flavor == "cuda":
+                if ggml is not None:
+                    rec["gpu_vs_ggml_cuda"] = blocks_differ(got, ggml[name], info)
+                    rec["cpu_cuda_flavor_vs_ggml_cuda"] = blocks_differ(want, ggml[name], info)
+                if name in saved:
+                    n_saved = saved[name].size
+                    rec["saved_blocks"] = n_saved // info.type_size
+                    rec["gpu_vs_saved_ggml_cuda"] = blocks_differ(got.reshape(-1)[:n_saved], saved[name], info)
+                    rec["cpu_cuda_flavor_vs_saved_ggml_cuda"] = blocks_differ(want.reshape(-1)[:n_saved],
+                                                                             saved[name], info)
+            emit(**rec)
+        back = poisoned(rows.shape, torch.float32)
+        kc.dequantize(gpu(want), back, name)                     # want: the cuda flavor's bytes
+        ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
+        emit(check="dequantize", type=name, values=int(ref.size),
+             gpu_vs_cpu_kernel=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
+
+
+def check_set_rows(rows, xg):
+    rng = np.random.default_rng(1)
+    n = 512
+    ids = rng.permutation(2 * n)[:n]                       # n distinct rows of a 2n-row cache
+    for name in ("q4_1", "iq4_nl", "f16"):
+        info = TYPES[name]
+        cache = torch.zeros((2 * n, info.row_bytes(COLS)), dtype=torch.uint8, device="cuda")
+        kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], name, 2)
+        want = np.zeros((2 * n, info.row_bytes(COLS)), np.uint8)
+        want[ids] = cpu_quantize(rows[:n], name, "cuda")
+        emit(check="set_rows", type=name, flavor="cuda", rows=n, gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
+
+
+def rotated(rows, n):
+    rot = np.zeros((rows.size // n, n), np.float32)
+    hadamard.rotate_rows(rows.reshape(-1, n), rot, hadamard_scale(n))      # (chunks, n)
+    return rot.reshape(rows.shape)
+
+
+def check_rotation(rows, xg):
+    for n in (1, 16, 64, 256, 4096):
+        out = poisoned(rows.shape, torch.float32)
+        kc.rotate(xg, out, n, hadamard_scale(n))
+        emit(check="rotate", n=n, values=int(rows.size),
+             gpu_vs_cpu=int((out.cpu().numpy().view(np.uint32) != rotated(rows, n).view(np.uint32)).sum()))
+    for k, n in enumerate((64, 128, 256, 1024)):
+        rot = rotated(rows, n)
+        for name, info in TYPES.items():
+            if not info.is_quantized:
+                continue
+            flavor = FLAVORS[(k + len(name)) % 3]
+            out = poisoned((rows.shape[0], info.row_bytes(COLS)))
+            kc.rotate_quantize(xg, out, name, FLAVORS.index(flavor), n, hadamard_scale(n))
+            want = cpu_quantize(rot, name, flavor)
+            emit(check="rotate_quantize", type=name, n=n, flavor=flavor, gpu_vs_cpu=blocks_differ(out.cpu(), want, info))
+            if n == 128:
+                back = poisoned(rows.shape, torch.float32)
+                kc.dequantize_unrotate(gpu(want), back, name, n, hadamard_scale(n))
+                deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
+                emit(check="dequantize_unrotate", type=name, n=n, gpu_vs_cpu=int(
+                    (back.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
+
+
+def check_unaligned(rows):
+    """x one float and out a few bytes off 16-byte alignment; rows of 4094 values (no quad path)."""
+    for cols in (COLS, COLS - 2):
+        x = np.ascontiguousarray(rows[:64, :cols])
+        for name, info in TYPES.items():
+            if cols % info.block_size:
+                continue
+            xg = poisoned(x.shape, torch.float32, offset=1)
+            xg.copy_(gpu(x))
+            # per-value types need their values aligned (4 / 2 bytes); block bytes may start anywhere
+            out = poisoned((x.shape[0], info.row_bytes(cols)), offset=2 if info.is_quantized else 4)
+            kc.quantize(xg, out, name, 2)
+            want = cpu_quantize(x, name, "cuda")
+            back = poisoned(x.shape, torch.float32, offset=1)
+            kc.dequantize(out, back, name)
+            ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, x.shape)))
+            emit(check="unaligned", type=name, cols=cols, quantize_gpu_vs_cpu=blocks_differ(out.cpu(), want, info),
+                 dequantize_gpu_vs_cpu=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
+
+
+def main(n_blocks):
+    x = large_inputs(n_blocks)                                      # (n_blocks, 32)
+    rows = x.reshape(-1, COLS)                                      # (n_blocks / 128, 4096): ggml rows
+    t0 = time.time()
+    ggml = ggml_cuda_harness(x)
+    emit(check="ggml_cuda_harness", built=ggml is not None, seconds=round(time.time() - t0, 1))
+    xg = gpu(rows)
+    check_quantize(rows, xg, ggml, saved_ggml_cuda())
+    check_set_rows(rows, xg)
+    check_rotation(rows, xg)
+    check_unaligned(rows)
 
 
 if __name__ == "__main__":
     t0 = time.time()
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 20)
-    print(json.dumps({"check": "done", "seconds": round(time.time() - t0, 1)}))
+    emit(check="done", seconds=round(time.time() - t0, 1))

@@ -1,30 +1,46 @@
-"""GPU quantize / dequantize / fused rotate+quantize throughput (needs a CUDA GPU and torch).
+"""GPU quantize / dequantize / rotate+quantize throughput (needs a CUDA GPU and torch).
 
-Prints one JSON line per figure: GB/s of (bytes read + bytes written) and that as a fraction of
-the same run's torch copy_ bandwidth; beside kvlab's kernels, torch eager and torch.compile of the
-same block math (q8_0, q4_0, q4_1) and the llama.cpp way (dense x @ H_n, then quantize).
-First-call (compile or cache load) time is reported apart.   python bench/gpu_quant.py [log2_elems]
+Prints one JSON line per figure: GB/s of the op's own bytes (the floats read + the quantized bytes
+written, or the reverse) over GPU time, and that as a fraction of the same run's torch copy_
+bandwidth (copy_GBps, bytes read + written, timed the same way); host_us is the Python time per
+call (argument checks and launches), which overlaps GPU work when calls are queued back to back. Per type and op: kvlab's kernels, torch eager and torch.compile
+of the same block math (bench/torch_quant.py), and for rotate+quantize the llama.cpp way: a dense
+x @ H_n matmul, then quantize. Compile (or cache load) time is reported apart, as first_call_s.
+    python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--no-compile] [--once]
 """
+import argparse
 import json
+import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-import kvlab.kernels.cuda as kc
-from kvlab.rotation import hadamard, hadamard_scale
-from kvlab.types import TYPES
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_quant  # noqa: E402
+
+import kvlab.kernels.cuda as kc  # noqa: E402
+from kvlab.rotation import hadamard, hadamard_scale  # noqa: E402
+from kvlab.types import TYPES  # noqa: E402
+
+ROT_N = 128          # llama.cpp's K rotation for a head of 128
 
 
-def timed(fn, reps=20):
-    """Median milliseconds of fn() over reps, with CUDA events, after two warm-up calls."""
+SLEEP_CYCLES = 4_000_000       # ~2 ms of GPU clock: longer than any call's Python-side launch work
+
+
+def timed(fn, reps=30):
+    """Median GPU milliseconds of fn() by CUDA events, after two warm-up calls. Before each timed call
+    the GPU is kept busy (torch.cuda._sleep) while Python enqueues the events and fn's kernels, so the
+    events time the device work alone; the host's share is host_us below."""
     fn()
     fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
         a.record()
         fn()
         b.record()
@@ -33,83 +49,108 @@ def timed(fn, reps=20):
     return float(np.median(times))
 
 
-def half_bytes(v):
-    """(n_blocks, 1) float32 -> (n_blocks, 2) uint8 of the halves (1-D first: inductor cannot bitcast strided)."""
-    return v.reshape(-1).half().view(torch.uint8).reshape(-1, 2)
+def host_us(fn, calls=20):
+    """Microseconds of Python per call (argument checks, kernel launch), the GPU left to run behind."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return round(elapsed / calls * 1e6, 1)
 
 
-def torch_q8_0(x):
-    xb = x.view(-1, 32)                                             # (n_blocks, 32)
-    d = xb.abs().amax(1, keepdim=True) / 127
-    q = torch.round(xb * torch.where(d > 0, 1 / d, 0)).to(torch.int8)
-    return torch.cat([half_bytes(d), q.view(torch.uint8)], 1)
+def first_call(fn):
+    """Seconds of the first call (compile, or load from numba's / inductor's cache)."""
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 2)
 
 
-def torch_q4_0(x):
-    xb = x.view(-1, 32)
-    idx = xb.abs().argmax(1, keepdim=True)
-    d = xb.gather(1, idx) / -8
-    q = torch.clamp((xb * torch.where(d != 0, 1 / d, 0) + 8.5).to(torch.int8), max=15).to(torch.uint8)
-    return torch.cat([half_bytes(d), q[:, :16] | (q[:, 16:] << 4)], 1)
+class Report:
+    def __init__(self, copy_gbs):
+        self.copy_gbs = copy_gbs
+
+    def __call__(self, op, type_name, impl, fn, nbytes, **extra):
+        first = first_call(fn)
+        ms = timed(fn)
+        gbs = nbytes / ms / 1e6
+        rec = {"op": op, "type": type_name, "impl": impl, "ms": round(ms, 4), "GBps": round(gbs, 1),
+               "frac_copy": round(gbs / self.copy_gbs, 3), "host_us": host_us(fn), "first_call_s": first, **extra}
+        print(json.dumps(rec), flush=True)
 
 
-def torch_q4_1(x):
-    xb = x.view(-1, 32)
-    lo, hi = xb.amin(1, keepdim=True), xb.amax(1, keepdim=True)
-    d = (hi - lo) / 15
-    q = torch.clamp(((xb - lo) * torch.where(d != 0, 1 / d, 0) + 0.5).to(torch.int8), max=15).to(torch.uint8)
-    return torch.cat([half_bytes(d), half_bytes(lo), q[:, :16] | (q[:, 16:] << 4)], 1)
+def profile_once(x, types):
+    """Each kvlab kernel once (ref flavor; rotation n = 128), nothing timed: a run for ncu to read."""
+    for name in types:
+        info = TYPES[name]
+        out = torch.empty(x.shape[0], info.row_bytes(x.shape[1]), dtype=torch.uint8, device="cuda")
+        kc.quantize(x, out, name, 0)
+        kc.dequantize(out, torch.empty_like(x), name)
+        if info.is_quantized:
+            kc.rotate_quantize(x, out, name, 0, ROT_N, hadamard_scale(ROT_N))
+    torch.cuda.synchronize()
 
 
-TORCH_PEERS = {"q8_0": torch_q8_0, "q4_0": torch_q4_0, "q4_1": torch_q4_1}
-
-
-def main(log2_elems):
+def main(log2_elems, types, compile_torch, once):
     n = 1 << log2_elems
     cols = 4096
+    torch.manual_seed(0)
     x = torch.randn(n // cols, cols, device="cuda")                 # (rows, 4096)
-    src = torch.empty(n, device="cuda")
+    if once:
+        return profile_once(x, types)
+    src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = timed(lambda: dst.copy_(src))
     copy_gbs = 2 * 4 * n / copy_ms / 1e6
-    dev = torch.cuda.get_device_name()
-    print(json.dumps({"device": dev, "elements": n, "copy_GBps": round(copy_gbs, 1)}), flush=True)
-
-    def report(op, type_name, impl, ms, nbytes, extra=None):
-        gbs = nbytes / ms / 1e6
-        rec = {"op": op, "type": type_name, "impl": impl, "ms": round(ms, 4), "GBps": round(gbs, 1),
-               "frac_copy": round(gbs / copy_gbs, 3)}
-        rec.update(extra or {})
-        print(json.dumps(rec), flush=True)
-
-    for name, info in TYPES.items():
+    print(json.dumps({"device": torch.cuda.get_device_name(), "elements": n, "copy_ms": round(copy_ms, 4),
+                      "copy_GBps": round(copy_gbs, 1)}), flush=True)
+    report = Report(copy_gbs)
+    h = torch.from_numpy(hadamard(ROT_N)).cuda()
+    scale = hadamard_scale(ROT_N)
+    bufs = {}
+    for name in types:                      # kvlab first: its lines come out even if torch's compiles run long
+        info = TYPES[name]
         out = torch.empty(n // cols, info.row_bytes(cols), dtype=torch.uint8, device="cuda")
-        nbytes = 4 * n + out.numel()
-        t0 = time.perf_counter()
-        kc.quantize(x, out, name, 2)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        for fl, fname in enumerate(("ref", "cpu", "cuda")):
-            report("quantize", name, f"kvlab_{fname}", timed(lambda: kc.quantize(x, out, name, fl)), nbytes,
-                   {"first_call_s": round(first, 2)} if fl == 0 else None)
         back = torch.empty_like(x)
-        report("dequantize", name, "kvlab", timed(lambda: kc.dequantize(out, back, name)), nbytes)
-        if name in TORCH_PEERS:
-            fn = TORCH_PEERS[name]
-            report("quantize", name, "torch_eager", timed(lambda: fn(x)), nbytes)
-            comp = torch.compile(fn)
-            report("quantize", name, "torch_compile", timed(lambda: comp(x)), nbytes)
-        if info.is_quantized:
-            for nr in (64, 128, 256):
-                s = hadamard_scale(nr)
-                report("rotate_quantize", name, "kvlab_fused",
-                       timed(lambda: kc.rotate_quantize(x, out, name, 0, nr, s)), nbytes, {"n": nr})
-            h = torch.from_numpy(hadamard(128)).cuda()
-            report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
-                   timed(lambda: kc.quantize((x.view(-1, 128) @ h).view(x.shape), out, name, 0)), nbytes, {"n": 128})
-            report("dequantize_unrotate", name, "kvlab_fused",
-                   timed(lambda: kc.dequantize_unrotate(out, back, name, 128, hadamard_scale(128))), nbytes, {"n": 128})
+        nbytes = 4 * n + out.numel()
+        bufs[name] = out, nbytes
+        for fl, fname in enumerate(("ref", "cpu", "cuda")):
+            report("quantize", name, f"kvlab_{fname}", lambda: kc.quantize(x, out, name, fl), nbytes)
+        report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, name), nbytes)
+        if not info.is_quantized:
+            continue
+        for nr in (64, ROT_N, 256):
+            report("rotate_quantize", name, "kvlab_fused_ref",
+                   lambda: kc.rotate_quantize(x, out, name, 0, nr, hadamard_scale(nr)), nbytes, n_rot=nr)
+        report("rotate_quantize", name, "kvlab_fused_cuda",
+               lambda: kc.rotate_quantize(x, out, name, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
+        report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
+               lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, name, 0), nbytes, n_rot=ROT_N)
+        report("dequantize_unrotate", name, "kvlab_fused",
+               lambda: kc.dequantize_unrotate(out, back, name, ROT_N, scale), nbytes, n_rot=ROT_N)
+    report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
+    for name in types:
+        out, nbytes = bufs[name]
+        quant, dequant = torch_quant.QUANTIZE[name], torch_quant.DEQUANTIZE[name]
+        peers = [("torch_eager", quant, dequant)]
+        if compile_torch:
+            peers.append(("torch_compile", torch.compile(quant), torch.compile(dequant)))
+        for impl, q, dq in peers:
+            report("quantize", name, impl, lambda: q(x), nbytes)
+            report("dequantize", name, impl, lambda: dq(out), nbytes)
+            if TYPES[name].is_quantized:
+                rq = (lambda q: lambda v: q((v.view(-1, ROT_N) @ h).view(v.shape)))(quant)
+                rq = torch.compile(rq) if impl == "torch_compile" else rq
+                report("rotate_quantize", name, f"llamacpp_way_{impl}", lambda: rq(x), nbytes, n_rot=ROT_N)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 27)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("log2_elems", type=int, nargs="?", default=27)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--once", action="store_true", help="run each kvlab kernel once, untimed (for ncu)")
+    a = ap.parse_args()
+    main(a.log2_elems, a.types.split(","), not a.no_compile, a.once)

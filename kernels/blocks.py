@@ -37,11 +37,37 @@ Block searches, per flavor (``REF``/``CPU`` are IEEE; ``CUDA`` flushes subnormal
                                   skipped; flush: subnormals count as 0); ``f32_from_bits`` gives |x|
 The searches reduce integer keys (float order as integers) so that LLVM vectorizes them.
   ``scale_inverse(d, flavor, rcp_table=None)``  ``d ? 1.0f/d : 0.0f``
+
+Row kernels (the fast path of every block type): helpers indexed by block, ``x[i, j]`` / ``y[i, off]`` on
+the whole (n_blocks, 32) / (n_blocks, type_size) arrays, inlined into the prange loop. Slicing ``x[i]`` there
+would cost an atomic reference count per block (shared by all threads), more than the block's own work;
+loops run to ``x.shape[1]``, a run-time trip count, because LLVM unrolls a constant 32 and then cannot
+vectorize the stores (it cannot tell x and y apart), while a loop gets a run-time overlap check.
+  ``load_half(y, i, off)``        -> float32: load_f16 of block i
+  ``store_half(y, i, off, h)``    store_u16 into block i
+  ``abs_bits_max(x, i)``          -> uint32: max_abs_key(x[i], False, False)
+  ``first_absmax_of(x, i, bits)`` -> the first x[i, j] with |x[i, j]|'s bits == bits, +0 when bits == 0
+                                  (first_absmax for a block without NaN)
+  ``order_key_min_max(x, i)``     -> int32 (min, max) of order_key over block i
+  ``order_key(v)`` / ``from_order_key(k)``  float32 <-> int32 whose order is float order (-0 < +0, NaN
+                                  beyond +-Inf)
+  ``ordinary_min_max(x, i, levels)`` -> (ok, min, max, d): block i's min and max (as min_max) and
+                                  d = (max - min) / levels; ok when all |x| <= 2**100, no NaN, min != 0
+                                  (a zero's sign would depend on its position) and d is 0 or >= 2**-100
+  ``scale_add(qd, m)``            qd + m in its own rounding (ggml-base is built without FMA), with x86's NaN
+                                  rule: when both are NaN, addss keeps the first operand's payload, qd's
+  ``is_ordinary(bits)``           |x| bits of 0, or in [2**-100, 2**100]: the window where ggml's scales and
+                                  their inverses are normal floats and every q lands in range, so the C
+                                  casts' NaN and overflow cases (and their selects) cannot occur.
+  ``add_half_away(v)``            v + copysign(0.49999997f, v): c_cast_i32 of it is c_cast_i32(roundf32(v))
+                                  for all 2**32 floats (checked exhaustively), in two vector operations
 """
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from .fp import CUDA, f32_bits, f32_from_bits, fp32_to_fp16, fp16_to_fp32, ftz
 
@@ -91,23 +117,30 @@ _TWO23 = np.float32(8388608.0)  # from here on every float32 is an integer
 
 
 @njit(cache=True)
-def _round_half(v, to_even):
+def roundf32(v):
     # Branch-free so that loops over a block vectorize.
     a = abs(v)
     r = (a + _TWO23) - _TWO23  # a < 2**23: the add rounds a to the nearest integer, halves to even
-    r = r + np.float32(1.0) if (not to_even and a - r == _HALF) else r  # roundf: halves go up
+    r = r + np.float32(1.0) if a - r == _HALF else r  # roundf: halves go up
     signed = f32_from_bits(f32_bits(r) | (f32_bits(v) & np.uint32(0x80000000)))
     return signed if a < _TWO23 else v  # integral already, Inf or NaN: as is
 
 
-@njit(cache=True)
-def roundf32(v):
-    return _round_half(v, False)
+@intrinsic
+def _llvm_roundeven(typingctx, v):
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        return builder.call(builder.module.declare_intrinsic("llvm.roundeven", [f32], ir.FunctionType(f32, [f32])),
+                            args)
+
+    return sig, codegen
 
 
 @njit(cache=True)
 def round_even32(v):
-    return _round_half(v, True)
+    return _llvm_roundeven(v)  # halves to even, as _mm256_round_ps(_MM_ROUND_NEAREST): one vroundps
 
 
 @njit(cache=True)
@@ -178,7 +211,7 @@ def cuda_fp32_to_fp16(f):
 def _abs_key(v, flush):
     """|v|'s bits: for non-negative floats integer order is float order (NaN above Inf).
     With flush, a subnormal counts as zero (CUDA's ftz compares)."""
-    a = f32_bits(v) & _ABS
+    a = np.uint32(f32_bits(v) & _ABS)  # Numba widens uint32 & to 64 bits
     return np.uint32(0) if flush and a < _MIN_NORMAL_BITS else a
 
 
@@ -188,7 +221,7 @@ def max_abs_key(xb, skip_nan, flush):
     m = np.uint32(0)
     for j in range(xb.shape[0]):
         a = _abs_key(xb[j], flush)
-        m = max(m, np.uint32(0) if skip_nan and a > _INF_BITS else a)
+        m = max(m, np.uint32(0) if skip_nan and a > _INF_BITS else a)  # uint32 lanes: twice the width of uint64
     return m
 
 
@@ -248,3 +281,93 @@ def scale_inverse(d, flavor, rcp_table=None):
     if flavor == CUDA:
         return cuda_rcp(d, rcp_table) if ftz(d) != np.float32(0.0) else np.float32(0.0)
     return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+
+
+# ---- row kernels: block i of the whole arrays (see the docstring) ---------------------------------
+
+_ORDINARY_LO = np.uint32(0x0D800000)   # 2**-100
+_ORDINARY_HI = np.uint32(0x71800000)   # 2**100
+_ORDINARY_MIN = np.float32(2.0 ** -100)
+_ORDINARY_MAX = np.float32(2.0 ** 100)
+_SIGN = np.uint32(0x80000000)
+
+
+@njit(cache=True, inline="always")
+def load_half(y, i, off):
+    return fp16_to_fp32(np.uint16(np.uint16(y[i, off]) | (np.uint16(y[i, off + 1]) << np.uint16(8))))
+
+
+@njit(cache=True, inline="always")
+def store_half(y, i, off, h):
+    y[i, off] = np.uint8(h & np.uint16(0xFF))
+    y[i, off + 1] = np.uint8(h >> np.uint16(8))
+
+
+@njit(cache=True, inline="always")
+def abs_bits_max(x, i):
+    m = np.uint32(0)
+    for j in range(x.shape[1]):
+        m = max(m, np.uint32(f32_bits(x[i, j]) & _ABS))
+    return m
+
+
+@njit(cache=True, inline="always")
+def first_absmax_of(x, i, bits):
+    # the first index is a min reduction over the matching positions: vectorized, no early exit
+    n = np.int32(x.shape[1])
+    first = n
+    for j in range(x.shape[1]):
+        first = min(first, np.int32(j) if np.uint32(f32_bits(x[i, j]) & _ABS) == bits else n)
+    return np.float32(0.0) if bits == np.uint32(0) else x[i, first]
+
+
+@njit(cache=True, inline="always")
+def order_key(v):
+    k = np.int32(f32_bits(v))
+    return np.int32(k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF)))  # negatives: reverse the magnitude order
+
+
+@njit(cache=True, inline="always")
+def from_order_key(k):
+    return f32_from_bits(np.uint32(np.int32(k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF))) & np.int64(0xFFFFFFFF)))
+
+
+@njit(cache=True, inline="always")
+def order_key_min_max(x, i):
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x80000000)
+    for j in range(x.shape[1]):
+        k = order_key(x[i, j])
+        lo = min(lo, k)
+        hi = max(hi, k)
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def is_ordinary(bits):
+    return bits == np.uint32(0) or (bits >= _ORDINARY_LO and bits <= _ORDINARY_HI)
+
+
+_BELOW_HALF = np.uint32(0x3EFFFFFF)  # 0.49999997f, the float just below 0.5
+
+
+@njit(cache=True, inline="always")
+def add_half_away(v):
+    # the add itself rounds up what lies within half an ulp below a half: truncation then rounds halves away
+    return v + f32_from_bits(_BELOW_HALF | (f32_bits(v) & _SIGN))
+
+
+@njit(cache=True, inline="always")
+def ordinary_min_max(x, i, levels):
+    kmin, kmax = order_key_min_max(x, i)
+    vmin = from_order_key(kmin)
+    vmax = from_order_key(kmax)
+    d = (vmax - vmin) / levels
+    ok = (vmin >= -_ORDINARY_MAX and vmax <= _ORDINARY_MAX and vmin != np.float32(0.0)
+          and (d == np.float32(0.0) or d >= _ORDINARY_MIN))
+    return ok, vmin, vmax, d
+
+
+@njit(cache=True, inline="always")
+def scale_add(qd, m):
+    return qd if qd != qd else qd + m  # LLVM may swap an add's operands: say which NaN wins explicitly

@@ -25,10 +25,10 @@ _SIMD_WIDTH = 4  # the narrowest F16C chunk ggml_cpu_fp32_to_fp16 uses before it
 def f16c_fp32_to_fp16(f):
     """x86 vcvtps2ph with round-to-nearest-even, NaN payload kept."""
     u = f32_bits(f)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
-        return np.uint16(sign | np.uint32(0x7E00) | ((u & np.uint32(0x007FFFFF)) >> np.uint32(13)))
-    return fp32_to_fp16(f)
+    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
+    nan = np.uint16(sign | np.uint32(0x7E00) | ((u & np.uint32(0x007FFFFF)) >> np.uint32(13)))
+    # a select, not an early return, so that the row loop vectorizes
+    return nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else fp32_to_fp16(f)
 
 
 @njit(parallel=True, cache=True)

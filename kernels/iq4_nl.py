@@ -28,7 +28,7 @@ cuda flavor writes for an all-zero block.
 import numpy as np
 from numba import njit, prange
 
-from .blocks import cuda_div, cuda_fp32_to_fp16, load_f16, scale_inverse, store_u16
+from .blocks import cuda_div, cuda_fp32_to_fp16, load_half, scale_inverse, store_u16
 from .fp import CUDA, fma32, fp32_to_fp16
 from .q5_0 import signed_absmax
 
@@ -125,13 +125,19 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
         _quantize_block_ref(xb, yb)
 
 
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    d = load_half(y, i, 0)
+    half = x.shape[1] // 2
+    for j in range(half):
+        b = y[i, _QS + j]
+        x[i, j] = d * KVALUES_F32[b & 0x0F]
+        x[i, j + half] = d * KVALUES_F32[b >> 4]
+
+
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    for j in range(_HALF_QK):
-        b = yb[_QS + j]
-        xb[j] = d * KVALUES_F32[b & 0x0F]
-        xb[j + _HALF_QK] = d * KVALUES_F32[b >> 4]
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 18), (1, 32)
 
 
 @njit(parallel=True, cache=True)
@@ -145,4 +151,4 @@ def quantize_row_iq4_nl(x, out, flavor, rcp_table=None):
 def dequantize_row_iq4_nl(raw, out):
     """raw: (n_blocks, 18) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

@@ -17,13 +17,17 @@ measured rcp table, else correctly rounded (see blocks.cuda_rcp).
 NaN/Inf (C's float->int8 of NaN is undefined): kvlab writes what x86 writes, q = 0 for a NaN
 (cvttss2si's INT_MIN, low byte 0); CUDA's cvt also gives 0. A block holding +-Inf has d = -+Inf,
 id = -+0, so finite values get q = 8 and the Inf itself q = 0.
+
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+(ref, cpu): no NaN, and every x*id + 8.5 lies in [0.4, 16.6], so the int8 cast needs no range select.
+Any other block, and the cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (cuda_div, cuda_fp32_to_fp16, first_absmax, load_f16, pack_nibbles, ptx_trunc_i8,
-                     scale_inverse, store_u16, trunc_i8)
-from .fp import CUDA, fma32, fp32_to_fp16, ftz
+from .blocks import (abs_bits_max, cuda_div, cuda_fp32_to_fp16, first_absmax, first_absmax_of, is_ordinary,
+                     load_half, pack_nibbles, ptx_trunc_i8, scale_inverse, store_half, store_u16, trunc_i8)
+from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
 
 QK = 32
 TYPE_SIZE = 18
@@ -62,13 +66,36 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
         yb[_QS + j] = pack_nibbles(lo, hi)
 
 
+@njit(cache=True, inline="always")
+def _quantize_ordinary(x, y, i):
+    """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
+    bits = abs_bits_max(x, i)
+    if not is_ordinary(bits):
+        return False
+    d = first_absmax_of(x, i, bits) / _MINUS_8
+    store_half(y, i, 0, fp32_to_fp16(d))
+    idv = scale_inverse(d, REF)
+    half = x.shape[1] // 2
+    for j in range(half):
+        lo = min(15, np.int32(x[i, j] * idv + _OFFSET))
+        hi = min(15, np.int32(x[i, j + half] * idv + _OFFSET))
+        y[i, _QS + j] = np.uint8(lo | (hi << 4))
+    return True
+
+
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    d = load_half(y, i, 0)
+    half = x.shape[1] // 2
+    for j in range(half):
+        b = y[i, _QS + j]
+        x[i, j] = np.float32(np.int32(b & 0x0F) - 8) * d
+        x[i, j + half] = np.float32(np.int32(b >> 4) - 8) * d
+
+
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    for j in range(_HALF_QK):
-        b = yb[_QS + j]
-        xb[j] = np.float32(np.int32(b & 0x0F) - 8) * d
-        xb[j + _HALF_QK] = np.float32(np.int32(b >> 4) - 8) * d
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 18), (1, 32)
 
 
 @njit(parallel=True, cache=True)
@@ -78,11 +105,12 @@ def quantize_row_q4_0(x, out, flavor, rcp_table=None):
     rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        if flavor == CUDA or not _quantize_ordinary(x, out, i):
+            quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q4_0(raw, out):
     """raw: (n_blocks, 18) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

@@ -19,13 +19,18 @@ the measured rcp table, else correctly rounded (see blocks.cuda_rcp).
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA cvt of NaN). An all-NaN block keeps
 min = FLT_MAX, max = -FLT_MAX: d = -Inf, m = +Inf (fp16 overflow). Any +-Inf in a block makes
 d = Inf and every q 0.
+
+Row kernels: a block without NaN, all |x| <= 2**100, min != 0 and d = 0 or >= 2**-100
+(blocks.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
+(x - min)*id + 0.5 lies in [0.5, 15.6], so the int8 cast needs no range select. Any other block, and the
+cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (cuda_div, cuda_fp32_to_fp16, load_f16, min_max, pack_nibbles, ptx_trunc_i8,
-                     scale_inverse, store_u16, trunc_i8)
-from .fp import CUDA, fma32, fp32_to_fp16, ftz
+from .blocks import (cuda_div, cuda_fp32_to_fp16, load_half, min_max, ordinary_min_max, pack_nibbles,
+                     ptx_trunc_i8, scale_add, scale_inverse, store_half, store_u16, trunc_i8)
+from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
 
 QK = 32
 TYPE_SIZE = 20
@@ -66,14 +71,37 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
         yb[_QS + j] = pack_nibbles(lo, hi)
 
 
+@njit(cache=True, inline="always")
+def _quantize_ordinary(x, y, i):
+    """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
+    ok, vmin, vmax, d = ordinary_min_max(x, i, _15)
+    if not ok:
+        return False
+    store_half(y, i, 0, fp32_to_fp16(d))
+    store_half(y, i, 2, fp32_to_fp16(vmin))
+    idv = scale_inverse(d, REF)
+    half = x.shape[1] // 2
+    for j in range(half):
+        lo = min(np.int32(15), np.int32((x[i, j] - vmin) * idv + _HALF))
+        hi = min(np.int32(15), np.int32((x[i, j + half] - vmin) * idv + _HALF))
+        y[i, _QS + j] = np.uint8(lo | (hi << np.int32(4)))
+    return True
+
+
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    d = load_half(y, i, 0)
+    m = load_half(y, i, 2)
+    half = x.shape[1] // 2
+    for j in range(half):
+        b = y[i, _QS + j]
+        x[i, j] = scale_add(np.float32(b & 0x0F) * d, m)
+        x[i, j + half] = scale_add(np.float32(b >> 4) * d, m)
+
+
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    m = load_f16(yb, 2)
-    for j in range(_HALF_QK):
-        b = yb[_QS + j]
-        xb[j] = np.float32(b & 0x0F) * d + m  # two roundings: ggml-base is built without FMA
-        xb[j + _HALF_QK] = np.float32(b >> 4) * d + m
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 20), (1, 32)
 
 
 @njit(parallel=True, cache=True)
@@ -83,11 +111,12 @@ def quantize_row_q4_1(x, out, flavor, rcp_table=None):
     rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        if flavor == CUDA or not _quantize_ordinary(x, out, i):
+            quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q4_1(raw, out):
     """raw: (n_blocks, 20) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

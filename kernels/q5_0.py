@@ -17,20 +17,27 @@ compares and arithmetic, ``x*id + 16.5f`` is one fused multiply-add and ``1/d`` 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si gives INT_MIN, low byte 0; CUDA converts NaN to 0).
 A +-Inf in a block makes d = -+Inf, id = -+0: every finite value gets q = 16, the Inf q = 0.
 
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+(ref, cpu): no NaN, and every x*id + 16.5 lies in [0.4, 32.6], so the int8 cast needs no range select.
+Any other block, and the cuda flavor, go through quantize_block.
+
 The qh packing here is shared with q5_1.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (cuda_fp32_to_fp16, load_f16, ptx_trunc_i8, scale_inverse, store_u16,
-                     trunc_i8)
-from .fp import CUDA, fma32, fp32_to_fp16, ftz
+from .blocks import (abs_bits_max, cuda_fp32_to_fp16, first_absmax_of, is_ordinary, load_half,
+                     ptx_trunc_i8, scale_inverse, store_half, store_u16, trunc_i8)
+from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
 
 QK = 32
 TYPE_SIZE = 22
 _QH, _QS = 2, 6    # byte offsets of qh and qs
 _HALF_QK = QK // 2
 _16_5 = np.float32(16.5)
+# qh bit j as a table: a shift by a run-time j is done in 64-bit lanes (Numba widens uint32), a load is not
+_BIT = np.array([1 << j for j in range(QK)], np.uint32)
+_NO_BIT = np.uint32(0)
 
 
 # ---- the 5-bit layout, shared with q5_1 --------------------------------------------------------
@@ -49,21 +56,33 @@ def store_u32(yb, off, v):
         yb[off + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
-@njit(cache=True)
-def load_u32(yb, off):
-    v = np.uint32(0)
+@njit(cache=True, inline="always")
+def store_q5_values(y, i, qh_off, qs_off, q_of, x, params):
+    """Block i's q[j] = q_of(x[i, j], params) (ints in 0..31) into qs and qh, all loops vectorized."""
+    half = x.shape[1] // 2
+    qh = np.uint32(0)
+    for j in range(half):
+        lo = np.int32(q_of(x[i, j], params))
+        hi = np.int32(q_of(x[i, j + half], params))
+        y[i, qs_off + j] = np.uint8((lo & np.int32(0x0F)) | ((hi & np.int32(0x0F)) << np.int32(4)))
+        qh = np.uint32(qh | (_BIT[j] if lo >= 16 else _NO_BIT) | (_BIT[j + half] if hi >= 16 else _NO_BIT))
     for k in range(4):
-        v |= np.uint32(yb[off + k]) << np.uint32(8 * k)
-    return v
+        y[i, qh_off + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
-@njit(cache=True)
-def load_q5_pair(yb, qs_off, qh, j):
-    """(q[j], q[j+16]) for j in 0..15, from qs and the qh word."""
-    b = np.int32(yb[qs_off + j])
-    bit_lo = np.int32((qh >> np.uint32(j)) & np.uint32(1))
-    bit_hi = np.int32((qh >> np.uint32(j + _HALF_QK)) & np.uint32(1))
-    return (b & 0x0F) | (bit_lo << 4), (b >> 4) | (bit_hi << 4)
+@njit(cache=True, inline="always")
+def load_q5_values(y, i, qh_off, qs_off, x, value_of, params):
+    """x[i, j] = value_of(q[j], params) for the q of block i (ints in 0..31), vectorized."""
+    half = x.shape[1] // 2
+    qh = np.uint32(0)
+    for k in range(4):
+        qh = np.uint32(qh | (np.uint32(y[i, qh_off + k]) << np.uint32(8 * k)))
+    for j in range(half):
+        b = np.int32(y[i, qs_off + j])
+        lo = (b & np.int32(0x0F)) | (np.int32(16) if qh & _BIT[j] else np.int32(0))
+        hi = (b >> np.int32(4)) | (np.int32(16) if qh & _BIT[j + half] else np.int32(0))
+        x[i, j] = value_of(lo, params)
+        x[i, j + half] = value_of(hi, params)
 
 
 # ---- the scale search, shared with iq4_nl -----------------------------------------------------
@@ -119,25 +138,48 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
     store_u32(yb, _QH, qh)
 
 
+@njit(cache=True, inline="always")
+def _q_ordinary(v, idv):
+    return min(np.int32(31), np.int32(v * idv + _16_5))
+
+
+@njit(cache=True, inline="always")
+def _quantize_ordinary(x, y, i):
+    """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
+    bits = abs_bits_max(x, i)
+    if not is_ordinary(bits):
+        return False
+    d = first_absmax_of(x, i, bits) / np.float32(-16.0)
+    store_half(y, i, 0, fp32_to_fp16(d))
+    store_q5_values(y, i, _QH, _QS, _q_ordinary, x, scale_inverse(d, REF))
+    return True
+
+
+@njit(cache=True, inline="always")
+def _value(q, d):
+    return np.float32(q - np.int32(16)) * d
+
+
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    load_q5_values(y, i, _QH, _QS, x, _value, load_half(y, i, 0))
+
+
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    qh = load_u32(yb, _QH)
-    for j in range(_HALF_QK):
-        lo, hi = load_q5_pair(yb, _QS, qh, j)
-        xb[j] = np.float32(lo - 16) * d
-        xb[j + _HALF_QK] = np.float32(hi - 16) * d
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 22), (1, 32)
 
 
 @njit(parallel=True, cache=True)
 def quantize_row_q5_0(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 22) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        if flavor == CUDA or not _quantize_ordinary(x, out, i):
+            quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q5_0(raw, out):
     """raw: (n_blocks, 22) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

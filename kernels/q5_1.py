@@ -19,13 +19,19 @@ table, a correctly rounded reciprocal is one ulp off for 13% of divisors).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA converts NaN to 0). An all-NaN block
 gives ref d = -Inf, m = +Inf (FLT_MAX rounds to the half infinity), cuda d = m = NaN (0x7FFF).
+
+Row kernels: a block without NaN, all |x| <= 2**100, min != 0 and d = 0 or >= 2**-100
+(blocks.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
+(x - min)*id + 0.5 lies in [0.5, 31.6], so the int cast needs no range select. Any other block, and the
+cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_f16, ptx_cast_i32, scale_inverse, store_u16
-from .fp import CUDA, fma32, fp32_to_fp16, ftz
-from .q5_0 import load_q5_pair, load_u32, store_q5_pair, store_u32
+from .blocks import (c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_half, ordinary_min_max, ptx_cast_i32,
+                     scale_add, scale_inverse, store_half, store_u16)
+from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
+from .q5_0 import load_q5_values, store_q5_pair, store_q5_values, store_u32
 
 QK = 32
 TYPE_SIZE = 24
@@ -87,33 +93,50 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
     store_u32(yb, _QH, qh)
 
 
-@njit(cache=True)
-def _scale_add(qd, m):
-    """q*d + m in two roundings (ggml-base is built without FMA). When both are NaN, x86's addss keeps
-    the first operand's payload, q*d's; LLVM may swap the operands of an add, so say it explicitly."""
-    return qd if qd != qd else qd + m
+@njit(cache=True, inline="always")
+def _q_ordinary(v, params):
+    vmin, idv = params
+    return np.int32((v - vmin) * idv + _HALF)
+
+
+@njit(cache=True, inline="always")
+def _quantize_ordinary(x, y, i):
+    """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
+    ok, vmin, vmax, d = ordinary_min_max(x, i, _31)
+    if not ok:
+        return False
+    store_half(y, i, 0, fp32_to_fp16(d))
+    store_half(y, i, 2, fp32_to_fp16(vmin))
+    store_q5_values(y, i, _QH, _QS, _q_ordinary, x, (vmin, scale_inverse(d, REF)))
+    return True
+
+
+@njit(cache=True, inline="always")
+def _value(q, params):
+    d, m = params
+    return scale_add(np.float32(q) * d, m)
+
+
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    load_q5_values(y, i, _QH, _QS, x, _value, (load_half(y, i, 0), load_half(y, i, 2)))
 
 
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    m = load_f16(yb, 2)
-    qh = load_u32(yb, _QH)
-    for j in range(_HALF_QK):
-        lo, hi = load_q5_pair(yb, _QS, qh, j)
-        xb[j] = _scale_add(np.float32(lo) * d, m)
-        xb[j + _HALF_QK] = _scale_add(np.float32(hi) * d, m)
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 24), (1, 32)
 
 
 @njit(parallel=True, cache=True)
 def quantize_row_q5_1(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 24) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        if flavor == CUDA or not _quantize_ordinary(x, out, i):
+            quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q5_1(raw, out):
     """raw: (n_blocks, 24) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

@@ -20,12 +20,17 @@ NaN/Inf (C leaves float->int8 of NaN or of an out-of-range value undefined; kvla
 the x86 build writes): ref stores the low byte of cvttss2si's INT_MIN, 0x00; cpu saturates
 INT_MIN to 0x80 (-128); cuda's cvt gives 0 for NaN. ``d`` NaN is stored as 0x7E00|sign (ref, cpu)
 and 0x7FFF (cuda).
+
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+(ref, cpu): no NaN, so the max is an integer max, and every |x*id| <= 127, so the casts need neither
+their range selects nor saturation. Any other block, and the cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_f16, low_byte, max_abs_key,
-                     ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse, store_u16)
+from .blocks import (abs_bits_max, add_half_away, c_cast_i32, cuda_div, cuda_fp32_to_fp16, is_ordinary, load_half,
+                     low_byte, max_abs_key, ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse,
+                     store_half, store_u16)
 from .fp import CPU, CUDA, REF, f32_from_bits, fp32_to_fp16, ftz
 
 QK = 32
@@ -120,9 +125,34 @@ def quantize_block(xb, yb, flavor, rcp_table=None):
 
 @njit(cache=True)
 def dequantize_block(yb, xb):
-    d = load_f16(yb, 0)
-    for j in range(QK):
-        xb[j] = np.float32(np.int8(yb[_QS + j])) * d
+    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 34), (1, 32)
+
+
+@njit(cache=True, inline="always")
+def _quantize_ordinary(x, y, i, flavor):
+    """Block i by the ref or cpu flavor if it is ordinary (see the docstring); False if not."""
+    bits = abs_bits_max(x, i)
+    if not is_ordinary(bits):
+        return False
+    amax = f32_from_bits(bits)
+    d = amax / _127
+    store_half(y, i, 0, fp32_to_fp16(d))
+    if flavor == CPU:
+        idv = _127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+        for j in range(x.shape[1]):
+            y[i, _QS + j] = np.uint8(np.int32(round_even32(x[i, j] * idv)))
+    else:
+        idv = scale_inverse(d, REF)
+        for j in range(x.shape[1]):
+            y[i, _QS + j] = np.uint8(np.int32(add_half_away(x[i, j] * idv)))
+    return True
+
+
+@njit(cache=True, inline="always")
+def _dequantize(y, x, i):
+    d = load_half(y, i, 0)
+    for j in range(x.shape[1]):
+        x[i, j] = np.float32(np.int8(y[i, _QS + j])) * d
 
 
 @njit(parallel=True, cache=True)
@@ -132,11 +162,12 @@ def quantize_row_q8_0(x, out, flavor, rcp_table=None):
     rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        if flavor == CUDA or not _quantize_ordinary(x, out, i, flavor):
+            quantize_block(x[i], out[i], flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q8_0(raw, out):
     """raw: (n_blocks, 34) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        dequantize_block(raw[i], out[i])
+        _dequantize(raw, out, i)

@@ -14,6 +14,7 @@ from .rotation import RotationPlan, hadamard, rotate, rotation_plan
 from .attention import BACKENDS, attention_error
 from .synthetic import SyntheticConfig, synthetic_kv
 from .sweep import KVSample, SweepConfig, run_sweep, save_table
+from .depth import StackConfig, layer_growth
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ __all__ = [
     "FLAVORS", "TYPES", "TypeInfo", "QTensor", "quantize", "dequantize", "set_rows", "empty_cache",
     "hadamard", "rotate", "rotation_plan", "RotationPlan",
     "attention_error", "BACKENDS", "synthetic_kv", "SyntheticConfig", "run_sweep", "SweepConfig", "KVSample",
-    "save_table",
+    "save_table", "layer_growth", "StackConfig",
 ]

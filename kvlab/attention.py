@@ -32,15 +32,17 @@ q4_1/q5_1 dot products; the tensor-core (MMA) kernel of prompt processing, which
 softmax probabilities to f16.
 
 Metrics (kvlab.metrics) compare against exact float64 attention on the unrotated, unquantized input.
+The math below takes numpy arrays or torch tensors (kvlab.device): the sweep runs it on a GPU.
 """
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
+from . import device
 from .kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from .metrics import attention_metrics, tensor_rel_l2
-from .quant import dequantize, empty_cache, set_rows
+from .quant import dequantize, quantize
 from .rotation import hadamard, rotate, rotation_plan
 from .types import flavor_code, type_info
 
@@ -102,7 +104,7 @@ def check_qkv(q, k, v):
     return q, k, v
 
 
-def group_queries(q: np.ndarray, n_head_kv: int) -> np.ndarray:
+def group_queries(q, n_head_kv: int):
     """(n_head, n_q, D) -> (n_head_kv, group * n_q, D): the query heads that share one KV head."""
     n_head, n_q, d = q.shape
     return q.reshape(n_head_kv, (n_head // n_head_kv) * n_q, d)  # head h uses KV head h // group
@@ -110,70 +112,76 @@ def group_queries(q: np.ndarray, n_head_kv: int) -> np.ndarray:
 
 # ---- the cache -----------------------------------------------------------------------------------
 
-def store(x: np.ndarray, type_name: str, flavor: str, rot: int | None) -> np.ndarray:
-    """What the cache holds for x (n_head_kv, n_kv, D): rotate, set_rows, dequantize (rotated basis)."""
+def store(x, type_name: str, flavor: str, rot: int | None):
+    """What the cache holds for x (n_head_kv, n_kv, D) float32: rotate, set_rows, dequantize (rotated basis).
+
+    set_rows of rows 0..n_kv-1 in order writes exactly quantize(rows), so that is what is called
+    (on x's device: CUDA tensors go to the CUDA kernels).
+    """
     n_head_kv, n_kv, d = x.shape
     xr = rotate(x, rot) if rot else x
-    rows = np.ascontiguousarray(xr.transpose(1, 0, 2)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
-    cache = empty_cache(n_kv, n_head_kv * d, type_name, flavor)
-    set_rows(cache, np.arange(n_kv, dtype=np.int64), rows)
-    deq = dequantize(cache).reshape(n_kv, n_head_kv, d)  # (n_kv, n_head_kv, D)
-    return np.ascontiguousarray(deq.transpose(1, 0, 2))  # (n_head_kv, n_kv, D)
+    rows = device.contiguous(xr.swapaxes(0, 1)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
+    deq = dequantize(quantize(rows, type_name, flavor)).reshape(n_kv, n_head_kv, d)  # (n_kv, n_head_kv, D)
+    return device.contiguous(deq.swapaxes(0, 1))  # (n_head_kv, n_kv, D)
 
 
-def unrotate(x: np.ndarray, rot: int | None) -> np.ndarray:
+def unrotate(x, rot: int | None):
     """x @ H_rot per rot-chunk of the last dim, in x's precision (H is its own inverse)."""
     if not rot:
         return x
-    h = hadamard(rot).astype(x.dtype)
     chunks = x.reshape(*x.shape[:-1], x.shape[-1] // rot, rot)  # (..., D/rot, rot)
-    return (chunks @ h).reshape(x.shape)
+    return (chunks @ device.like(hadamard(rot), x)).reshape(x.shape)
 
 
 # ---- what each backend does to Q -----------------------------------------------------------------
 
 def _fp16(x):
-    return x.astype(np.float16).astype(np.float32)
+    return device.cast(device.cast(x, "float16"), "float32")
 
 
 def _bf16(x):
+    """Round float32 to bfloat16 and back, to nearest even (finite values: ggml's fp32_to_bf16)."""
+    if device.is_torch(x):
+        return device.cast(device.cast(x, "bfloat16"), "float32")
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
     return rounded.view(np.float32)
 
 
-def q8_blocks(x: np.ndarray, rounding: str) -> np.ndarray:
+def q8_blocks(x, rounding: str):
     """Q as the q8_0/q8_1 activation quantizers give it back (values d*q), per 32 values.
 
     rounding="cpu": x86 AVX quantize_row_q8_0/q8_1 (id = 127/amax, round half to even, d as fp16);
     rounding="cuda": quantize_q8_1_to_shared (q = roundf(x/d), d = amax/127 kept in float32).
     """
-    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32).astype(np.float32)  # (..., D/32, 32)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    d = amax / np.float32(127)
+    xp = device.namespace(x)
+    blocks = device.cast(x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32), "float32")  # (..., D/32, 32)
+    amax = xp.amax(xp.abs(blocks), axis=-1, keepdims=True)
+    d = amax / 127.0  # Python floats keep float32 math in float32 (numpy and torch alike)
     with np.errstate(divide="ignore", invalid="ignore"):
         if rounding == "cpu":
-            q = np.rint(blocks * np.where(amax > 0, np.float32(127) / amax, np.float32(0)))
+            q = xp.round(blocks * xp.where(amax > 0, 127.0 / amax, 0.0))  # round half to even, as rint
             d = _fp16(d)
         else:
-            ratio = np.where(d > 0, blocks / d, np.float32(0))
-            q = np.sign(ratio) * np.floor(np.abs(ratio) + np.float32(0.5))  # roundf: halves away from 0
-    return (d * q).astype(np.float32).reshape(x.shape)
+            ratio = xp.where(d > 0, blocks / d, 0.0)
+            q = xp.sign(ratio) * xp.floor(xp.abs(ratio) + 0.5)  # roundf: halves away from 0
+    return device.cast(d * q, "float32").reshape(x.shape)
 
 
-def backend_query(q_rot: np.ndarray, type_k: str, backend: str, scale: float) -> np.ndarray:
+def backend_query(q_rot, type_k: str, backend: str, scale: float):
     """Q as the backend's K.Q dot product sees it, already multiplied by the softmax scale."""
+    scale32 = float(np.float32(scale))  # ggml keeps the scale as a float
     if backend == "ref":
-        return q_rot.astype(np.float64) * scale
+        return device.cast(q_rot, "float64") * scale
     if backend == "cpu":
         kind = CPU_VEC_DOT_TYPE[type_k]
         q = {"f32": lambda x: x, "f16": _fp16, "bf16": _bf16}.get(kind, lambda x: q8_blocks(x, "cpu"))(q_rot)
-        return q.astype(np.float64) * np.float64(np.float32(scale))
-    scaled = (q_rot * np.float32(scale)).astype(np.float32)
-    return (scaled if type_k in ("f16", "bf16") else q8_blocks(scaled, "cuda")).astype(np.float64)
+        return device.cast(q, "float64") * scale32
+    scaled = q_rot * scale32  # float32 product
+    return device.cast(scaled if type_k in ("f16", "bf16") else q8_blocks(scaled, "cuda"), "float64")
 
 
-def backend_cache(values: np.ndarray, type_name: str, backend: str, read_as: str) -> np.ndarray:
+def backend_cache(values, type_name: str, backend: str, read_as: str):
     """The cache values the backend reads: CUDA converts to f16 where `cuda_kernel` says so."""
     if backend == "cuda" and read_as == "f16" and type_name != "f16":
         return _fp16(values)
@@ -182,9 +190,9 @@ def backend_cache(values: np.ndarray, type_name: str, backend: str, read_as: str
 
 # ---- softmax and the V accumulation --------------------------------------------------------------
 
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
+def softmax_rows(logits):
+    xp = device.namespace(logits)
+    e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -222,23 +230,25 @@ def online_softmax_f16_acc(logits, v, out):
             out[g, r, i] = acc[i] * inv
 
 
-def attend(logits: np.ndarray, v_stack: np.ndarray, backend: str, v_f16_accumulator: bool) -> np.ndarray:
+def attend(logits, v_stack, backend: str, v_f16_accumulator: bool):
     """Softmax(logits) @ V for several V caches at once.
 
     logits: (G, R, L) (float64 for ref, float32 values otherwise); v_stack: (n_v, G, L, D) float32.
     Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda.
     """
     if backend == "ref":
-        return np.einsum("grl,vgld->vgrd", softmax_rows(logits), v_stack.astype(np.float64), optimize=True)
-    logits = logits.astype(np.float32)
-    if v_f16_accumulator:
-        out = np.empty((v_stack.shape[0],) + logits.shape[:2] + (v_stack.shape[-1],), np.float32)
-        for i in range(v_stack.shape[0]):
-            online_softmax_f16_acc(logits, np.ascontiguousarray(v_stack[i]), out[i])
-        return out
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))  # float32, expf(s - M)
-    weighted = np.matmul(e[None], v_stack)  # (n_v, G, R, D) float32 sums of expf(s - M) * v
-    return weighted / e.sum(axis=-1, keepdims=True, dtype=np.float32)[None]
+        return softmax_rows(logits)[None] @ device.cast(v_stack, "float64")
+    logits = device.cast(logits, "float32")
+    if v_f16_accumulator:  # token by token on the CPU (Numba), wherever the arrays live
+        host_logits, host_v = device.to_host(logits), device.to_host(v_stack)
+        out = np.empty((host_v.shape[0],) + host_logits.shape[:2] + (host_v.shape[-1],), np.float32)
+        for i in range(host_v.shape[0]):
+            online_softmax_f16_acc(host_logits, np.ascontiguousarray(host_v[i]), out[i])
+        return out if logits is host_logits else device.to_device(out, logits.device)
+    xp = device.namespace(logits)
+    e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
+    weighted = e[None] @ v_stack  # (n_v, G, R, D) float32 sums of expf(s - M) * v
+    return weighted / e.sum(axis=-1, keepdims=True)[None]
 
 
 # ---- one cell ------------------------------------------------------------------------------------
@@ -253,18 +263,18 @@ class Exact:
     scale: float
 
 
-def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Exact:
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    k64, v64 = k.astype(np.float64), v.astype(np.float64)
-    logits = group_queries(q, k.shape[0]).astype(np.float64) @ k64.transpose(0, 2, 1) * scale
+def exact_attention(q, k, v) -> Exact:
+    scale = float(1.0 / np.sqrt(q.shape[-1]))
+    k64, v64 = device.cast(k, "float64"), device.cast(v, "float64")
+    logits = device.cast(group_queries(q, k.shape[0]), "float64") @ k64.swapaxes(1, 2) * scale
     return Exact(logits, softmax_rows(logits) @ v64, k64, v64, scale)
 
 
-def quantized_logits(q: np.ndarray, k_cache: np.ndarray, type_k: str, backend: str, scale: float) -> np.ndarray:
+def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float):
     """K.Q * scale over the cache as the backend computes it (float64 array, float32 values if not ref)."""
     qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
-    logits = qb @ k_cache.astype(np.float64).transpose(0, 2, 1)
-    return logits if backend == "ref" else logits.astype(np.float32).astype(np.float64)
+    logits = qb @ device.cast(k_cache, "float64").swapaxes(1, 2)
+    return logits if backend == "ref" else device.cast(device.cast(logits, "float32"), "float64")
 
 
 @dataclass(frozen=True)
@@ -309,7 +319,7 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, exact.scale)
     v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
     out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]
-    out = unrotate(out_rot.astype(np.float64), plan.v)
+    out = unrotate(device.cast(out_rot, "float64"), plan.v)
     metrics = attention_metrics(exact.logits, logits, exact.out, out, topk)
     metrics["k_rel_l2"] = tensor_rel_l2(unrotate(k_cache.astype(np.float64), plan.k), exact.k)
     metrics["v_rel_l2"] = tensor_rel_l2(unrotate(v_cache.astype(np.float64), plan.v), exact.v)

@@ -10,7 +10,8 @@ from .types import TYPES
 METRIC_LABELS = {
     "kl": "softmax KL (nats)", "out_rel_l2": "output relative L2", "out_cos": "output cosine",
     "logit_rel_l2": "logit relative L2", "k_rel_l2": "K relative L2", "v_rel_l2": "V relative L2",
-    "topk_overlap": "top-k overlap",
+    "topk_overlap": "top-k overlap", "hidden_rel_l2": "residual stream relative L2",
+    "attn_rel_l2": "attention output relative L2",
 }
 TINY = 1e-12  # floor before log10: f32/f32 is exactly lossless
 ERROR_FLOOR = 1e-6  # flavor ratios: below this (float32 rounding level) an error counts as zero
@@ -77,6 +78,36 @@ def context_growth(table, pairs, metric: str = "kl", flavor: str = "ref"):
     fig.update_xaxes(type="log", title="context length (tokens)")
     fig.update_yaxes(type="log", title=METRIC_LABELS[metric])
     fig.update_layout(height=450, title=f"{METRIC_LABELS[metric]} vs context length ({flavor}; K/V pair)")
+    return fig
+
+
+def depth_growth(depth_table, pairs, flavor: str = "ref"):
+    """Error vs the number of layers it passed through (kvlab.depth), rotation on (solid) / off (dashed).
+
+    Left: the residual stream's relative error after each layer. Right: how much worse each layer's
+    attention is than it would be on exact input (attn_rel_l2 / attn_local_rel_l2; 1 = no compounding).
+    """
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
+        "residual stream relative L2 after each layer", "compounding: attention error / its error on exact input"))
+    for i, (type_k, type_v) in enumerate(pairs):
+        for rotation in (True, False):
+            sel = depth_table[(depth_table.type_k == type_k) & (depth_table.type_v == type_v)
+                              & (depth_table.flavor == flavor) & (depth_table.rotation == rotation)].sort_values("depth")
+            if not len(sel):
+                continue
+            style = dict(mode="lines+markers", legendgroup=f"{type_k}/{type_v}",
+                         line=dict(dash="solid" if rotation else "dash", color=_color(i)))
+            name = f"{type_k}/{type_v} rot {'on' if rotation else 'off'}"
+            fig.add_trace(go.Scatter(x=sel.depth, y=np.maximum(sel.hidden_rel_l2, TINY), name=name, **style), row=1, col=1)
+            compounding = sel.attn_rel_l2 / np.maximum(sel.attn_local_rel_l2, TINY)
+            fig.add_trace(go.Scatter(x=sel.depth, y=compounding, name=name, showlegend=False, **style), row=1, col=2)
+    fig.update_xaxes(title_text="layers passed through (depth)", dtick=1)
+    fig.update_yaxes(type="log", title_text=METRIC_LABELS["hidden_rel_l2"], row=1, col=1)
+    fig.update_yaxes(title_text="attn_rel_l2 / attn_local_rel_l2", row=1, col=2)
+    fig.update_layout(height=450, title=f"error vs depth in a stack of {int(depth_table.n_layers.iloc[0])} layers "
+                                        f"({flavor} cache bytes, exact attention on the dequantized cache)")
     return fig
 
 

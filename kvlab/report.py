@@ -1,9 +1,10 @@
 """`kvlab report`: run the error sweep and write one self-contained HTML report (plotly inlined, offline).
 
 Sections: K-type x V-type heatmaps with and without rotation and their difference; error vs
-context length; error vs bits per value with the Pareto frontier; where the ref / cpu / cuda
-flavors disagree and what it costs; a short text summary with the published numbers as context.
-The default data is the synthetic generator (kvlab.synthetic), so the report needs no download.
+context length; error vs depth (how an error compounds through a stack of layers, kvlab.depth);
+error vs bits per value with the Pareto frontier; where the ref / cpu / cuda flavors disagree and
+what it costs; a short text summary with the published numbers as context. The default data is the
+synthetic generator (kvlab.synthetic), so the report needs no download.
 """
 from dataclasses import replace
 import html
@@ -12,12 +13,13 @@ import time
 
 import numpy as np
 
+from .depth import DEFAULT_PAIRS as GROWTH_PAIRS
+from .depth import add_depth_options, layer_growth, layers_path, stack_from_args
 from .sweep import (add_sweep_options, config_from_args, run_sweep, sample_from_args,
                     save_table)
 
 REPORT_LENGTHS = (128, 512, 2048, 8192)
-GROWTH_PAIRS = (("q4_0", "f16"), ("f16", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q8_0", "q8_0"),
-                ("q5_1", "q5_0"), ("iq4_nl", "iq4_nl"))
+REPORT_LAYERS = 8
 
 # Published numbers, for context only: end-to-end model metrics, not per-layer attention error.
 FIELD_CONTEXT = """
@@ -31,6 +33,12 @@ lower-bit rows continue the same ordering.)</p>
 Qwen3-30B-A3B: perplexity increase over an f16 K cache of +11.30% for Q4_0 without Hadamard and +0.92% with it;
 Q5_0 +0.79% → +0.26%; Q8_0 +0.04% → +0.07% (no gain, within noise). Rotation rescues 4-bit K and does nothing
 for 8-bit K. llama.cpp adopted the same idea in PR #21038 (rotating Q, K and V), which kvlab models.</p>
+<p><b>Through the layers:</b> KVTuner (Li et al. 2025, arXiv:2502.04420) finds that layers differ in their
+sensitivity to KV quantization and searches per-layer K/V precision pairs; KV-AdaQuant (Hariri et al. 2025,
+arXiv:2502.15075) traces the K/V asymmetry to the larger norms of the key projections, which amplify
+quantization error as it propagates through the layers (4-bit K with 2-bit V kept 75.2% accuracy where 2-bit K
+with 4-bit V kept 54.7%). kvlab's depth section is the controlled version: a random stack with known statistics,
+the error each layer adds on its own separated from the error it inherits.</p>
 """
 
 
@@ -83,6 +91,62 @@ def summary(table, pareto: list) -> list:
     return lines
 
 
+def depth_summary(depth_table) -> list:
+    """Findings of the layer-growth stack (kvlab.depth), computed from its table (HTML paragraphs)."""
+    ref = depth_table[depth_table.flavor == "ref"]
+    n = int(ref.depth.max())
+    rotation = True in set(ref.rotation)
+    pairs = list(dict.fromkeys(zip(ref.type_k, ref.type_v)))
+
+    def series(type_k, type_v, metric, rot=rotation):
+        sel = ref[(ref.type_k == type_k) & (ref.type_v == type_v) & (ref.rotation == rot)].sort_values("depth")
+        return sel.depth.to_numpy(), sel[metric].to_numpy()
+
+    settings = depth_table.attrs.get("settings", {})
+    model = (f"a stack of {n} pre-norm layers (random weights with the synthetic K/V statistics, d_model "
+             f"{int(ref.d_model.iloc[0])}, {int(ref.n_tokens.iloc[0])} tokens, each branch adding "
+             f"{settings.get('branch_scale', float('nan')):.0%} of the residual RMS; rotation "
+             f"{'on' if rotation else 'off'})")
+    growth = []
+    for type_k, type_v in pairs:
+        _, err = series(type_k, type_v, "hidden_rel_l2")
+        _, own = series(type_k, type_v, "hidden_own_rel_l2")
+        if n > 1 and own[-1] > 0:
+            growth.append(f"{type_k}/{type_v} {err[0]:.2g} → {err[-1]:.2g} ({err[-1] / own[-1]:.2f}×)")
+    lines = []
+    if growth:
+        lines.append(f"<b>Error compounds through the layers.</b> In {model}, the residual stream's relative error "
+                     f"after layer 1 → after layer {n}: " + "; ".join(growth) + ". In brackets: that error over "
+                     "the root sum of squares of the errors the layers add on their own; above 1×, inherited error "
+                     "grows as it passes through the later layers, below 1× they damp it; how much depends on how strongly each "
+                     "layer writes into the residual stream (kvlab.depth's docstring has the numbers).")
+    worst = []
+    for type_k, type_v in pairs:
+        _, total = series(type_k, type_v, "attn_rel_l2")
+        _, local = series(type_k, type_v, "attn_local_rel_l2")
+        if len(total) and local[-1] > 0:
+            worst.append(f"{type_k}/{type_v} {total[-1] / local[-1]:.2f}×")
+    if worst and n > 1:
+        lines.append(f"<b>Inherited error adds to the layer's own:</b> layer {n}'s attention output is, relative to "
+                     "the same layer on exact input with the same quantized cache, " + ", ".join(worst) + " as wrong.")
+    if ("f16", "q4_0") in pairs and n > 1:
+        _, kl = series("f16", "q4_0", "kl")
+        lines.append(f"<b>A V error becomes a K error one layer later:</b> with only V quantized (f16/q4_0), layer 1's "
+                     f"attention weights stay exact (KL {kl[0]:.2g}: the f16 rounding of K), but layer 2 reads keys "
+                     f"computed from a perturbed residual stream: KL {kl[1]:.2g} at depth 2, {kl[-1]:.2g} at depth {n}.")
+    if {("q8_0", "q8_0"), ("q4_0", "q4_0")} <= set(pairs):
+        _, e8 = series("q8_0", "q8_0", "hidden_rel_l2")
+        _, e4 = series("q4_0", "q4_0", "hidden_rel_l2")
+        _, kl8 = series("q8_0", "q8_0", "kl")
+        _, kl4 = series("q4_0", "q4_0", "kl")
+        lines.append(f"<b>q8_0/q8_0 stays near-lossless through depth:</b> residual error {e8[-1]:.2g} after {n} layers "
+                     f"against {e4[-1]:.2g} for q4_0/q4_0. At every depth the ratio stays between {(e4 / e8).min():.1f}× "
+                     f"and {(e4 / e8).max():.1f}×, and the KL ratio between {(kl4 / kl8).min():.0f}× and "
+                     f"{(kl4 / kl8).max():.0f}×: 8-bit steps are 16× finer, small errors propagate linearly, and KL is "
+                     "quadratic in small logit errors (16² = 256).")
+    return lines
+
+
 def _flavor_line(table, flavor: str) -> str:
     keys = ["type_k", "type_v", "rotation", "n_ctx"]
     ref = table[table.flavor == "ref"][keys + ["out_rel_l2"]].rename(columns={"out_rel_l2": "out_rel_l2_ref"})
@@ -126,7 +190,7 @@ set_rows (rotation per llama.cpp's rotation_plan), compared with exact float64 a
 """
 
 
-def build_report(table, out_path) -> Path:
+def build_report(table, out_path, depth_table=None) -> Path:
     from . import plots
     n_max = int(table.n_ctx.max())
     types = set(table.type_k) & set(table.type_v)
@@ -140,12 +204,18 @@ def build_report(table, out_path) -> Path:
                     ("Heatmaps: softmax KL (depends on the K type only: V does not enter the logits)",
                      plots.rotation_heatmaps(table, "kl"))]
     figures += [("Error vs context length: softmax KL", plots.context_growth(table, pairs, "kl")),
-                ("Error vs context length: output relative error", plots.context_growth(table, pairs, "out_rel_l2")),
-                ("Error vs bits per value (Pareto frontier)", bits_fig)]
+                ("Error vs context length: output relative error", plots.context_growth(table, pairs, "out_rel_l2"))]
+    findings = summary(table, pareto)
+    if depth_table is not None and len(depth_table):
+        depth_pairs = list(dict.fromkeys(zip(depth_table.type_k, depth_table.type_v)))
+        figures.append(("Error vs depth: how the error compounds through layers",
+                        plots.depth_growth(depth_table, depth_pairs)))
+        findings += depth_summary(depth_table)
+    figures.append(("Error vs bits per value (Pareto frontier)", bits_fig))
     if {"cpu", "cuda"} & set(table.flavor):
         figures.append(("Where the flavors (ref / cpu / cuda) disagree",
                         plots.flavor_disagreement(table, "out_rel_l2", rotation=True in set(table.rotation))))
-    page = render_html(table, figures, summary(table, pareto), table.attrs, table.attrs.get("elapsed_s", 0.0))
+    page = render_html(table, figures, findings, table.attrs, table.attrs.get("elapsed_s", 0.0))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(page, encoding="utf-8")
@@ -159,22 +229,43 @@ def _run(args) -> int:
     start = time.perf_counter()
     print(f"kvlab report: sweeping {len(cfg.types_k)}x{len(cfg.types_v)} K/V pairs x rotation off/on x "
           f"flavors {','.join(cfg.flavors)} x lengths {','.join(map(str, cfg.lengths))}")
-    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress)
+    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
+                      device=args.device)
     table.attrs["elapsed_s"] = round(time.perf_counter() - start, 2)
-    print(f"swept {len(table)} cells in {table.attrs['elapsed_s']:.1f} s")
+    print(f"swept {len(table)} cells on {table.attrs['device']} in {table.attrs['elapsed_s']:.1f} s")
+    depth_table = _layer_growth(args, cfg)
     if args.table:
-        for written in save_table(table, args.table):
-            print(f"wrote {written}")
-    path = build_report(table, args.out)
+        written = save_table(table, args.table)
+        written += save_table(depth_table, layers_path(args.table)) if depth_table is not None else []
+        for w in written:
+            print(f"wrote {w}")
+    path = build_report(table, args.out, depth_table)
     print(f"wrote {path.resolve()} ({path.stat().st_size / 1e6:.1f} MB, self-contained, opens offline)")
     return 0
+
+
+def _layer_growth(args, cfg):
+    """The depth section's table: the growth pairs through the stack, rotation off/on, ref bytes."""
+    stack = stack_from_args(args)
+    types = set(cfg.types_k) & set(cfg.types_v)
+    pairs = [p for p in GROWTH_PAIRS if set(p) <= types]
+    if stack is None or not pairs:
+        return None
+    if args.quick:
+        stack = replace(stack, n_layers=min(stack.n_layers, 4), n_tokens=min(stack.n_tokens, 64))
+    start = time.perf_counter()
+    depth_table = layer_growth(pairs, stack, cfg.rotations, device=args.device)
+    print(f"layer growth: {len(pairs)} pairs through {stack.n_layers} layers in {time.perf_counter() - start:.1f} s")
+    return depth_table
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="sweep every K/V pair and write an offline HTML report",
                               description=__doc__.split("\n\n")[0])
     add_sweep_options(p, REPORT_LENGTHS)
+    add_depth_options(p, REPORT_LAYERS)
     p.add_argument("--out", default="kvlab-report.html", help="the HTML file to write")
-    p.add_argument("--table", help="also save the sweep table (.parquet or .csv)")
+    p.add_argument("--table", help="also save the sweep table (.parquet or .csv) and the layer-growth table "
+                                   "(<name>.layers<suffix>)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep (lengths 64,256): a smoke test")
     p.set_defaults(run=_run)

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from ._arrays import is_cuda, like, to_numpy
+from ._arrays import cuda_empty, cuda_rows, is_cuda, like, to_numpy
 from .types import type_info
 
 
@@ -47,7 +47,11 @@ def rotate(x, n: int):
                          f"of the rotation size {n}")
     if is_cuda(x):
         from .kernels import cuda as gpu
-        return gpu.rotate(x, n)
+        out = cuda_empty(shape, np.float32, x)
+        if out.size:
+            gpu.rotate(cuda_rows(x, np.float32, "rotate(x)"), cuda_rows(out, np.float32, "out"),  # (rows, cols)
+                       n, hadamard_scale(n))
+        return out
     from .kernels.hadamard import rotate_rows
     xs = to_numpy(x, np.float32, "rotate(x)")
     out = np.empty(shape, dtype=np.float32)

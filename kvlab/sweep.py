@@ -8,8 +8,13 @@ tokens at its end, so each K/V cache is quantized once per (type, flavor, rotati
 
 Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
 all V types that share the backend's code path. Results are cached on disk per (flavor, rotation)
-chunk, keyed by the data, the settings and the kvlab version, so a rerun or an interrupted run
-costs only what is missing.
+chunk, keyed by the data, the settings, the device and the kvlab version, so a rerun or an
+interrupted run costs only what is missing.
+
+Device: numpy on the CPU by default, torch on the GPU when one is present (`device="auto"`): the
+cache is written and read by the CUDA kernels (kvlab.quantize on CUDA tensors) and the attention
+math runs in torch on the GPU; only the metrics of each cell (small) come back to the host. The
+same functions (kvlab.attention) run on both; see kvlab.device.
 """
 from dataclasses import asdict, dataclass, field, replace
 import hashlib
@@ -17,9 +22,11 @@ import json
 import os
 from pathlib import Path
 import platform
+import time
 
 import numpy as np
 
+from . import device as dev
 from .attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
                         unrotate)
 from .metrics import attention_metrics
@@ -81,11 +88,17 @@ class SweepConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-def versions() -> dict:
+def versions(place=None) -> dict:
     import numba
     from . import __version__
-    return {"kvlab": __version__, "numpy": np.__version__, "numba": numba.__version__,
-            "python": platform.python_version(), "machine": platform.machine()}
+    found = {"kvlab": __version__, "numpy": np.__version__, "numba": numba.__version__,
+             "python": platform.python_version(), "machine": platform.machine()}
+    if place is not None:
+        import torch
+        found["torch"] = torch.__version__
+        if place.type == "cuda":
+            found["gpu"] = torch.cuda.get_device_name(place)
+    return found
 
 
 def default_cache_dir() -> Path:
@@ -94,10 +107,10 @@ def default_cache_dir() -> Path:
 
 # ---- one (flavor, rotation) chunk ----------------------------------------------------------------
 
-def prefix_rel_l2(stored: np.ndarray, rot, exact: np.ndarray) -> np.ndarray:
-    """rel_l2 of stored (unrotated) vs exact over the first n tokens, for every n: (n_kv,)."""
-    diff2 = ((unrotate(stored.astype(np.float64), rot) - exact) ** 2).sum(axis=(0, 2))  # (n_kv,)
-    norm2 = (exact ** 2).sum(axis=(0, 2))
+def prefix_rel_l2(stored, rot, exact) -> np.ndarray:
+    """rel_l2 of stored (unrotated) vs exact over the first n tokens, for every n: (n_kv,) on the host."""
+    diff2 = dev.to_host(((unrotate(dev.cast(stored, "float64"), rot) - exact) ** 2).sum(axis=(0, 2)))  # (n_kv,)
+    norm2 = dev.to_host((exact ** 2).sum(axis=(0, 2)))
     return np.sqrt(np.cumsum(diff2) / np.maximum(np.cumsum(norm2), np.finfo(np.float64).tiny))
 
 
@@ -106,14 +119,15 @@ class _VCaches:
 
     def __init__(self, caches: dict):
         self.types = list(caches)
-        self.stored = np.stack([caches[t] for t in self.types], axis=2)  # (G, n_kv, n_v, D) float32
+        xp = dev.namespace(caches[self.types[0]])
+        self.stored = xp.stack([caches[t] for t in self.types], axis=2)  # (G, n_kv, n_v, D) float32
         self._forms = {}
 
     def form(self, kind: str) -> np.ndarray:
         """"f32" (as stored), "f64" (for ref), "f16" (converted to f16 by ggml-cuda)."""
         if kind not in self._forms:
-            convert = {"f32": lambda x: x, "f64": lambda x: x.astype(np.float64),
-                       "f16": lambda x: x.astype(np.float16).astype(np.float32)}[kind]
+            convert = {"f32": lambda x: x, "f64": lambda x: dev.cast(x, "float64"),
+                       "f16": lambda x: dev.cast(dev.cast(x, "float16"), "float32")}[kind]
             self._forms[kind] = convert(self.stored)
         return self._forms[kind]
 
@@ -122,21 +136,40 @@ class _VCaches:
         v = self.form(kind)[:, :length]  # (G, L, n_v, D)
         g, l, n_v, d = v.shape
         out = attend(logits, v.reshape(g, l, n_v * d)[None], backend, False)[0]  # (G, R, n_v*D)
-        return np.moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
+        return dev.namespace(out).moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
 
 
-def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool, exact_by_len, progress):
+@dataclass
+class _Exact:
+    """Exact attention at one context length: logits and output on the host (for the metrics)."""
+    logits: np.ndarray  # (G, R, L) float64
+    out: np.ndarray     # (G, R, D) float64
+    scale: float
+
+
+def _exact_by_length(sample: KVSample, cfg: SweepConfig, place) -> dict:
+    k, v = dev.to_device(sample.k, place), dev.to_device(sample.v, place)
+    exact = {}
+    for n in cfg.lengths:
+        e = exact_attention(dev.to_device(sample.queries_for(n, cfg.n_q), place), k[:, :n], v[:, :n])
+        exact[n] = _Exact(dev.to_host(e.logits), dev.to_host(e.out), e.scale)
+    return exact
+
+
+def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool, exact_by_len, progress,
+                place=None):
     head_dim = sample.k.shape[-1]
     plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
-    k_caches = {t: store(sample.k, t, flavor, plan_of(t).k) for t in cfg.types_k}
-    v_caches = _VCaches({t: store(sample.v, t, flavor, plan_of(t).v) for t in cfg.types_v})
-    k64, v64 = sample.k.astype(np.float64), sample.v.astype(np.float64)
+    k_in, v_in = dev.to_device(sample.k, place), dev.to_device(sample.v, place)
+    k_caches = {t: store(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}
+    v_caches = _VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
+    k64, v64 = dev.cast(k_in, "float64"), dev.cast(v_in, "float64")
     k_err = {t: prefix_rel_l2(k_caches[t], plan_of(t).k, k64) for t in cfg.types_k}
     v_err = {t: prefix_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v64) for i, t in enumerate(v_caches.types)}
     rows = []
     for length in cfg.lengths:
         exact = exact_by_len[length]
-        q = sample.queries_for(length, cfg.n_q)
+        q = dev.to_device(sample.queries_for(length, cfg.n_q), place)
         for type_k in cfg.types_k:
             rot_k = plan_of(type_k).k
             k_cache = k_caches[type_k][:, :length]
@@ -148,6 +181,7 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
             for (backend, read_k, f16_acc), members in groups.items():
                 k_read = backend_cache(k_cache, type_k, backend, read_k)
                 logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale)
+                host_logits = dev.to_host(logits)
                 if f16_acc:  # the fp16 accumulator runs token by token, one V type at a time
                     outs = {i: attend(logits, v_caches.stored[None, :, :length, i], backend, True)[0]
                             for i, _, _ in members}
@@ -156,8 +190,8 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                     assert all((p.read_v == "f16") == (kind == "f16") for _, _, p in members if backend == "cuda")
                     outs = v_caches.attend_all(logits, backend, kind, length)
                 for i, type_v, path in members:
-                    out = unrotate(np.asarray(outs[i], np.float64), plan_of(type_v).v)
-                    m = attention_metrics(exact.logits, logits, exact.out, out, cfg.topk)
+                    out = dev.to_host(unrotate(dev.cast(outs[i], "float64"), plan_of(type_v).v))
+                    m = attention_metrics(exact.logits, host_logits, exact.out, out, cfg.topk)
                     rows.append(dict(
                         type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
                         kernel=path.kernel, n_ctx=length, rot_k=rot_k or 0, rot_v=plan_of(type_v).v or 0,
@@ -166,18 +200,24 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
     return rows
 
 
-def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None, progress: bool = True):
-    """The tidy table (pandas DataFrame) of every cell; df.attrs holds settings and versions."""
+def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None, progress: bool = True,
+              device="auto"):
+    """The tidy table (pandas DataFrame) of every cell; df.attrs holds settings and versions.
+
+    device: "auto" (the GPU when torch sees one, else numpy on the CPU), "cpu", "cuda[:N]" or a
+    torch.device (see kvlab.device.resolve_device).
+    """
     import pandas as pd
     from tqdm.auto import tqdm
     if sample.k.shape[1] < max(cfg.lengths):
         raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
+    place = dev.resolve_device(device)
+    where = dev.device_label(place)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    settings, vers = cfg.settings(), versions()
-    key_base = json.dumps({"data": sample.fingerprint(), "settings": settings, "kvlab": vers["kvlab"]},
-                          sort_keys=True)
-    exact_by_len = {n: exact_attention(sample.queries_for(n, cfg.n_q), sample.k[:, :n], sample.v[:, :n])
-                    for n in cfg.lengths}
+    settings, vers = cfg.settings(), versions(place)
+    key_base = json.dumps({"data": sample.fingerprint(), "settings": settings, "kvlab": vers["kvlab"],
+                           "device": where}, sort_keys=True)
+    exact_by_len = _exact_by_length(sample, cfg, place)
     chunks = [(f, r) for f in cfg.flavors for r in cfg.rotations]
     total = len(chunks) * len(cfg.lengths) * len(cfg.types_k)
     frames = []
@@ -189,7 +229,7 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
                 frames.append(pd.read_parquet(path))
                 bar.update(len(cfg.lengths) * len(cfg.types_k))
                 continue
-            frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar))
+            frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar, place))
             cache_dir.mkdir(parents=True, exist_ok=True)
             frame.to_parquet(path, index=False)
             frames.append(frame)
@@ -200,7 +240,9 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
     table["bits_k"] = table["type_k"].map(lambda t: TYPES[t].bits_per_weight)
     table["bits_v"] = table["type_v"].map(lambda t: TYPES[t].bits_per_weight)
     table["bits_per_value"] = (table["bits_k"] + table["bits_v"]) / 2
-    table.attrs.update(settings=settings, versions=vers, data=sample.fingerprint(), source=sample.name)
+    table["device"] = where
+    table.attrs.update(settings=settings, versions=vers, data=sample.fingerprint(), source=sample.name,
+                       device=where)
     return table
 
 
@@ -236,6 +278,8 @@ def add_sweep_options(parser, default_lengths) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--data", help=".npz with q, k, v (and optionally q_positions), e.g. from kvlab.capture")
     parser.add_argument("--cache-dir", help="where cell results are cached (default: $KVLAB_CACHE or ~/.cache/kvlab)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -254,12 +298,24 @@ def sample_from_args(args, cfg: SweepConfig) -> KVSample:
 
 
 def _run(args) -> int:
+    from .depth import layer_growth, layers_path, stack_from_args
     cfg = config_from_args(args)
-    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress)
+    start = time.perf_counter()
+    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
+                      device=args.device)
+    print(f"swept {len(table)} cells on {table.attrs['device']} in {time.perf_counter() - start:.1f} s")
     for written in save_table(table, args.out):
         print(f"wrote {written}")
     print(f"{len(table)} rows: {table.type_k.nunique()} K types x {table.type_v.nunique()} V types x "
           f"{table.rotation.nunique()} rotations x {table.flavor.nunique()} flavors x {table.n_ctx.nunique()} lengths")
+    stack = stack_from_args(args)
+    if stack:
+        start = time.perf_counter()
+        depth = layer_growth([(k, v) for k in cfg.types_k for v in cfg.types_v], stack, cfg.rotations, cfg.flavors,
+                             device=args.device, progress=not args.no_progress)
+        print(f"layer growth: {len(depth)} rows ({stack.n_layers} layers) in {time.perf_counter() - start:.1f} s")
+        for written in save_table(depth, layers_path(args.out)):
+            print(f"wrote {written}")
     return 0
 
 
@@ -267,5 +323,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="error of every K/V type pair x rotation x flavor x context length",
                               description=__doc__.split("\n\n")[0])
     add_sweep_options(p, SweepConfig.lengths)
-    p.add_argument("--out", default="kvlab-sweep.parquet", help="output table, .parquet or .csv")
+    from .depth import add_depth_options
+    add_depth_options(p, 0)
+    p.add_argument("--out", default="kvlab-sweep.parquet",
+                   help="output table, .parquet or .csv (the layer-growth table goes to <name>.layers<suffix>)")
     p.set_defaults(run=_run)

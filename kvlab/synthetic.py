@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import device
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -36,19 +38,22 @@ class SyntheticConfig:
             raise ValueError(f"n_outliers must lie in [0, head_dim/4], got {self.n_outliers}")
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
-    """Rotate-half RoPE: channel i pairs with i + D/2 at angle pos * base**(-2i/D). x: (H, T, D)."""
+def apply_rope(x, positions: np.ndarray, base: float):
+    """Rotate-half RoPE: channel i pairs with i + D/2 at angle pos * base**(-2i/D). x: (H, T, D), numpy or torch."""
     half = x.shape[-1] // 2
     inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / x.shape[-1])
     angle = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (T, D/2)
-    cos, sin = np.cos(angle), np.sin(angle)
+    cos, sin = device.like(np.cos(angle), x), device.like(np.sin(angle), x)
     a, b = x[..., :half], x[..., half:]
-    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return device.namespace(x).concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def _head_structure(cfg: SyntheticConfig):
-    """Per KV head: outlier channels with their signed magnitudes, and V's channel scales."""
-    rng = np.random.default_rng([cfg.seed, 0])
+def head_structure(cfg: SyntheticConfig, key: tuple = ()):
+    """Per KV head: K's outlier bias (n_head_kv, D) and V's channel scales (n_head_kv, 1, D).
+
+    `key` draws another head's structure from the same seed (kvlab.depth: one per layer).
+    """
+    rng = np.random.default_rng([cfg.seed, 0, *key])
     half = cfg.head_dim // 2
     low_freq = np.arange(half - half // 4, half)  # the slowest-rotating quarter of the pairs
     bias = np.zeros((cfg.n_head_kv, cfg.head_dim))
@@ -77,21 +82,24 @@ def _per_position(seed_key, positions, shape_tail, draw):
 def synthetic_queries(positions, cfg: SyntheticConfig = SyntheticConfig()) -> np.ndarray:
     """Q at the given positions: (n_head, len(positions), head_dim) float32, post-RoPE."""
     positions = np.asarray(positions, dtype=np.int64)
-    bias, _ = _head_structure(cfg)
-    group = cfg.n_head // cfg.n_head_kv
+    bias, _ = head_structure(cfg)
     bulk_std = cfg.logit_std  # q.k/sqrt(D) over N(0,1) keys has std |q_bulk| / sqrt(D) = bulk_std
     normal = lambda rng, shape: rng.standard_normal(shape)
     q = bulk_std * _per_position((cfg.seed, 1), positions, (cfg.n_head, cfg.head_dim), normal)  # (H, T, D)
-    # lean on the outlier channels (the sign of the KV head's outliers, a fraction of their size)
-    q += 0.1 * np.repeat(np.sign(bias), group, axis=0)[:, None, :] * cfg.logit_std
+    q += query_lean(bias, cfg)[:, None, :]
     return apply_rope(q, positions, cfg.rope_base).astype(np.float32)
+
+
+def query_lean(bias: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    """(n_head, D): Q leans on its KV head's outlier channels (their sign, a tenth of the logit spread)."""
+    return 0.1 * cfg.logit_std * np.repeat(np.sign(bias), cfg.n_head // cfg.n_head_kv, axis=0)
 
 
 def synthetic_kv(n_kv: int, cfg: SyntheticConfig = SyntheticConfig()):
     """(q, k, v): q (n_head, n_q, D) at the last n_q positions; k, v (n_head_kv, n_kv, D); float32."""
     if n_kv < 1:
         raise ValueError(f"n_kv must be positive, got {n_kv}")
-    bias, v_scale = _head_structure(cfg)
+    bias, v_scale = head_structure(cfg)
     positions = np.arange(n_kv)
     normal = lambda rng, shape: rng.standard_normal(shape)
     student = lambda rng, shape: rng.standard_t(cfg.v_dof, shape)

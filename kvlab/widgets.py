@@ -6,6 +6,9 @@ nbconvert) still runs every line of it. Figures are shown through plotly's mimet
 JupyterLab's bundled plotly extension draws offline. Tables are pandas DataFrames; the figure
 builders (`*_figure`) return plotly figures for use outside widgets too.
 """
+from dataclasses import dataclass
+import json
+
 import numpy as np
 
 from . import TYPES, dequantize, quantize, rotate, rotation_plan
@@ -16,8 +19,19 @@ QUANTIZED = tuple(name for name, info in TYPES.items() if info.is_quantized)
 
 
 def show(fig) -> None:
-    """Display a plotly figure as its JSON mimetype (no plotly.js copy in the notebook, no CDN)."""
-    fig.show(renderer="plotly_mimetype")
+    """Display a plotly figure as its JSON mimetype (drawn offline by JupyterLab's plotly extension).
+
+    The template is left out: plotly.js then draws its plain default look, and each stored figure is
+    about 8 KB smaller (notebooks keep their outputs in git).
+    """
+    from IPython.display import display
+    spec = json.loads(fig.to_json())
+    spec["layout"].pop("template", None)
+    display({"application/vnd.plotly.v1+json": spec, "text/plain": f"<plotly figure: {_title(fig)}>"}, raw=True)
+
+
+def _title(fig) -> str:
+    return fig.layout.title.text or "untitled"
 
 
 def _explorer(controls: dict, render, title: str = ""):
@@ -44,7 +58,7 @@ def _slider(value, lo, hi, step, description: str, integer: bool = False):
 # ---------------------------------------------------------------- 01: block formats
 
 def example_block(seed: int = 0, outlier: float = 4.0) -> np.ndarray:
-    """32 float32 values like one block of a K row: normal, with one outlier (value 5)."""
+    """32 float32 values like one block of a K row: normals (3 decimals) and one outlier at index 5."""
     x = np.random.default_rng(seed).standard_normal(32).astype(np.float32)
     x[5] = np.float32(outlier)
     return np.round(x, 3)
@@ -410,7 +424,7 @@ def compat_figure(frame):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     eras = list(dict.fromkeys(frame["era"]))
-    types = list(TYPES)
+    types = [t for t in TYPES if t in set(frame["type_k"])]
     fig = make_subplots(1, len(eras), subplot_titles=eras, horizontal_spacing=0.04)
     n = len(OUTCOMES)
     scale = [[edge, OUTCOME_COLORS[i]] for i in range(n) for edge in (i / n, (i + 1) / n)]  # one flat band each
@@ -427,3 +441,203 @@ def compat_figure(frame):
     fig.update_layout(title="K/V pairs under --split-mode tensor (rows K, columns V)", height=380,
                       margin={"t": 70, "b": 40})
     return fig
+
+
+# ---------------------------------------------------------------- 04: error growth
+
+def sig(x: float, digits: int = 2) -> str:
+    """A number for printed tables that stays the same across machines: a few significant digits,
+    and 0 below 1e-10 (float64 rounding noise of lossless pairs)."""
+    return "0" if abs(x) < 1e-10 else f"{x:.{digits}g}"
+
+
+def pair_table(table, pairs, metrics=("kl", "out_rel_l2"), flavor: str = "ref", n_ctx=None):
+    """Rows K/V pair, columns metric x rotation off/on, at one context length: printable strings."""
+    import pandas as pd
+    n_ctx = n_ctx or int(table.n_ctx.max())
+    sel = table[(table.flavor == flavor) & (table.n_ctx == n_ctx)]
+    rows = {}
+    for type_k, type_v in pairs:
+        cell = sel[(sel.type_k == type_k) & (sel.type_v == type_v)].set_index("rotation")
+        row = {"bits/value": f"{TYPES[type_k].bits_per_weight / 2 + TYPES[type_v].bits_per_weight / 2:g}"}
+        for m in metrics:
+            for rot in (False, True):
+                row[f"{m} rot {'on' if rot else 'off'}"] = sig(float(cell.loc[rot, m]))
+        rows[f"{type_k}/{type_v}"] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def error_grid_figure(table, metric: str = "kl", flavor: str = "ref", n_ctx=None, rotation: bool = True):
+    """One 9x9 heatmap: log10(metric) per K type (rows) and V type (columns)."""
+    import plotly.graph_objects as go
+    from .plots import METRIC_LABELS, type_order
+    n_ctx = n_ctx or int(table.n_ctx.max())
+    sel = table[(table.flavor == flavor) & (table.n_ctx == n_ctx) & (table.rotation == rotation)]
+    grid = sel.pivot_table(index="type_k", columns="type_v", values=metric, aggfunc="mean")
+    ks, vs = type_order(grid.index), type_order(grid.columns)
+    z = np.log10(np.maximum(grid.loc[ks, vs].to_numpy(), 1e-12))
+    fig = go.Figure(go.Heatmap(z=z, x=vs, y=ks, colorscale="Viridis", text=np.vectorize(lambda v: f"{v:.1f}")(z),
+                               texttemplate="%{text}", hovertemplate="K %{y} / V %{x}: 10^%{z:.2f}<extra></extra>",
+                               colorbar={"title": "log10"}))
+    fig.update_layout(title=f"log10 {METRIC_LABELS[metric]}: {flavor}, context {n_ctx}, rotation "
+                            f"{'on' if rotation else 'off'}", xaxis_title="V type", yaxis_title="K type",
+                      height=450, margin={"t": 50})
+    return fig
+
+
+def error_explorer(table):
+    """Metric, context length, flavor and rotation over a sweep table: the 9x9 heatmap."""
+    import ipywidgets as widgets
+    from .plots import METRIC_LABELS
+    metrics = [m for m in METRIC_LABELS if m in table.columns]
+    controls = {"metric": _dropdown(metrics, "kl", "metric"),
+                "n_ctx": _dropdown(sorted(int(n) for n in table.n_ctx.unique()), int(table.n_ctx.max()), "context"),
+                "flavor": _dropdown(list(dict.fromkeys(table.flavor)), table.flavor.iloc[0], "flavor"),
+                "rotation": widgets.Checkbox(value=True, description="rotation", indent=False,
+                                             layout={"width": "auto"})}
+    return _explorer(controls, lambda **v: show(error_grid_figure(table, **v)),
+                     "Error of every K/V pair")
+
+
+def sources_figure(tables: dict, metric: str = "kl"):
+    """Same-type pairs (K = V) on several data sources: grouped bars of the metric, log scale."""
+    import plotly.graph_objects as go
+    from .plots import METRIC_LABELS
+    fig = go.Figure()
+    for name, t in tables.items():
+        n_ctx = int(t.n_ctx.max())
+        sel = t[(t.type_k == t.type_v) & (t.flavor == "ref") & (t.n_ctx == n_ctx) & (t.rotation)]
+        sel = sel.set_index("type_k").loc[[x for x in TYPES if x in set(sel.type_k)]]
+        fig.add_trace(go.Bar(x=sel.index, y=np.maximum(sel[metric], 1e-12), name=f"{name} (context {n_ctx})"))
+    fig.update_layout(barmode="group", yaxis_type="log", yaxis_title=METRIC_LABELS[metric], height=380,
+                      title=f"{METRIC_LABELS[metric]} with K = V type, per data source", margin={"t": 50})
+    return fig
+
+
+# ---------------------------------------------------------------- 05: tensor parallel
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of a decoder that decode speed and KV memory depend on (default: Llama-3-8B)."""
+    n_layers: int = 32
+    head_dim: int = 128
+    n_head: int = 32
+    n_head_kv: int = 8
+    n_params: float = 8.0e9
+    weight_bits: float = 16.0     # f16 weights; ~4.5 for a Q4_0 model
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    """Decode is memory bound: each device streams its weight shard and its KV shard once per token;
+    tensor parallelism adds two all-reduces per layer (after attention and after the FFN)."""
+    hbm_gbs: float = 3350.0       # H100 SXM HBM3
+    allreduce_us: float = 8.0     # one small all-reduce over NVLink
+
+
+def kv_bytes_per_device(shape: ModelShape, type_k: str, type_v: str, context: int, n_devices: int) -> list:
+    """Bytes of K and V cache on each device for `context` tokens, all layers, split as llama.cpp does
+    (whole KV heads per device; the device taking the remainder rotates with the layer)."""
+    from .split.state import Axis
+    from .split.static import static_state
+    width = shape.n_head_kv * shape.head_dim
+    total = [0] * n_devices
+    for layer in range(shape.n_layers):
+        state = static_state("kv", Axis.AXIS_0, width, layer=layer, n_devices=n_devices, version="0.3.36",
+                             head_dim=shape.head_dim, n_head=shape.n_head, n_head_kv=shape.n_head_kv, weight_block=1)
+        for j, values in enumerate(state.per_device):
+            total[j] += context * sum(TYPES[t].row_bytes(values) for t in (type_k, type_v))
+    return total
+
+
+def kv_memory_table(shape: ModelShape, pairs, context: int, devices=(1, 2, 4, 8)):
+    """GiB of KV cache on the fullest device, per K/V pair (rows) and device count (columns)."""
+    import pandas as pd
+    return pd.DataFrame({f"{n} dev": [max(kv_bytes_per_device(shape, tk, tv, context, n)) / 2 ** 30
+                                      for tk, tv in pairs] for n in devices},
+                        index=pd.Index([f"{tk}/{tv}" for tk, tv in pairs], name=f"GiB at {context} tokens"))
+
+
+def decode_tokens_per_s(shape: ModelShape, model: DecodeModel, type_k: str, type_v: str, context: int,
+                        n_devices: int) -> float:
+    """Tokens per second of one sequence: the slowest device's bytes over HBM bandwidth, plus all-reduces."""
+    weights = shape.n_params * shape.weight_bits / 8 / n_devices
+    seconds = (weights + max(kv_bytes_per_device(shape, type_k, type_v, context, n_devices))) / (model.hbm_gbs * 1e9)
+    if n_devices > 1:
+        seconds += 2 * shape.n_layers * model.allreduce_us * 1e-6
+    return 1.0 / seconds
+
+
+def decode_figure(shape: ModelShape, model: DecodeModel, pairs, contexts, devices=(1, 2, 4, 8)):
+    """Modelled tokens/s against context, one line per (pair, device count)."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    dashes = ("solid", "dash", "dot", "dashdot")
+    for i, (tk, tv) in enumerate(pairs):
+        for n, dash in zip(devices, dashes):
+            fig.add_trace(go.Scatter(x=list(contexts), y=[decode_tokens_per_s(shape, model, tk, tv, c, n) for c in contexts],
+                                     mode="lines", name=f"{tk}/{tv}, {n} dev", legendgroup=f"{tk}/{tv}",
+                                     line={"dash": dash, "color": _PALETTE[i % len(_PALETTE)]}))
+    fig.update_layout(title=f"Modelled decode speed ({model.hbm_gbs:g} GB/s per device, "
+                            f"{model.allreduce_us:g} µs per all-reduce)", xaxis_type="log",
+                      xaxis_title="context (tokens)", yaxis_title="tokens/s", height=420, margin={"t": 50})
+    return fig
+
+
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def load_measured(path):
+    """bench/tp_decode.py JSON lines as a DataFrame, or None when the file is not there."""
+    import pandas as pd
+    from pathlib import Path
+    path = Path(path)
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    return pd.DataFrame([r for r in rows if r.get("bench") == "tp_decode"])
+
+
+def measured_figure(frame):
+    """Measured decode steps (kvlab.tp, attention layers only) against context, per pair and world size."""
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for i, ((tk, tv), part) in enumerate(frame[frame.rotation].groupby(["type_k", "type_v"])):
+        for n, run in part.groupby("world_size"):
+            run = run.sort_values("context")
+            fig.add_trace(go.Scatter(x=run.context, y=run.layer_ms, mode="lines+markers", name=f"{tk}/{tv}, {n} GPU",
+                                     line={"color": _PALETTE[i % len(_PALETTE)]}))
+    fig.update_layout(title=f"Measured: one attention layer per decode step ({frame.device.iloc[0]})",
+                      xaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms per layer", height=420)
+    return fig
+
+
+def sharded_table(devices=(1, 2, 3, 4), pairs=(("q8_0", "q4_0"),), **config):
+    """kvlab.split.run_sharded per device count and pair: do the sharded results equal one device's?"""
+    import pandas as pd
+    from .split import run_sharded
+    rows = []
+    for n in devices:
+        for tk, tv in pairs:
+            r = run_sharded(n_devices=n, type_k=tk, type_v=tv, **config)
+            rows.append({"devices": n, "pair": f"{tk}/{tv}", "cache bytes equal": all(r.cache_equal.values()),
+                         "heads bitwise equal": r.heads_equal, "output within all-reduce bound": r.within_bound})
+    return pd.DataFrame(rows).set_index(["devices", "pair"])
+
+
+def tp_explorer(shape: ModelShape = ModelShape(), model: DecodeModel = DecodeModel()):
+    """Device count, context and K/V pair: KV memory per device and the modelled decode speed."""
+    from IPython.display import HTML, display
+
+    def render(n_devices, context, type_k, type_v):
+        per_device = kv_bytes_per_device(shape, type_k, type_v, context, n_devices)
+        weights = shape.n_params * shape.weight_bits / 8 / n_devices
+        speed = decode_tokens_per_s(shape, model, type_k, type_v, context, n_devices)
+        cells = "".join(f"<tr><td>device {j}</td><td>{b / 2**30:.2f} GiB KV</td><td>{weights / 2**30:.2f} GiB weights</td></tr>"
+                        for j, b in enumerate(per_device))
+        display(HTML(f"<table class='kvlab-tp'>{cells}</table><p>modelled decode: <b>{speed:.0f} tokens/s</b></p>"))
+
+    controls = {"n_devices": _dropdown([1, 2, 3, 4, 8], 2, "devices"),
+                "context": _dropdown([4096, 32768, 131072], 32768, "context"),
+                "type_k": _dropdown(list(TYPES), "q8_0", "K"), "type_v": _dropdown(list(TYPES), "q4_0", "V")}
+    return _explorer(controls, render, "Per-device memory and decode speed")

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(r'''
     import kvlab.kernels.cuda as kc
     from kvlab.rotation import hadamard_scale
     from kvlab.types import TYPES
+    from kvlab.kernels.blocks import rcp_approx_table
     inputs = np.load("tests/golden/inputs.npz")
     CASES = ("normal", "ties_pm", "subnormal_mixed", "nan", "inf", "zeros")
     bad = []
@@ -46,29 +47,46 @@ SCRIPT = textwrap.dedent(r'''
             getattr(cpu, f"dequantize_row_{name}")(out.copy_to_host().reshape(xb.shape[0], -1), want)
             if not np.array_equal(deq.copy_to_host().reshape(-1).view(np.uint32), want.reshape(-1).view(np.uint32)):
                 bad.append(f"{name} {case}: dequantize differs from the CPU kernel")
-    # set_rows and the fused rotation, on one type
+    # the rotation: plain (in-row stages only, register columns, shared-memory columns) and fused
     from kvlab.kernels import hadamard
+    def rotated(a, n):                                                  # CPU reference, a (rows, cols)
+        out = np.zeros((a.size // n, n), np.float32)
+        hadamard.rotate_rows(np.ascontiguousarray(a).reshape(-1, n), out, hadamard_scale(n))
+        return out.reshape(a.shape)
     x = np.ascontiguousarray(inputs["normal"][:2])                      # (2, 256)
-    rot = np.zeros((8, 64), np.float32)
-    hadamard.rotate_rows(x.reshape(8, 64), rot, hadamard_scale(64))     # (8 chunks, 64)
-    want = np.zeros((16, 18), np.uint8)
-    importlib.import_module("kvlab.kernels.q4_0").quantize_row_q4_0(rot.reshape(16, 32), want, 0)
-    cache = cuda.to_device(np.zeros((3, 144), np.uint8))
-    kc.rotate_quantize(cuda.to_device(x), cache, "q4_0", 0, 64, hadamard_scale(64),
-                       row_ids=cuda.to_device(np.array([2, 0], np.int64)))
-    c = cache.copy_to_host()
-    if not (np.array_equal(c[2], want.reshape(2, 144)[0]) and np.array_equal(c[0], want.reshape(2, 144)[1])
-            and not c[1].any()):
-        bad.append("rotate_quantize with row_ids differs from rotate_rows + quantize_row_q4_0")
-    back = cuda.to_device(np.zeros((2, 256), np.float32))
-    kc.dequantize_unrotate(cuda.to_device(np.ascontiguousarray(want.reshape(2, 144))), back, "q4_0", 64,
-                           hadamard_scale(64))
-    deq = np.zeros((16, 32), np.float32)
-    importlib.import_module("kvlab.kernels.q4_0").dequantize_row_q4_0(want, deq)
-    unrot = np.zeros((8, 64), np.float32)
-    hadamard.rotate_rows(deq.reshape(8, 64), unrot, hadamard_scale(64))
-    if not np.array_equal(back.copy_to_host().reshape(-1), unrot.reshape(-1)):
-        bad.append("dequantize_unrotate differs from dequantize_row_q4_0 + rotate_rows")
+    wide = np.ascontiguousarray(inputs["normal"][:4].reshape(2, 512))   # (2, 512): one 512-chunk per row
+    for a, n in ((x, 1), (x, 4), (x, 64), (x, 256), (wide, 512)):
+        out = cuda.to_device(np.zeros(a.shape, np.float32))
+        kc.rotate(cuda.to_device(a), out, n, hadamard_scale(n))
+        if not np.array_equal(out.copy_to_host().view(np.uint32), rotated(a, n).view(np.uint32)):
+            bad.append(f"rotate n={n} differs from rotate_rows")
+    q40 = importlib.import_module("kvlab.kernels.q4_0")
+    for a, n, flavor in ((x, 64, 0), (x, 256, 2), (wide, 512, 1)):
+        want = np.zeros((a.size // 32, 18), np.uint8)
+        q40.quantize_row_q4_0(rotated(a, n).reshape(-1, 32), want, flavor, rcp_approx_table())
+        want = want.reshape(2, -1)                                      # (2, row_bytes)
+        cache = cuda.to_device(np.zeros((3, want.shape[1]), np.uint8))
+        kc.rotate_quantize(cuda.to_device(a), cache, "q4_0", flavor, n, hadamard_scale(n),
+                           row_ids=cuda.to_device(np.array([2, 0], np.int64)))
+        c = cache.copy_to_host()
+        if not (np.array_equal(c[2], want[0]) and np.array_equal(c[0], want[1]) and not c[1].any()):
+            bad.append(f"rotate_quantize n={n} with row_ids differs from rotate_rows + quantize_row_q4_0")
+        back = cuda.to_device(np.zeros(a.shape, np.float32))
+        kc.dequantize_unrotate(cuda.to_device(want), back, "q4_0", n, hadamard_scale(n))
+        deq = np.zeros((a.size // 32, 32), np.float32)
+        q40.dequantize_row_q4_0(want.reshape(-1, 18), deq)
+        if not np.array_equal(back.copy_to_host().view(np.uint32), rotated(deq.reshape(a.shape), n).view(np.uint32)):
+            bad.append(f"dequantize_unrotate n={n} differs from dequantize_row_q4_0 + rotate_rows")
+    # set_rows of a per-value type, and rows of 6 values (not whole 16-byte groups: the one-value kernel)
+    for cols in (256, 6):
+        v = np.ascontiguousarray(inputs["nan"][:2, :cols])
+        want = np.zeros((2, 2 * cols), np.uint8)
+        importlib.import_module("kvlab.kernels.f16").quantize_row_f16(v, want, 1)
+        cache = cuda.to_device(np.zeros((3, 2 * cols), np.uint8))
+        kc.set_rows(cache, cuda.to_device(np.array([1, 2], np.int32)), cuda.to_device(v), "f16", 1)
+        c = cache.copy_to_host()
+        if not (np.array_equal(c[1:], want) and not c[0].any()):
+            bad.append(f"set_rows f16 (cols {cols}) differs from quantize_row_f16")
     print("\n".join(bad) if bad else "ALL EQUAL")
 ''')
 

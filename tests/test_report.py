@@ -28,11 +28,12 @@ def html_file(tmp_path_factory):
 def test_report_is_one_offline_file_with_every_section(html_file):
     text = html_file.read_text()
     assert "<script src=" not in text  # plotly.js is inlined: the file opens offline
-    assert text.count("Plotly.newPlot") >= 6
+    assert text.count("Plotly.newPlot") >= 7
     for section in ("rotation off / on / difference", "Error vs context length", "Pareto frontier",
-                    "flavors (ref / cpu / cuda) disagree", "Summary", "PR #7412", "#1034"):
+                    "flavors (ref / cpu / cuda) disagree", "Summary", "PR #7412", "#1034",
+                    "Error vs depth", "Error compounds through the layers", "arXiv:2502.04420"):
         assert section in text, section
-    assert (html_file.parent / "t.parquet").exists()
+    assert (html_file.parent / "t.parquet").exists() and (html_file.parent / "t.layers.parquet").exists()
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -81,7 +82,7 @@ def _png_pixels(data: bytes) -> np.ndarray:
 def test_headless_chromium_shows_the_heatmaps(html_file, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1200,1400", "--virtual-time-budget=20000", f"--screenshot={shot}",
+                    "--window-size=1200,2000", "--virtual-time-budget=20000", f"--screenshot={shot}",
                     html_file.as_uri()], check=True, capture_output=True, timeout=120)
     pixels = _png_pixels(shot.read_bytes())
     background = np.all(pixels >= 250, axis=-1)

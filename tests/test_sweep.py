@@ -2,6 +2,7 @@
 import argparse
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -9,6 +10,7 @@ from kvlab import FLAVORS, TYPES
 from kvlab.attention import attention_error
 from kvlab.metrics import METRICS
 from kvlab.synthetic import SyntheticConfig
+from kvlab.device import resolve_device
 from kvlab.sweep import SweepConfig, register, run_sweep, save_table, synthetic_sample
 
 SMALL = SweepConfig(lengths=(64, 128), n_q=2,
@@ -44,6 +46,23 @@ def test_vectorized_cells_equal_the_one_cell_api(table, sample, type_k, type_v, 
                           type_k, type_v, rotation=rotation, flavor=flavor, backend=flavor)
     for metric in METRICS:
         assert row[metric] == pytest.approx(one[metric], rel=1e-5, abs=1e-9), metric
+
+
+def test_the_torch_path_on_the_cpu_equals_the_numpy_path(table, sample, tmp_path):
+    """What runs on a GPU (CUDA tensors through kvlab.quantize, attention in torch), run on the CPU."""
+    torch = pytest.importorskip("torch")
+    on_torch = run_sweep(sample, SMALL, cache_dir=tmp_path, progress=False, device=torch.device("cpu"))
+    assert set(on_torch.device) == {"torch-cpu"} and set(table.device) == {"cpu"}
+    keys = ["type_k", "type_v", "rotation", "flavor", "n_ctx"]
+    both = table.merge(on_torch, on=keys, suffixes=("", "_torch"), validate="one_to_one")
+    assert len(both) == len(table)
+    for metric in METRICS:
+        ref = both.flavor == "ref"  # float64 attention: equal to rounding
+        np.testing.assert_allclose(both[metric][ref], both[f"{metric}_torch"][ref], rtol=1e-9, atol=1e-14)
+        # cpu/cuda backends: float32 sums in another order (numpy vs torch), nothing else
+        np.testing.assert_allclose(both[metric], both[f"{metric}_torch"], rtol=1e-4, atol=1e-6, err_msg=metric)
+    for metric in ("k_rel_l2", "v_rel_l2"):  # the same cache bytes
+        np.testing.assert_allclose(both[metric], both[f"{metric}_torch"], rtol=1e-12)
 
 
 def test_rotation_columns_follow_rotation_plan(table):
@@ -83,6 +102,29 @@ def test_cli_writes_the_table(tmp_path, capsys):
                               "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     assert args.run(args) == 0
     assert len(pd.read_csv(out)) == 2 * 2 * 2 and "wrote" in capsys.readouterr().out
+    assert not (tmp_path / "s.layers.csv").exists()
+
+
+def test_cli_writes_the_layer_growth_table_beside(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "s.parquet"
+    args = parser.parse_args(["sweep", "--lengths", "32", "--n-q", "2", "--types", "q4_0,f16", "--flavors", "ref",
+                              "--layers", "2", "--layer-tokens", "32", "--device", "cpu", "--out", str(out),
+                              "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert args.run(args) == 0
+    depth = pd.read_parquet(tmp_path / "s.layers.parquet")
+    assert len(depth) == 2 * 2 * 2 * 2  # K types x V types x rotations x depths
+    assert json.loads((tmp_path / "s.layers.parquet.json").read_text())["settings"]["n_layers"] == 2
+
+
+def test_a_missing_gpu_is_named():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") is None  # no GPU: numpy on the CPU
 
 
 def test_bad_config_is_named():

@@ -4,17 +4,19 @@ Importing this package needs no GPU; the first call of an entry point compiles t
 (cached on disk, ``cache=True``). Arrays are anything with ``__cuda_array_interface__`` (numba
 device arrays, torch CUDA tensors, CuPy), C-contiguous, and are used in place (zero copy):
 
-    quantize(x, out, type_name, flavor_code)
-        quantized types: x (n_blocks, 32) float32, out (n_blocks, type_size) uint8
-        f32/f16/bf16:    x (rows, cols) float32,   out (rows, cols * type_size) uint8
-    dequantize(raw, out, type_name)                       the reverse shapes, out float32
+    quantize(x, out, type_name, flavor_code)      x (rows, cols) float32 -> out (rows, row_bytes) uint8
+    dequantize(raw, out, type_name)               raw (rows, row_bytes) uint8 -> out (rows, cols) float32
     set_rows(cache, row_ids, values, type_name, flavor_code)
         cache (n_cache_rows, row_bytes) uint8; values (n, cols) float32; row_ids (n,) int32/int64:
         cache[row_ids[k]] <- quantize(values[k])          (ggml_set_rows, as llama.cpp writes K/V)
     rotate_quantize(x, out, type_name, flavor_code, n, scale, row_ids=None)
-        quantize(x @ H_n per n-chunk of each row), x (rows, cols) float32, out (rows, row_bytes);
+        quantize(x @ H_n per n-chunk of each row) without writing the rotated floats anywhere;
         with row_ids, out is a cache and rows land as in set_rows
-    dequantize_unrotate(raw, out, type_name, n, scale)    out (rows, cols) = dequantize(raw) @ H_n
+    dequantize_unrotate(raw, out, type_name, n, scale)    out = dequantize(raw) @ H_n per n-chunk
+    rotate(x, out, n, scale)                      out = x @ H_n per n-chunk, x and out (rows, cols) float32
+row_bytes = kvlab.types row_bytes(cols) (ggml_row_size); n is a power of two dividing cols, at most
+4096 (32 .. 4096 for the fused kernels). 16-byte aligned arrays take the fast paths (torch's and
+numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
 (kvlab.rotation.hadamard_scale(n)). numpy 2.5 dropped np.row_stack, which numba-cuda 0.30.4
 still calls when it compiles: an alias is set here, before the first compile.
@@ -23,14 +25,6 @@ import numpy as np
 
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
-
-_THREADS = 256
-
-
-def _scalar_grid(n):
-    from .ops import SIM
-    threads = 32 if SIM else _THREADS
-    return (max(1, min(1024, (n + threads - 1) // threads)), threads)
 
 
 def _k():
@@ -46,8 +40,8 @@ def _dev(a, what, dtype, ndim):
         d = cuda.as_cuda_array(a)
     else:
         raise TypeError(f"{what}: expected a CUDA array (__cuda_array_interface__), got {type(a).__name__}")
-    if d.dtype != np.dtype(dtype) or d.ndim != ndim or not d.is_c_contiguous():
-        raise ValueError(f"{what}: expected a C-contiguous {ndim}-D {np.dtype(dtype)} array, "
+    if (dtype is not None and d.dtype != np.dtype(dtype)) or d.ndim != ndim or not d.is_c_contiguous():
+        raise ValueError(f"{what}: expected a C-contiguous {ndim}-D {np.dtype(dtype or d.dtype)} array, "
                          f"got {d.ndim}-D {d.dtype}{'' if d.is_c_contiguous() else ' (not contiguous)'}")
     return d
 
@@ -57,97 +51,149 @@ def _info(type_name):
     return type_info(type_name)
 
 
-def _rows_as_blocks(d, info, what):
-    """(rows, cols) -> (rows * cols / 32, 32) view, or (rows, row_bytes) -> (blocks, type_size)."""
-    if d.shape[1] % (32 if d.dtype == np.float32 else info.type_size):
-        raise ValueError(f"{what}: the last dimension ({d.shape[1]}) must hold whole {info.name} blocks")
-    per = 32 if d.dtype == np.float32 else info.type_size
-    return d.reshape(d.shape[0] * d.shape[1] // per, per)       # (n_blocks, 32 | type_size)
+def _flat(d):
+    return d.reshape(d.size)                 # (rows * cols,)
 
 
-def _scalar_view(d, info):
-    # (rows, cols * type_size) uint8 -> (rows, cols) float32 / uint16 bits
-    return d.view(np.float32 if info.name == "f32" else np.uint16)
+def _aligned(d, width):
+    """The array's first byte sits on a multiple of width (the simulator's numpy arrays: always)."""
+    iface = getattr(d, "__cuda_array_interface__", None)
+    return iface is None or iface["data"][0] % width == 0
+
+
+def _check_value_alignment(d, info, what):
+    if not _aligned(d, info.type_size):
+        raise ValueError(f"{what}: {info.name} values must start on a {info.type_size}-byte boundary")
+
+
+_NO_ROWS = []
 
 
 def _no_rows():
-    from numba import cuda
-    return cuda.to_device(np.full(1, -1, np.int64))
+    """A 1-element device array standing for 'no row_ids' (made once: a copy per call costs ~0.1 ms)."""
+    if not _NO_ROWS:
+        from numba import cuda
+        _NO_ROWS.append(cuda.to_device(np.zeros(1, np.int64)))
+    return _NO_ROWS[0]
 
 
-def _launch_blocks(n_blocks):
+def _row_ids(row_ids, n_rows):
+    ids = _dev(row_ids, "row_ids", None, 1)
+    if ids.dtype not in (np.int32, np.int64):
+        raise TypeError(f"row_ids: expected int32 or int64, got {ids.dtype}")
+    if ids.shape[0] != n_rows:
+        raise ValueError(f"row_ids: {ids.shape[0]} ids for {n_rows} rows")
+    return ids
+
+
+def _tiles(n_values):
     k = _k()
-    return (max(1, (n_blocks + k.TPB - 1) // k.TPB), k.TPB)
+    return (max(1, -(-n_values // (k.TPB * 32))), k.TPB)
+
+
+def _steps(n_steps):
+    k = _k()
+    return (max(1, min(1 << 16, -(-n_steps // k.SCALAR_TPB))), k.SCALAR_TPB)
 
 
 def quantize(x, out, type_name, flavor_code):
-    _write(x, out, type_name, flavor_code, None)
+    _write(x, out, type_name, flavor_code, None, 0, np.float32(0))
 
 
 def set_rows(cache, row_ids, values, type_name, flavor_code):
-    ids = _dev(row_ids, "row_ids", row_ids.dtype if hasattr(row_ids, "dtype") else np.int64, 1)
-    if ids.dtype not in (np.int32, np.int64):
-        raise TypeError(f"row_ids: expected int32 or int64, got {ids.dtype}")
-    _write(values, cache, type_name, flavor_code, ids)
-
-
-def _write(x, out, type_name, flavor_code, row_ids):
-    info = _info(type_name)
-    k = _k()
-    xd = _dev(x, "x", np.float32, 2)
-    od = _dev(out, "out", np.uint8, 2)
-    if row_ids is not None and row_ids.shape[0] != xd.shape[0]:
-        raise ValueError(f"row_ids: {row_ids.shape[0]} ids for {xd.shape[0]} rows")
-    if row_ids is None and od.shape[0] * od.shape[1] != xd.shape[0] * info.row_bytes(xd.shape[1]) // (
-            1 if info.is_quantized else 1):
-        raise ValueError(f"out: {tuple(od.shape)} bytes do not fit {type_name} of x {tuple(xd.shape)}")
-    if not info.is_quantized:
-        ids = row_ids if row_ids is not None else _no_rows()
-        k.scalar_quantize_kernel[_scalar_grid(xd.size)](k.SCALAR_CODES[type_name], xd, _scalar_view(od, info),
-                                                flavor_code, ids)
-        return
-    xb = _rows_as_blocks(xd, info, "x")
-    yb = _rows_as_blocks(od, info, "out")
-    ids, bpr = (_no_rows(), 0) if row_ids is None else (row_ids, xd.shape[1] // 32)
-    k.quantize_kernel[_launch_blocks(xb.shape[0])](k.QUANT_CODES[type_name], xb, yb, flavor_code, ids, bpr)
-
-
-def dequantize(raw, out, type_name):
-    info = _info(type_name)
-    k = _k()
-    rd = _dev(raw, "raw", np.uint8, 2)
-    od = _dev(out, "out", np.float32, 2)
-    if not info.is_quantized:
-        k.scalar_dequantize_kernel[_scalar_grid(od.size)](k.SCALAR_CODES[type_name], _scalar_view(rd, info), od)
-        return
-    yb = _rows_as_blocks(rd, info, "raw")
-    k.dequantize_kernel[_launch_blocks(yb.shape[0])](k.QUANT_CODES[type_name], yb, _rows_as_blocks(od, info, "out"))
-
-
-def _check_rotation(cols, n, type_name):
-    info = _info(type_name)
-    if not info.is_quantized:
-        raise ValueError(f"fused rotation kernels take a quantized type, got {type_name}")
-    if n not in (32, 64, 128, 256, 512, 1024, 2048, 4096) or cols % n:
-        raise ValueError(f"rotation size {n}: expected a power of two from 32 to 4096 dividing {cols}")
-    return info
+    _write(values, cache, type_name, flavor_code, row_ids, 0, np.float32(0))
 
 
 def rotate_quantize(x, out, type_name, flavor_code, n, scale, row_ids=None):
     xd = _dev(x, "x", np.float32, 2)
-    info = _check_rotation(xd.shape[1], n, type_name)
+    _check_rotation(xd.shape[1], n, type_name)
+    _write(xd, out, type_name, flavor_code, row_ids, n, scale)
+
+
+def _write(x, out, type_name, flavor_code, row_ids, n, scale):
+    """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids)."""
+    info = _info(type_name)
     k = _k()
-    xb = _rows_as_blocks(xd, info, "x")
-    yb = _rows_as_blocks(_dev(out, "out", np.uint8, 2), info, "out")
-    ids, bpr = (_no_rows(), 0) if row_ids is None else (_dev(row_ids, "row_ids", row_ids.dtype, 1), xd.shape[1] // 32)
-    k.rotate_quantize_kernel[_launch_blocks(xb.shape[0])](k.QUANT_CODES[type_name], xb, yb, flavor_code, n,
-                                                          np.float32(scale), ids, bpr)
+    xd = _dev(x, "x", np.float32, 2)
+    od = _dev(out, "out", np.uint8, 2)
+    rows, cols = xd.shape
+    if cols % info.block_size:
+        raise ValueError(f"x: the last dimension ({cols}) must hold whole {type_name} blocks")
+    row_bytes = info.row_bytes(cols)
+    if od.shape[1] != row_bytes or (row_ids is None and od.shape[0] != rows):
+        raise ValueError(f"out: {tuple(od.shape)} does not fit {type_name} rows of x {tuple(xd.shape)}"
+                         f" ({row_bytes} bytes per row)")
+    ids = _no_rows() if row_ids is None else _row_ids(row_ids, rows)
+    if xd.size == 0:
+        return
+    remap = 0 if row_ids is None else row_bytes
+    if not info.is_quantized:
+        _check_value_alignment(od, info, "out")
+        if cols % 4 == 0 and _aligned(xd, 16) and _aligned(od, 16):
+            k.scalar_quantize_kernel(type_name)[_steps(xd.size // 4)](
+                _flat(xd), _flat(od), flavor_code, xd.size // 4, cols, ids, row_ids is not None)
+        else:
+            view = od.view(np.float32 if type_name == "f32" else np.uint16)      # (rows, cols) values
+            k.scalar_quantize_kernel_any[_steps(xd.size)](k.SCALAR_CODES[type_name], xd, view, flavor_code,
+                                                          ids, row_ids is not None)
+        return
+    wide = _aligned(od, 4) and (remap % 4 == 0)
+    k.quantize_kernel(type_name)[_tiles(xd.size)](_flat(xd), _flat(od), flavor_code, xd.size // 32,
+                                                  _aligned(xd, 16), wide, ids, remap, n, np.float32(scale))
+
+
+def dequantize(raw, out, type_name):
+    _read(raw, out, type_name, 0, np.float32(0))
 
 
 def dequantize_unrotate(raw, out, type_name, n, scale):
     od = _dev(out, "out", np.float32, 2)
-    info = _check_rotation(od.shape[1], n, type_name)
+    _check_rotation(od.shape[1], n, type_name)
+    _read(raw, od, type_name, n, scale)
+
+
+def _read(raw, out, type_name, n, scale):
+    info = _info(type_name)
     k = _k()
-    yb = _rows_as_blocks(_dev(raw, "raw", np.uint8, 2), info, "raw")
-    k.dequantize_unrotate_kernel[_launch_blocks(yb.shape[0])](k.QUANT_CODES[type_name], yb,
-                                                              _rows_as_blocks(od, info, "out"), n, np.float32(scale))
+    rd = _dev(raw, "raw", np.uint8, 2)
+    od = _dev(out, "out", np.float32, 2)
+    rows, cols = od.shape
+    if cols % info.block_size or rd.shape != (rows, info.row_bytes(cols)):
+        raise ValueError(f"raw: {tuple(rd.shape)} does not hold {type_name} rows of out {tuple(od.shape)}")
+    if od.size == 0:
+        return
+    if not info.is_quantized:
+        _check_value_alignment(rd, info, "raw")
+        if cols % 4 == 0 and _aligned(rd, 16) and _aligned(od, 16):
+            k.scalar_dequantize_kernel(type_name)[_steps(od.size // 4)](_flat(rd), _flat(od), od.size // 4)
+        else:
+            view = rd.view(np.float32 if type_name == "f32" else np.uint16)      # (rows, cols) values
+            k.scalar_dequantize_kernel_any[_steps(od.size)](k.SCALAR_CODES[type_name], view, od)
+        return
+    k.dequantize_kernel(type_name)[_tiles(od.size)](_flat(rd), _flat(od), od.size // 32, _aligned(rd, 16),
+                                                    _aligned(od, 16), n, np.float32(scale))
+
+
+def _check_rotation(cols, n, type_name):
+    if not _info(type_name).is_quantized:
+        raise ValueError(f"fused rotation kernels take a quantized type, got {type_name}")
+    _check_size(cols, n, 32)
+
+
+def _check_size(cols, n, smallest):
+    largest = _k().TPB * 32
+    if not isinstance(n, (int, np.integer)) or n < smallest or n > largest or n & (n - 1) or cols % n:
+        raise ValueError(f"rotation size {n}: expected a power of two from {smallest} to {largest} "
+                         f"dividing the row length {cols}")
+
+
+def rotate(x, out, n, scale):
+    """out = x @ H_n on every n-chunk of each row (H_n[0, 0] == scale); x, out (rows, cols) float32."""
+    xd = _dev(x, "x", np.float32, 2)
+    od = _dev(out, "out", np.float32, 2)
+    if od.shape != xd.shape:
+        raise ValueError(f"out: shape {tuple(od.shape)} differs from x's {tuple(xd.shape)}")
+    _check_size(xd.shape[1], n, 1)
+    if xd.size:
+        _k().rotate_kernel[_tiles(xd.size)](_flat(xd), _flat(od), xd.size, _aligned(xd, 16) and _aligned(od, 16),
+                                            n, np.float32(scale))

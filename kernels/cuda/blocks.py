@@ -1,10 +1,11 @@
 """Per-block quantizers and dequantizers as CUDA device functions, for all three flavors.
 
-Each ``quantize_<type>(src, r, y, i, flavor)`` reads the 32 float32 of block row ``r`` of ``src`` (a
-global (n_blocks, 32) array or a shared-memory tile) and writes block ``i`` of ``y`` ((n_blocks,
-type_size) uint8). The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one
-the flavor's C code does: ``ref``/``cpu`` as ggml-quants.c (and x86's q8_0), ``cuda`` as
-ggml-cuda's cpy-utils.cuh under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
+Each ``quantize_<type>(src, r, y, o, flavor)`` reads the 32 float32 of row ``r`` of ``src`` (a
+shared-memory tile) and writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (a
+shared-memory staging buffer); ``dequantize_<type>(y, o, out, r)`` is the reverse.
+The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
+does: ``ref``/``cpu`` as ggml-quants.c (and x86's q8_0), ``cuda`` as ggml-cuda's cpy-utils.cuh
+under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
 (kvlab.kernels.<type>) define the same bytes; tests/test_cuda_sim.py checks both agree.
 """
 import numpy as np
@@ -28,9 +29,18 @@ _INV_M127 = F(1.0) / F(-127.0)
 _INV_15 = F(1.0) / F(15.0)
 _INV_31 = F(1.0) / F(31.0)
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+# the 16 int8 levels packed four to a word: a lookup by a data-dependent index is then register
+# arithmetic, not a constant-memory load that serializes when the lanes of a warp ask different entries
+_KV_WORDS = tuple(np.int64(w) for w in KVALUES.astype(np.int8).view(np.uint32))
+_KV0, _KV1, _KV2, _KV3 = _KV_WORDS
 _GROUP_MAX_EPS = F(1e-15)
+_KV_FIRST = F(-127.0)
+_KV_LAST = F(113.0)
 
 device = cuda.jit(device=True, inline=True)
+# Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
+# was most of the instructions per value (ncu: the quantizers were SM-bound); r and o come unsigned.
+_u = np.uint32
 
 
 # ---- bytes and casts --------------------------------------------------------------------------
@@ -45,27 +55,27 @@ def half_bits(v, flavor):
 
 
 @device
-def store_u16(y, i, off, h):
-    y[i, off] = np.uint8(h & np.uint16(0xFF))
-    y[i, off + 1] = np.uint8(h >> np.uint16(8))
+def store_u16(y, o, off, h):
+    y[_u(o + off)] = np.uint8(h & np.uint16(0xFF))
+    y[_u(o + off + 1)] = np.uint8(h >> np.uint16(8))
 
 
 @device
-def load_half(y, i, off):
-    return f16_bits_to_f32(np.uint16(np.uint16(y[i, off]) | (np.uint16(y[i, off + 1]) << np.uint16(8))))
+def load_half(y, o, off):
+    return f16_bits_to_f32(np.uint16(np.uint16(y[_u(o + off)]) | (np.uint16(y[_u(o + off + 1)]) << np.uint16(8))))
 
 
 @device
-def store_u32(y, i, off, v):
+def store_u32(y, o, off, v):
     for k in range(4):
-        y[i, off + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
+        y[_u(o + off + k)] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @device
-def load_u32(y, i, off):
+def load_u32(y, o, off):
     v = np.uint32(0)
     for k in range(4):
-        v |= np.uint32(y[i, off + k]) << np.uint32(8 * k)
+        v |= np.uint32(y[_u(o + off + k)]) << np.uint32(8 * k)
     return v
 
 
@@ -102,7 +112,7 @@ def absmax_signed(src, r, flavor):
     amax = _ZERO
     vmax = _ZERO
     for j in range(QK):
-        v = src[r, j]
+        v = src[r, _u(j)]
         a = ftz(abs(v)) if flavor == CUDA else abs(v)
         if a > amax:
             amax = a
@@ -121,53 +131,53 @@ def _avx_absmax(src, r):
     """x86 AVX2 quantize_row_q8_0's reduction order: 8 lanes of 4, then halves, movehl, movehdup."""
     q = cuda.local.array(8, np.float32)
     for lane in range(8):
-        m = abs(src[r, lane])
+        m = abs(src[r, _u(lane)])
         for k in range(1, 4):
-            m = _max_ps(m, abs(src[r, 8 * k + lane]))
+            m = _max_ps(m, abs(src[r, _u(8 * k + lane)]))
         q[lane] = m
     return _max_ps(_max_ps(_max_ps(q[4], q[0]), _max_ps(q[6], q[2])),
                    _max_ps(_max_ps(q[5], q[1]), _max_ps(q[7], q[3])))
 
 
 @device
-def quantize_q8_0(src, r, y, i, flavor):
+def quantize_q8_0(src, r, y, o, flavor):
     if flavor == CPU:
         amax = _avx_absmax(src, r)
-        store_u16(y, i, 0, half_bits(div(amax, F(127.0)), flavor))
+        store_u16(y, o, 0, half_bits(div(amax, F(127.0)), flavor))
         idv = div(F(127.0), amax) if amax != _ZERO else _ZERO
         for j in range(QK):
-            n = x86_i32(round_even(mul(src[r, j], idv)))
-            y[i, 2 + j] = np.uint8(np.int32(min(max(n, -128), 127)) & 0xFF)   # packs saturate
+            n = x86_i32(round_even(mul(src[r, _u(j)], idv)))
+            y[_u(o + 2 + j)] = np.uint8(np.int32(min(max(n, -128), 127)) & 0xFF)   # packs saturate
         return
     amax = _ZERO
     for j in range(QK):
         if flavor == CUDA:
-            a = ftz(abs(src[r, j]))
+            a = ftz(abs(src[r, _u(j)]))
             if a > amax:                # fmaxf: NaN loses
                 amax = a
         else:
-            amax = _max_ps(amax, abs(src[r, j]))
+            amax = _max_ps(amax, abs(src[r, _u(j)]))
     d = mul_ftz(amax, _INV_127) if flavor == CUDA else div(amax, F(127.0))
     idv = recip(d, flavor)
-    store_u16(y, i, 0, half_bits(d, flavor))
+    store_u16(y, o, 0, half_bits(d, flavor))
     for j in range(QK):
-        t = mul_ftz(src[r, j], idv) if flavor == CUDA else mul(src[r, j], idv)
-        y[i, 2 + j] = np.uint8(to_i8(roundf(t), flavor) & 0xFF)
+        t = mul_ftz(src[r, _u(j)], idv) if flavor == CUDA else mul(src[r, _u(j)], idv)
+        y[_u(o + 2 + j)] = np.uint8(to_i8(roundf(t), flavor) & 0xFF)
 
 
 @device
-def dequantize_q8_0(y, i, out, r):
-    d = load_half(y, i, 0)
+def dequantize_q8_0(y, o, out, r):
+    d = load_half(y, o, 0)
     for j in range(QK):
-        out[r, j] = mul(F(low_i8(y[i, 2 + j])), d)
+        out[r, _u(j)] = mul(F(low_i8(y[_u(o + 2 + j)])), d)
 
 
 # ---- q4_0 / q5_0: d = max / -8 (-16), x*id + 8.5 (16.5) ----------------------------------------
 @device
-def _sym_scale(src, r, y, i, flavor, neg_levels, inv_levels):
+def _sym_scale(src, r, y, o, flavor, neg_levels, inv_levels):
     vmax = absmax_signed(src, r, flavor)[1]
     d = mul_ftz(vmax, inv_levels) if flavor == CUDA else div(vmax, neg_levels)
-    store_u16(y, i, 0, half_bits(d, flavor))
+    store_u16(y, o, 0, half_bits(d, flavor))
     return recip(d, flavor)
 
 
@@ -178,65 +188,65 @@ def _sym_q(v, idv, offset, top, flavor):
 
 
 @device
-def quantize_q4_0(src, r, y, i, flavor):
-    idv = _sym_scale(src, r, y, i, flavor, F(-8.0), F(-0.125))
+def quantize_q4_0(src, r, y, o, flavor):
+    idv = _sym_scale(src, r, y, o, flavor, F(-8.0), F(-0.125))
     for j in range(16):
-        lo = _sym_q(src[r, j], idv, F(8.5), 15, flavor)
-        hi = _sym_q(src[r, j + 16], idv, F(8.5), 15, flavor)
-        y[i, 2 + j] = np.uint8((lo | (hi << 4)) & 0xFF)      # unmasked, as in C
+        lo = _sym_q(src[r, _u(j)], idv, F(8.5), 15, flavor)
+        hi = _sym_q(src[r, _u(j + 16)], idv, F(8.5), 15, flavor)
+        y[_u(o + 2 + j)] = np.uint8((lo | (hi << 4)) & 0xFF)      # unmasked, as in C
 
 
 @device
-def dequantize_q4_0(y, i, out, r):
-    d = load_half(y, i, 0)
+def dequantize_q4_0(y, o, out, r):
+    d = load_half(y, o, 0)
     for j in range(16):
-        b = np.int32(y[i, 2 + j])
-        out[r, j] = mul(F((b & 0x0F) - 8), d)
-        out[r, j + 16] = mul(F((b >> 4) - 8), d)
+        b = np.int32(y[_u(o + 2 + j)])
+        out[r, _u(j)] = mul(F((b & 0x0F) - 8), d)
+        out[r, _u(j + 16)] = mul(F((b >> 4) - 8), d)
 
 
 @device
-def _q5_bits(y, i, qs, j, q0, q1):
-    y[i, qs + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+def _q5_bits(y, o, qs, j, q0, q1):
+    y[_u(o + qs + j)] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
     return (np.uint32((q0 >> 4) & 1) << np.uint32(j)) | (np.uint32((q1 >> 4) & 1) << np.uint32(j + 16))
 
 
 @device
-def _q5_pair(y, i, qs, qh, j):
-    b = np.int32(y[i, qs + j])
+def _q5_pair(y, o, qs, qh, j):
+    b = np.int32(y[_u(o + qs + j)])
     h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1))
     h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1))
     return (b & 0x0F) | (h0 << 4), (b >> 4) | (h1 << 4)
 
 
 @device
-def quantize_q5_0(src, r, y, i, flavor):
-    idv = _sym_scale(src, r, y, i, flavor, F(-16.0), F(-0.0625))
+def quantize_q5_0(src, r, y, o, flavor):
+    idv = _sym_scale(src, r, y, o, flavor, F(-16.0), F(-0.0625))
     qh = np.uint32(0)
     for j in range(16):
-        q0 = _sym_q(src[r, j], idv, F(16.5), 31, flavor)
-        q1 = _sym_q(src[r, j + 16], idv, F(16.5), 31, flavor)
-        qh |= _q5_bits(y, i, 6, j, q0, q1)
-    store_u32(y, i, 2, qh)
+        q0 = _sym_q(src[r, _u(j)], idv, F(16.5), 31, flavor)
+        q1 = _sym_q(src[r, _u(j + 16)], idv, F(16.5), 31, flavor)
+        qh |= _q5_bits(y, o, 6, j, q0, q1)
+    store_u32(y, o, 2, qh)
 
 
 @device
-def dequantize_q5_0(y, i, out, r):
-    d = load_half(y, i, 0)
-    qh = load_u32(y, i, 2)
+def dequantize_q5_0(y, o, out, r):
+    d = load_half(y, o, 0)
+    qh = load_u32(y, o, 2)
     for j in range(16):
-        q0, q1 = _q5_pair(y, i, 6, qh, j)
-        out[r, j] = mul(F(q0 - 16), d)
-        out[r, j + 16] = mul(F(q1 - 16), d)
+        q0, q1 = _q5_pair(y, o, 6, qh, j)
+        out[r, _u(j)] = mul(F(q0 - 16), d)
+        out[r, _u(j + 16)] = mul(F(q1 - 16), d)
 
 
 # ---- q4_1 / q5_1: d = (max - min) / 15 (31), (x - min)*id + 0.5 -------------------------------
 @device
 def _min_max(src, r, flavor, from_first):
-    lo = src[r, 0] if from_first else _FLT_MAX
-    hi = src[r, 0] if from_first else -_FLT_MAX
+    lo = src[r, _u(0)] if from_first else _FLT_MAX
+    hi = src[r, _u(0)] if from_first else -_FLT_MAX
     for j in range(1 if from_first else 0, QK):
-        v = src[r, j]
+        v = src[r, _u(j)]
         if flavor == CUDA:              # setp.*.ftz compares flushed values, keeps v
             if ftz(v) < ftz(lo):
                 lo = v
@@ -251,11 +261,11 @@ def _min_max(src, r, flavor, from_first):
 
 
 @device
-def _affine_scale(src, r, y, i, flavor, levels, inv_levels, from_first):
+def _affine_scale(src, r, y, o, flavor, levels, inv_levels, from_first):
     lo, hi = _min_max(src, r, flavor, from_first)
     d = mul_ftz(sub_ftz(hi, lo), inv_levels) if flavor == CUDA else div(sub(hi, lo), levels)
-    store_u16(y, i, 0, half_bits(d, flavor))
-    store_u16(y, i, 2, half_bits(lo, flavor))
+    store_u16(y, o, 0, half_bits(d, flavor))
+    store_u16(y, o, 2, half_bits(lo, flavor))
     return lo, recip(d, flavor)
 
 
@@ -267,22 +277,22 @@ def _affine_t(v, lo, idv, flavor):
 
 
 @device
-def quantize_q4_1(src, r, y, i, flavor):
-    lo, idv = _affine_scale(src, r, y, i, flavor, F(15.0), _INV_15, False)
+def quantize_q4_1(src, r, y, o, flavor):
+    lo, idv = _affine_scale(src, r, y, o, flavor, F(15.0), _INV_15, False)
     for j in range(16):
-        q0 = min(15, to_i8(_affine_t(src[r, j], lo, idv, flavor), flavor))
-        q1 = min(15, to_i8(_affine_t(src[r, j + 16], lo, idv, flavor), flavor))
-        y[i, 4 + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+        q0 = min(15, to_i8(_affine_t(src[r, _u(j)], lo, idv, flavor), flavor))
+        q1 = min(15, to_i8(_affine_t(src[r, _u(j + 16)], lo, idv, flavor), flavor))
+        y[_u(o + 4 + j)] = np.uint8((q0 | (q1 << 4)) & 0xFF)
 
 
 @device
-def dequantize_q4_1(y, i, out, r):
-    d = load_half(y, i, 0)
-    m = load_half(y, i, 2)
+def dequantize_q4_1(y, o, out, r):
+    d = load_half(y, o, 0)
+    m = load_half(y, o, 2)
     for j in range(16):
-        b = np.int32(y[i, 4 + j])
-        out[r, j] = add(mul(F(b & 0x0F), d), m)
-        out[r, j + 16] = add(mul(F(b >> 4), d), m)
+        b = np.int32(y[_u(o + 4 + j)])
+        out[r, _u(j)] = add(mul(F(b & 0x0F), d), m)
+        out[r, _u(j + 16)] = add(mul(F(b >> 4), d), m)
 
 
 @device
@@ -294,48 +304,59 @@ def _u8(t, flavor):
 
 
 @device
-def quantize_q5_1(src, r, y, i, flavor):
-    lo, idv = _affine_scale(src, r, y, i, flavor, F(31.0), _INV_31, flavor == CUDA)
+def quantize_q5_1(src, r, y, o, flavor):
+    lo, idv = _affine_scale(src, r, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
     qh = np.uint32(0)
     for j in range(16):
-        q0 = _u8(_affine_t(src[r, j], lo, idv, flavor), flavor)
-        q1 = _u8(_affine_t(src[r, j + 16], lo, idv, flavor), flavor)
-        qh |= _q5_bits(y, i, 8, j, q0, q1)
-    store_u32(y, i, 4, qh)
+        q0 = _u8(_affine_t(src[r, _u(j)], lo, idv, flavor), flavor)
+        q1 = _u8(_affine_t(src[r, _u(j + 16)], lo, idv, flavor), flavor)
+        qh |= _q5_bits(y, o, 8, j, q0, q1)
+    store_u32(y, o, 4, qh)
 
 
 @device
-def dequantize_q5_1(y, i, out, r):
-    d = load_half(y, i, 0)
-    m = load_half(y, i, 2)
-    qh = load_u32(y, i, 4)
+def dequantize_q5_1(y, o, out, r):
+    d = load_half(y, o, 0)
+    m = load_half(y, o, 2)
+    qh = load_u32(y, o, 4)
     for j in range(16):
-        q0, q1 = _q5_pair(y, i, 8, qh, j)
-        out[r, j] = add(mul(F(q0), d), m)
-        out[r, j + 16] = add(mul(F(q1), d), m)
+        q0, q1 = _q5_pair(y, o, 8, qh, j)
+        out[r, _u(j)] = add(mul(F(q0), d), m)
+        out[r, _u(j + 16)] = add(mul(F(q1), d), m)
 
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def best_index(x):
-    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it (binary search; NaN -> 15)."""
-    if x <= KVALUES[0]:
-        return 0
-    if x >= KVALUES[15]:
-        return 15
-    ml = 0
-    mu = 15
-    while mu - ml > 1:
-        mav = (ml + mu) // 2
-        if x < KVALUES[mav]:
-            mu = mav
-        else:
-            ml = mav
-    return mu - 1 if sub(x, KVALUES[mu - 1]) < sub(KVALUES[mu], x) else mu
+def kvalue(k):
+    """KVALUES[k] for k in 0..15, from the packed words."""
+    w = _KV0 if k < 4 else (_KV1 if k < 8 else (_KV2 if k < 12 else _KV3))
+    return F(low_i8((w >> (8 * (k & 3))) & 0xFF))
 
 
 @device
-def quantize_iq4_nl(src, r, y, i, flavor):
+def best_index(x):
+    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it. Its binary search ends on the bracket
+    KVALUES[ml] <= x < KVALUES[ml + 1] (NaN: ml = 14); found here by comparing x with every level,
+    in registers and without branches (the search's data-dependent branches and lookups diverge);
+    then the nearer end, a tie going up."""
+    if x <= _KV_FIRST:
+        return 0
+    if x >= _KV_LAST:
+        return 15
+    nan = x != x
+    ml = 14 if nan else 0
+    lo = KVALUES[14] if nan else _KV_FIRST
+    hi = _KV_LAST if nan else KVALUES[1]
+    for k in range(1, 15):              # k is the same in every lane: KVALUES[k] is a broadcast read
+        above = x >= KVALUES[k]
+        ml = k if above else ml
+        lo = KVALUES[k] if above else lo
+        hi = KVALUES[k + 1] if above else hi
+    return ml if sub(x, lo) < sub(hi, x) else ml + 1
+
+
+@device
+def quantize_iq4_nl(src, r, y, o, flavor):
     amax, vmax = absmax_signed(src, r, flavor)
     if flavor == CUDA:
         d = mul_ftz(vmax, _INV_M127)
@@ -343,47 +364,47 @@ def quantize_iq4_nl(src, r, y, i, flavor):
         sumqx = _ZERO
         sumq2 = _ZERO
         for j in range(16):
-            v0 = src[r, j]
-            v1 = src[r, j + 16]
+            v0 = src[r, _u(j)]
+            v1 = src[r, _u(j + 16)]
             q0 = best_index(mul_ftz(v0, idv))
             q1 = best_index(mul_ftz(v1, idv))
-            y[i, 2 + j] = np.uint8(q0 | (q1 << 4))
-            t0 = mul_ftz(mul_ftz(v0, v0), KVALUES[q0])
-            t1 = mul_ftz(mul_ftz(v1, v1), KVALUES[q1])
+            y[_u(o + 2 + j)] = np.uint8(q0 | (q1 << 4))
+            t0 = mul_ftz(mul_ftz(v0, v0), kvalue(q0))
+            t1 = mul_ftz(mul_ftz(v1, v1), kvalue(q1))
             sumqx = add_ftz(sumqx, fma_ftz(v0, t0, mul_ftz(v1, t1)))
-            sumq2 = add_ftz(sumq2, fma_ftz(t0, KVALUES[q0], mul_ftz(t1, KVALUES[q1])))
+            sumq2 = add_ftz(sumq2, fma_ftz(t0, kvalue(q0), mul_ftz(t1, kvalue(q1))))
         if sumq2 > _ZERO:
             d = mul_ftz(sumqx, rcp_approx(sumq2))
-        store_u16(y, i, 0, half_bits(d, flavor))
+        store_u16(y, o, 0, half_bits(d, flavor))
         return
     if amax < _GROUP_MAX_EPS:           # kvlab's bytes for ggml's stale-L[] case (see kernels/iq4_nl.py)
-        store_u16(y, i, 0, np.uint16(0))
+        store_u16(y, o, 0, np.uint16(0))
         for j in range(16):
-            y[i, 2 + j] = np.uint8(0x88)
+            y[_u(o + 2 + j)] = np.uint8(0x88)
         return
-    idv = div(_ONE, div(vmax, KVALUES[0]))
+    idv = div(_ONE, div(vmax, _KV_FIRST))
     for j in range(16):
-        y[i, 2 + j] = np.uint8(best_index(mul(idv, src[r, j])) | (best_index(mul(idv, src[r, j + 16])) << 4))
+        y[_u(o + 2 + j)] = np.uint8(best_index(mul(idv, src[r, _u(j)])) | (best_index(mul(idv, src[r, _u(j + 16)])) << 4))
     sumqx = _ZERO
     sumq2 = _ZERO
     for h in range(2):
         for j in range(16):
-            v = src[r, 16 * h + j]
-            k = KVALUES[(np.int32(y[i, 2 + j]) >> (4 * h)) & 0x0F]
+            v = src[r, _u(16 * h + j)]
+            k = kvalue((np.int32(y[_u(o + 2 + j)]) >> (4 * h)) & 0x0F)
             wk = mul(mul(v, v), k)
             sumqx = add(sumqx, mul(wk, v))
             sumq2 = add(sumq2, mul(wk, k))
     d = div(sumqx, sumq2) if sumq2 > _ZERO else _ZERO
-    store_u16(y, i, 0, half_bits(d, flavor))
+    store_u16(y, o, 0, half_bits(d, flavor))
 
 
 @device
-def dequantize_iq4_nl(y, i, out, r):
-    d = load_half(y, i, 0)
+def dequantize_iq4_nl(y, o, out, r):
+    d = load_half(y, o, 0)
     for j in range(16):
-        b = np.int32(y[i, 2 + j])
-        out[r, j] = mul(d, KVALUES[b & 0x0F])
-        out[r, j + 16] = mul(d, KVALUES[b >> 4])
+        b = np.int32(y[_u(o + 2 + j)])
+        out[r, _u(j)] = mul(d, kvalue(b & 0x0F))
+        out[r, _u(j + 16)] = mul(d, kvalue(b >> 4))
 
 
 # ---- f32 / f16 / bf16: one value at a time ----------------------------------------------------

@@ -1,119 +1,310 @@
-"""The @cuda.jit kernels: quantize, dequantize, set_rows, fused rotate+quantize, dequantize+unrotate.
+"""The @cuda.jit kernels: quantize (also set_rows and the fused rotation), dequantize (also the fused
+un-rotation), rotate, and the per-value f32/f16/bf16 conversions.
 
-One kernel per job serves every type: a uniform branch on a small type code picks the device
-function (kernels/cuda/blocks.py), so there are few kernels to compile and cache. Quantized types
-run one thread per 32-value block over a shared-memory tile: the threads of a CUDA block load
-TPB x 32 floats coalesced, then each thread quantizes its own row of the tile (stride 33, so the
-32 threads of a warp hit 32 different banks). f32/f16/bf16 run one thread per value.
+Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, one tile:
+  1. the tile's TPB * 32 floats arrive by coalesced 16-byte loads, all issued before the first is
+     used, into shared memory (rows padded to 33 floats: the loaders' writes and thread t's reads of
+     row t each hit 32 distinct banks);
+  2. optionally every n-chunk is rotated in place (fwht.py);
+  3. thread t quantizes row t into a shared staging buffer laid out as the ggml block structs;
+  4. the staged TPB * type_size bytes leave as coalesced 4-byte words (to row_ids' rows for set_rows).
+Dequantize runs these steps backwards (the bytes arrive as 16-byte words). The type's code and
+type_size are compile-time constants of a per-type kernel (a closure), so a kernel holds one type's
+code only, and numba caches each on disk. No division in the per-value paths (shifts and masks).
+f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
+whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
 """
+import functools
+
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, uint8
 
 from . import blocks as B
-from .ops import SIM, add, mul, sub
+from .fwht import rotate_tile
+from .ops import (SIM, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4,
+                  st_u32, st_u32x2, st_u32x4)
 
 QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "iq4_nl": 3, "q5_0": 4, "q5_1": 5}
+TYPE_SIZES = (34, 18, 20, 18, 22, 24)
 SCALAR_CODES = {"f32": 0, "f16": 1, "bf16": 2}
-# threads (= 32-value blocks) per CUDA block; the simulator runs each thread as a Python thread
-TPB = 8 if SIM else 128
+# 32-value blocks (= threads) per CUDA block; the simulator runs each thread as a Python thread
+TPB = 16 if SIM else 128
 TILE_W = 33                   # padded tile row
+SCALAR_TPB = 32 if SIM else 256
+# 48 registers (no spills, ptxas -v) let 10 CUDA blocks share an SM, as many as shared memory allows
+TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=48)
+
+device = cuda.jit(device=True, inline=True)
 
 
-@cuda.jit(device=True, inline=True)
-def quantize_block(code, src, r, y, i, flavor):
-    if code == 0:
-        B.quantize_q8_0(src, r, y, i, flavor)
-    elif code == 1:
-        B.quantize_q4_0(src, r, y, i, flavor)
-    elif code == 2:
-        B.quantize_q4_1(src, r, y, i, flavor)
-    elif code == 3:
-        B.quantize_iq4_nl(src, r, y, i, flavor)
-    elif code == 4:
-        B.quantize_q5_0(src, r, y, i, flavor)
-    else:
-        B.quantize_q5_1(src, r, y, i, flavor)
+# ---- tile <-> global float32 -------------------------------------------------------------------
+@device
+def _put4(tile, q, v):
+    """The 4 floats of the tile's float4 number q (row q / 8, columns 4 * (q % 8) ..)."""
+    r = np.uint32(q >> 3)
+    c = np.uint32((q & 7) * 4)
+    tile[r, c] = v[0]
+    tile[r, c + 1] = v[1]
+    tile[r, c + 2] = v[2]
+    tile[r, c + 3] = v[3]
 
 
-@cuda.jit(device=True, inline=True)
-def dequantize_block(code, y, i, out, r):
-    if code == 0:
-        B.dequantize_q8_0(y, i, out, r)
-    elif code == 1:
-        B.dequantize_q4_0(y, i, out, r)
-    elif code == 2:
-        B.dequantize_q4_1(y, i, out, r)
-    elif code == 3:
-        B.dequantize_iq4_nl(y, i, out, r)
-    elif code == 4:
-        B.dequantize_q5_0(y, i, out, r)
-    else:
-        B.dequantize_q5_1(y, i, out, r)
-
-
-@cuda.jit(device=True, inline=True)
-def _load_tile(tile, x, first, n_blocks):
-    """x (n_blocks, 32) -> tile rows 0..TPB-1 for blocks first.. (coalesced reads)."""
+@device
+def load_tile(tile, x, base, total, vec):
+    """Values base .. base + TPB*32 of the flat float32 x -> the tile (zeros past total).
+    vec: x is 16-byte aligned, so a whole tile comes as 8 float4 per thread, all loads first."""
     t = cuda.threadIdx.x
-    for k in range(32):
-        e = k * TPB + t
-        b = first + e // 32
-        if b < n_blocks:
-            tile[e // 32, e % 32] = x[b, e % 32]
+    if vec and base + TPB * 32 <= total:
+        p = base + 4 * t
+        v0 = ld_f32x4(x, p)
+        v1 = ld_f32x4(x, p + 4 * TPB)
+        v2 = ld_f32x4(x, p + 8 * TPB)
+        v3 = ld_f32x4(x, p + 12 * TPB)
+        v4 = ld_f32x4(x, p + 16 * TPB)
+        v5 = ld_f32x4(x, p + 20 * TPB)
+        v6 = ld_f32x4(x, p + 24 * TPB)
+        v7 = ld_f32x4(x, p + 28 * TPB)
+        _put4(tile, t, v0)
+        _put4(tile, t + TPB, v1)
+        _put4(tile, t + 2 * TPB, v2)
+        _put4(tile, t + 3 * TPB, v3)
+        _put4(tile, t + 4 * TPB, v4)
+        _put4(tile, t + 5 * TPB, v5)
+        _put4(tile, t + 6 * TPB, v6)
+        _put4(tile, t + 7 * TPB, v7)
+    else:
+        for k in range(32):
+            e = k * TPB + t
+            tile[e >> 5, e & 31] = x[base + e] if base + e < total else float32(0)
 
 
-@cuda.jit(device=True, inline=True)
-def _store_tile(tile, out, first, n_blocks):
+@device
+def store_tile(tile, out, base, total, vec):
+    """The tile -> values base .. of the flat float32 out (none past total)."""
     t = cuda.threadIdx.x
-    for k in range(32):
-        e = k * TPB + t
-        b = first + e // 32
-        if b < n_blocks:
-            out[b, e % 32] = tile[e // 32, e % 32]
+    if vec and base + TPB * 32 <= total:
+        for k in range(8):
+            q = k * TPB + t
+            r = np.uint32(q >> 3)
+            c = np.uint32((q & 7) * 4)
+            st_f32x4(out, base + 4 * q, tile[r, c], tile[r, c + 1], tile[r, c + 2], tile[r, c + 3])
+    else:
+        for k in range(32):
+            e = k * TPB + t
+            if base + e < total:
+                out[base + e] = tile[e >> 5, e & 31]
 
 
-@cuda.jit(device=True, inline=True)
-def _dest_block(i, row_ids, blocks_per_row):
-    """Block i of the source goes to this block of the destination (set_rows: row_ids[row])."""
-    if blocks_per_row == 0:
-        return i
-    return row_ids[i // blocks_per_row] * blocks_per_row + i % blocks_per_row
+# ---- staging buffer <-> global bytes -----------------------------------------------------------
+@device
+def _dest(g, row_bytes, row_ids):
+    """Byte g of the source rows lands here: the same place, or row row_ids[g // row_bytes] (set_rows)."""
+    if row_bytes == 0:
+        return g
+    r = g // row_bytes
+    return row_ids[r] * row_bytes + (g - r * row_bytes)
 
 
-@cuda.jit(cache=True)
-def quantize_kernel(code, x, y, flavor, row_ids, blocks_per_row):
-    """x (n_blocks, 32) float32 -> y (n_dest_blocks, type_size) uint8; blocks_per_row = 0: y[i]."""
+@device
+def store_bytes(stage, y, base, count, wide, row_ids, row_bytes):
+    """stage[0:count] -> bytes base .. of the flat uint8 y (rows remapped when row_bytes > 0).
+    wide: y and every destination row are 4-byte aligned, so whole words go at once."""
+    t = cuda.threadIdx.x
+    for w in range(t, (count + 3) >> 2, TPB):
+        b = 4 * w
+        if wide and b + 4 <= count:
+            st_u32(y, _dest(base + b, row_bytes, row_ids), ld_u32(stage, b))
+        else:
+            for k in range(4):
+                if b + k < count:
+                    y[_dest(base + b + k, row_bytes, row_ids)] = stage[b + k]
+
+
+@device
+def load_bytes(stage, y, base, count, wide):
+    """Bytes base .. base + count of the flat uint8 y -> stage[0:count].
+    wide: y is 16-byte aligned; a thread then loads at most 3 words of 16 (type_size <= 34), all first."""
+    t = cuda.threadIdx.x
+    n16 = count >> 4 if wide else 0
+    w1 = t + TPB
+    w2 = t + 2 * TPB
+    zero = np.uint32(0)
+    a = b = c = (zero, zero, zero, zero)
+    if t < n16:
+        a = ld_u32x4(y, base + 16 * t)
+    if w1 < n16:
+        b = ld_u32x4(y, base + 16 * w1)
+    if w2 < n16:
+        c = ld_u32x4(y, base + 16 * w2)
+    if t < n16:
+        st_u32x4(stage, 16 * t, a[0], a[1], a[2], a[3])
+    if w1 < n16:
+        st_u32x4(stage, 16 * w1, b[0], b[1], b[2], b[3])
+    if w2 < n16:
+        st_u32x4(stage, 16 * w2, c[0], c[1], c[2], c[3])
+    for k in range(16 * n16 + t, count, TPB):
+        stage[k] = y[base + k]
+
+
+# ---- the block-type kernels --------------------------------------------------------------------
+@functools.cache
+def quantize_kernel(type_name):
+    """kernel(x, y, flavor, n_blocks, vec, wide, row_ids, row_bytes, n, scale): x flat float32
+    (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k] of y;
+    n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale)."""
+    code = QUANT_CODES[type_name]
+    ts = TYPE_SIZES[code]
+    stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
+
+    @cuda.jit(**TILE_JIT)
+    def kernel(x, y, flavor, n_blocks, vec, wide, row_ids, row_bytes, n, scale):
+        tile = cuda.shared.array((TPB, TILE_W), float32)
+        stage = cuda.shared.array(stage_bytes, uint8)
+        first = np.int64(cuda.blockIdx.x) * TPB
+        t = cuda.threadIdx.x
+        load_tile(tile, x, first * 32, n_blocks * 32, vec)
+        cuda.syncthreads()
+        if n > 0:
+            rotate_tile(tile, n, scale, TPB)
+        r = np.uint32(t)                  # unsigned indices: no wrap-around code (blocks.py)
+        if first + t < n_blocks:          # `code` is a constant: numba drops the other branches
+            if code == 0:
+                B.quantize_q8_0(tile, r, stage, r * ts, flavor)
+            elif code == 1:
+                B.quantize_q4_0(tile, r, stage, r * ts, flavor)
+            elif code == 2:
+                B.quantize_q4_1(tile, r, stage, r * ts, flavor)
+            elif code == 3:
+                B.quantize_iq4_nl(tile, r, stage, r * ts, flavor)
+            elif code == 4:
+                B.quantize_q5_0(tile, r, stage, r * ts, flavor)
+            else:
+                B.quantize_q5_1(tile, r, stage, r * ts, flavor)
+        cuda.syncthreads()
+        store_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide, row_ids, row_bytes)
+
+    return kernel
+
+
+@functools.cache
+def dequantize_kernel(type_name):
+    """kernel(y, out, n_blocks, wide, vec, n, scale): y flat uint8 -> out flat float32;
+    n > 0: out = dequantize(y) @ H_n chunkwise."""
+    code = QUANT_CODES[type_name]
+    ts = TYPE_SIZES[code]
+    stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
+
+    @cuda.jit(**TILE_JIT)
+    def kernel(y, out, n_blocks, wide, vec, n, scale):
+        tile = cuda.shared.array((TPB, TILE_W), float32)
+        stage = cuda.shared.array(stage_bytes, uint8)
+        first = np.int64(cuda.blockIdx.x) * TPB
+        t = cuda.threadIdx.x
+        load_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide)
+        cuda.syncthreads()
+        r = np.uint32(t)
+        if first + t < n_blocks:
+            if code == 0:
+                B.dequantize_q8_0(stage, r * ts, tile, r)
+            elif code == 1:
+                B.dequantize_q4_0(stage, r * ts, tile, r)
+            elif code == 2:
+                B.dequantize_q4_1(stage, r * ts, tile, r)
+            elif code == 3:
+                B.dequantize_iq4_nl(stage, r * ts, tile, r)
+            elif code == 4:
+                B.dequantize_q5_0(stage, r * ts, tile, r)
+            else:
+                B.dequantize_q5_1(stage, r * ts, tile, r)
+        cuda.syncthreads()
+        if n > 0:
+            rotate_tile(tile, n, scale, TPB)
+        store_tile(tile, out, first * 32, n_blocks * 32, vec)
+
+    return kernel
+
+
+@cuda.jit(**TILE_JIT)
+def rotate_kernel(x, out, total, vec, n, scale):
+    """out = x @ H_n on every n-chunk of the flat float32 x (total values, a multiple of n)."""
     tile = cuda.shared.array((TPB, TILE_W), float32)
-    first = cuda.blockIdx.x * TPB
-    _load_tile(tile, x, first, x.shape[0])
+    base = np.int64(cuda.blockIdx.x) * TPB * 32
+    load_tile(tile, x, base, total, vec)
     cuda.syncthreads()
-    i = first + cuda.threadIdx.x
-    if i < x.shape[0]:
-        quantize_block(code, tile, cuda.threadIdx.x, y, _dest_block(i, row_ids, blocks_per_row), flavor)
+    rotate_tile(tile, n, scale, TPB)
+    store_tile(tile, out, base, total, vec)
+
+
+# ---- f32 / f16 / bf16 --------------------------------------------------------------------------
+@device
+def _pack(lo, hi):
+    return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+
+
+@functools.cache
+def scalar_quantize_kernel(type_name):
+    """kernel(x, y, flavor, n_quads, cols, row_ids, has_rows): x flat float32, y flat uint8;
+    rows of cols values (cols % 4 == 0; every row's values are then in ggml-cpu's F16C chunks)."""
+    code = SCALAR_CODES[type_name]
+
+    @cuda.jit(cache=True)
+    def kernel(x, y, flavor, n_quads, cols, row_ids, has_rows):
+        for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
+            e = np.int64(q) * 4
+            d = e
+            if has_rows:
+                r = e // cols
+                d = row_ids[r] * cols + (e - r * cols)
+            v = ld_f32x4(x, e)
+            if code == 0:
+                st_u32x4(y, 4 * d, f32_bits(v[0]), f32_bits(v[1]), f32_bits(v[2]), f32_bits(v[3]))
+            elif code == 1:
+                st_u32x2(y, 2 * d, _pack(B.f16_bits(v[0], flavor, True), B.f16_bits(v[1], flavor, True)),
+                         _pack(B.f16_bits(v[2], flavor, True), B.f16_bits(v[3], flavor, True)))
+            else:
+                st_u32x2(y, 2 * d, _pack(B.bf16_bits(v[0], flavor), B.bf16_bits(v[1], flavor)),
+                         _pack(B.bf16_bits(v[2], flavor), B.bf16_bits(v[3], flavor)))
+
+    return kernel
+
+
+@device
+def _half(w, k, code):
+    h = np.uint16((w >> np.uint32(16 * k)) & np.uint32(0xFFFF))
+    return f16_bits_to_f32(h) if code == 1 else B.bf16_to_f32(h)
+
+
+@functools.cache
+def scalar_dequantize_kernel(type_name):
+    """kernel(y, out, n_quads): y flat uint8 -> out flat float32, 4 values per step."""
+    code = SCALAR_CODES[type_name]
+
+    @cuda.jit(cache=True)
+    def kernel(y, out, n_quads):
+        for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
+            e = np.int64(q) * 4
+            if code == 0:
+                w = ld_u32x4(y, 4 * e)
+                st_f32x4(out, e, f32_from_bits(w[0]), f32_from_bits(w[1]), f32_from_bits(w[2]),
+                         f32_from_bits(w[3]))
+            else:
+                w = ld_u32x2(y, 2 * e)
+                st_f32x4(out, e, _half(w[0], 0, code), _half(w[0], 1, code), _half(w[1], 0, code),
+                         _half(w[1], 1, code))
+
+    return kernel
 
 
 @cuda.jit(cache=True)
-def dequantize_kernel(code, y, out):
-    """y (n_blocks, type_size) uint8 -> out (n_blocks, 32) float32."""
-    tile = cuda.shared.array((TPB, TILE_W), float32)
-    first = cuda.blockIdx.x * TPB
-    i = first + cuda.threadIdx.x
-    if i < y.shape[0]:
-        dequantize_block(code, y, i, tile, cuda.threadIdx.x)
-    cuda.syncthreads()
-    _store_tile(tile, out, first, y.shape[0])
-
-
-@cuda.jit(cache=True)
-def scalar_quantize_kernel(code, x, y, flavor, row_ids):
-    """x (rows, cols) float32 -> y (dest_rows, cols) of float32 / uint16 bits; row_ids[0] < 0: y[r]."""
+def scalar_quantize_kernel_any(code, x, y, flavor, row_ids, has_rows):
+    """One value per step: x (rows, cols) float32 -> y (dest_rows, cols) of float32 / uint16 bits."""
     n = x.shape[0] * x.shape[1]
     cols = x.shape[1]
     simd_end = cols - cols % 4          # ggml-cpu's F16C chunks end here; the tail is scalar code
     for e in range(cuda.grid(1), n, cuda.gridsize(1)):
         r = e // cols
         c = e % cols
-        dr = r if row_ids[0] < 0 else row_ids[r]
+        dr = row_ids[r] if has_rows else r
         v = x[r, c]
         if code == 0:
             y[dr, c] = v
@@ -124,7 +315,7 @@ def scalar_quantize_kernel(code, x, y, flavor, row_ids):
 
 
 @cuda.jit(cache=True)
-def scalar_dequantize_kernel(code, y, out):
+def scalar_dequantize_kernel_any(code, y, out):
     n = out.shape[0] * out.shape[1]
     cols = out.shape[1]
     for e in range(cuda.grid(1), n, cuda.gridsize(1)):
@@ -133,53 +324,6 @@ def scalar_dequantize_kernel(code, y, out):
         if code == 0:
             out[r, c] = y[r, c]
         elif code == 1:
-            out[r, c] = B.f16_bits_to_f32(y[r, c])
+            out[r, c] = f16_bits_to_f32(y[r, c])
         else:
             out[r, c] = B.bf16_to_f32(y[r, c])
-
-
-@cuda.jit(device=True, inline=True)
-def _fwht_tile(tile, n, scale):
-    """Every n-chunk of the tile's TPB*32 values <- chunk @ H_n, in kernels/hadamard.py's order:
-    butterflies (a+b, a-b) for h = 1, 2, 4 .. n/2, then one multiply by H_n[0, 0]."""
-    t = cuda.threadIdx.x
-    half = n // 2
-    h = 1
-    while h < n:
-        cuda.syncthreads()
-        for p in range(t, TPB * 16, TPB):          # TPB*32/2 butterflies per stage
-            c = p // half
-            q = p % half
-            e = c * n + (q // h) * 2 * h + q % h
-            a = tile[e // 32, e % 32]
-            b = tile[(e + h) // 32, (e + h) % 32]
-            tile[e // 32, e % 32] = add(a, b)
-            tile[(e + h) // 32, (e + h) % 32] = sub(a, b)
-        h *= 2
-    cuda.syncthreads()
-    for k in range(32):
-        tile[t, k] = mul(tile[t, k], scale)
-    cuda.syncthreads()
-
-
-@cuda.jit(cache=True)
-def rotate_quantize_kernel(code, x, y, flavor, n, scale, row_ids, blocks_per_row):
-    """Quantize (x @ H_n chunkwise): the rotated values live only in shared memory."""
-    tile = cuda.shared.array((TPB, TILE_W), float32)
-    first = cuda.blockIdx.x * TPB
-    _load_tile(tile, x, first, x.shape[0])
-    _fwht_tile(tile, n, scale)
-    i = first + cuda.threadIdx.x
-    if i < x.shape[0]:
-        quantize_block(code, tile, cuda.threadIdx.x, y, _dest_block(i, row_ids, blocks_per_row), flavor)
-
-
-@cuda.jit(cache=True)
-def dequantize_unrotate_kernel(code, y, out, n, scale):
-    tile = cuda.shared.array((TPB, TILE_W), float32)
-    first = cuda.blockIdx.x * TPB
-    i = first + cuda.threadIdx.x
-    if i < y.shape[0]:
-        dequantize_block(code, y, i, tile, cuda.threadIdx.x)
-    _fwht_tile(tile, n, scale)
-    _store_tile(tile, out, first, y.shape[0])

@@ -10,6 +10,12 @@ Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same names are p
 numpy float32 with the same results, so the kernels run unchanged in CI without a GPU.
 Names: ``mul/add/sub/fma/div`` round to nearest, ``*_ftz`` flush subnormal inputs and results,
 ``rcp_approx`` is rcp.approx.ftz.f32 (tabled from the H100 for the simulator).
+
+Wide memory access (why: one 16-byte load per thread instead of four 4-byte ones, and output bytes
+staged in shared memory leave as whole words): ``ld_f32x4(a, i)`` -> 4 float32 at element i of a
+C-contiguous float32 array (i a multiple of 4, address 16-byte aligned), ``st_f32x4(a, i, v0..v3)``;
+on uint8 arrays at byte offset i (aligned to the width): ``ld_u32``/``st_u32``, ``ld_u32x2``/
+``st_u32x2``, ``ld_u32x4``/``st_u32x4`` (several words come and go as tuples).
 """
 import os
 
@@ -22,6 +28,7 @@ if SIM:
     from .sim_ops import *  # noqa: F401,F403  (the Python twins of the instructions below)
 else:
     from llvmlite import ir
+    from numba import cuda
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
@@ -72,3 +79,66 @@ else:
     f16_bits_to_f32 = _asm("cvt.f32.f16 $0, $1;", 1, arg=_I16, arg_c="h", nb_arg=types.uint16)
     f32_bits = _asm("mov.b32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
     f32_from_bits = _asm("mov.b32 $0, $1;", 1, arg=_I32, arg_c="r", nb_arg=types.uint32)
+
+    def _vector_access(elem, nb_elem, count, store):
+        """ld/st of `count` consecutive elements of a C-contiguous array at element index i, one access."""
+        vec = elem if count == 1 else ir.VectorType(elem, count)
+        nb_val = nb_elem if count == 1 else types.UniTuple(nb_elem, count)
+
+        def pointer(context, builder, aryty, ary, idx, idxty):
+            data = context.make_array(aryty)(context, builder, ary).data
+            i = context.cast(builder, idx, idxty, types.int64)
+            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
+                               [builder.mul(i, ir.Constant(ir.IntType(64), aryty.dtype.bitwidth // 8))])
+            return builder.bitcast(byte, vec.as_pointer())
+
+        def load(typingctx, ary, idx):
+            def codegen(context, builder, sig, args):
+                v = builder.load(pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                                 align=count * nb_elem.bitwidth // 8)
+                if count == 1:
+                    return v
+                parts = [builder.extract_element(v, ir.Constant(_I32, k)) for k in range(count)]
+                return context.make_tuple(builder, nb_val, parts)
+            return nb_val(ary, idx), codegen
+
+        def store_(typingctx, ary, idx, val):
+            def codegen(context, builder, sig, args):
+                v = args[2]
+                if count > 1:
+                    parts = [builder.extract_value(v, k) for k in range(count)]
+                    v = ir.Constant(vec, ir.Undefined)
+                    for k, part in enumerate(parts):
+                        v = builder.insert_element(v, context.cast(builder, part, sig.args[2].dtype, nb_elem),
+                                                   ir.Constant(_I32, k))
+                else:
+                    v = context.cast(builder, v, sig.args[2], nb_elem)
+                builder.store(v, pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                              align=count * nb_elem.bitwidth // 8)
+                return context.get_dummy_value()
+            return types.void(ary, idx, val), codegen
+
+        return intrinsic(store_ if store else load)
+
+    ld_f32x4 = _vector_access(_F32, types.float32, 4, False)
+    _st_f32x4 = _vector_access(_F32, types.float32, 4, True)
+    ld_u32 = _vector_access(_I32, types.uint32, 1, False)
+    st_u32 = _vector_access(_I32, types.uint32, 1, True)
+    ld_u32x2 = _vector_access(_I32, types.uint32, 2, False)
+    _st_u32x2 = _vector_access(_I32, types.uint32, 2, True)
+    ld_u32x4 = _vector_access(_I32, types.uint32, 4, False)
+    _st_u32x4 = _vector_access(_I32, types.uint32, 4, True)
+
+    _dev = cuda.jit(device=True, inline=True)
+
+    @_dev
+    def st_f32x4(a, i, v0, v1, v2, v3):
+        _st_f32x4(a, i, (np.float32(v0), np.float32(v1), np.float32(v2), np.float32(v3)))
+
+    @_dev
+    def st_u32x2(a, i, v0, v1):
+        _st_u32x2(a, i, (np.uint32(v0), np.uint32(v1)))
+
+    @_dev
+    def st_u32x4(a, i, v0, v1, v2, v3):
+        _st_u32x4(a, i, (np.uint32(v0), np.uint32(v1), np.uint32(v2), np.uint32(v3)))

@@ -139,3 +139,44 @@ def f32_to_f16_bits(x):
 
 def f16_bits_to_f32(h):
     return _f32(np.array(h, np.uint16).view(np.float16)[()])
+
+
+# ---- wide memory access on flat views (the simulator's arrays wrap numpy arrays in ``_ary``) ----
+def _flat(a):
+    return getattr(a, "_ary", a).reshape(-1)
+
+
+def _words(a, i, count):
+    return _flat(a)[i:i + 4 * count].view(np.uint32)
+
+
+def ld_f32x4(a, i):
+    return tuple(_flat(a)[i:i + 4])
+
+
+def st_f32x4(a, i, v0, v1, v2, v3):
+    _flat(a)[i:i + 4] = (v0, v1, v2, v3)
+
+
+def ld_u32(a, i):
+    return _words(a, i, 1)[0]
+
+
+def st_u32(a, i, v):
+    _words(a, i, 1)[0] = v
+
+
+def ld_u32x2(a, i):
+    return tuple(_words(a, i, 2))
+
+
+def st_u32x2(a, i, v0, v1):
+    _words(a, i, 2)[:] = (v0, v1)
+
+
+def ld_u32x4(a, i):
+    return tuple(_words(a, i, 4))
+
+
+def st_u32x4(a, i, v0, v1, v2, v3):
+    _words(a, i, 4)[:] = (v0, v1, v2, v3)
