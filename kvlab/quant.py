@@ -76,6 +76,16 @@ def _check_row_len(shape, info) -> None:
                          f"size {info.block_size}")
 
 
+def _kernel_views(info, values: np.ndarray, data: np.ndarray):
+    """The 2-D views a kernel pair takes: whole blocks for block types; whole rows for f32/f16/bf16,
+    because ggml-cpu converts a row's body with F16C and its tail in software (NaN payloads differ)."""
+    if info.is_quantized:
+        return (values.reshape(-1, info.block_size),      # (n_blocks, block_size)
+                data.reshape(-1, info.type_size))         # (n_blocks, type_size)
+    return (values.reshape(-1, values.shape[-1]),         # (n_rows, row_len)
+            data.reshape(-1, data.shape[-1]))             # (n_rows, row_bytes)
+
+
 def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     """Quantize float32 x along its last dimension into ggml type `type`, as the `flavor` code path does.
 
@@ -99,16 +109,12 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
     if xs.size:
         kernel = getattr(_kernel_module(type), f"quantize_row_{type}")
+        values, data = _kernel_views(info, xs, raw)
         if info.is_quantized:
             # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
-            kernel(xs.reshape(-1, info.block_size),            # (n_blocks, block_size)
-                   raw.reshape(-1, info.type_size), code,      # (n_blocks, type_size)
-                   rcp_approx_table())
+            kernel(values, data, code, rcp_approx_table())
         else:
-            # per-value types convert whole rows: ggml-cpu's f16 path is vector for a row's body
-            # and scalar for its tail, and the two differ on NaN payloads
-            kernel(xs.reshape(-1, shape[-1]),                  # (n_rows, row_len)
-                   raw.reshape(-1, raw.shape[-1]), code)       # (n_rows, row_bytes)
+            kernel(values, data, code)
     return QTensor(like(raw, x), type, shape, flavor)
 
 
@@ -127,11 +133,9 @@ def dequantize(q: QTensor):
         return out
     raw = to_numpy(q.raw, np.uint8, "dequantize(q.raw)")
     out = np.empty(q.shape, dtype=np.float32)
-    n_blocks = out.size // info.block_size
-    if n_blocks:
-        kernel = getattr(_kernel_module(q.type), f"dequantize_row_{q.type}")
-        kernel(raw.reshape(n_blocks, info.type_size),           # (n_blocks, type_size)
-               out.reshape(n_blocks, info.block_size))          # (n_blocks, block_size)
+    if out.size:
+        values, data = _kernel_views(info, out, raw)
+        getattr(_kernel_module(q.type), f"dequantize_row_{q.type}")(data, values)
     return like(out, q.raw)
 
 

@@ -13,7 +13,10 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import kvlab
 
 from kvlab import check_ggml
 from kvlab.ggml_meta import BlockSpec, infer_split_states, parse_child_output, parse_state_line
@@ -125,3 +128,20 @@ def test_the_child_reports_graph_layout_and_states_even_when_it_aborts():
     assert meta.abort == "GGML_ASSERT(src_ss[0].axis == GGML_BACKEND_SPLIT_AXIS_2) failed"
     assert meta.states["attn_norm-0"] == ("MIRRORED", (0,), 1)
     assert [n[0] for n in meta.graph][-1] == "attn_out-0" and "__fattn__-0" not in meta.states
+
+
+@pytest.mark.parametrize("type_name", ["f32", "f16", "bf16"])
+def test_per_value_types_match_live_ggml_on_odd_rows_with_nan_payloads(type_name):
+    """ggml-cpu converts a row's body with F16C and its tail in software: NaN payloads differ between the
+    two, so rows whose length is not a multiple of the vector width must be converted row by row."""
+    from kvlab import ggml
+    lib = ggml.load()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 37)).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[:, [1, 20, 33, 35, 36]] = np.array([0x7FC12345, 0x7F812345, 0xFFC00001, 0x7F800001, 0x7FBFFFFF],
+                                            dtype=np.uint32)
+    for flavor, ground_truth in (("ref", lib.quantize_ref), ("cpu", lib.quantize_cpu)):
+        # one from_float call per row, as ggml_compute_forward_set_rows makes them
+        expected = b"".join(ground_truth(row[None], type_name).tobytes() for row in x)
+        assert kvlab.quantize(x, type_name, flavor).raw.tobytes() == expected, flavor
