@@ -126,8 +126,14 @@ class GGML:
         fn = self.row_fn(name, path)
         if fn is None:                        # f32: ggml copies the floats as they are
             out[...] = x.view(np.uint8).reshape(shape)
-        else:
+        elif info.is_quantized:               # blocks are independent: one call for the whole array
             fn(x.ctypes.data, out.ctypes.data, x.size)
+        else:
+            # one call per row, as set_rows makes them: the CPU path converts a row's body with F16C
+            # and its tail in software, and the two differ on NaN payloads
+            rows, row_bytes = x.reshape(-1, x.shape[-1]), out.reshape(-1, shape[-1])  # (n_rows, n), (n_rows, bytes)
+            for r in range(rows.shape[0]):
+                fn(rows[r].ctypes.data, row_bytes[r].ctypes.data, rows.shape[1])
         return out
 
     def dequantize(self, raw, name: str, n: int, out=None):
