@@ -138,8 +138,9 @@ def _write(x, out, type_name, flavor_code, row_ids, n, scale):
                                                           ids, row_ids is not None)
         return
     wide = _aligned(od, 4) and (remap % 4 == 0)
-    k.quantize_kernel(type_name)[_tiles(xd.size)](_flat(xd), _flat(od), flavor_code, xd.size // 32,
-                                                  _aligned(xd, 16), wide, ids, remap, n, np.float32(scale))
+    k.quantize_kernel(type_name, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
+                                                                    _aligned(xd, 16), wide, ids, remap, n,
+                                                                    np.float32(scale))
 
 
 def dequantize(raw, out, type_name):

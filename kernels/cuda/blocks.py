@@ -29,13 +29,14 @@ _INV_M127 = F(1.0) / F(-127.0)
 _INV_15 = F(1.0) / F(15.0)
 _INV_31 = F(1.0) / F(31.0)
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
-# the 16 int8 levels packed four to a word: a lookup by a data-dependent index is then register
-# arithmetic, not a constant-memory load that serializes when the lanes of a warp ask different entries
-_KV_WORDS = tuple(np.int64(w) for w in KVALUES.astype(np.int8).view(np.uint32))
-_KV0, _KV1, _KV2, _KV3 = _KV_WORDS
+# the 16 int8 levels packed eight to a 64-bit word: a lookup by a data-dependent index is then one
+# select and a shift in registers, not a constant-memory load that serializes when the lanes of a
+# warp ask different entries (nor branches)
+_KV_LO, _KV_HI = (np.uint64(w) for w in KVALUES.astype(np.int8).view(np.uint64))
+# best_index's decision points: x at or above (KVALUES[k] + KVALUES[k + 1]) / 2 (exact in float32)
+_KV_MIDPOINTS = (KVALUES[:-1] + KVALUES[1:]) / F(2.0)
 _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
-_KV_LAST = F(113.0)
 
 device = cuda.jit(device=True, inline=True)
 # Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
@@ -81,10 +82,12 @@ def load_u32(y, o, off):
 
 @device
 def x86_i32(v):
-    """(int)v as x86 cvttss2si: NaN and out of range -> INT_MIN (kvlab's definition of C's UB)."""
-    if v >= -_TWO31 and v < _TWO31:
-        return ptx_i32(v)
-    return _INT_MIN
+    """(int)v as x86 cvttss2si: NaN and out of range -> INT_MIN (kvlab's definition of C's UB).
+    The conversion runs unconditionally and a select picks: a branch around it (numba's `and`, or an
+    if) costs more than the cvt, and the inline-asm cvt is never hoisted out of one."""
+    n = ptx_i32(v)
+    in_range = (v >= -_TWO31) & (v < _TWO31)
+    return n if in_range else _INT_MIN
 
 
 @device
@@ -245,13 +248,18 @@ def dequantize_q5_0(y, o, out, r):
 def _min_max(src, r, flavor, from_first):
     lo = src[r, _u(0)] if from_first else _FLT_MAX
     hi = src[r, _u(0)] if from_first else -_FLT_MAX
+    flo = ftz(lo)                       # ftz(lo), ftz(hi), kept beside them (one flush per value)
+    fhi = ftz(hi)
     for j in range(1 if from_first else 0, QK):
         v = src[r, _u(j)]
         if flavor == CUDA:              # setp.*.ftz compares flushed values, keeps v
-            if ftz(v) < ftz(lo):
+            fv = ftz(v)
+            if fv < flo:
                 lo = v
-            if ftz(v) > ftz(hi):
+                flo = fv
+            if fv > fhi:
                 hi = v
+                fhi = fv
         else:
             if v < lo:
                 lo = v
@@ -329,30 +337,20 @@ def dequantize_q5_1(y, o, out, r):
 @device
 def kvalue(k):
     """KVALUES[k] for k in 0..15, from the packed words."""
-    w = _KV0 if k < 4 else (_KV1 if k < 8 else (_KV2 if k < 12 else _KV3))
-    return F(low_i8((w >> (8 * (k & 3))) & 0xFF))
+    w = _KV_LO if k < 8 else _KV_HI
+    return F(low_i8(np.int32((w >> np.uint64(8 * (k & 7))) & np.uint64(0xFF))))
 
 
 @device
 def best_index(x):
-    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it. Its binary search ends on the bracket
-    KVALUES[ml] <= x < KVALUES[ml + 1] (NaN: ml = 14); found here by comparing x with every level,
-    in registers and without branches (the search's data-dependent branches and lookups diverge);
-    then the nearer end, a tie going up."""
-    if x <= _KV_FIRST:
-        return 0
-    if x >= _KV_LAST:
-        return 15
-    nan = x != x
-    ml = 14 if nan else 0
-    lo = KVALUES[14] if nan else _KV_FIRST
-    hi = _KV_LAST if nan else KVALUES[1]
-    for k in range(1, 15):              # k is the same in every lane: KVALUES[k] is a broadcast read
-        above = x >= KVALUES[k]
-        ml = k if above else ml
-        lo = KVALUES[k] if above else lo
-        hi = KVALUES[k + 1] if above else hi
-    return ml if sub(x, lo) < sub(hi, x) else ml + 1
+    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest level, a tie going up,
+    NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the exact
+    midpoint (lo + hi) / 2, so the answer is the number of midpoints m with !(x < m): 15 compares with
+    immediates, no data-dependent lookups (checked against ggml's search on all 2^32 floats)."""
+    q = _ZERO                           # counted in float32: numba would widen an int count to 64 bits
+    for k in range(15):                 # unrolled: each _KV_MIDPOINTS[k] is a constant
+        q += _ZERO if x < _KV_MIDPOINTS[k] else _ONE
+    return np.int32(q)
 
 
 @device
@@ -369,10 +367,12 @@ def quantize_iq4_nl(src, r, y, o, flavor):
             q0 = best_index(mul_ftz(v0, idv))
             q1 = best_index(mul_ftz(v1, idv))
             y[_u(o + 2 + j)] = np.uint8(q0 | (q1 << 4))
-            t0 = mul_ftz(mul_ftz(v0, v0), kvalue(q0))
-            t1 = mul_ftz(mul_ftz(v1, v1), kvalue(q1))
+            k0 = kvalue(q0)
+            k1 = kvalue(q1)
+            t0 = mul_ftz(mul_ftz(v0, v0), k0)
+            t1 = mul_ftz(mul_ftz(v1, v1), k1)
             sumqx = add_ftz(sumqx, fma_ftz(v0, t0, mul_ftz(v1, t1)))
-            sumq2 = add_ftz(sumq2, fma_ftz(t0, kvalue(q0), mul_ftz(t1, kvalue(q1))))
+            sumq2 = add_ftz(sumq2, fma_ftz(t0, k0, mul_ftz(t1, k1)))
         if sumq2 > _ZERO:
             d = mul_ftz(sumqx, rcp_approx(sumq2))
         store_u16(y, o, 0, half_bits(d, flavor))

@@ -9,8 +9,9 @@ Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, o
   3. thread t quantizes row t into a shared staging buffer laid out as the ggml block structs;
   4. the staged TPB * type_size bytes leave as coalesced 4-byte words (to row_ids' rows for set_rows).
 Dequantize runs these steps backwards (the bytes arrive as 16-byte words). The type's code and
-type_size are compile-time constants of a per-type kernel (a closure), so a kernel holds one type's
-code only, and numba caches each on disk. No division in the per-value paths (shifts and masks).
+type_size (and for quantize the flavor) are compile-time constants of a per-type kernel (a closure),
+so a kernel holds one type's (and flavor's) code only, and numba caches each on disk. No division in
+the per-value paths (shifts and masks).
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
 """
@@ -148,16 +149,17 @@ def load_bytes(stage, y, base, count, wide):
 
 # ---- the block-type kernels --------------------------------------------------------------------
 @functools.cache
-def quantize_kernel(type_name):
-    """kernel(x, y, flavor, n_blocks, vec, wide, row_ids, row_bytes, n, scale): x flat float32
+def quantize_kernel(type_name, flavor):
+    """kernel(x, y, n_blocks, vec, wide, row_ids, row_bytes, n, scale): x flat float32
     (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k] of y;
-    n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale)."""
+    n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time constant
+    too: a kernel then holds only its flavor's per-value code, not the other flavors' selects."""
     code = QUANT_CODES[type_name]
     ts = TYPE_SIZES[code]
     stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
 
     @cuda.jit(**TILE_JIT)
-    def kernel(x, y, flavor, n_blocks, vec, wide, row_ids, row_bytes, n, scale):
+    def kernel(x, y, n_blocks, vec, wide, row_ids, row_bytes, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32)
         stage = cuda.shared.array(stage_bytes, uint8)
         first = np.int64(cuda.blockIdx.x) * TPB
