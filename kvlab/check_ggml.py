@@ -79,20 +79,6 @@ def input_cases() -> dict:
     return cases
 
 
-def _defined(quantize, x, info, plain):
-    """Bytes of `plain` that the block's own input decides: the same when each block is quantized right
-    after a context block (ggml's iq4_nl ref reuses the previous block's qs where amax < 1e-15)."""
-    blocks = x.reshape(-1, info.block_size)                              # (n_blocks, block_size)
-    defined = np.ones(plain.shape, bool)
-    for context in (np.ones(info.block_size, np.float32), np.linspace(1, -1, info.block_size, dtype=np.float32)):
-        pairs = np.empty((len(blocks), 2, info.block_size), np.float32)  # (n_blocks, context + block)
-        pairs[:, 0], pairs[:, 1] = context, blocks
-        out = np.full((len(blocks), 2 * info.type_size), 0xA5, np.uint8)
-        quantize(pairs.reshape(len(blocks), -1), info.name, out=out)
-        defined &= plain == out[:, info.type_size:].reshape(plain.shape)
-    return defined
-
-
 @dataclass
 class BytesRow:
     type: str
@@ -108,10 +94,10 @@ def check_bytes(lib, cases: dict) -> list:
     for name, info in TYPES.items():
         per_path = {p: BytesRow(name, p) for p in ("ref", "cpu", "to_float")}
         for case, x in cases.items():
-            for path, quantize in (("ref", lib.quantize_ref), ("cpu", lib.quantize_cpu)):
-                want = quantize(x, name)
+            for path in ("ref", "cpu"):
+                want, defined = lib.quantize_defined(x, name, path)
                 got = np.asarray(kvlab.quantize(x, name, flavor=path).raw)
-                bad = ((got != want) & _defined(quantize, x, info, want)).reshape(len(x), -1, info.type_size)
+                bad = ((got != want) & defined).reshape(len(x), -1, info.type_size)
                 _count(per_path[path], bad.any(axis=2), case)
                 if path == "ref":
                     deq_want = lib.dequantize(want, name, x.shape[1]).view(np.uint32)

@@ -60,6 +60,14 @@ def default_lib_dir() -> Path:
         "libggml-cpu.so (tools/build_ggml.sh prints it), or pip install ggml-python")
 
 
+def _context_blocks(block_size):
+    """Two blocks after which iq4_nl's stale qs differ in every byte: L = all 0 (qs 0x00), then
+    L = 0 at the block's max and 15 elsewhere (qs 0xF0, 0xFF, ...)."""
+    spread = np.full(block_size, -0.875, np.float32)
+    spread[0] = 1.0
+    return np.ones(block_size, np.float32), spread
+
+
 class GGML:
     """libggml-base + libggml-cpu loaded from one directory; quantize/dequantize whole arrays."""
 
@@ -115,6 +123,27 @@ class GGML:
     def quantize_cpu(self, x, name: str, out=None):
         """The CPU backend's from_float (SIMD where this build has it) over x's last axis."""
         return self._quantize(x, name, "cpu", out)
+
+    def quantize_defined(self, x, name: str, path: str):
+        """(bytes, mask of the bytes the input decides) of one quantize path ('ref' or 'cpu') on x.
+
+        Some C paths do not write every byte from the block's own input: iq4_nl's ref packs a block
+        with max|x| < 1e-15 from a stack array that earlier blocks of the same call (or nothing)
+        filled. So each block is also quantized right after each of two context blocks; a byte is
+        defined where all three runs agree.
+        """
+        info = type_info(name)
+        quantize = self.quantize_ref if path == "ref" else self.quantize_cpu
+        plain = quantize(x, name, out=np.zeros((*np.shape(x)[:-1], info.row_bytes(np.shape(x)[-1])), np.uint8))
+        defined = np.ones(plain.shape, bool)
+        blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, info.block_size)  # (n_blocks, block_size)
+        for context in _context_blocks(info.block_size):
+            pairs = np.empty((len(blocks), 2, info.block_size), np.float32)    # (n_blocks, context + block)
+            pairs[:, 0], pairs[:, 1] = context, blocks
+            out = np.full((len(blocks), 2 * info.type_size), 0xA5, np.uint8)   # (n_blocks, 2 blocks of bytes)
+            quantize(pairs.reshape(len(blocks), -1), name, out=out)
+            defined &= plain == out[:, info.type_size:].reshape(plain.shape)
+        return plain, defined
 
     def _quantize(self, x, name, path, out):
         info = type_info(name)

@@ -29,41 +29,16 @@ from kvlab.types import TYPES
 
 
 
-def context_blocks(block_size):
-    """Two blocks after which iq4_nl's stale qs differ in every byte: L = all 0 (qs 0x00), then
-    L = 0 at the block's max and 15 elsewhere (qs 0xF0, 0xFF, ...)."""
-    spread = np.full(block_size, -0.875, np.float32)
-    spread[0] = 1.0
-    return np.ones(block_size, np.float32), spread
-
 CPU_FLAGS = ("sse4_2", "f16c", "fma", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
              "avx_vnni", "amx_bf16")
-
-
-def run_path(lib, x, type_name, path):
-    """(bytes with undefined ones zeroed, mask of defined bytes) of one quantize path on x (rows, n)."""
-    quantize = lib.quantize_ref if path == "ref" else lib.quantize_cpu
-    info = TYPES[type_name]
-    shape = (*x.shape[:-1], info.row_bytes(x.shape[-1]))
-    plain = quantize(x, type_name, out=np.zeros(shape, np.uint8))
-    defined = np.ones(shape, bool)
-    blocks = x.reshape(-1, info.block_size)                                 # (n_blocks, block_size)
-    for context in context_blocks(info.block_size):
-        pairs = np.empty((len(blocks), 2, info.block_size), np.float32)     # (n_blocks, 2, block_size)
-        pairs[:, 0] = context
-        pairs[:, 1] = blocks
-        out = np.full((len(blocks), 2 * info.type_size), 0xA5, np.uint8)  # (n_blocks, 2 blocks of bytes)
-        quantize(pairs.reshape(len(blocks), 2 * info.block_size), type_name, out=out)
-        defined &= plain == out[:, info.type_size:].reshape(shape)          # (rows, row_bytes)
-    return np.where(defined, plain, 0).astype(np.uint8), defined
 
 
 def golden_for_type(lib, inputs, type_name):
     arrays, undefined = {}, {}
     for case, x in inputs.items():
         for path in ("ref", "cpu"):
-            raw, defined = run_path(lib, x, type_name, path)
-            arrays[f"{case}.{path}"] = raw
+            raw, defined = lib.quantize_defined(x, type_name, path)
+            arrays[f"{case}.{path}"] = np.where(defined, raw, 0).astype(np.uint8)  # no stack garbage
             arrays[f"{case}.{path}_defined"] = defined
             if not defined.all():
                 undefined[f"{case}.{path}"] = int((~defined).sum())
