@@ -13,10 +13,11 @@ def is_torch(x) -> bool:
 
 
 def is_cuda(x) -> bool:
-    """A GPU array: a CUDA torch tensor or anything exposing __cuda_array_interface__."""
+    """A GPU array: a CUDA torch tensor, anything exposing __cuda_array_interface__, or a numba device
+    array (the CUDA simulator's have no interface but copy_to_host)."""
     if is_torch(x):
         return x.is_cuda
-    return hasattr(x, "__cuda_array_interface__")
+    return hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
 
 
 def to_numpy(x, dtype, what: str):
@@ -52,26 +53,23 @@ def _torch_dtype(dtype):
 def cuda_rows(x, dtype, what: str):
     """A GPU array as a C-contiguous (rows, last_dim) device view (torch tensor or numba array)."""
     if is_torch(x):
-        import torch
-        want = {np.float32: torch.float32, np.uint8: torch.uint8}[np.dtype(dtype).type]
-        if x.dtype != want:
+        if x.dtype != _torch_dtype(dtype):
             raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {x.dtype}")
         x = x.detach().contiguous()
         return x.view(-1, x.shape[-1]) if x.dim() else x.view(1, 1)
     from numba import cuda
-    d = cuda.as_cuda_array(x)
+    d = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
     if d.dtype != np.dtype(dtype):
         raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {d.dtype}")
     if not d.is_c_contiguous():
         raise ValueError(f"{what}: a GPU array must be C-contiguous here")
-    return d.reshape(-1, d.shape[-1])
+    return d.reshape(-1, tuple(d.shape)[-1])  # tuple(): the simulator's shape has no negative index
 
 
 def cuda_empty(shape, dtype, template):
     """An uninitialised GPU array of the template's kind (torch tensor on its device, else numba)."""
     if is_torch(template):
         import torch
-        want = {np.float32: torch.float32, np.uint8: torch.uint8}[np.dtype(dtype).type]
-        return torch.empty(shape, dtype=want, device=template.device)
+        return torch.empty(shape, dtype=_torch_dtype(dtype), device=template.device)
     from numba import cuda
     return cuda.device_array(shape, dtype=dtype)

@@ -64,10 +64,6 @@ class QTensor:
         return f"QTensor(type={self.type}, shape={self.shape}, flavor={self.flavor}, {self.nbytes} bytes, {where})"
 
 
-def type_name_of(x) -> str:
-    return type(x).__name__
-
-
 def _check_row_len(shape, info) -> None:
     if len(shape) == 0:
         raise ValueError("expected at least one dimension (the row of values to quantize)")
@@ -95,7 +91,7 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     info = type_info(type)
     code = flavor_code(flavor)
     if not (isinstance(x, np.ndarray) or is_torch(x) or is_cuda(x)):
-        raise TypeError(f"quantize: expected a float32 numpy array or torch tensor, got {type_name_of(x)}")
+        raise TypeError(f"quantize: expected a float32 numpy array or torch tensor, got {x.__class__.__name__}")
     shape = tuple(int(s) for s in x.shape)
     _check_row_len(shape, info)
     if is_cuda(x):

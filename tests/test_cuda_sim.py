@@ -87,6 +87,24 @@ SCRIPT = textwrap.dedent(r'''
         c = cache.copy_to_host()
         if not (np.array_equal(c[1:], want) and not c[0].any()):
             bad.append(f"set_rows f16 (cols {cols}) differs from quantize_row_f16")
+    # the public API routes device arrays to these kernels: same bytes as the same call on host arrays
+    import kvlab
+    h = np.ascontiguousarray(inputs["ties_pm"][:2, :64])                # (2, 64)
+    dev = cuda.to_device(h)
+    for name in ("q4_1", "f16"):
+        q_dev, q_host = kvlab.quantize(dev, name, "cuda"), kvlab.quantize(h, name, "cuda")
+        if not np.array_equal(q_dev.raw.copy_to_host(), q_host.raw):
+            bad.append(f"kvlab.quantize({name}) on a device array differs from the host call")
+        if not np.array_equal(kvlab.dequantize(q_dev).copy_to_host(), kvlab.dequantize(q_host)):
+            bad.append(f"kvlab.dequantize({name}) on a device array differs from the host call")
+    if not np.array_equal(kvlab.rotate(dev, 64).copy_to_host(), kvlab.rotate(h, 64)):
+        bad.append("kvlab.rotate on a device array differs from the host call")
+    cache_dev = kvlab.QTensor(cuda.to_device(np.zeros((4, 40), np.uint8)), "q4_1", (4, 64), "cuda")
+    cache_host = kvlab.empty_cache(4, 64, "q4_1", "cuda")
+    kvlab.set_rows(cache_dev, np.array([3, 1]), dev)
+    kvlab.set_rows(cache_host, np.array([3, 1]), h)
+    if not np.array_equal(cache_dev.raw.copy_to_host(), cache_host.raw):
+        bad.append("kvlab.set_rows into a device cache differs from the host call")
     print("\n".join(bad) if bad else "ALL EQUAL")
 ''')
 
