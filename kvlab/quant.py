@@ -35,10 +35,8 @@ class QTensor:
         _check_row_len(shape, info)
         expected = shape[:-1] + (info.row_bytes(shape[-1]),)
         if not is_cuda(raw):
-            arr = to_numpy(raw, np.uint8, "QTensor.from_raw(raw)")
-            got = tuple(arr.shape)
-        else:
-            got = tuple(raw.shape)
+            to_numpy(raw, np.uint8, "QTensor.from_raw(raw)")  # kind and dtype checks
+        got = tuple(raw.shape)
         if got != expected:
             raise ValueError(f"QTensor.from_raw: raw has shape {got}, but {type} values of shape {shape} "
                              f"need {expected} ({info.type_size} bytes per {info.block_size} values)")
