@@ -137,9 +137,9 @@ def _write(x, out, type_name, flavor_code, row_ids, n, scale):
             k.scalar_quantize_kernel_any[_steps(xd.size)](k.SCALAR_CODES[type_name], xd, view, flavor_code,
                                                           ids, row_ids is not None)
         return
-    wide = _aligned(od, 4) and (remap % 4 == 0)
+    width = 16 if remap == 0 and _aligned(od, 16) else 4 if remap % 4 == 0 and _aligned(od, 4) else 1
     k.quantize_kernel(type_name, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
-                                                                    _aligned(xd, 16), wide, ids, remap, n,
+                                                                    _aligned(xd, 16), width, ids, remap, n,
                                                                     np.float32(scale))
 
 

@@ -1,8 +1,11 @@
 """Per-block quantizers and dequantizers as CUDA device functions, for all three flavors.
 
-Each ``quantize_<type>(src, r, y, o, flavor)`` reads the 32 float32 of row ``r`` of ``src`` (a
-shared-memory tile) and writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (a
-shared-memory staging buffer); ``dequantize_<type>(y, o, out, r)`` is the reverse.
+A block's 32 float32 are in registers: ``row``, a 32-element local array that only constant indices
+touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type>(row, y, o, flavor)``
+writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
+buffer); ``dequantize_<type>(y, o, row)`` is the reverse. Every field of every block struct starts on
+an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and bytes (qs, qh) are
+gathered in 32-bit words in registers first (``words``, a local array too).
 The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
 does: ``ref``/``cpu`` as ggml-quants.c (and x86's q8_0), ``cuda`` as ggml-cuda's cpy-utils.cuh
 under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
@@ -11,8 +14,10 @@ under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
 import numpy as np
 from numba import cuda
 
-from .ops import (add, add_ftz, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, fma_ftz,
-                  ftz, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf, sub, sub_ftz)
+from .ops import (device, add, add_ftz, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32, fma_ftz,
+                  fmax, fmin, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf, st_u16,
+                  sub, sub_ftz)
+from .unroll import unrolled
 
 REF, CPU, CUDA = 0, 1, 2
 QK = 32
@@ -29,18 +34,27 @@ _INV_M127 = F(1.0) / F(-127.0)
 _INV_15 = F(1.0) / F(15.0)
 _INV_31 = F(1.0) / F(31.0)
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
-# the 16 int8 levels packed eight to a 64-bit word: a lookup by a data-dependent index is then one
-# select and a shift in registers, not a constant-memory load that serializes when the lanes of a
-# warp ask different entries (nor branches)
-_KV_LO, _KV_HI = (np.uint64(w) for w in KVALUES.astype(np.int8).view(np.uint64))
-# best_index's decision points: x at or above (KVALUES[k] + KVALUES[k + 1]) / 2 (exact in float32)
-_KV_MIDPOINTS = (KVALUES[:-1] + KVALUES[1:]) / F(2.0)
 _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
 
-device = cuda.jit(device=True, inline=True)
+
+def _best_index_lut():
+    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
+    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
+    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
+    in u): entry = (points below the bucket) | (the point inside, or 1023 for none) << 8."""
+    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
+    lut = np.zeros(32, np.uint32)
+    for b in range(32):
+        inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
+        lut[b] = int((points <= 16 * b).sum()) | (int(inside[0]) if inside.size else 1023) << 8
+    return lut
+
+
+BEST_INDEX_LUT = _best_index_lut()
+
 # Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
-# was most of the instructions per value (ncu: the quantizers were SM-bound); r and o come unsigned.
+# was most of the instructions per value (ncu: the quantizers were SM-bound); o comes unsigned.
 _u = np.uint32
 
 
@@ -56,38 +70,61 @@ def half_bits(v, flavor):
 
 
 @device
-def store_u16(y, o, off, h):
-    y[_u(o + off)] = np.uint8(h & np.uint16(0xFF))
-    y[_u(o + off + 1)] = np.uint8(h >> np.uint16(8))
-
-
-@device
 def load_half(y, o, off):
-    return f16_bits_to_f32(np.uint16(np.uint16(y[_u(o + off)]) | (np.uint16(y[_u(o + off + 1)]) << np.uint16(8))))
+    return f16_bits_to_f32(ld_u16(y, _u(o + off)))
 
 
 @device
-def store_u32(y, o, off, v):
-    for k in range(4):
-        y[_u(o + off + k)] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
+def put_u32(y, at, v):
+    st_u16(y, _u(at), np.uint16(v & np.uint32(0xFFFF)))
+    st_u16(y, _u(at + 2), np.uint16(v >> np.uint32(16)))
 
 
 @device
-def load_u32(y, o, off):
-    v = np.uint32(0)
-    for k in range(4):
-        v |= np.uint32(y[_u(o + off + k)]) << np.uint32(8 * k)
-    return v
+def get_u32(y, at):
+    return np.uint32(ld_u16(y, _u(at))) | (np.uint32(ld_u16(y, _u(at + 2))) << np.uint32(16))
+
+
+@device
+def _put_word(y, at, words, w):
+    put_u32(y, at + 4 * w, words[w])
+
+
+@device
+def _get_word(y, at, words, w):
+    words[w] = get_u32(y, at + 4 * w)
+
+
+@device
+def _fill_word(words, v, w):
+    words[w] = v
+
+
+put_words_4 = unrolled(_put_word, 4, 3)     # (y, at, words): words[0:4] -> bytes at .. at + 16
+put_words_8 = unrolled(_put_word, 8, 3)
+get_words_4 = unrolled(_get_word, 4, 3)     # (y, at, words): bytes at .. at + 16 -> words[0:4]
+get_words_8 = unrolled(_get_word, 8, 3)
+fill_words_4 = unrolled(_fill_word, 4, 2)     # (words, v): words[0:4] <- v
+fill_words_5 = unrolled(_fill_word, 5, 2)
+fill_words_8 = unrolled(_fill_word, 8, 2)
+
+
+@device
+def set_byte(words, j, b):
+    """Byte j of the little-endian words <- the low byte of b (byte j still zero)."""
+    words[j >> 2] |= (np.uint32(b) & np.uint32(0xFF)) << np.uint32(8 * (j & 3))
+
+
+@device
+def get_byte(words, j):
+    return np.int32((words[j >> 2] >> np.uint32(8 * (j & 3))) & np.uint32(0xFF))
 
 
 @device
 def x86_i32(v):
     """(int)v as x86 cvttss2si: NaN and out of range -> INT_MIN (kvlab's definition of C's UB).
-    The conversion runs unconditionally and a select picks: a branch around it (numba's `and`, or an
-    if) costs more than the cvt, and the inline-asm cvt is never hoisted out of one."""
-    n = ptx_i32(v)
-    in_range = (v >= -_TWO31) & (v < _TWO31)
-    return n if in_range else _INT_MIN
+    cvt.rzi saturates, so below -2^31 it already gives INT_MIN: one compare (false for NaN) and a select."""
+    return ptx_i32(v) if v < _TWO31 else _INT_MIN
 
 
 @device
@@ -110,17 +147,25 @@ def recip(d, flavor):
 
 
 @device
-def absmax_signed(src, r, flavor):
+def _signed_absmax_step(row, acc, flavor, j):
+    v = row[j]
+    a = ftz(abs(v)) if flavor == CUDA else abs(v)
+    if a > acc[0]:
+        acc[0] = a
+        acc[1] = v
+
+
+_signed_absmax = unrolled(_signed_absmax_step, QK, 3)
+
+
+@device
+def signed_absmax(row, flavor):
     """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
-    amax = _ZERO
-    vmax = _ZERO
-    for j in range(QK):
-        v = src[r, _u(j)]
-        a = ftz(abs(v)) if flavor == CUDA else abs(v)
-        if a > amax:
-            amax = a
-            vmax = v
-    return amax, vmax
+    acc = cuda.local.array(2, np.float32)
+    acc[0] = _ZERO
+    acc[1] = _ZERO
+    _signed_absmax(row, acc, flavor)
+    return acc[0], acc[1]
 
 
 # ---- q8_0 -------------------------------------------------------------------------------------
@@ -130,150 +175,220 @@ def _max_ps(a, b):
 
 
 @device
-def _avx_absmax(src, r):
+def _avx_lane(row, lane):
+    return _max_ps(_max_ps(_max_ps(abs(row[lane]), abs(row[8 + lane])), abs(row[16 + lane])), abs(row[24 + lane]))
+
+
+@device
+def _avx_absmax(row):
     """x86 AVX2 quantize_row_q8_0's reduction order: 8 lanes of 4, then halves, movehl, movehdup."""
-    q = cuda.local.array(8, np.float32)
-    for lane in range(8):
-        m = abs(src[r, _u(lane)])
-        for k in range(1, 4):
-            m = _max_ps(m, abs(src[r, _u(8 * k + lane)]))
-        q[lane] = m
-    return _max_ps(_max_ps(_max_ps(q[4], q[0]), _max_ps(q[6], q[2])),
-                   _max_ps(_max_ps(q[5], q[1]), _max_ps(q[7], q[3])))
+    return _max_ps(_max_ps(_max_ps(_avx_lane(row, 4), _avx_lane(row, 0)), _max_ps(_avx_lane(row, 6), _avx_lane(row, 2))),
+                   _max_ps(_max_ps(_avx_lane(row, 5), _avx_lane(row, 1)), _max_ps(_avx_lane(row, 7), _avx_lane(row, 3))))
 
 
 @device
-def quantize_q8_0(src, r, y, o, flavor):
+def _q8_absmax_step(row, acc, flavor, j):
+    a = abs(row[j])
+    if flavor == CUDA:
+        a = ftz(a)
+        if a > acc[0]:                  # fmaxf: NaN loses
+            acc[0] = a
+    else:
+        acc[0] = _max_ps(acc[0], a)
+
+
+_q8_absmax = unrolled(_q8_absmax_step, QK, 3)
+
+
+@device
+def _q8_byte(row, words, idv, flavor, j):
+    v = row[j]
     if flavor == CPU:
-        amax = _avx_absmax(src, r)
-        store_u16(y, o, 0, half_bits(div(amax, F(127.0)), flavor))
-        idv = div(F(127.0), amax) if amax != _ZERO else _ZERO
-        for j in range(QK):
-            n = x86_i32(round_even(mul(src[r, _u(j)], idv)))
-            y[_u(o + 2 + j)] = np.uint8(np.int32(min(max(n, -128), 127)) & 0xFF)   # packs saturate
-        return
-    amax = _ZERO
-    for j in range(QK):
-        if flavor == CUDA:
-            a = ftz(abs(src[r, _u(j)]))
-            if a > amax:                # fmaxf: NaN loses
-                amax = a
-        else:
-            amax = _max_ps(amax, abs(src[r, _u(j)]))
-    d = mul_ftz(amax, _INV_127) if flavor == CUDA else div(amax, F(127.0))
-    idv = recip(d, flavor)
-    store_u16(y, o, 0, half_bits(d, flavor))
-    for j in range(QK):
-        t = mul_ftz(src[r, _u(j)], idv) if flavor == CUDA else mul(src[r, _u(j)], idv)
-        y[_u(o + 2 + j)] = np.uint8(to_i8(roundf(t), flavor) & 0xFF)
+        n = min(max(x86_i32(round_even(mul(v, idv))), np.int32(-128)), np.int32(127))    # packs saturate
+    elif flavor == CUDA:
+        n = ptx_i32(roundf(mul_ftz(v, idv)))
+    else:
+        n = x86_i32(roundf(mul(v, idv)))
+    set_byte(words, j, n)
+
+
+_q8_bytes = unrolled(_q8_byte, QK, 4)
 
 
 @device
-def dequantize_q8_0(y, o, out, r):
-    d = load_half(y, o, 0)
-    for j in range(QK):
-        out[r, _u(j)] = mul(F(low_i8(y[_u(o + 2 + j)])), d)
+def quantize_q8_0(row, y, o, flavor):
+    if flavor == CPU:
+        amax = _avx_absmax(row)
+        d = div(amax, F(127.0))
+        idv = div(F(127.0), amax) if amax != _ZERO else _ZERO
+    else:
+        acc = cuda.local.array(1, np.float32)
+        acc[0] = _ZERO
+        _q8_absmax(row, acc, flavor)
+        d = mul_ftz(acc[0], _INV_127) if flavor == CUDA else div(acc[0], F(127.0))
+        idv = recip(d, flavor)
+    st_u16(y, o, half_bits(d, flavor))
+    words = cuda.local.array(8, np.uint32)
+    fill_words_8(words, np.uint32(0))
+    _q8_bytes(row, words, idv, flavor)
+    put_words_8(y, o + 2, words)
+
+
+@device
+def _dq8_value(words, row, d, j):
+    row[j] = mul(F(low_i8(get_byte(words, j))), d)
+
+
+_dq8_values = unrolled(_dq8_value, QK, 3)
+
+
+@device
+def dequantize_q8_0(y, o, row):
+    words = cuda.local.array(8, np.uint32)
+    get_words_8(y, o + 2, words)
+    _dq8_values(words, row, load_half(y, o, 0))
 
 
 # ---- q4_0 / q5_0: d = max / -8 (-16), x*id + 8.5 (16.5) ----------------------------------------
 @device
-def _sym_scale(src, r, y, o, flavor, neg_levels, inv_levels):
-    vmax = absmax_signed(src, r, flavor)[1]
+def _sym_scale(row, y, o, flavor, neg_levels, inv_levels):
+    vmax = signed_absmax(row, flavor)[1]
     d = mul_ftz(vmax, inv_levels) if flavor == CUDA else div(vmax, neg_levels)
-    store_u16(y, o, 0, half_bits(d, flavor))
+    st_u16(y, o, half_bits(d, flavor))
     return recip(d, flavor)
 
 
 @device
 def _sym_q(v, idv, offset, top, flavor):
     t = fma_ftz(v, idv, offset) if flavor == CUDA else add(mul(v, idv), offset)
-    return min(top, to_i8(t, flavor))
+    return min(np.int32(top), to_i8(t, flavor))
 
 
 @device
-def quantize_q4_0(src, r, y, o, flavor):
-    idv = _sym_scale(src, r, y, o, flavor, F(-8.0), F(-0.125))
-    for j in range(16):
-        lo = _sym_q(src[r, _u(j)], idv, F(8.5), 15, flavor)
-        hi = _sym_q(src[r, _u(j + 16)], idv, F(8.5), 15, flavor)
-        y[_u(o + 2 + j)] = np.uint8((lo | (hi << 4)) & 0xFF)      # unmasked, as in C
+def _q4_0_byte(row, words, idv, flavor, j):
+    lo = _sym_q(row[j], idv, F(8.5), 15, flavor)
+    hi = _sym_q(row[j + 16], idv, F(8.5), 15, flavor)
+    set_byte(words, j, lo | (hi << 4))           # unmasked, as in C
+
+
+_q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
 
 
 @device
-def dequantize_q4_0(y, o, out, r):
-    d = load_half(y, o, 0)
-    for j in range(16):
-        b = np.int32(y[_u(o + 2 + j)])
-        out[r, _u(j)] = mul(F((b & 0x0F) - 8), d)
-        out[r, _u(j + 16)] = mul(F((b >> 4) - 8), d)
+def quantize_q4_0(row, y, o, flavor):
+    idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
+    words = cuda.local.array(5, np.uint32)
+    fill_words_5(words, np.uint32(0))
+    _q4_0_bytes(row, words, idv, flavor)
+    put_words_4(y, o + 2, words)
 
 
 @device
-def _q5_bits(y, o, qs, j, q0, q1):
-    y[_u(o + qs + j)] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
-    return (np.uint32((q0 >> 4) & 1) << np.uint32(j)) | (np.uint32((q1 >> 4) & 1) << np.uint32(j + 16))
+def _dq4_0_pair(words, row, d, j):
+    b = get_byte(words, j)
+    row[j] = mul(F((b & 0x0F) - 8), d)
+    row[j + 16] = mul(F((b >> 4) - 8), d)
+
+
+_dq4_0_pairs = unrolled(_dq4_0_pair, 16, 3)
 
 
 @device
-def _q5_pair(y, o, qs, qh, j):
-    b = np.int32(y[_u(o + qs + j)])
-    h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1))
-    h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1))
-    return (b & 0x0F) | (h0 << 4), (b >> 4) | (h1 << 4)
+def dequantize_q4_0(y, o, row):
+    words = cuda.local.array(4, np.uint32)
+    get_words_4(y, o + 2, words)
+    _dq4_0_pairs(words, row, load_half(y, o, 0))
 
 
 @device
-def quantize_q5_0(src, r, y, o, flavor):
-    idv = _sym_scale(src, r, y, o, flavor, F(-16.0), F(-0.0625))
-    qh = np.uint32(0)
-    for j in range(16):
-        q0 = _sym_q(src[r, _u(j)], idv, F(16.5), 31, flavor)
-        q1 = _sym_q(src[r, _u(j + 16)], idv, F(16.5), 31, flavor)
-        qh |= _q5_bits(y, o, 6, j, q0, q1)
-    store_u32(y, o, 2, qh)
+def _q5_set(words, j, q0, q1):
+    """qs byte j <- the low nibbles of q0, q1; qh (words[4]) bits j, j + 16 <- their fifth bits."""
+    set_byte(words, j, (q0 & 0x0F) | ((q1 & 0x0F) << 4))
+    words[4] |= (np.uint32((q0 >> 4) & 1) << np.uint32(j)) | (np.uint32((q1 >> 4) & 1) << np.uint32(j + 16))
 
 
 @device
-def dequantize_q5_0(y, o, out, r):
-    d = load_half(y, o, 0)
-    qh = load_u32(y, o, 2)
-    for j in range(16):
-        q0, q1 = _q5_pair(y, o, 6, qh, j)
-        out[r, _u(j)] = mul(F(q0 - 16), d)
-        out[r, _u(j + 16)] = mul(F(q1 - 16), d)
+def _q5_get(words, qh, j):
+    b = get_byte(words, j)
+    return (b & 0x0F) | (np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4), \
+        (b >> 4) | (np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4)
+
+
+@device
+def _q5_0_pair(row, words, idv, flavor, j):
+    _q5_set(words, j, _sym_q(row[j], idv, F(16.5), 31, flavor), _sym_q(row[j + 16], idv, F(16.5), 31, flavor))
+
+
+_q5_0_pairs = unrolled(_q5_0_pair, 16, 4)
+
+
+@device
+def quantize_q5_0(row, y, o, flavor):
+    idv = _sym_scale(row, y, o, flavor, F(-16.0), F(-0.0625))
+    words = cuda.local.array(5, np.uint32)
+    fill_words_5(words, np.uint32(0))
+    _q5_0_pairs(row, words, idv, flavor)
+    put_u32(y, o + 2, words[4])
+    put_words_4(y, o + 6, words)
+
+
+@device
+def _dq5_0_pair(words, row, d, qh, j):
+    q0, q1 = _q5_get(words, qh, j)
+    row[j] = mul(F(q0 - 16), d)
+    row[j + 16] = mul(F(q1 - 16), d)
+
+
+_dq5_0_pairs = unrolled(_dq5_0_pair, 16, 4)
+
+
+@device
+def dequantize_q5_0(y, o, row):
+    words = cuda.local.array(4, np.uint32)
+    get_words_4(y, o + 6, words)
+    _dq5_0_pairs(words, row, load_half(y, o, 0), get_u32(y, o + 2))
 
 
 # ---- q4_1 / q5_1: d = (max - min) / 15 (31), (x - min)*id + 0.5 -------------------------------
 @device
-def _min_max(src, r, flavor, from_first):
-    lo = src[r, _u(0)] if from_first else _FLT_MAX
-    hi = src[r, _u(0)] if from_first else -_FLT_MAX
-    flo = ftz(lo)                       # ftz(lo), ftz(hi), kept beside them (one flush per value)
-    fhi = ftz(hi)
-    for j in range(1 if from_first else 0, QK):
-        v = src[r, _u(j)]
-        if flavor == CUDA:              # setp.*.ftz compares flushed values, keeps v
-            fv = ftz(v)
-            if fv < flo:
-                lo = v
-                flo = fv
-            if fv > fhi:
-                hi = v
-                fhi = fv
-        else:
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-    return lo, hi
+def _min_max_step(row, acc, flavor, j):
+    """acc = (lo, hi, ftz(lo), ftz(hi)): setp.*.ftz compares flushed values and keeps v."""
+    v = row[j]
+    if flavor == CUDA:
+        fv = ftz(v)
+        if fv < acc[2]:
+            acc[0] = v
+            acc[2] = fv
+        if fv > acc[3]:
+            acc[1] = v
+            acc[3] = fv
+    else:
+        if v < acc[0]:
+            acc[0] = v
+        if v > acc[1]:
+            acc[1] = v
+
+
+_min_max_all = unrolled(_min_max_step, QK, 3)
+_min_max_rest = unrolled(_min_max_step, QK, 3, start=1)
 
 
 @device
-def _affine_scale(src, r, y, o, flavor, levels, inv_levels, from_first):
-    lo, hi = _min_max(src, r, flavor, from_first)
+def _affine_scale(row, y, o, flavor, levels, inv_levels, from_first):
+    acc = cuda.local.array(4, np.float32)
+    acc[0] = row[0] if from_first else _FLT_MAX
+    acc[1] = row[0] if from_first else -_FLT_MAX
+    acc[2] = ftz(acc[0])
+    acc[3] = ftz(acc[1])
+    if from_first:
+        _min_max_rest(row, acc, flavor)
+    else:
+        _min_max_all(row, acc, flavor)
+    lo = acc[0]
+    hi = acc[1]
     d = mul_ftz(sub_ftz(hi, lo), inv_levels) if flavor == CUDA else div(sub(hi, lo), levels)
-    store_u16(y, o, 0, half_bits(d, flavor))
-    store_u16(y, o, 2, half_bits(lo, flavor))
+    st_u16(y, o, half_bits(d, flavor))
+    st_u16(y, o + 2, half_bits(lo, flavor))
     return lo, recip(d, flavor)
 
 
@@ -285,22 +400,39 @@ def _affine_t(v, lo, idv, flavor):
 
 
 @device
-def quantize_q4_1(src, r, y, o, flavor):
-    lo, idv = _affine_scale(src, r, y, o, flavor, F(15.0), _INV_15, False)
-    for j in range(16):
-        q0 = min(15, to_i8(_affine_t(src[r, _u(j)], lo, idv, flavor), flavor))
-        q1 = min(15, to_i8(_affine_t(src[r, _u(j + 16)], lo, idv, flavor), flavor))
-        y[_u(o + 4 + j)] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+def _q4_1_byte(row, words, lo, idv, flavor, j):
+    q0 = min(np.int32(15), to_i8(_affine_t(row[j], lo, idv, flavor), flavor))
+    q1 = min(np.int32(15), to_i8(_affine_t(row[j + 16], lo, idv, flavor), flavor))
+    set_byte(words, j, q0 | (q1 << 4))
+
+
+_q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
 
 
 @device
-def dequantize_q4_1(y, o, out, r):
-    d = load_half(y, o, 0)
-    m = load_half(y, o, 2)
-    for j in range(16):
-        b = np.int32(y[_u(o + 4 + j)])
-        out[r, _u(j)] = add(mul(F(b & 0x0F), d), m)
-        out[r, _u(j + 16)] = add(mul(F(b >> 4), d), m)
+def quantize_q4_1(row, y, o, flavor):
+    lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
+    words = cuda.local.array(5, np.uint32)
+    fill_words_5(words, np.uint32(0))
+    _q4_1_bytes(row, words, lo, idv, flavor)
+    put_words_4(y, o + 4, words)
+
+
+@device
+def _dq4_1_pair(words, row, d, m, j):
+    b = get_byte(words, j)
+    row[j] = add(mul(F(b & 0x0F), d), m)
+    row[j + 16] = add(mul(F(b >> 4), d), m)
+
+
+_dq4_1_pairs = unrolled(_dq4_1_pair, 16, 4)
+
+
+@device
+def dequantize_q4_1(y, o, row):
+    words = cuda.local.array(4, np.uint32)
+    get_words_4(y, o + 4, words)
+    _dq4_1_pairs(words, row, load_half(y, o, 0), load_half(y, o, 2))
 
 
 @device
@@ -312,99 +444,127 @@ def _u8(t, flavor):
 
 
 @device
-def quantize_q5_1(src, r, y, o, flavor):
-    lo, idv = _affine_scale(src, r, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
-    qh = np.uint32(0)
-    for j in range(16):
-        q0 = _u8(_affine_t(src[r, _u(j)], lo, idv, flavor), flavor)
-        q1 = _u8(_affine_t(src[r, _u(j + 16)], lo, idv, flavor), flavor)
-        qh |= _q5_bits(y, o, 8, j, q0, q1)
-    store_u32(y, o, 4, qh)
+def _q5_1_pair(row, words, lo, idv, flavor, j):
+    _q5_set(words, j, _u8(_affine_t(row[j], lo, idv, flavor), flavor),
+            _u8(_affine_t(row[j + 16], lo, idv, flavor), flavor))
+
+
+_q5_1_pairs = unrolled(_q5_1_pair, 16, 5)
 
 
 @device
-def dequantize_q5_1(y, o, out, r):
-    d = load_half(y, o, 0)
-    m = load_half(y, o, 2)
-    qh = load_u32(y, o, 4)
-    for j in range(16):
-        q0, q1 = _q5_pair(y, o, 8, qh, j)
-        out[r, _u(j)] = add(mul(F(q0), d), m)
-        out[r, _u(j + 16)] = add(mul(F(q1), d), m)
+def quantize_q5_1(row, y, o, flavor):
+    lo, idv = _affine_scale(row, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
+    words = cuda.local.array(5, np.uint32)
+    fill_words_5(words, np.uint32(0))
+    _q5_1_pairs(row, words, lo, idv, flavor)
+    put_u32(y, o + 4, words[4])
+    put_words_4(y, o + 8, words)
+
+
+@device
+def _dq5_1_pair(words, row, d, m, qh, j):
+    q0, q1 = _q5_get(words, qh, j)
+    row[j] = add(mul(F(q0), d), m)
+    row[j + 16] = add(mul(F(q1), d), m)
+
+
+_dq5_1_pairs = unrolled(_dq5_1_pair, 16, 5)
+
+
+@device
+def dequantize_q5_1(y, o, row):
+    words = cuda.local.array(4, np.uint32)
+    get_words_4(y, o + 8, words)
+    _dq5_1_pairs(words, row, load_half(y, o, 0), load_half(y, o, 2), get_u32(y, o + 4))
 
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def kvalue(k):
-    """KVALUES[k] for k in 0..15, from the packed words."""
-    w = _KV_LO if k < 8 else _KV_HI
-    return F(low_i8(np.int32((w >> np.uint64(8 * (k & 7))) & np.uint64(0xFF))))
-
-
-@device
-def best_index(x):
+def best_index(x, lut):
     """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest level, a tie going up,
     NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the exact
-    midpoint (lo + hi) / 2, so the answer is the number of midpoints m with !(x < m): 15 compares with
-    immediates, no data-dependent lookups (checked against ggml's search on all 2^32 floats)."""
-    q = _ZERO                           # counted in float32: numba would widen an int count to 64 bits
-    for k in range(15):                 # unrolled: each _KV_MIDPOINTS[k] is a constant
-        q += _ZERO if x < _KV_MIDPOINTS[k] else _ONE
-    return np.int32(q)
+    midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked against
+    ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so
+    any lookups of a warp are one access) counts them. fmin first: a NaN becomes the top."""
+    u = np.uint32(floor_i32(fmax(fmin(add(x, x), F(255.0)), F(-256.0))) + np.int32(256))
+    e = lut[u >> np.uint32(4)]
+    return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
 
 
 @device
-def quantize_iq4_nl(src, r, y, o, flavor):
-    amax, vmax = absmax_signed(src, r, flavor)
+def _iq4_ref_value(row, words, acc, idv, lut, kv, j):
+    """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
+    v = row[j]
+    q = best_index(mul(idv, v), lut)
+    k = kv[q]
+    wk = mul(mul(v, v), k)
+    acc[0] = add(acc[0], mul(wk, v))
+    acc[1] = add(acc[1], mul(wk, k))
+    words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
+
+
+_iq4_ref_values = unrolled(_iq4_ref_value, QK, 6)
+
+
+@device
+def _iq4_cuda_pair(row, words, acc, idv, lut, kv, j):
+    """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
+    v0 = row[j]
+    v1 = row[j + 16]
+    q0 = best_index(mul_ftz(v0, idv), lut)
+    q1 = best_index(mul_ftz(v1, idv), lut)
+    set_byte(words, j, q0 | (q1 << 4))
+    k0 = kv[q0]
+    k1 = kv[q1]
+    t0 = mul_ftz(mul_ftz(v0, v0), k0)
+    t1 = mul_ftz(mul_ftz(v1, v1), k1)
+    acc[0] = add_ftz(acc[0], fma_ftz(v0, t0, mul_ftz(v1, t1)))
+    acc[1] = add_ftz(acc[1], fma_ftz(t0, k0, mul_ftz(t1, k1)))
+
+
+_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 6)
+
+
+@device
+def quantize_iq4_nl(row, y, o, flavor, lut, kv):
+    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory."""
+    amax, vmax = signed_absmax(row, flavor)
+    words = cuda.local.array(5, np.uint32)
+    fill_words_5(words, np.uint32(0))
+    acc = cuda.local.array(2, np.float32)      # (sum of w q x, sum of w q^2)
+    acc[0] = _ZERO
+    acc[1] = _ZERO
     if flavor == CUDA:
         d = mul_ftz(vmax, _INV_M127)
-        idv = recip(d, flavor)
-        sumqx = _ZERO
-        sumq2 = _ZERO
-        for j in range(16):
-            v0 = src[r, _u(j)]
-            v1 = src[r, _u(j + 16)]
-            q0 = best_index(mul_ftz(v0, idv))
-            q1 = best_index(mul_ftz(v1, idv))
-            y[_u(o + 2 + j)] = np.uint8(q0 | (q1 << 4))
-            k0 = kvalue(q0)
-            k1 = kvalue(q1)
-            t0 = mul_ftz(mul_ftz(v0, v0), k0)
-            t1 = mul_ftz(mul_ftz(v1, v1), k1)
-            sumqx = add_ftz(sumqx, fma_ftz(v0, t0, mul_ftz(v1, t1)))
-            sumq2 = add_ftz(sumq2, fma_ftz(t0, k0, mul_ftz(t1, k1)))
-        if sumq2 > _ZERO:
-            d = mul_ftz(sumqx, rcp_approx(sumq2))
-        store_u16(y, o, 0, half_bits(d, flavor))
-        return
-    if amax < _GROUP_MAX_EPS:           # kvlab's bytes for ggml's stale-L[] case (see kernels/iq4_nl.py)
-        store_u16(y, o, 0, np.uint16(0))
-        for j in range(16):
-            y[_u(o + 2 + j)] = np.uint8(0x88)
-        return
-    idv = div(_ONE, div(vmax, _KV_FIRST))
-    for j in range(16):
-        y[_u(o + 2 + j)] = np.uint8(best_index(mul(idv, src[r, _u(j)])) | (best_index(mul(idv, src[r, _u(j + 16)])) << 4))
-    sumqx = _ZERO
-    sumq2 = _ZERO
-    for h in range(2):
-        for j in range(16):
-            v = src[r, _u(16 * h + j)]
-            k = kvalue((np.int32(y[_u(o + 2 + j)]) >> (4 * h)) & 0x0F)
-            wk = mul(mul(v, v), k)
-            sumqx = add(sumqx, mul(wk, v))
-            sumq2 = add(sumq2, mul(wk, k))
-    d = div(sumqx, sumq2) if sumq2 > _ZERO else _ZERO
-    store_u16(y, o, 0, half_bits(d, flavor))
+        _iq4_cuda_pairs(row, words, acc, recip(d, flavor), lut, kv)
+        if acc[1] > _ZERO:
+            d = mul_ftz(acc[0], rcp_approx(acc[1]))
+    else:
+        _iq4_ref_values(row, words, acc, div(_ONE, div(vmax, _KV_FIRST)), lut, kv)
+        d = div(acc[0], acc[1]) if acc[1] > _ZERO else _ZERO
+        if amax < _GROUP_MAX_EPS:       # kvlab's bytes for ggml's stale-L[] case (see kernels/iq4_nl.py)
+            d = _ZERO
+            fill_words_4(words, np.uint32(0x88888888))
+    st_u16(y, o, half_bits(d, flavor))
+    put_words_4(y, o + 2, words)
 
 
 @device
-def dequantize_iq4_nl(y, o, out, r):
-    d = load_half(y, o, 0)
-    for j in range(16):
-        b = np.int32(y[_u(o + 2 + j)])
-        out[r, _u(j)] = mul(d, kvalue(b & 0x0F))
-        out[r, _u(j + 16)] = mul(d, kvalue(b >> 4))
+def _diq4_pair(words, row, d, kv, j):
+    b = get_byte(words, j)
+    row[j] = mul(d, kv[b & 0x0F])
+    row[j + 16] = mul(d, kv[b >> 4])
+
+
+_diq4_pairs = unrolled(_diq4_pair, 16, 4)
+
+
+@device
+def dequantize_iq4_nl(y, o, row, kv):
+    words = cuda.local.array(4, np.uint32)
+    get_words_4(y, o + 2, words)
+    _diq4_pairs(words, row, load_half(y, o, 0), kv)
 
 
 # ---- f32 / f16 / bf16: one value at a time ----------------------------------------------------

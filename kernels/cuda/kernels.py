@@ -1,99 +1,40 @@
 """The @cuda.jit kernels: quantize (also set_rows and the fused rotation), dequantize (also the fused
 un-rotation), rotate, and the per-value f32/f16/bf16 conversions.
 
-Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, one tile:
+Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, one tile (tile.py):
   1. the tile's TPB * 32 floats arrive by coalesced 16-byte loads, all issued before the first is
-     used, into shared memory (rows padded to 33 floats: the loaders' writes and thread t's reads of
-     row t each hit 32 distinct banks);
-  2. optionally every n-chunk is rotated in place (fwht.py);
-  3. thread t quantizes row t into a shared staging buffer laid out as the ggml block structs;
-  4. the staged TPB * type_size bytes leave as coalesced 4-byte words (to row_ids' rows for set_rows).
-Dequantize runs these steps backwards (the bytes arrive as 16-byte words). The type's code and
-type_size (and for quantize the flavor) are compile-time constants of a per-type kernel (a closure),
-so a kernel holds one type's (and flavor's) code only, and numba caches each on disk. No division in
-the per-value paths (shifts and masks).
+     used, into shared memory;
+  2. thread t takes row t into registers (8 16-byte reads), and optionally rotates it (fwht.py);
+  3. thread t quantizes its row into a shared staging buffer laid out as the ggml block structs;
+  4. the staged TPB * type_size bytes leave as coalesced 16-byte words (4-byte words, or single
+     bytes, to row_ids' rows for set_rows or when the output is not aligned).
+Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every thread runs steps
+2-3, rows past the end too (zeros, never stored): no divergence around the barriers. The type's code
+and type_size (and for quantize the flavor) are compile-time constants of a per-type kernel (a
+closure), so a kernel holds one type's (and flavor's) code only, and numba caches each on disk.
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
 """
 import functools
 
 import numpy as np
-from numba import cuda, float32, uint8
+from numba import cuda, float32, uint8, uint32
 
 from . import blocks as B
-from .fwht import rotate_tile
-from .ops import (SIM, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4,
+from .fwht import rotate_row
+from .ops import (SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4,
                   st_u32, st_u32x2, st_u32x4)
+from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
 
 QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "iq4_nl": 3, "q5_0": 4, "q5_1": 5}
 TYPE_SIZES = (34, 18, 20, 18, 22, 24)
 SCALAR_CODES = {"f32": 0, "f16": 1, "bf16": 2}
-# 32-value blocks (= threads) per CUDA block; the simulator runs each thread as a Python thread
-TPB = 16 if SIM else 128
-TILE_W = 33                   # padded tile row
 SCALAR_TPB = 32 if SIM else 256
-# 48 registers (no spills, ptxas -v) let 10 CUDA blocks share an SM, as many as shared memory allows
-TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=48)
+# 64 registers hold a row (32) and its packed words without spills (ptxas -v); 8 CUDA blocks per SM
+TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=64)
+_LUT = B.BEST_INDEX_LUT
+_KV = B.KVALUES
 
-device = cuda.jit(device=True, inline=True)
-
-
-# ---- tile <-> global float32 -------------------------------------------------------------------
-@device
-def _put4(tile, q, v):
-    """The 4 floats of the tile's float4 number q (row q / 8, columns 4 * (q % 8) ..)."""
-    r = np.uint32(q >> 3)
-    c = np.uint32((q & 7) * 4)
-    tile[r, c] = v[0]
-    tile[r, c + 1] = v[1]
-    tile[r, c + 2] = v[2]
-    tile[r, c + 3] = v[3]
-
-
-@device
-def load_tile(tile, x, base, total, vec):
-    """Values base .. base + TPB*32 of the flat float32 x -> the tile (zeros past total).
-    vec: x is 16-byte aligned, so a whole tile comes as 8 float4 per thread, all loads first."""
-    t = cuda.threadIdx.x
-    if vec and base + TPB * 32 <= total:
-        p = base + 4 * t
-        v0 = ld_f32x4(x, p)
-        v1 = ld_f32x4(x, p + 4 * TPB)
-        v2 = ld_f32x4(x, p + 8 * TPB)
-        v3 = ld_f32x4(x, p + 12 * TPB)
-        v4 = ld_f32x4(x, p + 16 * TPB)
-        v5 = ld_f32x4(x, p + 20 * TPB)
-        v6 = ld_f32x4(x, p + 24 * TPB)
-        v7 = ld_f32x4(x, p + 28 * TPB)
-        _put4(tile, t, v0)
-        _put4(tile, t + TPB, v1)
-        _put4(tile, t + 2 * TPB, v2)
-        _put4(tile, t + 3 * TPB, v3)
-        _put4(tile, t + 4 * TPB, v4)
-        _put4(tile, t + 5 * TPB, v5)
-        _put4(tile, t + 6 * TPB, v6)
-        _put4(tile, t + 7 * TPB, v7)
-    else:
-        for k in range(32):
-            e = k * TPB + t
-            tile[e >> 5, e & 31] = x[base + e] if base + e < total else float32(0)
-
-
-@device
-def store_tile(tile, out, base, total, vec):
-    """The tile -> values base .. of the flat float32 out (none past total)."""
-    t = cuda.threadIdx.x
-    if vec and base + TPB * 32 <= total:
-        for k in range(8):
-            q = k * TPB + t
-            r = np.uint32(q >> 3)
-            c = np.uint32((q & 7) * 4)
-            st_f32x4(out, base + 4 * q, tile[r, c], tile[r, c + 1], tile[r, c + 2], tile[r, c + 3])
-    else:
-        for k in range(32):
-            e = k * TPB + t
-            if base + e < total:
-                out[base + e] = tile[e >> 5, e & 31]
 
 
 # ---- staging buffer <-> global bytes -----------------------------------------------------------
@@ -107,13 +48,22 @@ def _dest(g, row_bytes, row_ids):
 
 
 @device
-def store_bytes(stage, y, base, count, wide, row_ids, row_bytes):
+def store_bytes(stage, y, base, count, width, row_ids, row_bytes):
     """stage[0:count] -> bytes base .. of the flat uint8 y (rows remapped when row_bytes > 0).
-    wide: y and every destination row are 4-byte aligned, so whole words go at once."""
+    width 16: y + base is 16-byte aligned and no rows are remapped; 4: y and every destination row
+    are 4-byte aligned; 1: neither."""
     t = cuda.threadIdx.x
+    if width == 16:
+        n16 = count >> 4
+        for w in range(t, n16, TPB):
+            v = ld_u32x4(stage, 16 * w)
+            st_u32x4(y, base + 16 * w, v[0], v[1], v[2], v[3])
+        for k in range(16 * n16 + t, count, TPB):
+            y[base + k] = stage[k]
+        return
     for w in range(t, (count + 3) >> 2, TPB):
         b = 4 * w
-        if wide and b + 4 <= count:
+        if width == 4 and b + 4 <= count:
             st_u32(y, _dest(base + b, row_bytes, row_ids), ld_u32(stage, b))
         else:
             for k in range(4):
@@ -147,10 +97,19 @@ def load_bytes(stage, y, base, count, wide):
         stage[k] = y[base + k]
 
 
+@device
+def load_iq4_tables(lut, kv):
+    """iq4_nl's lookup tables into shared memory (the caller's barrier publishes them)."""
+    for i in range(cuda.threadIdx.x, 32, TPB):          # TPB may be 16 (the simulator)
+        lut[i] = _LUT[i]
+        if i < 16:
+            kv[i] = _KV[i]
+
+
 # ---- the block-type kernels --------------------------------------------------------------------
 @functools.cache
 def quantize_kernel(type_name, flavor):
-    """kernel(x, y, n_blocks, vec, wide, row_ids, row_bytes, n, scale): x flat float32
+    """kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale): x flat float32
     (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k] of y;
     n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time constant
     too: a kernel then holds only its flavor's per-value code, not the other flavors' selects."""
@@ -159,31 +118,35 @@ def quantize_kernel(type_name, flavor):
     stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
 
     @cuda.jit(**TILE_JIT)
-    def kernel(x, y, n_blocks, vec, wide, row_ids, row_bytes, n, scale):
-        tile = cuda.shared.array((TPB, TILE_W), float32)
-        stage = cuda.shared.array(stage_bytes, uint8)
+    def kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
+        tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
+        stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
+        lut = cuda.shared.array(32, uint32)
+        kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
-        t = cuda.threadIdx.x
+        r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (blocks.py)
+        if code == 3:                         # `code` is a constant: numba drops the other branches
+            load_iq4_tables(lut, kv)
         load_tile(tile, x, first * 32, n_blocks * 32, vec)
         cuda.syncthreads()
+        row = cuda.local.array(32, float32)
+        read_row(tile, r, row)
         if n > 0:
-            rotate_tile(tile, n, scale, TPB)
-        r = np.uint32(t)                  # unsigned indices: no wrap-around code (blocks.py)
-        if first + t < n_blocks:          # `code` is a constant: numba drops the other branches
-            if code == 0:
-                B.quantize_q8_0(tile, r, stage, r * ts, flavor)
-            elif code == 1:
-                B.quantize_q4_0(tile, r, stage, r * ts, flavor)
-            elif code == 2:
-                B.quantize_q4_1(tile, r, stage, r * ts, flavor)
-            elif code == 3:
-                B.quantize_iq4_nl(tile, r, stage, r * ts, flavor)
-            elif code == 4:
-                B.quantize_q5_0(tile, r, stage, r * ts, flavor)
-            else:
-                B.quantize_q5_1(tile, r, stage, r * ts, flavor)
+            rotate_row(tile, row, n, scale, TPB)
+        if code == 0:
+            B.quantize_q8_0(row, stage, r * ts, flavor)
+        elif code == 1:
+            B.quantize_q4_0(row, stage, r * ts, flavor)
+        elif code == 2:
+            B.quantize_q4_1(row, stage, r * ts, flavor)
+        elif code == 3:
+            B.quantize_iq4_nl(row, stage, r * ts, flavor, lut, kv)
+        elif code == 4:
+            B.quantize_q5_0(row, stage, r * ts, flavor)
+        else:
+            B.quantize_q5_1(row, stage, r * ts, flavor)
         cuda.syncthreads()
-        store_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide, row_ids, row_bytes)
+        store_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, width, row_ids, row_bytes)
 
     return kernel
 
@@ -198,29 +161,33 @@ def dequantize_kernel(type_name):
 
     @cuda.jit(**TILE_JIT)
     def kernel(y, out, n_blocks, wide, vec, n, scale):
-        tile = cuda.shared.array((TPB, TILE_W), float32)
-        stage = cuda.shared.array(stage_bytes, uint8)
+        tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
+        stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
+        lut = cuda.shared.array(32, uint32)
+        kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
-        t = cuda.threadIdx.x
+        r = np.uint32(cuda.threadIdx.x)
+        if code == 3:
+            load_iq4_tables(lut, kv)
         load_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide)
         cuda.syncthreads()
-        r = np.uint32(t)
-        if first + t < n_blocks:
-            if code == 0:
-                B.dequantize_q8_0(stage, r * ts, tile, r)
-            elif code == 1:
-                B.dequantize_q4_0(stage, r * ts, tile, r)
-            elif code == 2:
-                B.dequantize_q4_1(stage, r * ts, tile, r)
-            elif code == 3:
-                B.dequantize_iq4_nl(stage, r * ts, tile, r)
-            elif code == 4:
-                B.dequantize_q5_0(stage, r * ts, tile, r)
-            else:
-                B.dequantize_q5_1(stage, r * ts, tile, r)
-        cuda.syncthreads()
+        row = cuda.local.array(32, float32)
+        if code == 0:
+            B.dequantize_q8_0(stage, r * ts, row)
+        elif code == 1:
+            B.dequantize_q4_0(stage, r * ts, row)
+        elif code == 2:
+            B.dequantize_q4_1(stage, r * ts, row)
+        elif code == 3:
+            B.dequantize_iq4_nl(stage, r * ts, row, kv)
+        elif code == 4:
+            B.dequantize_q5_0(stage, r * ts, row)
+        else:
+            B.dequantize_q5_1(stage, r * ts, row)
         if n > 0:
-            rotate_tile(tile, n, scale, TPB)
+            rotate_row(tile, row, n, scale, TPB)
+        write_row(tile, r, row)
+        cuda.syncthreads()
         store_tile(tile, out, first * 32, n_blocks * 32, vec)
 
     return kernel
@@ -229,11 +196,16 @@ def dequantize_kernel(type_name):
 @cuda.jit(**TILE_JIT)
 def rotate_kernel(x, out, total, vec, n, scale):
     """out = x @ H_n on every n-chunk of the flat float32 x (total values, a multiple of n)."""
-    tile = cuda.shared.array((TPB, TILE_W), float32)
+    tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     base = np.int64(cuda.blockIdx.x) * TPB * 32
+    r = np.uint32(cuda.threadIdx.x)
     load_tile(tile, x, base, total, vec)
     cuda.syncthreads()
-    rotate_tile(tile, n, scale, TPB)
+    row = cuda.local.array(32, float32)
+    read_row(tile, r, row)
+    rotate_row(tile, row, n, scale, TPB)
+    write_row(tile, r, row)
+    cuda.syncthreads()
     store_tile(tile, out, base, total, vec)
 
 

@@ -9,20 +9,27 @@ bytes independent of compiler flags: ``.rn`` ops are never contracted.
 Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same names are plain Python on
 numpy float32 with the same results, so the kernels run unchanged in CI without a GPU.
 Names: ``mul/add/sub/fma/div`` round to nearest, ``*_ftz`` flush subnormal inputs and results,
-``rcp_approx`` is rcp.approx.ftz.f32 (tabled from the H100 for the simulator).
+``rcp_approx`` is rcp.approx.ftz.f32 (tabled from the H100 for the simulator); ``fmin``/``fmax``
+drop a NaN operand (min.f32 / max.f32); ``floor_i32`` is cvt.rmi.s32.f32.
 
 Wide memory access (why: one 16-byte load per thread instead of four 4-byte ones, and output bytes
 staged in shared memory leave as whole words): ``ld_f32x4(a, i)`` -> 4 float32 at element i of a
 C-contiguous float32 array (i a multiple of 4, address 16-byte aligned), ``st_f32x4(a, i, v0..v3)``;
-on uint8 arrays at byte offset i (aligned to the width): ``ld_u32``/``st_u32``, ``ld_u32x2``/
+on uint8 arrays at byte offset i (aligned to the width): ``ld_u16``/``st_u16``, ``ld_u32``/``st_u32``, ``ld_u32x2``/
 ``st_u32x2``, ``ld_u32x4``/``st_u32x4`` (several words come and go as tuples).
 """
 import os
 
 import numpy as np
+from numba import cuda as _cuda
 from numba.cuda import config
 
 SIM = bool(config.ENABLE_CUDASIM) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+# Device functions are inlined by NVVM (forceinline): numba's own IR inlining (inline=True) re-types
+# every inlined body, ~90 s per kernel with the loops written out (unroll.py); the simulator has no
+# such option.
+device = _cuda.jit(device=True) if SIM else _cuda.jit(device=True, forceinline=True)
 
 if SIM:
     from .sim_ops import *  # noqa: F401,F403  (the Python twins of the instructions below)
@@ -77,6 +84,9 @@ else:
     # half <-> float, IEEE round to nearest even (a NaN comes out 0x7FFF: callers decide NaN first)
     f32_to_f16_bits = _asm("cvt.rn.f16.f32 $0, $1;", 1, ret=_I16, ret_c="h", nb_ret=types.uint16)
     f16_bits_to_f32 = _asm("cvt.f32.f16 $0, $1;", 1, arg=_I16, arg_c="h", nb_arg=types.uint16)
+    floor_i32 = _asm("cvt.rmi.s32.f32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.int32)
+    fmin = _asm("min.f32 $0, $1, $2;", 2)           # a NaN operand loses (returns the other)
+    fmax = _asm("max.f32 $0, $1, $2;", 2)
     f32_bits = _asm("mov.b32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
     f32_from_bits = _asm("mov.b32 $0, $1;", 1, arg=_I32, arg_c="r", nb_arg=types.uint32)
 
@@ -122,6 +132,8 @@ else:
 
     ld_f32x4 = _vector_access(_F32, types.float32, 4, False)
     _st_f32x4 = _vector_access(_F32, types.float32, 4, True)
+    ld_u16 = _vector_access(_I16, types.uint16, 1, False)
+    st_u16 = _vector_access(_I16, types.uint16, 1, True)
     ld_u32 = _vector_access(_I32, types.uint32, 1, False)
     st_u32 = _vector_access(_I32, types.uint32, 1, True)
     ld_u32x2 = _vector_access(_I32, types.uint32, 2, False)
@@ -129,16 +141,14 @@ else:
     ld_u32x4 = _vector_access(_I32, types.uint32, 4, False)
     _st_u32x4 = _vector_access(_I32, types.uint32, 4, True)
 
-    _dev = cuda.jit(device=True, inline=True)
-
-    @_dev
+    @device
     def st_f32x4(a, i, v0, v1, v2, v3):
         _st_f32x4(a, i, (np.float32(v0), np.float32(v1), np.float32(v2), np.float32(v3)))
 
-    @_dev
+    @device
     def st_u32x2(a, i, v0, v1):
         _st_u32x2(a, i, (np.uint32(v0), np.uint32(v1)))
 
-    @_dev
+    @device
     def st_u32x4(a, i, v0, v1, v2, v3):
         _st_u32x4(a, i, (np.uint32(v0), np.uint32(v1), np.uint32(v2), np.uint32(v3)))

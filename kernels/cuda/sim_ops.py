@@ -129,6 +129,21 @@ def ptx_u32(x):
     return np.uint32(min(max(np.float64(x), 0.0), 4294967295.0))
 
 
+def floor_i32(x):
+    x = _f32(x)
+    if x != x:
+        return np.int32(0)
+    return np.int32(min(max(np.floor(np.float64(x)), -2147483648.0), 2147483647.0))
+
+
+def fmin(a, b):
+    return _f32(np.fmin(_f32(a), _f32(b)))
+
+
+def fmax(a, b):
+    return _f32(np.fmax(_f32(a), _f32(b)))
+
+
 @_quiet
 def f32_to_f16_bits(x):
     x = _f32(x)
@@ -156,6 +171,14 @@ def ld_f32x4(a, i):
 
 def st_f32x4(a, i, v0, v1, v2, v3):
     _flat(a)[i:i + 4] = (v0, v1, v2, v3)
+
+
+def ld_u16(a, i):
+    return _flat(a)[i:i + 2].view(np.uint16)[0]
+
+
+def st_u16(a, i, v):
+    _flat(a)[i:i + 2].view(np.uint16)[0] = v
 
 
 def ld_u32(a, i):

@@ -1,0 +1,95 @@
+"""The shared-memory tile a CUDA block works in, and its ways in and out.
+
+A CUDA block of TPB threads owns TPB consecutive 32-value blocks: tile[r, 0:32] is value block r
+(rows padded to TILE_W floats). Global memory <-> tile moves by coalesced 16-byte accesses (thread t
+takes float4 number t, t + TPB, ..); tile <-> registers by row: thread t reads or writes its row r
+with eight 16-byte accesses (``read_row`` / ``write_row``, into a 32-element local array that the
+callers index with constants only, so it stays in registers).
+Why TILE_W = 36: rows start on 16 bytes (vector access), and the 8 threads that a 16-byte shared
+access serves together (a quarter warp), reading the same 16 bytes of 8 consecutive rows or 8
+consecutive float4 of one row, hit 32 distinct banks (36 = 4 mod 32).
+"""
+import numpy as np
+from numba import cuda, float32
+
+from .ops import SIM, device, ld_f32x4, st_f32x4
+from .unroll import unrolled
+
+TPB = 16 if SIM else 128          # the simulator runs each thread as a Python thread
+TILE_W = 36
+ALIGN = None if SIM else 16       # the simulator's arrays are numpy's (aligned) and refuse the argument
+
+
+
+@device
+def _read4(tile, r, row, k):
+    v = ld_f32x4(tile, r * TILE_W + 4 * k)
+    row[4 * k] = v[0]
+    row[4 * k + 1] = v[1]
+    row[4 * k + 2] = v[2]
+    row[4 * k + 3] = v[3]
+
+
+@device
+def _write4(tile, r, row, k):
+    st_f32x4(tile, r * TILE_W + 4 * k, row[4 * k], row[4 * k + 1], row[4 * k + 2], row[4 * k + 3])
+
+
+read_row = unrolled(_read4, 8, 3)         # read_row(tile, r, row): row[0:32] <- tile[r, 0:32]
+write_row = unrolled(_write4, 8, 3)       # write_row(tile, r, row): tile[r, 0:32] <- row[0:32]
+
+
+@device
+def _float4_at(q):
+    """Flat tile index of the tile's float4 number q (row q / 8, columns 4 * (q % 8) ..)."""
+    return np.uint32(q >> 3) * TILE_W + np.uint32((q & 7) * 4)
+
+
+@device
+def _put4(tile, q, v):
+    st_f32x4(tile, _float4_at(q), v[0], v[1], v[2], v[3])
+
+
+@device
+def load_tile(tile, x, base, total, vec):
+    """Values base .. base + TPB*32 of the flat float32 x -> the tile (zeros past total).
+    vec: x is 16-byte aligned, so a whole tile comes as 8 float4 per thread, all loads first."""
+    t = cuda.threadIdx.x
+    if vec and base + TPB * 32 <= total:
+        p = base + 4 * t
+        v0 = ld_f32x4(x, p)
+        v1 = ld_f32x4(x, p + 4 * TPB)
+        v2 = ld_f32x4(x, p + 8 * TPB)
+        v3 = ld_f32x4(x, p + 12 * TPB)
+        v4 = ld_f32x4(x, p + 16 * TPB)
+        v5 = ld_f32x4(x, p + 20 * TPB)
+        v6 = ld_f32x4(x, p + 24 * TPB)
+        v7 = ld_f32x4(x, p + 28 * TPB)
+        _put4(tile, t, v0)
+        _put4(tile, t + TPB, v1)
+        _put4(tile, t + 2 * TPB, v2)
+        _put4(tile, t + 3 * TPB, v3)
+        _put4(tile, t + 4 * TPB, v4)
+        _put4(tile, t + 5 * TPB, v5)
+        _put4(tile, t + 6 * TPB, v6)
+        _put4(tile, t + 7 * TPB, v7)
+    else:
+        for k in range(32):
+            e = k * TPB + t
+            tile[e >> 5, e & 31] = x[base + e] if base + e < total else float32(0)
+
+
+@device
+def store_tile(tile, out, base, total, vec):
+    """The tile -> values base .. of the flat float32 out (none past total)."""
+    t = cuda.threadIdx.x
+    if vec and base + TPB * 32 <= total:
+        for k in range(8):
+            q = k * TPB + t
+            v = ld_f32x4(tile, _float4_at(q))
+            st_f32x4(out, base + 4 * q, v[0], v[1], v[2], v[3])
+    else:
+        for k in range(32):
+            e = k * TPB + t
+            if base + e < total:
+                out[base + e] = tile[e >> 5, e & 31]
