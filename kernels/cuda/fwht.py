@@ -5,8 +5,8 @@ multiplies every value by H_n[0, 0]. Any split of that work among threads gives 
 long as each stage sees the previous stage's results. A chunk of n values is n/32 consecutive tile
 rows (tile.py), so:
   - stages h < 32 pair values of one row: thread t runs them on its row in registers (fwht_row);
-  - stages h >= 32 pair rows of a chunk column by column: through the tile, a thread takes whole
-    columns of a chunk into registers (fwht_col_<rows>, for chunks of 2, 4 or 8 rows: n = 64 .. 256),
+  - stages h >= 32 pair rows of a chunk column by column: through the tile, a thread takes 4 whole
+    columns of a chunk into registers (fwht_cols_<rows>, for chunks of 2, 4 or 8 rows: n = 64 .. 256),
     or for larger n runs one stage at a time in shared memory with a barrier between stages.
 The register versions are straight-line code, written out below by _butterfly_source, so every
 value stays in a register.
@@ -14,16 +14,17 @@ value stays in a register.
 import numpy as np
 from numba import cuda
 
-from .ops import add, device, mul, sub
-from .tile import read_row, write_row
+from .ops import add, device, ld_f32x4, mul, st_f32x4, sub
+from .tile import TILE_W, read_row, write_row
 from .unroll import unrolled
 
 
 
-def _butterfly_source(name, params, size, at, guarded):
-    """Python source of a device function: load `size` values (at(k) is element k), run the butterfly
-    stages (each `if n > h` when guarded: chunks smaller than the row), scale, store back."""
-    body = [f"    v{k} = {at(k)}" for k in range(size)]
+def _butterfly_source(name, params, size, lanes, load, store, guarded):
+    """Python source of a device function on `size` elements of `lanes` values each (v{k}_{c} is lane c
+    of element k): load them (the lines load(k)), run the butterfly stages between elements, lane by
+    lane (each stage `if n > h` when guarded: chunks smaller than the row), scale, store (store(k))."""
+    body = [line for k in range(size) for line in load(k)]
     h = 1
     while h < size:
         indent = "    "
@@ -31,46 +32,60 @@ def _butterfly_source(name, params, size, at, guarded):
             body.append(f"    if n > {h}:")
             indent = "        "
         for start in range(0, size, 2 * h):
-            body += [f"{indent}v{i}, v{i + h} = add(v{i}, v{i + h}), sub(v{i}, v{i + h})"
-                     for i in range(start, start + h)]
+            body += [f"{indent}v{i}_{c}, v{i + h}_{c} = add(v{i}_{c}, v{i + h}_{c}), sub(v{i}_{c}, v{i + h}_{c})"
+                     for i in range(start, start + h) for c in range(lanes)]
         h *= 2
     indent = "    "
     if guarded:
         body.append(f"    if n <= {size}:")
         indent = "        "
-    body += [f"{indent}v{k} = mul(v{k}, scale)" for k in range(size)]
-    body += [f"    {at(k)} = v{k}" for k in range(size)]
-    return f"def {name}({params}):\n" + "\n".join(body) + "\n"
+    body += [f"{indent}v{k}_{c} = mul(v{k}_{c}, scale)" for k in range(size) for c in range(lanes)]
+    body += [line for k in range(size) for line in store(k)]
+    return f"def {name}({params}):\n" + "\n".join(f"    {line}" if not line.startswith(" ") else line
+                                                    for line in body) + "\n"
 
 
-def _compile(name, params, size, at, guarded):
-    scope = {"add": add, "sub": sub, "mul": mul, "_u": np.uint32}
-    exec(_butterfly_source(name, params, size, at, guarded), scope)
+def _compile(name, params, size, lanes, load, store, guarded):
+    scope = {"add": add, "sub": sub, "mul": mul, "ld_f32x4": ld_f32x4, "st_f32x4": st_f32x4}
+    exec(_butterfly_source(name, params, size, lanes, load, store, guarded), scope)
     return device(scope[name])
 
 
 # fwht_row(row, n, scale): stages h < min(n, 32) on the 32 values of row, scaled when the chunk fits it
-fwht_row = _compile("fwht_row", "row, n, scale", 32, lambda k: f"row[{k}]", True)
-# fwht_col_<rows>(tile, r0, j, scale): all stages of the column j of rows r0 .. r0 + rows - 1
-fwht_col_2 = _compile("fwht_col_2", "tile, a, b, scale", 2, lambda k: f"tile[_u(a + {k}), b]", False)
-fwht_col_4 = _compile("fwht_col_4", "tile, a, b, scale", 4, lambda k: f"tile[_u(a + {k}), b]", False)
-fwht_col_8 = _compile("fwht_col_8", "tile, a, b, scale", 8, lambda k: f"tile[_u(a + {k}), b]", False)
+fwht_row = _compile("fwht_row", "row, n, scale", 32, 1, lambda k: [f"v{k}_0 = row[{k}]"],
+                    lambda k: [f"row[{k}] = v{k}_0"], True)
+
+
+def _columns(rows):
+    """fwht_cols_<rows>(tile, at, scale): all stages of the 4 columns at flat tile index at .. at + 3
+    of `rows` consecutive rows, one float4 per row."""
+    def load(k):
+        return [f"a{k} = ld_f32x4(tile, at + {k * TILE_W})"] + [f"v{k}_{c} = a{k}[{c}]" for c in range(4)]
+
+    def store(k):
+        return [f"st_f32x4(tile, at + {k * TILE_W}, v{k}_0, v{k}_1, v{k}_2, v{k}_3)"]
+
+    return _compile(f"fwht_cols_{rows}", "tile, at, scale", rows, 4, load, store, False)
+
+
+fwht_cols_2, fwht_cols_4, fwht_cols_8 = _columns(2), _columns(4), _columns(8)
 
 
 @device
 def _columns_in_registers(tile, rows, scale, tpb):
-    """Chunks of 2, 4 or 8 rows: thread t takes the columns v = t, t + tpb, .. (32 / rows of them)."""
+    """Chunks of 2, 4 or 8 rows: a thread takes 4 adjacent columns (a float4) of a chunk's rows at a
+    time, unit u = t, t + tpb, .. being chunk u / 8, columns 4 * (u % 8) ..; the 8 threads of a quarter
+    warp then read 8 float4 of one row (32 banks)."""
     t = cuda.threadIdx.x
-    for k in range(32 // rows):
-        v = t + k * tpb
-        r0 = np.uint32((v >> 5) * rows)
-        j = np.uint32(v & 31)               # unsigned: no wrap-around code on the indices
+    for k in range(8 // rows):
+        u = t + k * tpb
+        at = np.uint32((u >> 3) * rows) * TILE_W + np.uint32((u & 7) * 4)     # unsigned: no wrap-around code
         if rows == 2:
-            fwht_col_2(tile, r0, j, scale)
+            fwht_cols_2(tile, at, scale)
         elif rows == 4:
-            fwht_col_4(tile, r0, j, scale)
+            fwht_cols_4(tile, at, scale)
         else:
-            fwht_col_8(tile, r0, j, scale)
+            fwht_cols_8(tile, at, scale)
 
 
 @device
