@@ -167,21 +167,18 @@ def _cpu_best_indices(x):
 
 def _gpu_best_indices(x):
     """The CUDA kernels' best_index (kernels/cuda/blocks.py), step by step in numpy: the 32-entry table
-    indexed by floor(2x) + 256, the NaN-dropping clamps first."""
+    indexed by floor(512 x), the NaN-dropping clamps first."""
     from kvlab.kernels.cuda.blocks import BEST_INDEX_LUT
     with np.errstate(invalid="ignore", over="ignore"):
-        y = np.fmax(np.fmin(x + x, np.float32(255.0)), np.float32(-256.0))       # NaN -> 255
-    u = np.floor(y).astype(np.int64) + 256                                           # 0 .. 511
-    e = BEST_INDEX_LUT[u >> 4].astype(np.int64)
-    above = u >= (e & 0x3FF)
-    q = ((e >> 10) & 15) + above
-    level = np.where(above, e >> 24, e >> 16).astype(np.uint8).view(np.int8)
-    return q, level.astype(np.float32)
+        y = np.fmax(np.fmin(x * np.float32(512), np.float32(65535.0)), np.float32(-65536.0))   # NaN -> top
+    i = np.floor(y).astype(np.int64)
+    e = BEST_INDEX_LUT[(i >> 12) + 16].astype(np.int64)
+    return (e & 0xFF) + ((i | 0xFF) >= e)
 
 
 def test_cuda_best_index_table_equals_the_cpu_search():
     """Every float near a decision point (within 64 ulps), every 1/16 step of [-140, 140], scaled
-    normals, and the specials: the GPU's table lookup gives ggml's index, and the level beside it."""
+    normals, and the specials: the GPU's table lookup gives ggml's index."""
     mids = (iq4_nl.KVALUES_F32[:-1] + iq4_nl.KVALUES_F32[1:]) / np.float32(2)
     bits = mids.view(np.int32)[:, None] + np.arange(-64, 65, dtype=np.int32)        # (15, 129)
     near = np.concatenate([bits.view(np.float32).ravel(), -bits.view(np.float32).ravel()])
@@ -191,7 +188,6 @@ def test_cuda_best_index_table_equals_the_cpu_search():
     special = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38,
                         127.5, 127.49998, -128.0, -128.00002, 255.5, -256.5], np.float32)
     x = np.concatenate([near, grid, wide, special])
-    q, level = _gpu_best_indices(x)
+    q = _gpu_best_indices(x)
     want = _cpu_best_indices(x)
     assert np.array_equal(q, want), x[q != want][:10]
-    assert np.array_equal(level, iq4_nl.KVALUES_F32[want])

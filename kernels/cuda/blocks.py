@@ -39,20 +39,18 @@ _KV_FIRST = F(-127.0)
 
 
 def _best_index_lut():
-    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
-    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
-    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
-    in u): bits 0-9 that point (1023: none), bits 10-13 the points below the bucket (the index below
-    the point), bits 16-23 and 24-31 the levels (int8) below and above the point, so one lookup gives
-    the level too."""
-    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
-    levels = KVALUES.astype(np.int8).view(np.uint8).astype(np.uint32)
-    lut = np.zeros(32, np.uint32)
+    """best_index's table, for i = floor(512 x) clamped to -65536 .. 65535: floor(2x) = i >> 8 (512 x =
+    256 (2x), both exact), and every decision point m = (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple
+    of 1/2, so x >= m iff floor(2x) >= 2m iff i >= 256 (2m). Entry b covers floor(2x) = 16b - 256 ..
+    16b - 241 (i >> 12 = b - 16), which holds at most one point (they are >= 23 apart in 2m):
+    entry = 256 (2m of the point inside, or 767 for none) | (points below the bucket), so
+    i >= 256 (2m) iff (i | 255) >= entry, and the index is the low byte plus that."""
+    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32)                # 2m, increasing
+    lut = np.zeros(32, np.int32)
     for b in range(32):
-        below = int((points <= 16 * b).sum())
-        inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
-        point = int(inside[0]) if inside.size else 1023
-        lut[b] = point | below << 10 | levels[below] << 16 | levels[min(below + 1, 15)] << 24
+        first = 16 * b - 256                                             # floor(2x) at the bucket's start
+        inside = points[(points > first) & (points <= first + 15)]
+        lut[b] = (int(inside[0]) if inside.size else 767) * 256 | int((points <= first).sum())
     return lut
 
 
@@ -152,25 +150,46 @@ def recip(d, flavor):
 
 
 @device
-def _signed_absmax_step(row, acc, flavor, j):
-    v = row[j]
-    a = ftz(abs(v)) if flavor == CUDA else abs(v)
-    if a > acc[0]:
-        acc[0] = a
+def _extremes_step(row, acc, flavor, j):
+    v = ftz(row[j]) if flavor == CUDA else row[j]
+    acc[0] = fmax(acc[0], v)            # max.f32 / min.f32 drop a NaN, as the strict compares below
+    acc[1] = fmin(acc[1], v)
+
+
+_extremes = unrolled(_extremes_step, QK, 3)
+
+
+@device
+def _first_of_magnitude_step(row, acc, flavor, j):
+    """Scanning down, the last hit is the first value of magnitude acc[0]."""
+    v = row[QK - 1 - j]
+    if (ftz(abs(v)) if flavor == CUDA else abs(v)) == acc[0]:
         acc[1] = v
 
 
-_signed_absmax = unrolled(_signed_absmax_step, QK, 3)
+_first_of_magnitude = unrolled(_first_of_magnitude_step, QK, 3)
 
 
 @device
 def signed_absmax(row, flavor):
-    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
+    """(amax, vmax): ggml's `if (amax < |x|) { amax = |x|; max = x; }` from 0 (for cuda on flushed
+    magnitudes): the first value of largest magnitude, NaN never winning. The largest and smallest
+    values (2 instructions a value) give it unless both +amax and -amax occur: then a scan finds the
+    first (ties of that kind are rare in real data)."""
     acc = cuda.local.array(2, np.float32)
     acc[0] = _ZERO
     acc[1] = _ZERO
-    _signed_absmax(row, acc, flavor)
-    return acc[0], acc[1]
+    _extremes(row, acc, flavor)
+    hi = acc[0]
+    lo = acc[1]
+    amax = fmax(hi, -lo)
+    if amax == _ZERO:
+        return amax, _ZERO
+    if hi != -lo:
+        return amax, hi if hi == amax else lo
+    acc[0] = amax
+    _first_of_magnitude(row, acc, flavor)
+    return amax, acc[1]
 
 
 # ---- q8_0 -------------------------------------------------------------------------------------
@@ -487,53 +506,53 @@ def dequantize_q5_1(y, o, row):
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
 def best_index(x, lut):
-    """(q, KVALUES[q]) for q = best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest
-    level, a tie going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are
-    equal at the exact midpoint m = (lo + hi) / 2, so q is the number of midpoints with !(x < m)
-    (checked against ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words,
-    one per bank, so any lookups of a warp are one access) counts them. fmin first: a NaN becomes the
-    top."""
-    u = np.uint32(floor_i32(fmax(fmin(add(x, x), F(255.0)), F(-256.0))) + np.int32(256))
-    e = lut[u >> np.uint32(4)]
-    above = u >= (e & np.uint32(0x3FF))
-    q = np.int32((e >> np.uint32(10)) & np.uint32(15)) + (np.int32(1) if above else np.int32(0))
-    return q, F(low_i8(e >> np.uint32(24) if above else e >> np.uint32(16)))
+    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest level, a tie going up,
+    NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the exact
+    midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked against
+    ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so
+    any lookups of a warp are one access) counts them. fmin first: a NaN becomes the top."""
+    i = floor_i32(fmax(fmin(mul(x, F(512.0)), F(65535.0)), F(-65536.0)))
+    e = lut[(i >> 12) + 16]
+    return (e & np.int32(0xFF)) + (np.int32(1) if (i | np.int32(0xFF)) >= e else np.int32(0))
 
 
 @device
-def _iq4_ref_value(row, words, acc, idv, lut, j):
+def _iq4_ref_value(row, words, acc, idv, lut, kv, j):
     """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
     v = row[j]
-    q, k = best_index(mul(idv, v), lut)
+    q = best_index(mul(idv, v), lut)
+    k = kv[q]
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
     acc[1] = add(acc[1], mul(wk, k))
     words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
 
 
-_iq4_ref_values = unrolled(_iq4_ref_value, QK, 5)
+_iq4_ref_values = unrolled(_iq4_ref_value, QK, 6)
 
 
 @device
-def _iq4_cuda_pair(row, words, acc, idv, lut, j):
+def _iq4_cuda_pair(row, words, acc, idv, lut, kv, j):
     """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
     v0 = row[j]
     v1 = row[j + 16]
-    q0, k0 = best_index(mul_ftz(v0, idv), lut)
-    q1, k1 = best_index(mul_ftz(v1, idv), lut)
+    q0 = best_index(mul_ftz(v0, idv), lut)
+    q1 = best_index(mul_ftz(v1, idv), lut)
     set_byte(words, j, q0 | (q1 << 4))
+    k0 = kv[q0]
+    k1 = kv[q1]
     t0 = mul_ftz(mul_ftz(v0, v0), k0)
     t1 = mul_ftz(mul_ftz(v1, v1), k1)
     acc[0] = add_ftz(acc[0], fma_ftz(v0, t0, mul_ftz(v1, t1)))
     acc[1] = add_ftz(acc[1], fma_ftz(t0, k0, mul_ftz(t1, k1)))
 
 
-_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 5)
+_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 6)
 
 
 @device
-def quantize_iq4_nl(row, y, o, flavor, lut):
-    """lut: BEST_INDEX_LUT in shared memory."""
+def quantize_iq4_nl(row, y, o, flavor, lut, kv):
+    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory."""
     amax, vmax = signed_absmax(row, flavor)
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -542,11 +561,11 @@ def quantize_iq4_nl(row, y, o, flavor, lut):
     acc[1] = _ZERO
     if flavor == CUDA:
         d = mul_ftz(vmax, _INV_M127)
-        _iq4_cuda_pairs(row, words, acc, recip(d, flavor), lut)
+        _iq4_cuda_pairs(row, words, acc, recip(d, flavor), lut, kv)
         if acc[1] > _ZERO:
             d = mul_ftz(acc[0], rcp_approx(acc[1]))
     else:
-        _iq4_ref_values(row, words, acc, div(_ONE, div(vmax, _KV_FIRST)), lut)
+        _iq4_ref_values(row, words, acc, div(_ONE, div(vmax, _KV_FIRST)), lut, kv)
         d = div(acc[0], acc[1]) if acc[1] > _ZERO else _ZERO
         if amax < _GROUP_MAX_EPS:       # kvlab's bytes for ggml's stale-L[] case (see kernels/iq4_nl.py)
             d = _ZERO

@@ -18,7 +18,7 @@ whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-s
 import functools
 
 import numpy as np
-from numba import cuda, float32, uint8, uint32
+from numba import cuda, float32, int32, uint8
 
 from . import blocks as B
 from .fwht import rotate_row
@@ -98,10 +98,12 @@ def load_bytes(stage, y, base, count, wide):
 
 
 @device
-def load_table(table, values):
-    """A small constant table into shared memory (the caller's barrier publishes it)."""
-    for i in range(cuda.threadIdx.x, values.shape[0], TPB):          # TPB may be 16 (the simulator)
-        table[i] = values[i]
+def load_iq4_tables(lut, kv):
+    """iq4_nl's lookup tables into shared memory (the caller's barrier publishes them)."""
+    for i in range(cuda.threadIdx.x, 32, TPB):          # TPB may be 16 (the simulator)
+        lut[i] = _LUT[i]
+        if i < 16:
+            kv[i] = _KV[i]
 
 
 # ---- the block-type kernels --------------------------------------------------------------------
@@ -119,11 +121,12 @@ def quantize_kernel(type_name, flavor):
     def kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
         stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        lut = cuda.shared.array(32, uint32)
+        lut = cuda.shared.array(32, int32)
+        kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (blocks.py)
         if code == 3:                         # `code` is a constant: numba drops the other branches
-            load_table(lut, _LUT)
+            load_iq4_tables(lut, kv)
         load_tile(tile, x, first * 32, n_blocks * 32, vec)
         cuda.syncthreads()
         row = cuda.local.array(32, float32)
@@ -137,7 +140,7 @@ def quantize_kernel(type_name, flavor):
         elif code == 2:
             B.quantize_q4_1(row, stage, r * ts, flavor)
         elif code == 3:
-            B.quantize_iq4_nl(row, stage, r * ts, flavor, lut)
+            B.quantize_iq4_nl(row, stage, r * ts, flavor, lut, kv)
         elif code == 4:
             B.quantize_q5_0(row, stage, r * ts, flavor)
         else:
@@ -160,11 +163,12 @@ def dequantize_kernel(type_name):
     def kernel(y, out, n_blocks, wide, vec, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
         stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
+        lut = cuda.shared.array(32, int32)
         kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)
         if code == 3:
-            load_table(kv, _KV)
+            load_iq4_tables(lut, kv)
         load_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide)
         cuda.syncthreads()
         row = cuda.local.array(32, float32)
