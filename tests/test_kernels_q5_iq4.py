@@ -167,13 +167,13 @@ def _cpu_best_indices(x):
 
 def _gpu_best_indices(x):
     """The CUDA kernels' best_index (kernels/cuda/blocks.py), step by step in numpy: the 32-entry table
-    indexed by floor(512 x), the NaN-dropping clamps first."""
+    indexed by floor(2x) + 256, the NaN-dropping clamps first."""
     from kvlab.kernels.cuda.blocks import BEST_INDEX_LUT
     with np.errstate(invalid="ignore", over="ignore"):
-        y = np.fmax(np.fmin(x * np.float32(512), np.float32(65535.0)), np.float32(-65536.0))   # NaN -> top
-    i = np.floor(y).astype(np.int64)
-    e = BEST_INDEX_LUT[(i >> 12) + 16].astype(np.int64)
-    return (e & 0xFF) + ((i | 0xFF) >= e)
+        y = np.fmax(np.fmin(x + x, np.float32(255.0)), np.float32(-256.0))       # NaN -> 255
+    u = np.floor(y).astype(np.int64) + 256                                           # 0 .. 511
+    e = BEST_INDEX_LUT[u >> 4].astype(np.int64)
+    return (e & 0xFF) + (u >= (e >> 8))
 
 
 def test_cuda_best_index_table_equals_the_cpu_search():

@@ -39,18 +39,15 @@ _KV_FIRST = F(-127.0)
 
 
 def _best_index_lut():
-    """best_index's table, for i = floor(512 x) clamped to -65536 .. 65535: floor(2x) = i >> 8 (512 x =
-    256 (2x), both exact), and every decision point m = (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple
-    of 1/2, so x >= m iff floor(2x) >= 2m iff i >= 256 (2m). Entry b covers floor(2x) = 16b - 256 ..
-    16b - 241 (i >> 12 = b - 16), which holds at most one point (they are >= 23 apart in 2m):
-    entry = 256 (2m of the point inside, or 767 for none) | (points below the bucket), so
-    i >= 256 (2m) iff (i | 255) >= entry, and the index is the low byte plus that."""
-    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32)                # 2m, increasing
-    lut = np.zeros(32, np.int32)
+    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
+    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
+    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
+    in u): entry = (points below the bucket) | (the point inside, or 1023 for none) << 8."""
+    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
+    lut = np.zeros(32, np.uint32)
     for b in range(32):
-        first = 16 * b - 256                                             # floor(2x) at the bucket's start
-        inside = points[(points > first) & (points <= first + 15)]
-        lut[b] = (int(inside[0]) if inside.size else 767) * 256 | int((points <= first).sum())
+        inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
+        lut[b] = int((points <= 16 * b).sum()) | (int(inside[0]) if inside.size else 1023) << 8
     return lut
 
 
@@ -150,46 +147,25 @@ def recip(d, flavor):
 
 
 @device
-def _extremes_step(row, acc, flavor, j):
-    v = ftz(row[j]) if flavor == CUDA else row[j]
-    acc[0] = fmax(acc[0], v)            # max.f32 / min.f32 drop a NaN, as the strict compares below
-    acc[1] = fmin(acc[1], v)
-
-
-_extremes = unrolled(_extremes_step, QK, 3)
-
-
-@device
-def _first_of_magnitude_step(row, acc, flavor, j):
-    """Scanning down, the last hit is the first value of magnitude acc[0]."""
-    v = row[QK - 1 - j]
-    if (ftz(abs(v)) if flavor == CUDA else abs(v)) == acc[0]:
+def _signed_absmax_step(row, acc, flavor, j):
+    v = row[j]
+    a = ftz(abs(v)) if flavor == CUDA else abs(v)
+    if a > acc[0]:
+        acc[0] = a
         acc[1] = v
 
 
-_first_of_magnitude = unrolled(_first_of_magnitude_step, QK, 3)
+_signed_absmax = unrolled(_signed_absmax_step, QK, 3)
 
 
 @device
 def signed_absmax(row, flavor):
-    """(amax, vmax): ggml's `if (amax < |x|) { amax = |x|; max = x; }` from 0 (for cuda on flushed
-    magnitudes): the first value of largest magnitude, NaN never winning. The largest and smallest
-    values (2 instructions a value) give it unless both +amax and -amax occur: then a scan finds the
-    first (ties of that kind are rare in real data)."""
+    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
     acc = cuda.local.array(2, np.float32)
     acc[0] = _ZERO
     acc[1] = _ZERO
-    _extremes(row, acc, flavor)
-    hi = acc[0]
-    lo = acc[1]
-    amax = fmax(hi, -lo)
-    if amax == _ZERO:
-        return amax, _ZERO
-    if hi != -lo:
-        return amax, hi if hi == amax else lo
-    acc[0] = amax
-    _first_of_magnitude(row, acc, flavor)
-    return amax, acc[1]
+    _signed_absmax(row, acc, flavor)
+    return acc[0], acc[1]
 
 
 # ---- q8_0 -------------------------------------------------------------------------------------
@@ -511,9 +487,9 @@ def best_index(x, lut):
     midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked against
     ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so
     any lookups of a warp are one access) counts them. fmin first: a NaN becomes the top."""
-    i = floor_i32(fmax(fmin(mul(x, F(512.0)), F(65535.0)), F(-65536.0)))
-    e = lut[(i >> 12) + 16]
-    return (e & np.int32(0xFF)) + (np.int32(1) if (i | np.int32(0xFF)) >= e else np.int32(0))
+    u = np.uint32(floor_i32(fmax(fmin(add(x, x), F(255.0)), F(-256.0))) + np.int32(256))
+    e = lut[u >> np.uint32(4)]
+    return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
 
 
 @device

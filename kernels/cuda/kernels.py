@@ -18,7 +18,7 @@ whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-s
 import functools
 
 import numpy as np
-from numba import cuda, float32, int32, uint8
+from numba import cuda, float32, uint8, uint32
 
 from . import blocks as B
 from .fwht import rotate_row
@@ -121,7 +121,7 @@ def quantize_kernel(type_name, flavor):
     def kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
         stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        lut = cuda.shared.array(32, int32)
+        lut = cuda.shared.array(32, uint32)
         kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (blocks.py)
@@ -163,7 +163,7 @@ def dequantize_kernel(type_name):
     def kernel(y, out, n_blocks, wide, vec, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
         stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        lut = cuda.shared.array(32, int32)
+        lut = cuda.shared.array(32, uint32)
         kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)
