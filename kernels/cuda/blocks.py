@@ -481,22 +481,26 @@ def dequantize_q5_1(y, o, row):
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def best_index(x, lut):
+def best_index(x, lut, clamp):
     """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest level, a tie going up,
     NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the exact
     midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked against
     ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so
-    any lookups of a warp are one access) counts them. fmin first: a NaN becomes the top."""
-    u = np.uint32(floor_i32(fmax(fmin(add(x, x), F(255.0)), F(-256.0))) + np.int32(256))
+    any lookups of a warp are one access) counts them. clamp (a constant): fmin first, so a NaN becomes
+    the top; without it x must be a number in [-128, 127.5) (an infinite x would index past the table)."""
+    y = add(x, x)
+    if clamp:
+        y = fmax(fmin(y, F(255.0)), F(-256.0))
+    u = np.uint32(floor_i32(y) + np.int32(256))
     e = lut[u >> np.uint32(4)]
     return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
 
 
 @device
-def _iq4_ref_value(row, words, acc, idv, lut, kv, j):
+def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
     """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
     v = row[j]
-    q = best_index(mul(idv, v), lut)
+    q = best_index(mul(idv, v), lut, clamp)
     k = kv[q]
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
@@ -504,16 +508,16 @@ def _iq4_ref_value(row, words, acc, idv, lut, kv, j):
     words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
 
 
-_iq4_ref_values = unrolled(_iq4_ref_value, QK, 6)
+_iq4_ref_values = unrolled(_iq4_ref_value, QK, 7)
 
 
 @device
-def _iq4_cuda_pair(row, words, acc, idv, lut, kv, j):
+def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
     """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
     v0 = row[j]
     v1 = row[j + 16]
-    q0 = best_index(mul_ftz(v0, idv), lut)
-    q1 = best_index(mul_ftz(v1, idv), lut)
+    q0 = best_index(mul_ftz(v0, idv), lut, clamp)
+    q1 = best_index(mul_ftz(v1, idv), lut, clamp)
     set_byte(words, j, q0 | (q1 << 4))
     k0 = kv[q0]
     k1 = kv[q1]
@@ -523,25 +527,49 @@ def _iq4_cuda_pair(row, words, acc, idv, lut, kv, j):
     acc[1] = add_ftz(acc[1], fma_ftz(t0, k0, mul_ftz(t1, k1)))
 
 
-_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 6)
+_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 7)
+
+
+@device
+def _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, clamp):
+    """words[0:4] <- the packed indices, acc <- (sum of w q x, sum of w q^2)."""
+    fill_words_4(words, np.uint32(0))
+    acc[0] = _ZERO
+    acc[1] = _ZERO
+    if flavor == CUDA:
+        _iq4_cuda_pairs(row, words, acc, idv, lut, kv, clamp)
+    else:
+        _iq4_ref_values(row, words, acc, idv, lut, kv, clamp)
+
+
+@device
+def _finite(v):
+    return abs(v) < np.float32(np.inf)
 
 
 @device
 def quantize_iq4_nl(row, y, o, flavor, lut, kv):
-    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory."""
+    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory.
+    With a finite 1/d every x = v / d is within 127 (1 + 1e-6) or NaN (v NaN, or v infinite and
+    1/d = 0), so best_index runs without its clamps; a NaN anywhere makes the sums NaN, and such
+    blocks run again with them (NaN must index 15): two instructions a value fewer for the rest."""
     amax, vmax = signed_absmax(row, flavor)
-    words = cuda.local.array(5, np.uint32)
-    fill_words_5(words, np.uint32(0))
-    acc = cuda.local.array(2, np.float32)      # (sum of w q x, sum of w q^2)
-    acc[0] = _ZERO
-    acc[1] = _ZERO
+    words = cuda.local.array(4, np.uint32)
+    acc = cuda.local.array(2, np.float32)
     if flavor == CUDA:
         d = mul_ftz(vmax, _INV_M127)
-        _iq4_cuda_pairs(row, words, acc, recip(d, flavor), lut, kv)
+        idv = recip(d, flavor)
+    else:
+        idv = div(_ONE, div(vmax, _KV_FIRST))
+    fast = _finite(idv)
+    if fast:
+        _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, False)
+    if not (fast and _finite(acc[0]) and _finite(acc[1])):
+        _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, True)
+    if flavor == CUDA:
         if acc[1] > _ZERO:
             d = mul_ftz(acc[0], rcp_approx(acc[1]))
     else:
-        _iq4_ref_values(row, words, acc, div(_ONE, div(vmax, _KV_FIRST)), lut, kv)
         d = div(acc[0], acc[1]) if acc[1] > _ZERO else _ZERO
         if amax < _GROUP_MAX_EPS:       # kvlab's bytes for ggml's stale-L[] case (see kernels/iq4_nl.py)
             d = _ZERO
