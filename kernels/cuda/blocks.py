@@ -481,14 +481,14 @@ def dequantize_q5_1(y, o, row):
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def best_index(x, lut, clamp):
-    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it: the nearest level, a tie going up,
-    NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the exact
-    midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked against
-    ggml's search on all 2^32 floats); lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so
-    any lookups of a warp are one access) counts them. clamp (a constant): fmin first, so a NaN becomes
-    the top; without it x must be a number in [-128, 127.5) (an infinite x would index past the table)."""
-    y = add(x, x)
+def best_index(y, lut, clamp):
+    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the nearest level, a tie
+    going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the
+    exact midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked
+    against ggml's search on all 2^32 floats); every m is a multiple of 1/2, so floor(2x) decides, and
+    lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so any lookups of a warp are one
+    access) counts them. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
+    a number in [-256, 255] (an infinite one would index past the table)."""
     if clamp:
         y = fmax(fmin(y, F(255.0)), F(-256.0))
     u = np.uint32(floor_i32(y) + np.int32(256))
@@ -497,10 +497,18 @@ def best_index(x, lut, clamp):
 
 
 @device
+def _twice_x(v, s, flavor, clamp):
+    """2 idv v: clamp (s = idv) as 2 * (idv v); else s = 2 idv, and s v is that exactly (a power of two
+    scales without rounding; below the normals only |2x| < 2^-125 can differ, which indexes 8 anyway)."""
+    x = mul_ftz(v, s) if flavor == CUDA else mul(s, v)
+    return add(x, x) if clamp else x
+
+
+@device
 def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
     """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
     v = row[j]
-    q = best_index(mul(idv, v), lut, clamp)
+    q = best_index(_twice_x(v, idv, REF, clamp), lut, clamp)
     k = kv[q]
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
@@ -516,8 +524,8 @@ def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
     """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
     v0 = row[j]
     v1 = row[j + 16]
-    q0 = best_index(mul_ftz(v0, idv), lut, clamp)
-    q1 = best_index(mul_ftz(v1, idv), lut, clamp)
+    q0 = best_index(_twice_x(v0, idv, CUDA, clamp), lut, clamp)
+    q1 = best_index(_twice_x(v1, idv, CUDA, clamp), lut, clamp)
     set_byte(words, j, q0 | (q1 << 4))
     k0 = kv[q0]
     k1 = kv[q1]
@@ -532,7 +540,8 @@ _iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 7)
 
 @device
 def _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, clamp):
-    """words[0:4] <- the packed indices, acc <- (sum of w q x, sum of w q^2)."""
+    """words[0:4] <- the packed indices, acc <- (sum of w q x, sum of w q^2); idv is 1/d with clamp,
+    2/d without."""
     fill_words_4(words, np.uint32(0))
     acc[0] = _ZERO
     acc[1] = _ZERO
@@ -550,9 +559,9 @@ def _finite(v):
 @device
 def quantize_iq4_nl(row, y, o, flavor, lut, kv):
     """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory.
-    With a finite 1/d every x = v / d is within 127 (1 + 1e-6) or NaN (v NaN, or v infinite and
-    1/d = 0), so best_index runs without its clamps; a NaN anywhere makes the sums NaN, and such
-    blocks run again with them (NaN must index 15): two instructions a value fewer for the rest."""
+    With a finite 2/d every x = v / d is within 127 (1 + 1e-6) or NaN (v NaN, or v infinite and
+    1/d = 0), so best_index runs on (2/d) v without its clamps; a NaN anywhere makes the sums NaN, and
+    such blocks run again with them (NaN must index 15): three instructions a value fewer for the rest."""
     amax, vmax = signed_absmax(row, flavor)
     words = cuda.local.array(4, np.uint32)
     acc = cuda.local.array(2, np.float32)
@@ -561,9 +570,10 @@ def quantize_iq4_nl(row, y, o, flavor, lut, kv):
         idv = recip(d, flavor)
     else:
         idv = div(_ONE, div(vmax, _KV_FIRST))
-    fast = _finite(idv)
+    idv2 = add(idv, idv)
+    fast = _finite(idv2)
     if fast:
-        _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, False)
+        _iq4_indices_and_sums(row, words, acc, idv2, lut, kv, flavor, False)
     if not (fast and _finite(acc[0]) and _finite(acc[1])):
         _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, True)
     if flavor == CUDA:
