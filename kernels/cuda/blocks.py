@@ -14,9 +14,9 @@ under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
 import numpy as np
 from numba import cuda
 
-from .ops import (device, add, add_ftz, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32, fma_ftz,
-                  fmax, fmin, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf, st_u16,
-                  sub, sub_ftz)
+from .ops import (add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32,
+                  fma_ftz, fmax, fmin, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf,
+                  st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
 REF, CPU, CUDA = 0, 1, 2
@@ -182,8 +182,9 @@ def _avx_lane(row, lane):
 @device
 def _avx_absmax(row):
     """x86 AVX2 quantize_row_q8_0's reduction order: 8 lanes of 4, then halves, movehl, movehdup."""
-    return _max_ps(_max_ps(_max_ps(_avx_lane(row, 4), _avx_lane(row, 0)), _max_ps(_avx_lane(row, 6), _avx_lane(row, 2))),
-                   _max_ps(_max_ps(_avx_lane(row, 5), _avx_lane(row, 1)), _max_ps(_avx_lane(row, 7), _avx_lane(row, 3))))
+    low = _max_ps(_max_ps(_avx_lane(row, 4), _avx_lane(row, 0)), _max_ps(_avx_lane(row, 6), _avx_lane(row, 2)))
+    high = _max_ps(_max_ps(_avx_lane(row, 5), _avx_lane(row, 1)), _max_ps(_avx_lane(row, 7), _avx_lane(row, 3)))
+    return _max_ps(low, high)
 
 
 @device
