@@ -278,8 +278,8 @@ _q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
 @device
 def quantize_q4_0(row, y, o, flavor):
     idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
-    words = cuda.local.array(5, np.uint32)
-    fill_words_5(words, np.uint32(0))
+    words = cuda.local.array(4, np.uint32)
+    fill_words_4(words, np.uint32(0))
     _q4_0_bytes(row, words, idv, flavor)
     put_words_4(y, o + 2, words)
 
@@ -413,8 +413,8 @@ _q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
 @device
 def quantize_q4_1(row, y, o, flavor):
     lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
-    words = cuda.local.array(5, np.uint32)
-    fill_words_5(words, np.uint32(0))
+    words = cuda.local.array(4, np.uint32)
+    fill_words_4(words, np.uint32(0))
     _q4_1_bytes(row, words, lo, idv, flavor)
     put_words_4(y, o + 4, words)
 

@@ -98,12 +98,10 @@ def load_bytes(stage, y, base, count, wide):
 
 
 @device
-def load_iq4_tables(lut, kv):
-    """iq4_nl's lookup tables into shared memory (the caller's barrier publishes them)."""
-    for i in range(cuda.threadIdx.x, 32, TPB):          # TPB may be 16 (the simulator)
-        lut[i] = _LUT[i]
-        if i < 16:
-            kv[i] = _KV[i]
+def load_table(table, values):
+    """A small constant table into shared memory (the caller's barrier publishes it)."""
+    for i in range(cuda.threadIdx.x, values.shape[0], TPB):          # TPB may be 16 (the simulator)
+        table[i] = values[i]
 
 
 # ---- the block-type kernels --------------------------------------------------------------------
@@ -126,7 +124,8 @@ def quantize_kernel(type_name, flavor):
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (blocks.py)
         if code == 3:                         # `code` is a constant: numba drops the other branches
-            load_iq4_tables(lut, kv)
+            load_table(lut, _LUT)
+            load_table(kv, _KV)
         load_tile(tile, x, first * 32, n_blocks * 32, vec)
         cuda.syncthreads()
         row = cuda.local.array(32, float32)
@@ -163,12 +162,11 @@ def dequantize_kernel(type_name):
     def kernel(y, out, n_blocks, wide, vec, n, scale):
         tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
         stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        lut = cuda.shared.array(32, uint32)
         kv = cuda.shared.array(16, float32)
         first = np.int64(cuda.blockIdx.x) * TPB
         r = np.uint32(cuda.threadIdx.x)
         if code == 3:
-            load_iq4_tables(lut, kv)
+            load_table(kv, _KV)
         load_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide)
         cuda.syncthreads()
         row = cuda.local.array(32, float32)

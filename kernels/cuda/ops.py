@@ -35,7 +35,6 @@ if SIM:
     from .sim_ops import *  # noqa: F401,F403  (the Python twins of the instructions below)
 else:
     from llvmlite import ir
-    from numba import cuda
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
