@@ -35,10 +35,21 @@ def _grid(table, metric: str, **where):
     return ks, vs, grid.loc[ks, vs].to_numpy()
 
 
+def _kv_panel(fig, col, z, ks, vs, colorscale, zmin, zmax, bar_x, sign=""):
+    """One K type x V type heatmap with its values written in the cells, in column col of fig's row 1;
+    sign="+" writes differences with their sign."""
+    import plotly.graph_objects as go
+    fig.add_trace(go.Heatmap(z=z, x=vs, y=ks, colorscale=colorscale, zmin=zmin, zmax=zmax,
+                             text=np.vectorize(lambda x: f"{x:{sign}.2f}")(z), texttemplate="%{text}",
+                             colorbar=dict(x=bar_x, len=0.9, thickness=12),
+                             hovertemplate=f"K %{{y}} / V %{{x}}: %{{z:{sign}.3f}}<extra></extra>"), row=1, col=col)
+    fig.update_xaxes(title_text="V type", row=1, col=col)
+    fig.update_yaxes(title_text="K type", row=1, col=col)
+
+
 def rotation_heatmaps(table, metric: str = "kl", flavor: str = "ref", n_ctx=None):
     """K type x V type: log10(metric) without rotation, with it, and log10(with / without)."""
     from plotly.subplots import make_subplots
-    import plotly.graph_objects as go
     n_ctx = n_ctx or int(table.n_ctx.max())
     panels = []
     for rotation in (False, True):
@@ -52,12 +63,7 @@ def rotation_heatmaps(table, metric: str = "kl", flavor: str = "ref", n_ctx=None
     for col, (z, scale, zmin, zmax, bar_x) in enumerate((
             (_log10(off), "Viridis", lo, hi, 0.27), (_log10(on), "Viridis", lo, hi, 0.63),
             (gain, "RdBu_r", -max(abs(gain).max(), 1e-3), max(abs(gain).max(), 1e-3), 1.0)), start=1):
-        text = np.vectorize(lambda x: f"{x:.2f}")(z)
-        fig.add_trace(go.Heatmap(z=z, x=vs, y=ks, colorscale=scale, zmin=zmin, zmax=zmax, text=text,
-                                 texttemplate="%{text}", colorbar=dict(x=bar_x, len=0.9, thickness=12),
-                                 hovertemplate="K %{y} / V %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="V type", row=1, col=col)
-        fig.update_yaxes(title_text="K type", row=1, col=col)
+        _kv_panel(fig, col, z, ks, vs, scale, zmin, zmax, bar_x)
     fig.update_layout(height=430, title=f"log10 {METRIC_LABELS[metric]} per K/V pair "
                                         f"({flavor}, context {n_ctx})")
     return fig
@@ -149,7 +155,6 @@ def bits_vs_error(table, metric: str = "kl", flavor: str = "ref", n_ctx=None, ro
 def flavor_disagreement(table, metric: str = "out_rel_l2", n_ctx=None, rotation: bool = True):
     """K x V: log10(metric of cpu / ref) and log10(cuda / ref): what each backend path costs."""
     from plotly.subplots import make_subplots
-    import plotly.graph_objects as go
     n_ctx = n_ctx or int(table.n_ctx.max())
     flavors = [f for f in ("cpu", "cuda") if f in set(table.flavor)]
     ks, vs, ref = _grid(table, metric, flavor="ref", n_ctx=n_ctx, rotation=rotation)
@@ -159,12 +164,7 @@ def flavor_disagreement(table, metric: str = "out_rel_l2", n_ctx=None, rotation:
     ratios = [floor(_grid(table, metric, flavor=f, n_ctx=n_ctx, rotation=rotation)[2]) - floor(ref) for f in flavors]
     span = max([float(np.abs(r).max()) for r in ratios] + [1e-3])
     for col, r in enumerate(ratios, start=1):
-        fig.add_trace(go.Heatmap(z=r, x=vs, y=ks, colorscale="RdBu_r", zmin=-span, zmax=span,
-                                 text=np.vectorize(lambda x: f"{x:+.2f}")(r), texttemplate="%{text}",
-                                 colorbar=dict(x=0.45 if col == 1 else 1.0, len=0.9, thickness=12),
-                                 hovertemplate="K %{y} / V %{x}: %{z:+.3f}<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="V type", row=1, col=col)
-        fig.update_yaxes(title_text="K type", row=1, col=col)
+        _kv_panel(fig, col, r, ks, vs, "RdBu_r", -span, span, 0.45 if col == 1 else 1.0, sign="+")
     fig.update_layout(height=430, title=f"where the backends disagree: {METRIC_LABELS[metric]} relative to "
                                         f"exact attention on the same cache (context {n_ctx})")
     return fig
