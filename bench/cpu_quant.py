@@ -98,7 +98,7 @@ def quantize_impls(cfg, chunked):
     except Exception as e:                              # noqa: BLE001
         impls["gguf-py"] = f"{type(e).__name__}: {e}"
     try:
-        from kvlab import ggml
+        from kvlab.ggml import lib as ggml
         lib = ggml.load(cfg.ggml_lib)
         impls["ggml-ref"] = lambda t: lambda x, out: chunked(lambda xc, oc: lib.quantize_ref(xc, t, out=oc), x, out)
         impls["ggml-cpu"] = lambda t: lambda x, out: chunked(lambda xc, oc: lib.quantize_cpu(xc, t, out=oc), x, out)
@@ -126,7 +126,7 @@ def dequantize_impls(cfg, chunked):
     except Exception as e:                              # noqa: BLE001
         impls["gguf-py"] = f"{type(e).__name__}: {e}"
     try:
-        from kvlab import ggml
+        from kvlab.ggml import lib as ggml
         lib = ggml.load(cfg.ggml_lib)
         impls["ggml-cpu"] = lambda t: lambda raw, out: chunked(
             lambda rc, oc: lib.dequantize(rc, t, oc.shape[-1], out=oc), raw, out)

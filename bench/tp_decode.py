@@ -26,7 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from kvlab.tp import (PAIRS, ROTATIONS, TPConfig, build_layers, decode_step, fill_past, init_distributed,
+from kvlab.tp import PAIRS, ROTATIONS
+from kvlab.tp.model import (TPConfig, build_layers, decode_step, fill_past, init_distributed,
                       randn, reset_caches, spawn)
 
 SPARE_CELLS = 256     # room for the warm-up and timed tokens after the context

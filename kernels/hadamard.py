@@ -4,7 +4,6 @@ H_n is llama.cpp's orthonormal Sylvester matrix (ggml_gen_hadamard): the
 unnormalized butterflies below compute x @ (sqrt(n) * H_n) exactly in the order
 of the Sylvester recursion, then one multiply by H_n[0, 0] scales it.
 """
-import numpy as np
 from numba import njit, prange
 
 

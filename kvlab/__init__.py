@@ -8,13 +8,15 @@
 `import kvlab` loads numpy and numba only; torch, pandas, plotly, ipywidgets and
 transformers load where they are used, and CUDA only when a GPU array is passed.
 """
-from .types import FLAVORS, TYPES, TypeInfo
-from .quant import QTensor, dequantize, empty_cache, quantize, set_rows
-from .rotation import RotationPlan, hadamard, rotate, rotation_plan
-from .attention import BACKENDS, attention_error
-from .synthetic import SyntheticConfig, synthetic_kv
-from .sweep import KVSample, SweepConfig, run_sweep, save_table
-from .depth import StackConfig, layer_growth
+from kvlab.types import FLAVORS, TYPES, TypeInfo
+from kvlab.quant import QTensor, dequantize, empty_cache, quantize, set_rows
+from kvlab.rotation import RotationPlan, hadamard, rotate, rotation_plan
+from kvlab.accuracy.attention import BACKENDS, attention_error
+from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
+from kvlab.accuracy.sample import KVSample, synthetic_sample, load_sample, save_sample
+from kvlab.accuracy.sweep import SweepConfig, run_sweep
+from kvlab.accuracy.table import save_table
+from kvlab.accuracy.depth import StackConfig, layer_growth
 
 __version__ = "0.1.0"
 
@@ -22,5 +24,6 @@ __all__ = [
     "FLAVORS", "TYPES", "TypeInfo", "QTensor", "quantize", "dequantize", "set_rows", "empty_cache",
     "hadamard", "rotate", "rotation_plan", "RotationPlan",
     "attention_error", "BACKENDS", "synthetic_kv", "SyntheticConfig", "run_sweep", "SweepConfig", "KVSample",
+    "synthetic_sample", "load_sample", "save_sample",
     "save_table", "layer_growth", "StackConfig",
 ]

@@ -1,6 +1,6 @@
 """Where the error math runs: numpy on the CPU (the default), or torch on a device (a GPU).
 
-The attention math (kvlab.attention, kvlab.sweep, kvlab.depth) is written once against the array
+The attention math (kvlab.accuracy.attention, kvlab.accuracy.sweep, kvlab.accuracy.depth) is written once against the array
 operations numpy and torch share by name: ``xp.matmul``, ``xp.exp``, ``xp.where``, ``xp.amax``,
 ``x.sum(axis=..., keepdims=...)``, ``x.swapaxes``, ``x.reshape`` and Python-float scalars (which
 keep float32 math float32 in both, NEP 50). This module holds the few places where they differ:
@@ -11,7 +11,7 @@ import importlib.util
 
 import numpy as np
 
-from ._arrays import is_torch
+from kvlab._xp import is_torch
 
 
 def resolve_device(device="auto"):

@@ -9,9 +9,9 @@ import importlib
 
 import numpy as np
 
-from ._arrays import cuda_empty, cuda_rows, is_cuda, is_torch, like, to_numpy
-from .kernels.blocks import rcp_approx_table
-from .types import TYPES, flavor_code, type_info
+from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, like, to_numpy
+from kvlab.kernels.blocks import rcp_approx_table
+from kvlab.types import TYPES, flavor_code, type_info
 
 
 def _kernel_module(type_name: str):
@@ -93,7 +93,7 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     shape = tuple(int(s) for s in x.shape)
     _check_row_len(shape, info)
     if is_cuda(x):
-        from .kernels import cuda as gpu
+        from kvlab.kernels import cuda as gpu
         raw = cuda_empty(shape[:-1] + (info.row_bytes(shape[-1]),), np.uint8, x)
         if raw.size:
             gpu.quantize(cuda_rows(x, np.float32, f"quantize(x, {type!r})"),   # (n_rows, row_len)
@@ -119,7 +119,7 @@ def dequantize(q: QTensor):
                         f"got {type(q).__name__}")
     info = q.info
     if q.is_cuda:
-        from .kernels import cuda as gpu
+        from kvlab.kernels import cuda as gpu
         out = cuda_empty(q.shape, np.float32, q.raw)
         if out.size:
             gpu.dequantize(cuda_rows(q.raw, np.uint8, "dequantize(q.raw)"),    # (n_rows, row_bytes)
@@ -162,7 +162,7 @@ def set_rows(cache: QTensor, row_ids, values) -> QTensor:
     if cache.is_cuda:
         if cache.raw.ndim != 2:
             raise ValueError("set_rows: a GPU cache must be 2-D (n_rows, row_bytes), as llama.cpp's per-layer cache")
-        from .kernels import cuda as gpu
+        from kvlab.kernels import cuda as gpu
         if is_torch(cache.raw):
             import torch
             dev_ids = torch.as_tensor(ids.astype(np.int64), device=cache.raw.device)

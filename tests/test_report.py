@@ -1,5 +1,4 @@
 """`kvlab report`: one offline HTML file with every section; Chromium renders the heatmaps."""
-import argparse
 import shutil
 import struct
 import subprocess
@@ -8,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from kvlab import report
-from kvlab.plots import pareto_front
+from kvlab.cli import build_parser
+from kvlab.viz.plots import pareto_front
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -17,9 +16,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def html_file(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    parser = argparse.ArgumentParser()
-    report.register(parser.add_subparsers())
-    args = parser.parse_args(["report", "--quick", "--out", str(tmp / "r.html"), "--table", str(tmp / "t.parquet"),
+    args = build_parser().parse_args(["report", "--quick", "--out", str(tmp / "r.html"), "--table", str(tmp / "t.parquet"),
                               "--cache-dir", str(tmp / "cache"), "--no-progress"])
     assert args.run(args) == 0
     return tmp / "r.html"

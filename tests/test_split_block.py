@@ -1,13 +1,12 @@
 """The attention block in all three eras: the PR #23792 worked example (K [128, 8, T] split by heads,
 flattened to 2D, rotated, reshaped back) traced by hand, the init guard, the CUDA FA answer, the
 compatibility matrix and the CLI."""
-import argparse
 import json
 
 import pytest
 
 from kvlab.split import Axis, BlockConfig, SplitState, build_attention_block, trace
-from kvlab.split import cli
+from kvlab.cli import build_parser
 from kvlab.split.compat import compat_matrix
 from kvlab.split.cuda import cuda_flash_attn
 
@@ -101,9 +100,7 @@ def test_compat_matrix_shape_and_verdicts():
 
 
 def cli_run(capsys, *argv):
-    p = argparse.ArgumentParser()
-    cli.register(p.add_subparsers())
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     rc = args.run(args)
     return rc, capsys.readouterr().out
 

@@ -1,5 +1,4 @@
-"""kvlab.sweep: the full grid, agreement with the one-cell API, the disk cache, the saved table, the CLI."""
-import argparse
+"""kvlab.accuracy.sweep: the full grid, agreement with the one-cell API, the disk cache, the saved table, the CLI."""
 import json
 
 import numpy as np
@@ -7,11 +6,13 @@ import pandas as pd
 import pytest
 
 from kvlab import FLAVORS, TYPES
-from kvlab.attention import attention_error
-from kvlab.metrics import METRICS
-from kvlab.synthetic import SyntheticConfig
+from kvlab.accuracy.attention import attention_error
+from kvlab.accuracy.metrics import METRICS
+from kvlab.accuracy.synthetic import SyntheticConfig
 from kvlab.device import resolve_device
-from kvlab.sweep import SweepConfig, register, run_sweep, save_table, synthetic_sample
+from kvlab import save_table, synthetic_sample
+from kvlab.accuracy.sweep import SweepConfig, run_sweep
+from kvlab.cli import build_parser
 
 SMALL = SweepConfig(lengths=(64, 128), n_q=2,
                     synthetic=SyntheticConfig(n_head=4, n_head_kv=2, head_dim=64, n_q=2, seed=3))
@@ -95,8 +96,7 @@ def test_saved_table_carries_settings_and_versions(table, tmp_path):
 
 
 def test_cli_writes_the_table(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()
     out = tmp_path / "s.csv"
     args = parser.parse_args(["sweep", "--lengths", "32", "--n-q", "2", "--types", "q4_0,f16", "--flavors", "ref",
                               "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
@@ -106,8 +106,7 @@ def test_cli_writes_the_table(tmp_path, capsys):
 
 
 def test_cli_writes_the_layer_growth_table_beside(tmp_path):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()
     out = tmp_path / "s.parquet"
     args = parser.parse_args(["sweep", "--lengths", "32", "--n-q", "2", "--types", "q4_0,f16", "--flavors", "ref",
                               "--layers", "2", "--layer-tokens", "32", "--device", "cpu", "--out", str(out),

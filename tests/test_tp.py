@@ -3,10 +3,19 @@
 The sharded decode must give the single-process run's cache bytes, bitwise the same heads, and an output
 within the all-reduce bound; skipping the all-reduce must break the bound.
 """
+import argparse
+
 import pytest
 import torch.distributed as dist
 
-from kvlab import tp
+from kvlab.cli.tp import add_options
+from kvlab.tp import model as tp
+
+
+def tp_parser():
+    p = argparse.ArgumentParser()
+    add_options(p)
+    return p
 
 SMALL = ["--device", "cpu", "--pairs", "q8_0/q4_0,f16/f16", "--head-dim", "64", "--n-head", "8",
          "--n-head-kv", "4", "--layers", "3", "--n-past", "30", "--steps", "2"]
@@ -14,7 +23,7 @@ SMALL = ["--device", "cpu", "--pairs", "q8_0/q4_0,f16/f16", "--head-dim", "64", 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_decode_equals_single_process(world):
-    rows = tp.spawn(world, tp.check_all, tp.parser().parse_args(SMALL))
+    rows = tp.spawn(world, tp.check_all, tp_parser().parse_args(SMALL))
     assert [(r["type_k"], r["type_v"], r["rotation"]) for r in rows] == [
         ("q8_0", "q4_0", True), ("q8_0", "q4_0", False), ("f16", "f16", True), ("f16", "f16", False)]
     for r in rows:

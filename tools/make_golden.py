@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvlab import ggml
+from kvlab.ggml import lib as ggml
 from kvlab.types import TYPES
 
 

@@ -6,15 +6,15 @@
     tr = trace(b.graph, b.era, 2, b.static_states)
     tr.error        # SplitError: the node, op, input states and rule where ggml stops
 """
-from .state import Axis, SplitError, SplitState, split_states_equal
-from .eras import ERAS, Era, get_era
-from . import graph
-from .graph import Graph, Tensor
-from .infer import NodeTrace, Trace, infer, trace
-from .attention import Block, BlockConfig, build_attention_block
-from .cuda import CudaFA, cuda_flash_attn
-from .compat import CompatRow, compat_matrix
-from .sharded import ShardedResult, run_sharded
+from kvlab.split.state import Axis, SplitError, SplitState, split_states_equal
+from kvlab.split.eras import ERAS, Era, get_era
+from kvlab.split import graph
+from kvlab.split.graph import Graph, Tensor
+from kvlab.split.infer import NodeTrace, Trace, infer, trace
+from kvlab.split.attention import Block, BlockConfig, build_attention_block
+from kvlab.split.cuda import CudaFA, cuda_flash_attn
+from kvlab.split.compat import CompatRow, compat_matrix
+from kvlab.split.sharded import ShardedResult, run_sharded
 
 __all__ = [
     "Axis", "SplitError", "SplitState", "split_states_equal", "ERAS", "Era", "get_era", "graph", "Graph",

@@ -11,12 +11,12 @@ The order of nodes is ggml's (ggml_build_forward_expand of q, v, k, the two set_
 """
 from dataclasses import dataclass, field
 
-from ..rotation import rotation_plan
-from ..types import type_info
-from . import graph as g
-from .eras import Era, get_era
-from .state import Axis, SplitError
-from .static import static_state
+from kvlab.rotation import rotation_plan
+from kvlab.types import type_info
+from kvlab.split import graph as g
+from kvlab.split.eras import Era, get_era
+from kvlab.split.state import Axis, SplitError
+from kvlab.split.static import static_state
 
 _WEIGHT_BLOCKS = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32,
                   "iq4_nl": 32, "q2_K": 256, "q3_K": 256, "q4_K": 256, "q5_K": 256, "q6_K": 256}

@@ -4,11 +4,11 @@ stops the others: the init guard, a split-state rule (node + rule), or the CUDA 
 from dataclasses import asdict, dataclass
 from itertools import product
 
-from ..types import TYPES
-from .attention import BlockConfig, build_attention_block
-from .cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
-from .eras import ERAS
-from .infer import trace
+from kvlab.types import TYPES
+from kvlab.split.attention import BlockConfig, build_attention_block
+from kvlab.split.cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
+from kvlab.split.eras import ERAS
+from kvlab.split.infer import trace
 
 DEVICE_COUNTS = (1, 2, 3, 4, 8)
 

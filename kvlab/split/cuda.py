@@ -12,8 +12,8 @@ An f32 cache never reaches FA as f32: build_attn_mha casts it to f16 first.
 """
 from dataclasses import dataclass
 
-from ..types import type_info
-from .eras import get_era
+from kvlab.types import type_info
+from kvlab.split.eras import get_era
 
 DEFAULT_FA_QUANTS = "q4_0-q4_0;q8_0-q8_0;f16-f16;bf16-bf16"
 _FA_TYPES = ("f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")

@@ -8,7 +8,7 @@ Names follow ggml's automatic names ("x (reshaped)", "x (view)", "x (permuted)",
 from dataclasses import dataclass, field
 from math import prod
 
-from ..types import TYPES
+from kvlab.types import TYPES
 
 # Block size and bytes per block of every type a graph may hold (ggml_blck_size / ggml_type_size).
 _INDEX_TYPES = {"i32": (1, 4), "i64": (1, 8)}

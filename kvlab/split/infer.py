@@ -5,10 +5,10 @@ with a SplitError, as the GGML_ASSERT/GGML_ABORT would stop llama.cpp.
 """
 from dataclasses import dataclass, field
 
-from .eras import get_era
-from .graph import Graph, block_size
-from .rules import RULES, Rule, RuleFailure, apply_ratio, c_function
-from .state import Axis, SplitError, SplitState
+from kvlab.split.eras import get_era
+from kvlab.split.graph import Graph, block_size
+from kvlab.split.rules import RULES, Rule, RuleFailure, apply_ratio, c_function
+from kvlab.split.state import Axis, SplitError, SplitState
 
 
 @dataclass

@@ -11,7 +11,7 @@ Where ggml asserts or aborts, the rule raises `RuleFailure` with ggml's own cond
 from dataclasses import dataclass
 from math import prod
 
-from .state import Axis, SplitState, split_states_equal
+from kvlab.split.state import Axis, SplitState, split_states_equal
 
 
 class RuleFailure(Exception):

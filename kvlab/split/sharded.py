@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..quant import QTensor, dequantize, empty_cache, quantize, set_rows
-from ..rotation import hadamard, rotate
-from ..types import TYPES
-from .attention import Block, BlockConfig, build_attention_block
-from .graph import block_size, type_size
-from .infer import trace
-from .state import SplitState
+from kvlab.quant import QTensor, dequantize, empty_cache, quantize, set_rows
+from kvlab.rotation import hadamard, rotate
+from kvlab.types import TYPES
+from kvlab.split.attention import Block, BlockConfig, build_attention_block
+from kvlab.split.graph import block_size, type_size
+from kvlab.split.infer import trace
+from kvlab.split.state import SplitState
 
 U32 = 2.0 ** -24
 

@@ -9,7 +9,7 @@ and caches in units of one KV head, both at least the quantization block of attn
 """
 from math import gcd
 
-from .state import Axis, SplitError, SplitState
+from kvlab.split.state import Axis, SplitError, SplitState
 
 
 def _lcm(a: int, b: int) -> int:

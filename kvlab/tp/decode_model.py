@@ -6,7 +6,7 @@ rotating with the layer: kvlab.split.static), so uneven device counts show their
 """
 from dataclasses import dataclass
 
-from .types import TYPES
+from kvlab.types import TYPES
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class DecodeModel:
 def kv_bytes_per_device(shape: ModelShape, type_k: str, type_v: str, context: int, n_devices: int) -> list:
     """Bytes of K and V cache on each device for `context` tokens, all layers, split as llama.cpp does
     (whole KV heads per device; the device taking the remainder rotates with the layer)."""
-    from .split.state import Axis
-    from .split.static import static_state
+    from kvlab.split.state import Axis
+    from kvlab.split.static import static_state
     width = shape.n_head_kv * shape.head_dim
     total = [0] * n_devices
     for layer in range(shape.n_layers):

@@ -1,9 +1,9 @@
 """The error sweep: every K-V type pair x rotation off/on x flavor x context length, as one tidy table.
 
-One row per cell, with the metrics of `kvlab.attention_error` (see kvlab.metrics) and the settings
+One row per cell, with the metrics of `kvlab.attention_error` (see kvlab.accuracy.metrics) and the settings
 that made it. The flavor picks both the bytes written into the cache and the backend that reads
 them (ref: exact float64 attention; cpu / cuda: what ggml's flash attention does, see
-kvlab.attention). A shorter context is the prefix of the longest one, and its queries are the n_q
+kvlab.accuracy.attention). A shorter context is the prefix of the longest one, and its queries are the n_q
 tokens at its end, so each K/V cache is quantized once per (type, flavor, rotation) and sliced.
 
 Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
@@ -14,55 +14,25 @@ interrupted run costs only what is missing.
 Device: numpy on the CPU by default, torch on the GPU when one is present (`device="auto"`): the
 cache is written and read by the CUDA kernels (kvlab.quantize on CUDA tensors) and the attention
 math runs in torch on the GPU; only the metrics of each cell (small) come back to the host. The
-same functions (kvlab.attention) run on both; see kvlab.device.
+same functions (kvlab.accuracy.attention) run on both; see kvlab.device.
 """
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 import hashlib
 import json
 import os
 from pathlib import Path
-import platform
-import time
 
 import numpy as np
 
-from . import device as dev
-from .attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
+from kvlab import device as dev
+from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
                         unrotate)
-from .metrics import attention_metrics
-from .rotation import rotate, rotation_plan
-from .synthetic import SyntheticConfig, synthetic_kv, synthetic_queries
-from .types import FLAVORS, TYPES, flavor_code, type_info
-
-
-@dataclass
-class KVSample:
-    """Q/K/V to sweep: K/V of every position, Q at some positions (post-RoPE, float32)."""
-    name: str
-    q: np.ndarray            # (n_head, n_q_positions, D)
-    q_positions: np.ndarray  # (n_q_positions,) the token position of each query
-    k: np.ndarray            # (n_head_kv, n_kv, D)
-    v: np.ndarray            # (n_head_kv, n_kv, D)
-
-    def queries_for(self, length: int, n_q: int) -> np.ndarray:
-        """The n_q queries at the end of a context of `length` tokens: (n_head, n_q, D)."""
-        wanted = np.arange(length - n_q, length)
-        index = np.searchsorted(self.q_positions, wanted)
-        if (index >= len(self.q_positions)).any() or not np.array_equal(self.q_positions[index], wanted):
-            raise ValueError(f"{self.name}: no queries at positions {wanted[0]}..{wanted[-1]}")
-        return self.q[:, index]
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(self.name.encode())
-        for a in (self.q, self.q_positions, self.k, self.v):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
-
-
-def synthetic_sample(lengths, n_q: int, cfg: SyntheticConfig = SyntheticConfig()) -> KVSample:
-    _, k, v = synthetic_kv(max(lengths), replace(cfg, n_q=1))
-    positions = np.unique(np.concatenate([np.arange(n - n_q, n) for n in lengths]))
-    return KVSample(f"synthetic(seed={cfg.seed})", synthetic_queries(positions, cfg), positions, k, v)
+from kvlab.accuracy.metrics import attention_metrics
+from kvlab.rotation import rotate, rotation_plan
+from kvlab.accuracy.sample import KVSample, synthetic_sample
+from kvlab.accuracy.synthetic import SyntheticConfig
+from kvlab.accuracy.table import versions
+from kvlab.types import FLAVORS, TYPES, flavor_code, type_info
 
 
 @dataclass(frozen=True)
@@ -86,19 +56,6 @@ class SweepConfig:
 
     def settings(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
-
-
-def versions(place=None) -> dict:
-    import numba
-    from . import __version__
-    found = {"kvlab": __version__, "numpy": np.__version__, "numba": numba.__version__,
-             "python": platform.python_version(), "machine": platform.machine()}
-    if place is not None:
-        import torch
-        found["torch"] = torch.__version__
-        if place.type == "cuda":
-            found["gpu"] = torch.cuda.get_device_name(place)
-    return found
 
 
 def default_cache_dir() -> Path:
@@ -252,79 +209,6 @@ def sweep(cfg: SweepConfig = SweepConfig(), sample: KVSample | None = None, **kw
     return run_sweep(sample, cfg, **kwargs)
 
 
-def save_table(table, path) -> list:
-    """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        table.to_parquet(path, index=False)
-    elif path.suffix == ".csv":
-        table.to_csv(path, index=False)
-    else:
-        raise ValueError(f"save_table: expected a .parquet or .csv path, got {path}")
-    meta = path.with_suffix(path.suffix + ".json")
-    meta.write_text(json.dumps(table.attrs, indent=2, default=str))
-    return [path, meta]
-
-
 # ---- command line --------------------------------------------------------------------------------
 
-def add_sweep_options(parser, default_lengths) -> None:
-    parser.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=default_lengths,
-                        help="context lengths, comma separated (default: %(default)s)")
-    parser.add_argument("--types", default=",".join(TYPES), help="K and V types, comma separated")
-    parser.add_argument("--flavors", default=",".join(FLAVORS), help="flavors (= backends), comma separated")
-    parser.add_argument("--n-q", type=int, default=4, help="query tokens per context (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument("--data", help=".npz with q, k, v (and optionally q_positions), e.g. from kvlab.capture")
-    parser.add_argument("--cache-dir", help="where cell results are cached (default: $KVLAB_CACHE or ~/.cache/kvlab)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-
-def config_from_args(args) -> SweepConfig:
-    types = tuple(t.strip() for t in args.types.split(","))
-    return SweepConfig(lengths=tuple(args.lengths), n_q=args.n_q, types_k=types, types_v=types,
-                       flavors=tuple(f.strip() for f in args.flavors.split(",")),
-                       synthetic=SyntheticConfig(seed=args.seed))
-
-
-def sample_from_args(args, cfg: SweepConfig) -> KVSample:
-    if not args.data:
-        return synthetic_sample(cfg.lengths, cfg.n_q, cfg.synthetic)
-    from .capture import load_sample
-    return load_sample(args.data)
-
-
-def _run(args) -> int:
-    from .depth import layer_growth, layers_path, stack_from_args
-    cfg = config_from_args(args)
-    start = time.perf_counter()
-    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
-                      device=args.device)
-    print(f"swept {len(table)} cells on {table.attrs['device']} in {time.perf_counter() - start:.1f} s")
-    for written in save_table(table, args.out):
-        print(f"wrote {written}")
-    print(f"{len(table)} rows: {table.type_k.nunique()} K types x {table.type_v.nunique()} V types x "
-          f"{table.rotation.nunique()} rotations x {table.flavor.nunique()} flavors x {table.n_ctx.nunique()} lengths")
-    stack = stack_from_args(args)
-    if stack:
-        start = time.perf_counter()
-        depth = layer_growth([(k, v) for k in cfg.types_k for v in cfg.types_v], stack, cfg.rotations, cfg.flavors,
-                             device=args.device, progress=not args.no_progress)
-        print(f"layer growth: {len(depth)} rows ({stack.n_layers} layers) in {time.perf_counter() - start:.1f} s")
-        for written in save_table(depth, layers_path(args.out)):
-            print(f"wrote {written}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="error of every K/V type pair x rotation x flavor x context length",
-                              description=__doc__.split("\n\n")[0])
-    add_sweep_options(p, SweepConfig.lengths)
-    from .depth import add_depth_options
-    add_depth_options(p, 0)
-    p.add_argument("--out", default="kvlab-sweep.parquet",
-                   help="output table, .parquet or .csv (the layer-growth table goes to <name>.layers<suffix>)")
-    p.set_defaults(run=_run)

@@ -10,10 +10,10 @@ import json
 
 import numpy as np
 
-from . import TYPES, dequantize, quantize, rotate, rotation_plan
-from .blocks_view import decode_block
-from .decode_model import DecodeModel, ModelShape, decode_tokens_per_s, kv_bytes_per_device, kv_memory_table
-from .metrics import tensor_rel_l2
+from kvlab import TYPES, dequantize, quantize, rotate, rotation_plan
+from kvlab.viz.blocks_view import decode_block
+from kvlab.tp.decode_model import DecodeModel, ModelShape, decode_tokens_per_s, kv_bytes_per_device
+from kvlab.accuracy.metrics import tensor_rel_l2
 
 QUANTIZED = tuple(name for name, info in TYPES.items() if info.is_quantized)
 
@@ -127,7 +127,7 @@ def block_explorer(values=None, type_name: str = "q4_0", flavor: str = "ref"):
     """Pick a type and a flavor, edit the 32 values: the block's bytes and fields, and what comes back."""
     import ipywidgets as widgets
     from IPython.display import HTML, display
-    from . import FLAVORS
+    from kvlab import FLAVORS
     values = example_block() if values is None else np.asarray(values, np.float32)
     text = widgets.Textarea(value=", ".join(f"{v:g}" for v in values), description="block",
                             layout={"width": "60%", "height": "4em"})
@@ -226,7 +226,7 @@ def rotation_figure(table):
 
 def rotation_explorer(head_dim: int = 128, n_tokens: int = 256, seed: int = 0):
     """Outlier strength and count of synthetic K: how the rotation spreads them, and the error per type."""
-    from .synthetic import SyntheticConfig, synthetic_kv
+    from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
 
     def render(outlier_scale, n_outliers, size):
         cfg = SyntheticConfig(n_head=1, n_head_kv=1, head_dim=head_dim, n_q=1, n_outliers=n_outliers,
@@ -338,7 +338,7 @@ def split_graph_figure(block, tr):
 
 def explain(block, tr) -> str:
     """Plain text: what llama.cpp would do with this block, and why (init guard, split rule, CUDA FA)."""
-    from .split import cuda_flash_attn
+    from kvlab.split import cuda_flash_attn
     cfg = block.config
     lines = []
     if block.init_error is not None:
@@ -355,7 +355,7 @@ def explain(block, tr) -> str:
 
 def trace_block(**config):
     """(block, trace) of llama.cpp's attention block for BlockConfig fields."""
-    from .split import build_attention_block, trace
+    from kvlab.split import build_attention_block, trace
     block = build_attention_block(**config)
     return block, trace(block.graph, block.era, block.config.n_devices, block.static_states)
 
@@ -366,7 +366,7 @@ def split_flow_explorer(era: str = "flatten", n_devices: int = 2, type_k: str = 
     import ipywidgets as widgets
     from IPython.display import HTML, display
     from html import escape
-    from .split import ERAS
+    from kvlab.split import ERAS
 
     def render(era, n_devices, heads, type_k, type_v, n_tokens, rotation, guard):
         head_dim, n_head, n_head_kv = HEAD_CONFIGS[heads]
@@ -398,7 +398,7 @@ def era_table(node_names, **config):
     A cell is the state, "ABORT: <rule>" at the node where the era's rules fail, or "-" after it.
     """
     import pandas as pd
-    from .split import ERAS
+    from kvlab.split import ERAS
     columns = {}
     for era in ERAS:
         _, tr = trace_block(era=era, guard=False, **config)
@@ -415,7 +415,7 @@ OUTCOME_COLORS = ("#2ca02c", "#bcbd22", "#ff7f0e", "#d62728", "#7f7f7f")
 def compat_frame(**kwargs):
     """kvlab.split.compat_matrix as a DataFrame (one row per era, K, V, devices, rotation)."""
     import pandas as pd
-    from .split import compat_matrix
+    from kvlab.split import compat_matrix
     return pd.DataFrame([r.to_dict() for r in compat_matrix(**kwargs)])
 
 
@@ -470,7 +470,7 @@ def pair_table(table, pairs, metrics=("kl", "out_rel_l2"), flavor: str = "ref", 
 def error_grid_figure(table, metric: str = "kl", flavor: str = "ref", n_ctx=None, rotation: bool = True):
     """One 9x9 heatmap: log10(metric) per K type (rows) and V type (columns)."""
     import plotly.graph_objects as go
-    from .plots import METRIC_LABELS, type_order
+    from kvlab.viz.plots import METRIC_LABELS, type_order
     n_ctx = n_ctx or int(table.n_ctx.max())
     sel = table[(table.flavor == flavor) & (table.n_ctx == n_ctx) & (table.rotation == rotation)]
     grid = sel.pivot_table(index="type_k", columns="type_v", values=metric, aggfunc="mean")
@@ -488,7 +488,7 @@ def error_grid_figure(table, metric: str = "kl", flavor: str = "ref", n_ctx=None
 def error_explorer(table):
     """Metric, context length, flavor and rotation over a sweep table: the 9x9 heatmap."""
     import ipywidgets as widgets
-    from .plots import METRIC_LABELS
+    from kvlab.viz.plots import METRIC_LABELS
     metrics = [m for m in METRIC_LABELS if m in table.columns]
     controls = {"metric": _dropdown(metrics, "kl", "metric"),
                 "n_ctx": _dropdown(sorted(int(n) for n in table.n_ctx.unique()), int(table.n_ctx.max()), "context"),
@@ -502,7 +502,7 @@ def error_explorer(table):
 def sources_figure(tables: dict, metric: str = "kl"):
     """Same-type pairs (K = V) on several data sources: grouped bars of the metric, log scale."""
     import plotly.graph_objects as go
-    from .plots import METRIC_LABELS
+    from kvlab.viz.plots import METRIC_LABELS
     fig = go.Figure()
     for name, t in tables.items():
         n_ctx = int(t.n_ctx.max())
@@ -563,7 +563,7 @@ def measured_figure(frame):
 def sharded_table(devices=(1, 2, 3, 4), pairs=(("q8_0", "q4_0"),), **config):
     """kvlab.split.run_sharded per device count and pair: do the sharded results equal one device's?"""
     import pandas as pd
-    from .split import run_sharded
+    from kvlab.split import run_sharded
     rows = []
     for n in devices:
         for tk, tv in pairs:

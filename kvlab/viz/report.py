@@ -1,22 +1,17 @@
 """`kvlab report`: run the error sweep and write one self-contained HTML report (plotly inlined, offline).
 
 Sections: K-type x V-type heatmaps with and without rotation and their difference; error vs
-context length; error vs depth (how an error compounds through a stack of layers, kvlab.depth);
+context length; error vs depth (how an error compounds through a stack of layers, kvlab.accuracy.depth);
 error vs bits per value with the Pareto frontier; where the ref / cpu / cuda flavors disagree and
 what it costs; a short text summary with the published numbers as context. The default data is the
-synthetic generator (kvlab.synthetic), so the report needs no download.
+synthetic generator (kvlab.accuracy.synthetic), so the report needs no download.
 """
-from dataclasses import replace
 import html
 from pathlib import Path
-import time
 
 import numpy as np
 
-from .depth import DEFAULT_PAIRS as GROWTH_PAIRS
-from .depth import add_depth_options, layer_growth, layers_path, stack_from_args
-from .sweep import (add_sweep_options, config_from_args, run_sweep, sample_from_args,
-                    save_table)
+from kvlab.accuracy.depth import DEFAULT_PAIRS as GROWTH_PAIRS
 
 REPORT_LENGTHS = (128, 512, 2048, 8192)
 REPORT_LAYERS = 8
@@ -92,7 +87,7 @@ def summary(table, pareto: list) -> list:
 
 
 def depth_summary(depth_table) -> list:
-    """Findings of the layer-growth stack (kvlab.depth), computed from its table (HTML paragraphs)."""
+    """Findings of the layer-growth stack (kvlab.accuracy.depth), computed from its table (HTML paragraphs)."""
     ref = depth_table[depth_table.flavor == "ref"]
     n = int(ref.depth.max())
     rotation = True in set(ref.rotation)
@@ -119,7 +114,7 @@ def depth_summary(depth_table) -> list:
                      f"after layer 1 → after layer {n}: " + "; ".join(growth) + ". In brackets: that error over "
                      "the root sum of squares of the errors the layers add on their own; above 1×, inherited error "
                      "grows as it passes through the later layers, below 1× they damp it; how much depends on how strongly each "
-                     "layer writes into the residual stream (kvlab.depth's docstring has the numbers).")
+                     "layer writes into the residual stream (kvlab.accuracy.depth's docstring has the numbers).")
     worst = []
     for type_k, type_v in pairs:
         _, total = series(type_k, type_v, "attn_rel_l2")
@@ -155,7 +150,7 @@ def _flavor_line(table, flavor: str) -> str:
     at = joined.xs(n_max, level="n_ctx").xs(True, level="rotation") if True in set(table.rotation) else None
     if at is None or not len(at):
         return ""
-    from .plots import ERROR_FLOOR
+    from kvlab.viz.plots import ERROR_FLOOR
     excess = np.log10(np.maximum(at.out_rel_l2, ERROR_FLOOR)) - np.log10(np.maximum(at.out_rel_l2_ref, ERROR_FLOOR))
     worst = excess.sort_values(ascending=False).head(3)
     items = [f"{k}/{v} ({at.loc[(k, v), 'kernel']} path: output error {at.loc[(k, v), 'out_rel_l2']:.2g} vs "
@@ -191,7 +186,7 @@ set_rows (rotation per llama.cpp's rotation_plan), compared with exact float64 a
 
 
 def build_report(table, out_path, depth_table=None) -> Path:
-    from . import plots
+    from kvlab.viz import plots
     n_max = int(table.n_ctx.max())
     types = set(table.type_k) & set(table.type_v)
     pairs = [p for p in GROWTH_PAIRS if set(p) <= types] or [(sorted(types)[0], sorted(types)[0])]
@@ -222,50 +217,3 @@ def build_report(table, out_path, depth_table=None) -> Path:
     return out_path
 
 
-def _run(args) -> int:
-    cfg = config_from_args(args)
-    if args.quick:
-        cfg = replace(cfg, lengths=(64, 256), n_q=2)
-    start = time.perf_counter()
-    print(f"kvlab report: sweeping {len(cfg.types_k)}x{len(cfg.types_v)} K/V pairs x rotation off/on x "
-          f"flavors {','.join(cfg.flavors)} x lengths {','.join(map(str, cfg.lengths))}")
-    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
-                      device=args.device)
-    table.attrs["elapsed_s"] = round(time.perf_counter() - start, 2)
-    print(f"swept {len(table)} cells on {table.attrs['device']} in {table.attrs['elapsed_s']:.1f} s")
-    depth_table = _layer_growth(args, cfg)
-    if args.table:
-        written = save_table(table, args.table)
-        written += save_table(depth_table, layers_path(args.table)) if depth_table is not None else []
-        for w in written:
-            print(f"wrote {w}")
-    path = build_report(table, args.out, depth_table)
-    print(f"wrote {path.resolve()} ({path.stat().st_size / 1e6:.1f} MB, self-contained, opens offline)")
-    return 0
-
-
-def _layer_growth(args, cfg):
-    """The depth section's table: the growth pairs through the stack, rotation off/on, ref bytes."""
-    stack = stack_from_args(args)
-    types = set(cfg.types_k) & set(cfg.types_v)
-    pairs = [p for p in GROWTH_PAIRS if set(p) <= types]
-    if stack is None or not pairs:
-        return None
-    if args.quick:
-        stack = replace(stack, n_layers=min(stack.n_layers, 4), n_tokens=min(stack.n_tokens, 64))
-    start = time.perf_counter()
-    depth_table = layer_growth(pairs, stack, cfg.rotations, device=args.device)
-    print(f"layer growth: {len(pairs)} pairs through {stack.n_layers} layers in {time.perf_counter() - start:.1f} s")
-    return depth_table
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="sweep every K/V pair and write an offline HTML report",
-                              description=__doc__.split("\n\n")[0])
-    add_sweep_options(p, REPORT_LENGTHS)
-    add_depth_options(p, REPORT_LAYERS)
-    p.add_argument("--out", default="kvlab-report.html", help="the HTML file to write")
-    p.add_argument("--table", help="also save the sweep table (.parquet or .csv) and the layer-growth table "
-                                   "(<name>.layers<suffix>)")
-    p.add_argument("--quick", action="store_true", help="a tiny sweep (lengths 64,256): a smoke test")
-    p.set_defaults(run=_run)

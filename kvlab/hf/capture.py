@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlab.accuracy.sample import KVSample
+
 ATTENTION_NAME = "kvlab_capture"
 
 
@@ -84,8 +86,7 @@ def capture_qkv(model_path, text: str | None = None, max_tokens: int = 512) -> l
 
 
 def capture_sample(model_path, layer: int = 0, text: str | None = None, max_tokens: int = 512):
-    """One layer's capture as a kvlab.sweep.KVSample (queries at every position)."""
-    from .sweep import KVSample
+    """One layer's capture as a kvlab.accuracy.sample.KVSample (queries at every position)."""
     layers = capture_qkv(model_path, text, max_tokens)
     if not 0 <= layer < len(layers):
         raise ValueError(f"capture: layer {layer} out of range, the model has {len(layers)} attention layers")
@@ -94,20 +95,3 @@ def capture_sample(model_path, layer: int = 0, text: str | None = None, max_toke
     return KVSample(name, got.q, np.arange(got.q.shape[1]), got.k, got.v)
 
 
-def save_sample(sample, path) -> Path:
-    path = Path(path)
-    np.savez_compressed(path, name=sample.name, q=sample.q, q_positions=sample.q_positions, k=sample.k, v=sample.v)
-    return path
-
-
-def load_sample(path):
-    """A KVSample from an .npz with q, k, v (float32) and optionally q_positions and name."""
-    from .sweep import KVSample
-    with np.load(path) as data:
-        missing = {"q", "k", "v"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)} (expected q, k, v)")
-        q = data["q"].astype(np.float32)
-        positions = data["q_positions"] if "q_positions" in data.files else np.arange(q.shape[1])
-        name = str(data["name"]) if "name" in data.files else Path(path).stem
-        return KVSample(name, q, positions, data["k"].astype(np.float32), data["v"].astype(np.float32))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import device
+from kvlab import device
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def apply_rope(x, positions: np.ndarray, base: float):
 def head_structure(cfg: SyntheticConfig, key: tuple = ()):
     """Per KV head: K's outlier bias (n_head_kv, D) and V's channel scales (n_head_kv, 1, D).
 
-    `key` draws another head's structure from the same seed (kvlab.depth: one per layer).
+    `key` draws another head's structure from the same seed (kvlab.accuracy.depth: one per layer).
     """
     rng = np.random.default_rng([cfg.seed, 0, *key])
     half = cfg.head_dim // 2

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .types import TYPES, type_info
+from kvlab.types import TYPES, type_info
 
 # typedef void (*ggml_to_float_t)  (const void * x, float * y, int64_t k);
 # typedef void (*ggml_from_float_t)(const float * x, void * y, int64_t k);   k = number of values

@@ -3,7 +3,7 @@
 In a real model layer l+1 never sees the exact hidden state: layer l already read a quantized
 cache, so the keys and values layer l+1 writes into its own cache carry the upstream error, and
 it adds its own quantization error on top. kvlab measures this on a small pre-norm transformer
-with fixed random weights and the attention statistics of kvlab.synthetic, run twice on the same
+with fixed random weights and the attention statistics of kvlab.accuracy.synthetic, run twice on the same
 tokens: exact (K/V kept as the float32 activations, attention in float64), and with every layer's
 K and V written into a quantized cache (rotation as llama.cpp's rotation_plan; exact attention on
 the dequantized cache, i.e. the "ref" backend). At every depth the two runs are compared.
@@ -15,7 +15,7 @@ One block (layer l, causal attention over all n_tokens positions, GQA):
 Weights are Gaussian with variance 1/fan_in (Wq scaled so the bulk logits q.k/sqrt(D) have std
 `logit_std`); each layer draws its own K outlier channels (a bias on low-frequency RoPE pairs, as a
 k_proj bias or a massive-activation channel gives them), Q lean and V channel scales
-(kvlab.synthetic.head_structure). The branch gains g are fixed on the exact run so that each branch
+(kvlab.accuracy.synthetic.head_structure). The branch gains g are fixed on the exact run so that each branch
 adds an update of RMS `branch_scale` x RMS(h), and the quantized run reuses them: both runs have
 the same weights. Absolute errors scale with branch_scale, and so does how much an inherited error
 grows: with the defaults (8 layers, seed 0, rotation on) the residual error after 8 layers is about
@@ -42,17 +42,17 @@ propagated one. The block keeps skip connections and an MLP because pure attenti
 rank doubly exponentially with depth (Dong, Cordonnier & Loukas 2021, arXiv:2103.03404), which
 would make any depth trend an artefact. Runs on numpy or torch (kvlab.device), CPU or GPU.
 """
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 import json
-from pathlib import Path
 
 import numpy as np
 
-from . import device as dev
-from .attention import group_queries, softmax_rows, store, unrotate
-from .rotation import RotationPlan, rotate, rotation_plan
-from .synthetic import SyntheticConfig, apply_rope, head_structure, query_lean
-from .types import TYPES, flavor_code, type_info
+from kvlab import device as dev
+from kvlab.accuracy.attention import group_queries, softmax_rows, store, unrotate
+from kvlab.rotation import RotationPlan, rotate, rotation_plan
+from kvlab.accuracy.synthetic import SyntheticConfig, apply_rope, head_structure, query_lean
+from kvlab.types import TYPES, flavor_code, type_info
+from kvlab.accuracy.table import versions
 
 DEPTH_METRICS = ("hidden_rel_l2", "hidden_own_rel_l2", "attn_rel_l2", "attn_local_rel_l2", "kl", "k_rel_l2",
                  "v_rel_l2")
@@ -274,12 +274,11 @@ def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotation
     """Error at every depth of the stack, per K/V type pair, rotation and flavor: a tidy pandas DataFrame.
 
     pairs: (type_k, type_v) tuples; rotation follows rotation_plan when True (llama.cpp's gate);
-    flavors: which code paths write the cache bytes; device as in kvlab.sweep.run_sweep.
+    flavors: which code paths write the cache bytes; device as in kvlab.accuracy.sweep.run_sweep.
     One row per (pair, rotation, flavor, depth) with DEPTH_METRICS; df.attrs holds settings and versions.
     """
     import pandas as pd
     from tqdm.auto import tqdm
-    from .sweep import versions
     for type_k, type_v in pairs:
         type_info(type_k), type_info(type_v)
     for flavor in flavors:
@@ -306,21 +305,4 @@ def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotation
 
 # ---- command line (used by `kvlab sweep` and `kvlab report`) --------------------------------------
 
-def add_depth_options(parser, default_layers: int) -> None:
-    parser.add_argument("--layers", type=int, default=default_layers,
-                        help="layers of the error-growth stack (kvlab.depth); 0 skips it (default: %(default)s)")
-    parser.add_argument("--layer-tokens", type=int, default=StackConfig.n_tokens,
-                        help="tokens the stack runs on (default: %(default)s)")
 
-
-def stack_from_args(args) -> StackConfig | None:
-    if not args.layers:
-        return None
-    return StackConfig(n_layers=args.layers, n_tokens=args.layer_tokens,
-                       heads=replace(StackConfig().heads, seed=args.seed))
-
-
-def layers_path(table_path) -> Path:
-    """Where the layer-growth table goes beside a sweep table: t.parquet -> t.layers.parquet."""
-    path = Path(table_path)
-    return path.with_name(f"{path.stem}.layers{path.suffix}")

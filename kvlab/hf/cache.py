@@ -1,7 +1,7 @@
 """A Hugging Face transformers KV cache that stores K and V as llama.cpp does: ggml bytes, rotated.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from kvlab.hf import GGMLQuantizedCache
+    from kvlab.hf.cache import GGMLQuantizedCache
 
     model = AutoModelForCausalLM.from_pretrained("/models/Qwen2.5-0.5B", local_files_only=True)
     tok = AutoTokenizer.from_pretrained("/models/Qwen2.5-0.5B", local_files_only=True)
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
 
-from .quant import QTensor, dequantize, quantize
-from .rotation import rotate, rotation_plan
-from .types import flavor_code, type_info
+from kvlab.quant import QTensor, dequantize, quantize
+from kvlab.rotation import rotate, rotation_plan
+from kvlab.types import flavor_code, type_info
 
 
 @dataclass(frozen=True)

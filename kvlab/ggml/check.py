@@ -9,7 +9,7 @@
    input (iq4_nl's stale qs on blocks with amax < 1e-15) are left out, as the golden files do.
 2. Split states: a matrix of device counts (1-4), head layouts (MHA, GQA, uneven GQA, MQA), decode
    and prompt batches, rotation on and off; each configuration runs in its own process through the
-   real meta backend (kvlab.ggml_meta) and is compared node by node with kvlab.split's trace of the
+   real meta backend (kvlab.ggml.meta) and is compared node by node with kvlab.split's trace of the
    same block: the graph (names, ops, shapes), every node's state (axis, per-device counts, nr) and
    where each side stops, if it stops. The era defaults to the one the library's struct layout
    belongs to (with nr: pr23792, without: flatten); the init guard is skipped (inference is the question).
@@ -21,17 +21,14 @@ Known version drift: ggml-python 0.0.45 ships an early post-#23792 ggml whose ha
 EXPECTED_DRIFT lists what that changes in the matrix (see tests/test_check_ggml.py).
 """
 import importlib.util
-import json
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .types import TYPES
+from kvlab.types import TYPES
 
 LAYOUTS = {            # name: (head_dim, n_head, n_head_kv)
     "mha": (64, 4, 4),
@@ -150,7 +147,7 @@ def matrix() -> list:
 
 
 def _model_block(cfg: Config, era: str):
-    from .split import BlockConfig, build_attention_block
+    from kvlab.split import BlockConfig, build_attention_block
     hd, h, hkv = LAYOUTS[cfg.layout]
     return build_attention_block(BlockConfig(
         head_dim=hd, n_head=h, n_head_kv=hkv, n_devices=cfg.n_devices, type_k=CACHE_TYPES[0],
@@ -159,7 +156,7 @@ def _model_block(cfg: Config, era: str):
 
 
 def _spec(block):
-    from .ggml_meta import BlockSpec
+    from kvlab.ggml.meta import BlockSpec
     c = block.config
     static = {t.name: [int(s.axis), [list(seg) for seg in s.ne], list(s.nr)]
               for t in block.graph.order if (s := block.static_states.get(id(t))) is not None}
@@ -175,7 +172,7 @@ def _first_missing(names, states) -> str:
 
 def compare(cfg: Config, era: str, block, meta) -> ConfigResult:
     """kvlab's trace of the block against what the real meta backend inferred for it."""
-    from .split import trace
+    from kvlab.split import trace
     res = ConfigResult(cfg, era)
     tr = trace(block.graph, block.era, cfg.n_devices, block.static_states)
     if meta.error:
@@ -215,7 +212,7 @@ def _show(state) -> str:
 
 def check_split(lib_dir, era: str | None, configs=None, workers: int | None = None):
     """(layout, results): every configuration through the library, compared with kvlab's model."""
-    from .ggml_meta import infer_split_states
+    from kvlab.ggml.meta import infer_split_states
     configs = configs or matrix()
     layout = _probe_layout(lib_dir)
     era = era or ("pr23792" if layout == "nr" else "flatten")
@@ -230,7 +227,7 @@ def check_split(lib_dir, era: str | None, configs=None, workers: int | None = No
 
 
 def _probe_layout(lib_dir) -> str:
-    from .ggml_meta import BlockSpec, infer_split_states
+    from kvlab.ggml.meta import BlockSpec, infer_split_states
     meta = infer_split_states(BlockSpec(64, 1, 1, 1, 256, 64, 1, 1, n_devices=1), lib_dir)
     if not meta.layout:
         raise RuntimeError(f"could not probe the split-state layout of {lib_dir}: {meta.error or meta.abort}")
@@ -239,14 +236,6 @@ def _probe_layout(lib_dir) -> str:
 
 # --------------------------------------------------------------------------------------------- CLI
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("check-ggml", help="hold a real libggml against kvlab: bytes and split states")
-    p.add_argument("--lib", help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
-    p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
-                   help="kvlab's rule set to compare with (default: from the library's split-state layout)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.set_defaults(run=run_check)
-
 
 def known_drift(version: str, era: str):
     """(explanation, configuration ids) of the known drift of a ggml version from kvlab's era pr23792."""
@@ -254,57 +243,3 @@ def known_drift(version: str, era: str):
     return (why, ids) if era == "pr23792" else ("", frozenset())
 
 
-def run_check(args) -> int:
-    from . import ggml
-    from .ggml_meta import lib_dir_of
-    t0 = time.perf_counter()
-    try:
-        lib_dir = lib_dir_of(args.lib) if args.lib else ggml.default_lib_dir()
-        lib = ggml.load(lib_dir)
-    except (OSError, RuntimeError, FileNotFoundError) as e:
-        print(f"kvlab check-ggml: {e}", file=sys.stderr)
-        return 2
-    cases = input_cases()
-    byte_rows = check_bytes(lib, cases)
-    layout, era, results = check_split(lib_dir, args.era)
-    why, drift = known_drift(lib.version, era)
-    report = {
-        "library": str(lib_dir), "version": lib.version, "split_state_layout": layout, "era": era,
-        "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
-        "split": [{"config": r.config.id, "compared": r.compared, "agrees": r.agrees,
-                   "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop,
-                   "known_drift": why if not r.agrees and r.config.id in drift else ""}
-                  for r in results],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results)
-    report["ok"] = different == 0
-    print(json.dumps(report, indent=1) if args.format == "json" else _text(report))
-    return 0 if different == 0 else 1
-
-
-def _text(rep: dict) -> str:
-    nr = "with nr (PR #23792)" if rep["split_state_layout"] == "nr" else "without nr (pre-#23792)"
-    out = [f"ggml {rep['version']} in {rep['library']}",
-           f"split-state struct: {nr}; compared with kvlab era {rep['era']!r}", "",
-           f"bytes ({rep['input_cases']} input cases)", f"  {'type':<8}{'path':<10}{'blocks':>8}{'differ':>8}"]
-    for r in rep["bytes"]:
-        out.append(f"  {r['type']:<8}{r['path']:<10}{r['blocks']:>8}{r['differ']:>8}  {r['first']}".rstrip())
-    split = rep["split"]
-    agree = sum(r["agrees"] for r in split)
-    out += ["", f"split states: {agree} of {len(split)} configurations agree "
-                f"({sum(r['compared'] for r in split)} node states compared)",
-            f"  {'configuration':<30}{'nodes':>6}  {'result':<8} stops (ggml | kvlab)"]
-    for r in split:
-        stops = f"{r['ggml_stop'] or '-'} | {r['kvlab_stop'] or '-'}" if r["ggml_stop"] or r["kvlab_stop"] else ""
-        result = "agree" if r["agrees"] else "drift" if r["known_drift"] else "DIFFER"
-        out.append(f"  {r['config']:<30}{r['compared']:>6}  {result:<8} {stops}".rstrip())
-        out += [f"      {d}" for d in r["differences"]]
-    bad_bytes = sum(r["differ"] > 0 for r in rep["bytes"])
-    drifted = [r for r in split if r["known_drift"]]
-    if drifted:
-        out += ["", f"known version drift ({len(drifted)} configurations): {drifted[0]['known_drift']}"]
-    out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
-                f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift "
-                f"({rep['seconds']} s)"]
-    return "\n".join(out)

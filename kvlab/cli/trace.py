@@ -2,12 +2,12 @@
 import json
 import sys
 
-from ..types import TYPES
-from .attention import BlockConfig, build_attention_block
-from .compat import DEVICE_COUNTS, compat_matrix
-from .cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
-from .eras import ERAS
-from .infer import trace
+from kvlab.types import TYPES
+from kvlab.split.attention import BlockConfig, build_attention_block
+from kvlab.split.compat import DEVICE_COUNTS, compat_matrix
+from kvlab.split.cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
+from kvlab.split.eras import ERAS
+from kvlab.split.infer import trace
 
 _CODES = {"runs": "R", "runs (slow FA)": "r", "refused at init": "G", "split abort": "S", "no CUDA FA kernel": "C"}
 

@@ -1,4 +1,4 @@
-"""`kvlab` command line: each subcommand lives beside the code it runs.
+"""`kvlab` command line: one module per subcommand here; library modules register nothing.
 
 Every module in COMMAND_MODULES has `register(subparsers)`, which adds its
 subcommands with `set_defaults(run=function)`; `function(args)` returns the exit code.
@@ -8,11 +8,12 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "kvlab.report",     # report (the main job)
-    "kvlab.sweep",      # sweep
-    "kvlab.split.cli",  # trace, compat
-    "kvlab.evaluate",   # eval
-    "kvlab.check_ggml", # check-ggml
+    "kvlab.cli.report",      # report (the main job)
+    "kvlab.cli.sweep",       # sweep
+    "kvlab.cli.trace",       # trace, compat
+    "kvlab.cli.eval",        # eval
+    "kvlab.cli.check_ggml",  # check-ggml
+    "kvlab.cli.tp",          # tp
 )
 
 

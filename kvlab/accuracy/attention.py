@@ -31,7 +31,7 @@ the fp16 rounding of the q8_1 block sum ``s`` on the CPU (CUDA uses the exact fl
 q4_1/q5_1 dot products; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the
 softmax probabilities to f16.
 
-Metrics (kvlab.metrics) compare against exact float64 attention on the unrotated, unquantized input.
+Metrics (kvlab.accuracy.metrics) compare against exact float64 attention on the unrotated, unquantized input.
 The math below takes numpy arrays or torch tensors (kvlab.device): the sweep runs it on a GPU.
 """
 from dataclasses import dataclass
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from . import device
-from .kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
-from .metrics import attention_metrics, tensor_rel_l2
-from .quant import dequantize, quantize
-from .rotation import hadamard, rotate, rotation_plan
-from .types import flavor_code, type_info
+from kvlab import device
+from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
+from kvlab.accuracy.metrics import attention_metrics, tensor_rel_l2
+from kvlab.quant import dequantize, quantize
+from kvlab.rotation import hadamard, rotate, rotation_plan
+from kvlab.types import flavor_code, type_info
 
 BACKENDS = ("ref", "cpu", "cuda")
 
@@ -305,7 +305,7 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     q: (n_head, n_q, head_dim); k, v: (n_head_kv, n_kv, head_dim); float32 numpy or torch; GQA when
     n_head is a multiple of n_head_kv; no mask. `rotation` follows `rotation_plan` (llama.cpp's gate)
     when True and disables it when False. Returns a dict of floats: kl, out_rel_l2, out_cos,
-    logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.metrics).
+    logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.accuracy.metrics).
     """
     q, k, v = check_qkv(q, k, v)
     type_info(type_k), type_info(type_v), flavor_code(flavor), check_backend(backend)

@@ -29,23 +29,21 @@ from datetime import timedelta
 import json
 import os
 import socket
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .quant import QTensor, dequantize, empty_cache, set_rows
-from .rotation import rotate, rotation_plan
-from .split.attention import BlockConfig, build_attention_block
-from .split.infer import trace
-from .split.sharded import U32, cut
-from .split.state import Axis, SplitError
-from .types import TYPES
+from kvlab.quant import QTensor, dequantize, empty_cache, set_rows
+from kvlab.rotation import rotate, rotation_plan
+from kvlab.split.attention import BlockConfig, build_attention_block
+from kvlab.split.infer import trace
+from kvlab.split.sharded import U32, cut
+from kvlab.split.state import Axis, SplitError
+from kvlab.types import TYPES
+from kvlab.tp import ROTATIONS
 
-PAIRS = ("f16/f16", "q8_0/q8_0", "q4_0/q4_0", "q8_0/q4_0", "q4_0/q8_0")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-ROTATIONS = {"both": (True, False), "on": (True,), "off": (False,)}   # the --rotation choices
 FA_PAD = 256          # llama.cpp's get_n_kv: flash attention reads the cache in multiples of 256 cells
 
 
@@ -441,41 +439,3 @@ def check_all(args: argparse.Namespace) -> list:
         dist.destroy_process_group()
     return rows
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kvlab.tp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local ranks (not under torchrun)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
-                   help="default nccl on GPU, gloo on CPU; gloo lets several ranks share one GPU")
-    p.add_argument("--pairs", default=",".join(PAIRS), help="K/V type pairs, e.g. q8_0/q4_0,f16/f16")
-    p.add_argument("--rotation", default="both", choices=tuple(ROTATIONS))
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--n-head-kv", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=None)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--cells", type=int, default=256)
-    p.add_argument("--n-past", type=int, default=40)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--flavor", default=None, choices=("ref", "cpu", "cuda"),
-                   help="default: what the device's ggml backend writes (cpu or cuda)")
-    p.add_argument("--era", default="pr23792")
-    p.add_argument("--ref-device", default="cpu", help="where the single-process run computes")
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.nproc is not None and "RANK" not in os.environ:
-        rows = spawn(args.nproc, check_all, args)
-    else:
-        rows = check_all(args)
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0
-    return 0 if rows and all(r["ok"] for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
-"""Plotly figures of a sweep table (kvlab.sweep), shared by `kvlab report` and the notebooks.
+"""Plotly figures of a sweep table (kvlab.accuracy.sweep), shared by `kvlab report` and the notebooks.
 
 Every builder takes the tidy table and returns a plotly Figure; errors spanning decades are shown
 as log10. Types are ordered by bits per value, so cheaper caches sit to the left / bottom.
 """
 import numpy as np
 
-from .types import TYPES
+from kvlab.types import TYPES
 
 METRIC_LABELS = {
     "kl": "softmax KL (nats)", "out_rel_l2": "output relative L2", "out_cos": "output cosine",
@@ -88,7 +88,7 @@ def context_growth(table, pairs, metric: str = "kl", flavor: str = "ref"):
 
 
 def depth_growth(depth_table, pairs, flavor: str = "ref"):
-    """Error vs the number of layers it passed through (kvlab.depth), rotation on (solid) / off (dashed).
+    """Error vs the number of layers it passed through (kvlab.accuracy.depth), rotation on (solid) / off (dashed).
 
     Left: the residual stream's relative error after each layer. Right: how much worse each layer's
     attention is than it would be on exact input (attn_rel_l2 / attn_local_rel_l2; 1 = no compounding).

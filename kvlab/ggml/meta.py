@@ -29,7 +29,7 @@ so the callback is declared that way. Other architectures get a clear error.
 
 Known version drift (ggml-python 0.0.45 against October-2026 ggml): its handle_reshape lacks two cases
 of the 0.3.36 code (multi-segment sources, and moving a complete dim-0 split of [ne0, 1] to axis 1),
-and it asserts `n_segments == 1` before looking at the source. kvlab.check_ggml lists what that changes.
+and it asserts `n_segments == 1` before looking at the source. kvlab.ggml.check lists what that changes.
 """
 import ctypes
 import json

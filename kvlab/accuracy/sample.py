@@ -1,0 +1,57 @@
+"""The Q/K/V a sweep reads (KVSample), and the ways to make one: synthetic, or an .npz saved from a capture."""
+from dataclasses import dataclass, replace
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv, synthetic_queries
+
+
+@dataclass
+class KVSample:
+    """Q/K/V to sweep: K/V of every position, Q at some positions (post-RoPE, float32)."""
+    name: str
+    q: np.ndarray            # (n_head, n_q_positions, D)
+    q_positions: np.ndarray  # (n_q_positions,) the token position of each query
+    k: np.ndarray            # (n_head_kv, n_kv, D)
+    v: np.ndarray            # (n_head_kv, n_kv, D)
+
+    def queries_for(self, length: int, n_q: int) -> np.ndarray:
+        """The n_q queries at the end of a context of `length` tokens: (n_head, n_q, D)."""
+        wanted = np.arange(length - n_q, length)
+        index = np.searchsorted(self.q_positions, wanted)
+        if (index >= len(self.q_positions)).any() or not np.array_equal(self.q_positions[index], wanted):
+            raise ValueError(f"{self.name}: no queries at positions {wanted[0]}..{wanted[-1]}")
+        return self.q[:, index]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.name.encode())
+        for a in (self.q, self.q_positions, self.k, self.v):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def synthetic_sample(lengths, n_q: int, cfg: SyntheticConfig = SyntheticConfig()) -> KVSample:
+    _, k, v = synthetic_kv(max(lengths), replace(cfg, n_q=1))
+    positions = np.unique(np.concatenate([np.arange(n - n_q, n) for n in lengths]))
+    return KVSample(f"synthetic(seed={cfg.seed})", synthetic_queries(positions, cfg), positions, k, v)
+
+
+def save_sample(sample, path) -> Path:
+    path = Path(path)
+    np.savez_compressed(path, name=sample.name, q=sample.q, q_positions=sample.q_positions, k=sample.k, v=sample.v)
+    return path
+
+
+def load_sample(path):
+    """A KVSample from an .npz with q, k, v (float32) and optionally q_positions and name."""
+    from kvlab.accuracy.sweep import KVSample
+    with np.load(path) as data:
+        missing = {"q", "k", "v"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (expected q, k, v)")
+        q = data["q"].astype(np.float32)
+        positions = data["q_positions"] if "q_positions" in data.files else np.arange(q.shape[1])
+        name = str(data["name"]) if "name" in data.files else Path(path).stem
+        return KVSample(name, q, positions, data["k"].astype(np.float32), data["v"].astype(np.float32))

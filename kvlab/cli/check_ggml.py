@@ -1,0 +1,71 @@
+"""`kvlab check-ggml`: hold a real libggml against kvlab (kvlab.ggml.check says what is compared)."""
+import json
+import sys
+import time
+
+from kvlab.ggml.check import check_bytes, check_split, input_cases, known_drift
+from kvlab.ggml.lib import default_lib_dir, load
+from kvlab.ggml.meta import lib_dir_of
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check-ggml", help="hold a real libggml against kvlab: bytes and split states")
+    p.add_argument("--lib", help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
+    p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
+                   help="kvlab's rule set to compare with (default: from the library's split-state layout)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args) -> int:
+    t0 = time.perf_counter()
+    try:
+        lib_dir = lib_dir_of(args.lib) if args.lib else default_lib_dir()
+        ggml_lib = load(lib_dir)
+    except (OSError, RuntimeError, FileNotFoundError) as e:
+        print(f"kvlab check-ggml: {e}", file=sys.stderr)
+        return 2
+    cases = input_cases()
+    byte_rows = check_bytes(ggml_lib, cases)
+    layout, era, results = check_split(lib_dir, args.era)
+    why, drift = known_drift(ggml_lib.version, era)
+    report = {
+        "library": str(lib_dir), "version": ggml_lib.version, "split_state_layout": layout, "era": era,
+        "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
+        "split": [{"config": r.config.id, "compared": r.compared, "agrees": r.agrees,
+                   "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop,
+                   "known_drift": why if not r.agrees and r.config.id in drift else ""}
+                  for r in results],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results)
+    report["ok"] = different == 0
+    print(json.dumps(report, indent=1) if args.format == "json" else _text(report))
+    return 0 if different == 0 else 1
+
+
+def _text(rep: dict) -> str:
+    nr = "with nr (PR #23792)" if rep["split_state_layout"] == "nr" else "without nr (pre-#23792)"
+    out = [f"ggml {rep['version']} in {rep['library']}",
+           f"split-state struct: {nr}; compared with kvlab era {rep['era']!r}", "",
+           f"bytes ({rep['input_cases']} input cases)", f"  {'type':<8}{'path':<10}{'blocks':>8}{'differ':>8}"]
+    for r in rep["bytes"]:
+        out.append(f"  {r['type']:<8}{r['path']:<10}{r['blocks']:>8}{r['differ']:>8}  {r['first']}".rstrip())
+    split = rep["split"]
+    agree = sum(r["agrees"] for r in split)
+    out += ["", f"split states: {agree} of {len(split)} configurations agree "
+                f"({sum(r['compared'] for r in split)} node states compared)",
+            f"  {'configuration':<30}{'nodes':>6}  {'result':<8} stops (ggml | kvlab)"]
+    for r in split:
+        stops = f"{r['ggml_stop'] or '-'} | {r['kvlab_stop'] or '-'}" if r["ggml_stop"] or r["kvlab_stop"] else ""
+        result = "agree" if r["agrees"] else "drift" if r["known_drift"] else "DIFFER"
+        out.append(f"  {r['config']:<30}{r['compared']:>6}  {result:<8} {stops}".rstrip())
+        out += [f"      {d}" for d in r["differences"]]
+    bad_bytes = sum(r["differ"] > 0 for r in rep["bytes"])
+    drifted = [r for r in split if r["known_drift"]]
+    if drifted:
+        out += ["", f"known version drift ({len(drifted)} configurations): {drifted[0]['known_drift']}"]
+    out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
+                f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift "
+                f"({rep['seconds']} s)"]
+    return "\n".join(out)

@@ -1,0 +1,2 @@
+"""kvlab.viz: what people look at. plots (plotly figures), widgets (notebook explorers), report
+(`kvlab report`'s HTML), blocks_view (a block's bytes as named fields)."""
