@@ -19,6 +19,13 @@ def versions(place=None) -> dict:
     return found
 
 
+def select(table, **where):
+    """The rows of a tidy table whose columns equal the given values: select(t, flavor="ref", n_ctx=512)."""
+    for column, value in where.items():
+        table = table[table[column] == value]
+    return table
+
+
 def save_table(table, path) -> list:
     """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
     path = Path(path)
