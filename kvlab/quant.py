@@ -40,7 +40,7 @@ class QTensor:
         if got != expected:
             raise ValueError(f"QTensor.from_raw: raw has shape {got}, but {type} values of shape {shape} "
                              f"need {expected} ({info.type_size} bytes per {info.block_size} values)")
-        return cls(raw, type, shape, flavor)
+        return cls(raw, info.name, shape, flavor)
 
     @property
     def info(self):
@@ -80,16 +80,33 @@ def _kernel_views(info, values: np.ndarray, data: np.ndarray):
             data.reshape(-1, data.shape[-1]))             # (n_rows, row_bytes)
 
 
-def quantize(x, type: str, flavor: str = "ref") -> QTensor:
-    """Quantize float32 x along its last dimension into ggml type `type`, as the `flavor` code path does.
+def _as_float32(x):
+    """float16 / bfloat16 / float64 numpy arrays and torch tensors as float32, others as they are.
 
-    x: numpy array or torch tensor (CPU, or CUDA for the GPU kernels), float32, last dim a multiple of
-    the type's block size. Returns a QTensor whose raw bytes live where x lives.
+    ggml's set_rows takes f32 and f16 sources and converts f16 to f32 first: exact, as it is for bf16.
+    float64 (which ggml never sees) is rounded to nearest float32 once, before any quantization.
+    """
+    if is_torch(x):
+        return x.float() if x.dtype.is_floating_point else x   # no copy when already float32
+    if isinstance(x, np.ndarray) and (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):  # ml_dtypes' bf16: kind V
+        return x.astype(np.float32, copy=False)
+    return x
+
+
+def quantize(x, type: str, flavor: str = "ref") -> QTensor:
+    """Quantize x along its last dimension into ggml type `type`, as the `flavor` code path does.
+
+    x: numpy array or torch tensor (CPU, or CUDA for the GPU kernels), last dim a multiple of the type's
+    block size; float32, or float16 / bfloat16 / float64, which are converted to float32 first (as ggml's
+    set_rows converts an f16 source). `type` in any case (`Q8_0` is q8_0). Returns a QTensor whose raw
+    bytes live where x lives.
     """
     info = type_info(type)
+    type = info.name
     code = flavor_code(flavor)
     if not (isinstance(x, np.ndarray) or is_torch(x) or is_cuda(x)):
         raise TypeError(f"quantize: expected a float32 numpy array or torch tensor, got {x.__class__.__name__}")
+    x = _as_float32(x)
     shape = tuple(int(s) for s in x.shape)
     _check_row_len(shape, info)
     if is_cuda(x):
@@ -138,7 +155,7 @@ def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_
     info = type_info(type)
     _check_row_len((row_len,), info)
     raw = np.zeros((n_rows, info.row_bytes(row_len)), dtype=np.uint8)
-    return QTensor(like(raw, like_x) if like_x is not None else raw, type, (n_rows, row_len), flavor)
+    return QTensor(like(raw, like_x) if like_x is not None else raw, info.name, (n_rows, row_len), flavor)
 
 
 def set_rows(cache: QTensor, row_ids, values) -> QTensor:
@@ -169,7 +186,7 @@ def set_rows(cache: QTensor, row_ids, values) -> QTensor:
         else:
             from numba import cuda
             dev_ids = cuda.to_device(ids.astype(np.int64))
-        gpu.set_rows(cache.raw, dev_ids, cuda_rows(values, np.float32, "set_rows(values)"),
+        gpu.set_rows(cache.raw, dev_ids, cuda_rows(_as_float32(values), np.float32, "set_rows(values)"),
                      cache.type, flavor_code(cache.flavor))
         return cache
     q = quantize(values, cache.type, cache.flavor)

@@ -48,10 +48,11 @@ TYPES = {t.name: t for t in (
 
 
 def type_info(name: str) -> TypeInfo:
-    """The TypeInfo for a ggml type name, or a ValueError listing the valid names."""
+    """The TypeInfo for a ggml type name in any case (`Q8_0`, gguf-py's spelling, is q8_0), or a ValueError
+    listing the valid names. Its `.name` is the canonical (ggml, lower-case) spelling."""
     try:
-        return TYPES[name]
-    except (KeyError, TypeError):
+        return TYPES[name.lower()]
+    except (KeyError, AttributeError):
         raise ValueError(f"unknown KV type {name!r}: expected one of {', '.join(TYPES)}") from None
 
 

@@ -308,7 +308,8 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.accuracy.metrics).
     """
     q, k, v = check_qkv(q, k, v)
-    type_info(type_k), type_info(type_v), flavor_code(flavor), check_backend(backend)
+    type_k, type_v = type_info(type_k).name, type_info(type_v).name   # any case: Q8_0 is q8_0
+    flavor_code(flavor), check_backend(backend)
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
     path = pair_path(type_k, type_v, backend)
     exact = exact_attention(q, k, v)

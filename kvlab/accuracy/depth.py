@@ -279,8 +279,7 @@ def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotation
     """
     import pandas as pd
     from tqdm.auto import tqdm
-    for type_k, type_v in pairs:
-        type_info(type_k), type_info(type_v)
+    pairs = [(type_info(k).name, type_info(v).name) for k, v in pairs]   # any case: Q8_0 is q8_0
     for flavor in flavors:
         flavor_code(flavor)
     place = dev.resolve_device(device)

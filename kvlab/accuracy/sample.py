@@ -32,6 +32,22 @@ class KVSample:
         return h.hexdigest()[:16]
 
 
+def as_sample(data) -> KVSample:
+    """A KVSample as is, or the (q, k, v) that kvlab.synthetic_kv returns (q: the queries at the last
+    q.shape[1] positions of k and v)."""
+    if isinstance(data, KVSample):
+        return data
+    if not (isinstance(data, tuple) and len(data) == 3):
+        raise TypeError(f"expected a KVSample or a (q, k, v) tuple as kvlab.synthetic_kv returns, "
+                        f"got {type(data).__name__}")
+    q, k, v = (np.asarray(a, dtype=np.float32) for a in data)
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[1] > k.shape[1]:
+        raise ValueError(f"expected q (n_head, n_q, D) and k, v (n_head_kv, n_kv, D) with n_q <= n_kv, "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    n_kv = k.shape[1]
+    return KVSample("arrays", q, np.arange(n_kv - q.shape[1], n_kv), k, v)
+
+
 def synthetic_sample(lengths, n_q: int, cfg: SyntheticConfig = SyntheticConfig()) -> KVSample:
     _, k, v = synthetic_kv(max(lengths), replace(cfg, n_q=1))
     positions = np.unique(np.concatenate([np.arange(n - n_q, n) for n in lengths]))

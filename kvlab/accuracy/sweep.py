@@ -29,7 +29,7 @@ from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pa
                         unrotate)
 from kvlab.accuracy.metrics import attention_metrics
 from kvlab.rotation import rotate, rotation_plan
-from kvlab.accuracy.sample import KVSample, synthetic_sample
+from kvlab.accuracy.sample import KVSample, as_sample, synthetic_sample
 from kvlab.accuracy.synthetic import SyntheticConfig
 from kvlab.accuracy.table import versions
 from kvlab.types import FLAVORS, TYPES, flavor_code, type_info
@@ -47,8 +47,8 @@ class SweepConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
-        for t in self.types_k + self.types_v:
-            type_info(t)
+        for side in ("types_k", "types_v"):   # canonical names: any case is accepted (Q8_0 is q8_0)
+            object.__setattr__(self, side, tuple(type_info(t).name for t in getattr(self, side)))
         for f in self.flavors:
             flavor_code(f)
         if not self.lengths or min(self.lengths) < self.n_q or self.n_q < 1:
@@ -161,11 +161,15 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
               device="auto"):
     """The tidy table (pandas DataFrame) of every cell; df.attrs holds settings and versions.
 
+    sample: a KVSample, or the (q, k, v) of kvlab.synthetic_kv (queries at the end: one length, n_kv,
+    with cfg.n_q = q.shape[1]).
+
     device: "auto" (the GPU when torch sees one, else numpy on the CPU), "cpu", "cuda[:N]" or a
     torch.device (see kvlab.device.resolve_device).
     """
     import pandas as pd
     from tqdm.auto import tqdm
+    sample = as_sample(sample)
     if sample.k.shape[1] < max(cfg.lengths):
         raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
     place = dev.resolve_device(device)

@@ -54,7 +54,9 @@ class BlockConfig:
             raise ValueError(f"at most 16 devices (GGML_BACKEND_META_MAX_DEVICES), got {self.n_devices}")
         if self.cells < self.n_tokens:
             raise ValueError(f"n_kv ({self.n_kv}) must hold the batch of {self.n_tokens} tokens")
-        type_info(self.type_k), type_info(self.type_v), get_era(self.era)
+        for side in ("type_k", "type_v"):   # canonical names: any case is accepted (Q8_0 is q8_0)
+            object.__setattr__(self, side, type_info(getattr(self, side)).name)
+        get_era(self.era)
         if self.weight_type not in _WEIGHT_BLOCKS:
             raise ValueError(f"unknown weight_type {self.weight_type!r}: expected one of {', '.join(_WEIGHT_BLOCKS)}")
 
