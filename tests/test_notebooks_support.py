@@ -8,7 +8,13 @@ from kvlab.viz.blocks_view import IQ4NL_LEVELS, decode_block
 pd = pytest.importorskip("pandas")
 pytest.importorskip("plotly")
 pytest.importorskip("ipywidgets")
-from kvlab.viz import widgets  # noqa: E402
+from kvlab.accuracy import roundtrip  # noqa: E402
+from kvlab.accuracy.table import pair_table, sig  # noqa: E402
+from kvlab.split import tables as split_tables  # noqa: E402
+from kvlab.split.compat import OUTCOMES  # noqa: E402
+from kvlab.tp import decode_model  # noqa: E402
+from kvlab.tp.measured import load_measured  # noqa: E402
+from kvlab.viz import blocks_view, plots, widgets  # noqa: E402
 
 
 def _data(seed=0):
@@ -93,25 +99,25 @@ def test_decode_block_rejects_bad_input():
 # ---------------------------------------------------------------- 01 / 02
 
 def test_parse_values():
-    assert widgets.parse_values("1, 2 3", n=3).tolist() == [1.0, 2.0, 3.0]
+    assert blocks_view.parse_values("1, 2 3", n=3).tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="expected 32 numbers"):
-        widgets.parse_values("1, 2")
+        blocks_view.parse_values("1, 2")
     with pytest.raises(ValueError, match="separated"):
-        widgets.parse_values("1, x")
+        blocks_view.parse_values("1, x")
 
 
 def test_quantize_block_views():
-    x = widgets.example_block()
-    views, restored = widgets.quantize_block(x, "f16")
+    x = blocks_view.example_block()
+    views, restored = blocks_view.quantize_block(x, "f16")
     assert len(views) == 32 and restored.shape == (32,)
-    views, restored = widgets.quantize_block(x, "q5_0")
+    views, restored = blocks_view.quantize_block(x, "q5_0")
     assert len(views) == 1 and np.array_equal(views[0].values, restored)
-    assert "qh" in widgets.block_fields_html(views)
+    assert "qh" in blocks_view.block_fields_html(views)
 
 
 def test_types_table():
     x = _data()
-    table = widgets.types_table(x)
+    table = roundtrip.types_table(x)
     assert list(table.index) == list(kvlab.TYPES)
     assert table.loc["f32", "rel_l2"] == 0.0
     assert table.loc["q8_0", "rel_l2"] < table.loc["q5_0", "rel_l2"] < table.loc["q4_0", "rel_l2"]
@@ -121,16 +127,16 @@ def test_types_table():
 def test_rotation_round_trip_and_table():
     x = _data()
     unrotated = kvlab.dequantize(kvlab.quantize(x, "q4_0"))
-    assert np.array_equal(widgets.rotated_round_trip(x, "q4_0", None), unrotated)
+    assert np.array_equal(roundtrip.rotated_round_trip(x, "q4_0", None), unrotated)
     outliers = np.random.default_rng(1).standard_normal((256, 128)).astype(np.float32)
     outliers[:, 3] += 20.0   # one outlier channel
-    table = widgets.rotation_error_table(outliers, sizes=(None, 128), types=("q4_0", "q8_0"))
+    table = roundtrip.rotation_error_table(outliers, sizes=(None, 128), types=("q4_0", "q8_0"))
     assert list(table.columns) == ["none", "H128"]
     assert (table["H128"] < table["none"]).all()
 
 
 def test_rotation_gate_table():
-    table = widgets.rotation_gate_table(head_dims=(80, 128), pairs=(("q4_0", "q4_0"), ("f16", "f16")))
+    table = roundtrip.rotation_gate_table(head_dims=(80, 128), pairs=(("q4_0", "q4_0"), ("f16", "f16")))
     assert table.loc[128, "q4_0/q4_0"] == "K:128 V:64"
     assert table.loc[80, "q4_0/q4_0"] == "K:- V:-"
     assert table.loc[128, "f16/f16"] == "K:- V:-"
@@ -138,7 +144,7 @@ def test_rotation_gate_table():
 
 def test_explorers_build_and_draw_without_a_kernel(capsys):
     for box in (widgets.block_explorer(), widgets.rotation_explorer(n_tokens=64), widgets.split_flow_explorer(),
-                widgets.tp_explorer()):
+                widgets.split_boxes_explorer(), widgets.error_explorer(_fake_table()), widgets.tp_explorer()):
         assert len(box.children) == 3   # title, controls, output
     assert "vnd.plotly" in capsys.readouterr().out   # the first drawing happened
 
@@ -146,8 +152,8 @@ def test_explorers_build_and_draw_without_a_kernel(capsys):
 # ---------------------------------------------------------------- 03
 
 def test_graph_layout_places_ops_after_their_sources():
-    block, _ = widgets.trace_block(era="pr23792", n_tokens=8)
-    pos = widgets.graph_layout(block.graph.order)
+    block, _ = split_tables.trace_block(era="pr23792", n_tokens=8)
+    pos = plots.graph_layout(block.graph.order)
     assert set(pos) == {id(t) for t in block.graph.order}
     for t in block.graph.order:
         for s in t.src:
@@ -157,26 +163,26 @@ def test_graph_layout_places_ops_after_their_sources():
 
 
 def test_graph_figure_marks_the_failing_node():
-    block, tr = widgets.trace_block(era="flatten", type_k="q8_0", type_v="q4_0", n_tokens=8, guard=False)
-    fig = widgets.split_graph_figure(block, tr)
+    block, tr = split_tables.trace_block(era="flatten", type_k="q8_0", type_v="q4_0", n_tokens=8, guard=False)
+    fig = plots.split_graph_figure(block, tr)
     failed = [t for t in fig.data if t.name == "failed"]
     assert len(failed) == 1 and tr.error.node in failed[0].hovertext[0]
     assert any(t.name == "not reached" for t in fig.data)
-    text = widgets.explain(block, tr)
+    text = split_tables.explain(block, tr)
     assert "split state abort" in text and "SET_ROWS" in text and "refused at init" not in text
 
 
 def test_explain_names_the_guard_and_cuda():
-    block, tr = widgets.trace_block(era="flatten", type_k="q8_0", type_v="q4_0", n_tokens=8, guard=True)
-    assert "refused at init" in widgets.explain(block, tr)
-    block, tr = widgets.trace_block(era="pr23792", type_k="q8_0", type_v="q4_0", n_tokens=8)
-    text = widgets.explain(block, tr)
+    block, tr = split_tables.trace_block(era="flatten", type_k="q8_0", type_v="q4_0", n_tokens=8, guard=True)
+    assert "refused at init" in split_tables.explain(block, tr)
+    block, tr = split_tables.trace_block(era="pr23792", type_k="q8_0", type_v="q4_0", n_tokens=8)
+    text = split_tables.explain(block, tr)
     assert "every node has a split state" in text and "f16 conversion" in text
 
 
 def test_era_table_follows_k_through_the_rotation():
     names = ["Kcur-0 (rot in)", "cache_k_l0 (set_rows)", "attn_out-0"]
-    table = widgets.era_table(names, type_k="q8_0", type_v="q4_0", n_tokens=8, n_devices=2)
+    table = split_tables.era_table(names, type_k="q8_0", type_v="q4_0", n_tokens=8, n_devices=2)
     assert table.loc["cache_k_l0 (set_rows)", "flatten"].startswith("ABORT")
     assert table.loc["attn_out-0", "flatten"] == "-"
     assert "x nr 8" in table.loc["Kcur-0 (rot in)", "pr23792"]
@@ -184,16 +190,16 @@ def test_era_table_follows_k_through_the_rotation():
 
 
 def test_compat_figure_colours_each_outcome():
-    frame = widgets.compat_frame(eras=("flatten", "pr23792"), types=("f16", "q8_0", "q4_0"), devices=(2,),
+    frame = split_tables.compat_frame(eras=("flatten", "pr23792"), types=("f16", "q8_0", "q4_0"), devices=(2,),
                                  rotations=(True,))
-    fig = widgets.compat_figure(frame)
+    fig = plots.compat_figure(frame)
     assert len(fig.data) == 2
     for era, trace in zip(("flatten", "pr23792"), fig.data):
         cells = frame[frame.era == era].set_index(["type_k", "type_v"])["outcome"]
         assert list(trace.x) == ["f16", "q8_0", "q4_0"]
         for i, k in enumerate(trace.y):
             for j, v in enumerate(trace.x):
-                assert widgets.OUTCOMES[trace.z[i][j]] == cells[(k, v)]
+                assert OUTCOMES[trace.z[i][j]] == cells[(k, v)]
 
 
 # ---------------------------------------------------------------- 04
@@ -211,51 +217,51 @@ def _fake_table():
 
 def test_error_grid_and_pair_table():
     table = _fake_table()
-    fig = widgets.error_grid_figure(table, "kl", rotation=False)
+    fig = plots.error_grid_figure(table, "kl", rotation=False)
     heat = fig.data[0]
     row = list(heat.y).index("q4_0")
     assert np.isclose(heat.z[row][0], np.log10(4.5 ** -2))
-    pairs = widgets.pair_table(table, [("q4_0", "q8_0")])
-    assert pairs.loc["q4_0/q8_0", "kl rot off"] == widgets.sig(4.5 ** -2)
+    pairs = pair_table(table, [("q4_0", "q8_0")])
+    assert pairs.loc["q4_0/q8_0", "kl rot off"] == sig(4.5 ** -2)
     assert pairs.loc["q4_0/q8_0", "bits/value"] == "6.5"
 
 
 def test_sig_is_stable():
-    assert widgets.sig(5.6e-17) == "0"
-    assert widgets.sig(0.0123456) == "0.012"
-    assert widgets.sig(1234.5, 3) == "1.23e+03"
+    assert sig(5.6e-17) == "0"
+    assert sig(0.0123456) == "0.012"
+    assert sig(1234.5, 3) == "1.23e+03"
 
 
 # ---------------------------------------------------------------- 05
 
 def test_kv_bytes_per_device():
-    shape = widgets.ModelShape()
-    one = widgets.kv_bytes_per_device(shape, "f16", "f16", 32768, 1)
+    shape = decode_model.ModelShape()
+    one = decode_model.kv_bytes_per_device(shape, "f16", "f16", 32768, 1)
     assert one == [4 * 2 ** 30]   # Llama-3-8B: 32 layers x 1024 values x 2 (K, V) x 2 bytes x 32k
-    three = widgets.kv_bytes_per_device(shape, "f16", "f16", 32768, 3)
+    three = decode_model.kv_bytes_per_device(shape, "f16", "f16", 32768, 3)
     assert sum(three) == one[0] and max(three) > min(three)   # 8 KV heads do not split evenly in 3
-    assert sum(widgets.kv_bytes_per_device(shape, "q8_0", "q4_0", 1024, 2)) == 32 * 1024 * (1088 + 576)
+    assert sum(decode_model.kv_bytes_per_device(shape, "q8_0", "q4_0", 1024, 2)) == 32 * 1024 * (1088 + 576)
 
 
 def test_decode_model_orders():
-    shape, model = widgets.ModelShape(), widgets.DecodeModel()
-    speed = lambda tk, tv, ctx, n: widgets.decode_tokens_per_s(shape, model, tk, tv, ctx, n)
+    shape, model = decode_model.ModelShape(), decode_model.DecodeModel()
+    speed = lambda tk, tv, ctx, n: decode_model.decode_tokens_per_s(shape, model, tk, tv, ctx, n)
     assert speed("f16", "f16", 131072, 2) > speed("f16", "f16", 131072, 1)
     assert speed("q4_0", "q4_0", 131072, 1) > speed("q8_0", "q8_0", 131072, 1) > speed("f16", "f16", 131072, 1)
     assert speed("f16", "f16", 1024, 1) > speed("f16", "f16", 131072, 1)
 
 
 def test_sharded_table_small():
-    table = widgets.sharded_table(devices=(2, 3), pairs=(("q4_0", "q8_0"),), era="pr23792", head_dim=64,
+    table = split_tables.sharded_table(devices=(2, 3), pairs=(("q4_0", "q8_0"),), era="pr23792", head_dim=64,
                                   n_head=6, n_head_kv=3, n_tokens=2, n_past=3)
     assert table.to_numpy().all()
 
 
 def test_load_measured(tmp_path):
-    assert widgets.load_measured(tmp_path / "none.jsonl") is None
+    assert load_measured(tmp_path / "none.jsonl") is None
     path = tmp_path / "tp.jsonl"
     path.write_text('{"bench": "tp_decode", "world_size": 2, "type_k": "q8_0", "type_v": "q4_0", "rotation": true, '
                     '"context": 4096, "layer_ms": 0.5, "device": "H100"}\nnot json\n')
-    frame = widgets.load_measured(path)
+    frame = load_measured(path)
     assert len(frame) == 1
-    assert widgets.measured_figure(frame).data[0].name == "q8_0/q4_0, 2 GPU"
+    assert plots.measured_figure(frame).data[0].name == "q8_0/q4_0, 2 GPU"

@@ -26,6 +26,28 @@ def select(table, **where):
     return table
 
 
+def sig(x: float, digits: int = 2) -> str:
+    """A number for printed tables that stays the same across machines: a few significant digits,
+    and 0 below 1e-10 (float64 rounding noise of lossless pairs)."""
+    return "0" if abs(x) < 1e-10 else f"{x:.{digits}g}"
+
+
+def pair_table(table, pairs, metrics=("kl", "out_rel_l2"), flavor: str = "ref", n_ctx=None):
+    """Rows K/V pair, columns metric x rotation off/on, at one context length: printable strings."""
+    import pandas as pd
+    from kvlab.types import TYPES
+    sel = select(table, flavor=flavor, n_ctx=n_ctx or int(table.n_ctx.max()))
+    rows = {}
+    for type_k, type_v in pairs:
+        cell = select(sel, type_k=type_k, type_v=type_v).set_index("rotation")
+        row = {"bits/value": f"{TYPES[type_k].bits_per_weight / 2 + TYPES[type_v].bits_per_weight / 2:g}"}
+        for m in metrics:
+            for rot in (False, True):
+                row[f"{m} rot {'on' if rot else 'off'}"] = sig(float(cell.loc[rot, m]))
+        rows[f"{type_k}/{type_v}"] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def save_table(table, path) -> list:
     """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
     path = Path(path)

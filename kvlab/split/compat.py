@@ -11,6 +11,8 @@ from kvlab.split.eras import ERAS
 from kvlab.split.infer import trace
 
 DEVICE_COUNTS = (1, 2, 3, 4, 8)
+# The one vocabulary for what happens to a pair, best first (notebooks, report and CLI say these words).
+OUTCOMES = ("runs", "runs (slow FA)", "no CUDA FA kernel", "split abort", "refused at init")
 
 
 @dataclass(frozen=True)
@@ -23,13 +25,14 @@ class CompatRow:
     guard: str          # "" or the init refusal
     split: str          # "" or "OP node: rule"
     cuda: str           # "vec", "f16 conversion" or "none: reason"
-    outcome: str        # "runs", "runs (slow FA)", "refused at init", "split abort", "no CUDA FA kernel"
+    outcome: str        # one of OUTCOMES
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _outcome(guard: str, split: str, cuda) -> str:
+def outcome(guard: str, split: str, cuda) -> str:
+    """The OUTCOMES word for a pair: the first thing that stops it, or how it runs."""
     if guard:
         return "refused at init"
     if split:
@@ -54,5 +57,5 @@ def compat_matrix(eras=tuple(ERAS), types=tuple(TYPES), devices=DEVICE_COUNTS, r
         split = f"{tr.error.op} {tr.error.node!r}: {tr.error.rule}" if tr.error else ""
         cuda = cuda_flash_attn(tk, tv, head_dim, era, fa_quants, all_quants)
         cuda_text = cuda.kernel if cuda.runs else f"none: {cuda.reason}"
-        rows.append(CompatRow(era, tk, tv, n, rot, guard, split, cuda_text, _outcome(guard, split, cuda)))
+        rows.append(CompatRow(era, tk, tv, n, rot, guard, split, cuda_text, outcome(guard, split, cuda)))
     return rows

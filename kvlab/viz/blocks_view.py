@@ -8,11 +8,14 @@
 A pure function over raw bytes that shares no code with the kernels, so the tests can check the
 kernels' layout independently: `values` must equal `kvlab.dequantize` bit for bit.
 Float types (f32, f16, bf16) have one value per "block": sign, exponent and mantissa.
+Below the decoder, what notebook 01's block explorer shows: an example block, the editable values parsed,
+one block through a type, and its fields as an HTML table.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
+from kvlab.quant import dequantize, quantize
 from kvlab.types import type_info
 
 # kvalues_iq4nl (ggml-common.h): the 16 non-uniform levels of iq4_nl
@@ -135,3 +138,57 @@ def _decode_float(data: bytes, type: str) -> BlockView:
         Field("mantissa", 0, len(data), mantissa, f"{man_bits} bits"),
     )
     return BlockView(type, data, fields, np.array([bits], np.int64), value)
+
+
+# ---------------------------------------------------------------- notebook 01's block explorer
+
+def example_block(seed: int = 0, outlier: float = 4.0) -> np.ndarray:
+    """32 float32 values like one block of a K row: normals (3 decimals) and one outlier at index 5."""
+    x = np.random.default_rng(seed).standard_normal(32).astype(np.float32)
+    x[5] = np.float32(outlier)
+    return np.round(x, 3)
+
+
+def parse_values(text: str, n: int = 32) -> np.ndarray:
+    """n float32 values from comma- or space-separated text (for the editable block)."""
+    try:
+        values = np.array([float(t) for t in text.replace(",", " ").split()], dtype=np.float32)
+    except ValueError:
+        raise ValueError(f"expected {n} numbers separated by commas or spaces, got {text!r}") from None
+    if values.size != n:
+        raise ValueError(f"expected {n} numbers, got {values.size}")
+    return values
+
+
+def quantize_block(values: np.ndarray, type_name: str, flavor: str = "ref"):
+    """(decoded views, dequantized values) of one 32-value block: one view per ggml block (32 for floats)."""
+    q = quantize(values.reshape(1, -1), type_name, flavor)  # (1, 32) -> (1, row_bytes)
+    info = type_info(type_name)
+    raw = np.asarray(q.raw).reshape(-1, info.type_size)    # (n_blocks, type_size)
+    return [decode_block(r, type_name) for r in raw], dequantize(q).reshape(-1)
+
+
+def block_fields_html(views) -> str:
+    """An HTML table of a block's struct members (quantized types) or of each value's bits (floats)."""
+    if type_info(views[0].type).is_quantized:
+        view = views[0]
+        rows = [(f.name, f"{f.offset}..{f.offset + f.size - 1}", view.raw[f.offset:f.offset + f.size].hex(" "),
+                 _field_text(f), f.meaning) for f in view.fields]
+        rows.append(("q", "", "", " ".join(str(int(v)) for v in view.q), "index per value (j = 0..31)"))
+        head = ("member", "bytes", "hex", "decoded", "meaning")
+    else:
+        rows = [(j, v.raw.hex(" "), *(f.value for f in v.fields), f"{float(v.values[0]):.6g}")
+                for j, v in enumerate(views[:8])]
+        head = ("j", "hex", "sign", "exponent", "mantissa", "value")
+    cells = "".join("<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in row) + "</tr>"
+                    for row in rows)
+    header = "".join(f"<th style='text-align:left'>{h}</th>" for h in head)
+    return f"<table class='kvlab-fields'><tr>{header}</tr>{cells}</table>"
+
+
+def _field_text(field) -> str:
+    if field.name == "qh":
+        return f"0x{field.value:08x}; bits j = 0..31: {format(field.value, '032b')[::-1]}"
+    if isinstance(field.value, np.ndarray):
+        return " ".join(f"{int(v):02x}" for v in field.value)
+    return f"{field.value:.6g}" if isinstance(field.value, float) else str(field.value)
