@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from kvlab.tp import PAIRS, ROTATIONS
-from kvlab.tp.model import (TPConfig, build_layers, decode_step, fill_past, init_distributed,
-                      randn, reset_caches, spawn)
+from kvlab.tp.dist import init_distributed, spawn
+from kvlab.tp.model import TPConfig, build_layers, decode_step, fill_past, randn, reset_caches
 
 SPARE_CELLS = 256     # room for the warm-up and timed tokens after the context
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvlab.split import Axis, BlockConfig, SplitState, build_attention_block, trace
+from kvlab.split import Axis, BlockConfig, SplitState, build_attention_block
 from kvlab.cli import build_parser
 from kvlab.split.compat import compat_matrix
 from kvlab.split.cuda import cuda_flash_attn
@@ -17,7 +17,7 @@ def k_trace(era, T):
     cfg = BlockConfig(era=era, n_devices=2, head_dim=128, n_head=32, n_head_kv=8, type_k="q8_0", type_v="q8_0",
                       n_tokens=T, guard=False)
     b = build_attention_block(cfg)
-    return trace(b.graph, era, 2, b.static_states)
+    return b.trace()
 
 
 def test_worked_example_pr23792():     # 0.3.36: the flatten keeps the head split as {4, 4} x nr T
@@ -66,7 +66,7 @@ def test_uneven_split_rotates_with_layer():   # get_il_eff(il) % n_devices picks
     cfg = BlockConfig(n_devices=3, n_head=32, n_head_kv=8, type_k="q8_0", type_v="q8_0", n_tokens=5)
     for layer, heads in ((0, (2, 3, 3)), (1, (3, 2, 3)), (2, (3, 3, 2))):
         b = build_attention_block(cfg, layer=layer)
-        tr = trace(b.graph, "pr23792", 3, b.static_states)
+        tr = b.trace()
         assert tr.ok
         assert tr.state_of(f"cache_k_l{layer} (view) (permuted)") == SplitState.split(2, heads)
         assert tr.state_of(f"q-{layer} (permuted)") == SplitState.split(2, tuple(4 * h for h in heads))
@@ -132,7 +132,7 @@ def test_cli_compat_text(capsys):
 @pytest.mark.parametrize("era, ok", [("flatten", False), ("pr23225", False), ("pr23792", True)])
 def test_single_kv_head(era, ok):     # handle_reshape 0.3.36 "complete dim-0 split" case vs 0.3.24
     b = build_attention_block(era=era, head_dim=64, n_head=4, n_head_kv=1, n_devices=2, n_tokens=4, n_kv=8)
-    tr = trace(b.graph, era, 2, b.static_states)
+    tr = b.trace()
     if ok:
         assert tr.state_of("cache_k_l0 (view) (permuted)") == SplitState.split(2, (0, 1))   # the one head on device 1
     else:   # ggml_n_dims drops the size-1 head dim: K stays split on dim 0 and FA refuses it

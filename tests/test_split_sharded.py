@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from kvlab.split import BlockConfig, SplitError, SplitState, build_attention_block, trace
+from kvlab.split import BlockConfig, SplitError, SplitState, build_attention_block
 from kvlab.split.sharded import cut, gather, run_sharded
 from kvlab.types import TYPES
 
@@ -61,7 +61,7 @@ def test_valid_means_sharded_equals_single(era, head_dim, n_head_kv, n_gqa, n_de
                       rotation=rotation, guard=False)
     block = build_attention_block(cfg)
     assume(block.init_error is None)
-    tr = trace(block.graph, era, n_devices, block.static_states)
+    tr = block.trace()
     if tr.error is None:
         r = run_sharded(cfg, n_past=n_past, seed=layer)
         assert r.cache_equal == {"k": True, "v": True}

@@ -9,7 +9,9 @@ import pytest
 import torch.distributed as dist
 
 from kvlab.cli.tp import add_options
-from kvlab.tp import model as tp
+from kvlab.tp.check import check, check_all
+from kvlab.tp.dist import Dist, init_distributed, spawn
+from kvlab.tp.model import TPConfig
 
 
 def tp_parser():
@@ -23,7 +25,7 @@ SMALL = ["--device", "cpu", "--pairs", "q8_0/q4_0,f16/f16", "--head-dim", "64", 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_decode_equals_single_process(world):
-    rows = tp.spawn(world, tp.check_all, tp_parser().parse_args(SMALL))
+    rows = spawn(world, check_all, tp_parser().parse_args(SMALL))
     assert [(r["type_k"], r["type_v"], r["rotation"]) for r in rows] == [
         ("q8_0", "q4_0", True), ("q8_0", "q4_0", False), ("f16", "f16", True), ("f16", "f16", False)]
     for r in rows:
@@ -37,33 +39,33 @@ def test_sharded_decode_equals_single_process(world):
     assert rows[0]["rot_k"] == 64 and rows[0]["rot_v"] == 64
 
 
-class _NoAllReduce(tp.Dist):
+class _NoAllReduce(Dist):
     def all_reduce(self, t):
         return t
 
 
 def _check_without_all_reduce():
-    d = tp.init_distributed("cpu")
+    d = init_distributed("cpu")
     try:
-        cfg = tp.TPConfig(head_dim=64, n_head=4, n_head_kv=2, n_layers=1, type_k="q8_0", type_v="q8_0",
+        cfg = TPConfig(head_dim=64, n_head=4, n_head_kv=2, n_layers=1, type_k="q8_0", type_v="q8_0",
                           flavor="cpu")
-        return tp.check(cfg, _NoAllReduce(d.rank, d.world, d.device, d.backend), n_past=8, n_steps=1)
+        return check(cfg, _NoAllReduce(d.rank, d.world, d.device, d.backend), n_past=8, n_steps=1)
     finally:
         dist.destroy_process_group()
 
 
 def test_check_catches_a_missing_all_reduce():
-    r = tp.spawn(2, _check_without_all_reduce)
+    r = spawn(2, _check_without_all_reduce)
     assert r["cache_equal"] and r["heads_mismatch"] == 0      # the shards themselves are right
     assert not r["within_bound"] and not r["ok"]              # but each rank holds only a partial sum
 
 
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
-        tp.TPConfig(cells=100)
+        TPConfig(cells=100)
     with pytest.raises(ValueError, match="unknown cache type"):
-        tp.TPConfig(type_k="q3_0")
+        TPConfig(type_k="q3_0")
     with pytest.raises(ValueError, match="device"):
-        tp.init_distributed("tpu")
+        init_distributed("tpu")
     with pytest.raises(ValueError, match="nproc"):
-        tp.spawn(0, print)
+        spawn(0, print)

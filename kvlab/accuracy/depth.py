@@ -50,7 +50,8 @@ import numpy as np
 from kvlab import device as dev
 from kvlab.accuracy.attention import group_queries, softmax_rows, store, unrotate
 from kvlab.rotation import RotationPlan, rotate, rotation_plan
-from kvlab.accuracy.synthetic import SyntheticConfig, apply_rope, head_structure, query_lean
+from kvlab.accuracy.synthetic import SyntheticConfig, head_structure, query_lean
+from kvlab.rope import rope
 from kvlab.types import TYPES, flavor_code, type_info
 from kvlab.accuracy.table import versions
 
@@ -142,8 +143,8 @@ def _qkv(layer: _Layer, h, cfg: StackConfig):
     x = _rmsnorm(h)  # (T, d_model)
     positions = np.arange(h.shape[0])
     heads = cfg.heads
-    q = apply_rope(_heads(x @ layer.wq, heads.n_head) + layer.q_lean, positions, heads.rope_base)
-    k = apply_rope(_heads(x @ layer.wk, heads.n_head_kv) + layer.k_bias, positions, heads.rope_base)
+    q = rope(_heads(x @ layer.wq, heads.n_head) + layer.q_lean, positions, heads.rope_base, "neox")
+    k = rope(_heads(x @ layer.wk, heads.n_head_kv) + layer.k_bias, positions, heads.rope_base, "neox")
     v = _heads(x @ layer.wv, heads.n_head_kv) * layer.v_scale
     return tuple(dev.contiguous(dev.cast(a, "float32")) for a in (q, k, v))
 
@@ -208,7 +209,7 @@ def exact_stack(cfg: StackConfig, place=None) -> Stack:
     """Build the model on `place` (None: numpy) and run it exactly, which fixes the branch gains."""
     heads = cfg.heads
     layers = _layers(cfg, place)
-    mask = _causal_mask(cfg.n_tokens, heads.n_head // heads.n_head_kv, place)
+    mask = _causal_mask(cfg.n_tokens, heads.n_gqa, place)
     h0 = dev.to_device(np.random.default_rng([heads.seed, 20]).standard_normal((cfg.n_tokens, cfg.d_model)), place)
     h, exact = h0, []
     for layer in layers:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab import device
+from kvlab.rope import rope
+from kvlab.shape import HeadShape
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    n_head: int = 8
+class SyntheticConfig(HeadShape):
+    n_head: int = 8                # HeadShape's fields, smaller defaults (head_dim stays 128)
     n_head_kv: int = 2
-    head_dim: int = 128
     n_q: int = 4                   # query tokens: the last n_q positions of the context
     n_outliers: int = 4            # outlier channels per KV head
     outlier_scale: float = 10.0    # outlier magnitude, in units of the bulk's standard deviation
@@ -30,22 +30,11 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.n_head % self.n_head_kv:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+        super().__post_init__()
         if self.head_dim % 32 or self.head_dim < 64:
             raise ValueError(f"head_dim must be a multiple of 32 and at least 64, got {self.head_dim}")
         if not 0 <= self.n_outliers <= self.head_dim // 4:
             raise ValueError(f"n_outliers must lie in [0, head_dim/4], got {self.n_outliers}")
-
-
-def apply_rope(x, positions: np.ndarray, base: float):
-    """Rotate-half RoPE: channel i pairs with i + D/2 at angle pos * base**(-2i/D). x: (H, T, D), numpy or torch."""
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / x.shape[-1])
-    angle = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (T, D/2)
-    cos, sin = device.like(np.cos(angle), x), device.like(np.sin(angle), x)
-    a, b = x[..., :half], x[..., half:]
-    return device.namespace(x).concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
 def head_structure(cfg: SyntheticConfig, key: tuple = ()):
@@ -87,12 +76,12 @@ def synthetic_queries(positions, cfg: SyntheticConfig = SyntheticConfig()) -> np
     normal = lambda rng, shape: rng.standard_normal(shape)
     q = bulk_std * _per_position((cfg.seed, 1), positions, (cfg.n_head, cfg.head_dim), normal)  # (H, T, D)
     q += query_lean(bias, cfg)[:, None, :]
-    return apply_rope(q, positions, cfg.rope_base).astype(np.float32)
+    return rope(q, positions, cfg.rope_base, "neox").astype(np.float32)  # q: (H, T, D)
 
 
 def query_lean(bias: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
     """(n_head, D): Q leans on its KV head's outlier channels (their sign, a tenth of the logit spread)."""
-    return 0.1 * cfg.logit_std * np.repeat(np.sign(bias), cfg.n_head // cfg.n_head_kv, axis=0)
+    return 0.1 * cfg.logit_std * np.repeat(np.sign(bias), cfg.n_gqa, axis=0)
 
 
 def synthetic_kv(n_kv: int, cfg: SyntheticConfig = SyntheticConfig()):
@@ -104,7 +93,7 @@ def synthetic_kv(n_kv: int, cfg: SyntheticConfig = SyntheticConfig()):
     normal = lambda rng, shape: rng.standard_normal(shape)
     student = lambda rng, shape: rng.standard_t(cfg.v_dof, shape)
     k = bias[:, None, :] + _per_position((cfg.seed, 2), positions, (cfg.n_head_kv, cfg.head_dim), normal)
-    k = apply_rope(k, positions, cfg.rope_base)
+    k = rope(k, positions, cfg.rope_base, "neox")  # (n_head_kv, n_kv, D)
     v = v_scale * _per_position((cfg.seed, 3), positions, (cfg.n_head_kv, cfg.head_dim), student)
     q = synthetic_queries(positions[-cfg.n_q:], cfg)
     return q, k.astype(np.float32), v.astype(np.float32)

@@ -1,5 +1,5 @@
 """`kvlab tp` (= `python -m kvlab.tp`): the attention stack tensor-parallel over torch.distributed ranks,
-checked against one process (kvlab.tp.model)."""
+checked against one process (kvlab.tp.check)."""
 import argparse
 import os
 
@@ -36,7 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from kvlab.tp.model import check_all, spawn
+    from kvlab.tp.check import check_all
+    from kvlab.tp.dist import spawn
     if args.nproc is not None and "RANK" not in os.environ:
         rows = spawn(args.nproc, check_all, args)
     else:

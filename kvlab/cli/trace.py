@@ -7,7 +7,6 @@ from kvlab.split.attention import BlockConfig, build_attention_block
 from kvlab.split.compat import DEVICE_COUNTS, compat_matrix
 from kvlab.split.cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
 from kvlab.split.eras import ERAS
-from kvlab.split.infer import trace
 
 _CODES = {"runs": "R", "runs (slow FA)": "r", "refused at init": "G", "split abort": "S", "no CUDA FA kernel": "C"}
 
@@ -57,7 +56,7 @@ def run_trace(args) -> int:
     except ValueError as e:
         print(f"kvlab trace: {e}", file=sys.stderr)
         return 2
-    tr = trace(block.graph, block.era, cfg.n_devices, block.static_states)
+    tr = block.trace()
     error = block.init_error or tr.error
     if args.format == "json":
         nodes = [] if block.init_error else [n.to_dict() for n in tr.nodes]

@@ -172,9 +172,8 @@ def _first_missing(names, states) -> str:
 
 def compare(cfg: Config, era: str, block, meta) -> ConfigResult:
     """kvlab's trace of the block against what the real meta backend inferred for it."""
-    from kvlab.split import trace
     res = ConfigResult(cfg, era)
-    tr = trace(block.graph, block.era, cfg.n_devices, block.static_states)
+    tr = block.trace()
     if meta.error:
         res.differences.append(f"ggml run failed: {meta.error}")
         return res

@@ -1,9 +1,9 @@
 """kvlab.split: a faithful model of ggml's meta backend (--split-mode tensor) in three eras.
 
-    from kvlab.split import BlockConfig, build_attention_block, trace, run_sharded
+    from kvlab.split import BlockConfig, build_attention_block, run_sharded
     b = build_attention_block(BlockConfig(era="flatten", n_devices=2, type_k="q8_0", type_v="q4_0",
                                           n_tokens=8, guard=False))
-    tr = trace(b.graph, b.era, 2, b.static_states)
+    tr = b.trace()
     tr.error        # SplitError: the node, op, input states and rule where ggml stops
 """
 from kvlab.split.state import Axis, SplitError, SplitState, split_states_equal

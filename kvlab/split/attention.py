@@ -12,9 +12,11 @@ The order of nodes is ggml's (ggml_build_forward_expand of q, v, k, the two set_
 from dataclasses import dataclass, field
 
 from kvlab.rotation import rotation_plan
+from kvlab.shape import HeadShape
 from kvlab.types import type_info
 from kvlab.split import graph as g
 from kvlab.split.eras import Era, get_era
+from kvlab.split.infer import Trace, trace
 from kvlab.split.state import Axis, SplitError
 from kvlab.split.static import static_state
 
@@ -26,11 +28,9 @@ GUARD_MESSAGE = ("llama_init_from_model: simultaneous use of SPLIT_MODE_TENSOR a
 
 
 @dataclass(frozen=True)
-class BlockConfig:
-    """One attention layer. n_tokens = 1 is a decode step, more is a prompt batch."""
-    head_dim: int = 128
-    n_head: int = 32
-    n_head_kv: int = 8
+class BlockConfig(HeadShape):
+    """One attention layer (head_dim, n_head, n_head_kv: HeadShape). n_tokens = 1 is a decode step, more is a
+    prompt batch."""
     n_devices: int = 2
     type_k: str = "f16"
     type_v: str = "f16"
@@ -44,12 +44,11 @@ class BlockConfig:
     weight_type: str = "f16"      # type of attn_output.weight: its block size sets the split granularity
 
     def __post_init__(self):
-        for name in ("head_dim", "n_head", "n_head_kv", "n_devices", "n_tokens", "cells"):
+        super().__post_init__()
+        for name in ("n_devices", "n_tokens", "cells"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BlockConfig.{name} must be a positive int, got {v!r}")
-        if self.n_head % self.n_head_kv:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv}) (GQA)")
         if self.n_devices > 16:
             raise ValueError(f"at most 16 devices (GGML_BACKEND_META_MAX_DEVICES), got {self.n_devices}")
         if self.cells < self.n_tokens:
@@ -81,6 +80,10 @@ class Block:
     graph: g.Graph
     static_states: dict = field(default_factory=dict)   # id(tensor) -> SplitState
     init_error: SplitError | None = None                # llama_init_from_model refused the context
+
+    def trace(self) -> Trace:
+        """The split state of every node on the config's devices, as the era's meta backend infers it."""
+        return trace(self.graph, self.era, self.config.n_devices, self.static_states)
 
 
 def init_checks(cfg: BlockConfig, era: Era) -> SplitError | None:
@@ -124,7 +127,7 @@ def build_attention_block(cfg: BlockConfig | None = None, **overrides) -> Block:
     plan = cfg.plan
     gr = g.Graph()
     static = {}
-    shape = dict(head_dim=hd, n_head=H, n_head_kv=Hkv, weight_block=_WEIGHT_BLOCKS[cfg.weight_type])
+    shape = dict(cfg.head_fields(), weight_block=_WEIGHT_BLOCKS[cfg.weight_type])
 
     def weight(name, ne, role, axis):
         t = g.new_tensor(name, "f32", ne, static=True, data_role=name)

@@ -8,7 +8,6 @@ from kvlab.types import TYPES
 from kvlab.split.attention import BlockConfig, build_attention_block
 from kvlab.split.cuda import DEFAULT_FA_QUANTS, cuda_flash_attn
 from kvlab.split.eras import ERAS
-from kvlab.split.infer import trace
 
 DEVICE_COUNTS = (1, 2, 3, 4, 8)
 # The one vocabulary for what happens to a pair, best first (notebooks, report and CLI say these words).
@@ -53,7 +52,7 @@ def compat_matrix(eras=tuple(ERAS), types=tuple(TYPES), devices=DEVICE_COUNTS, r
                           type_v=tv, n_tokens=n_tokens, rotation=rot, era=era, guard=True)
         block = build_attention_block(cfg)
         guard = str(block.init_error) if block.init_error else ""
-        tr = trace(block.graph, era, n, block.static_states)
+        tr = block.trace()
         split = f"{tr.error.op} {tr.error.node!r}: {tr.error.rule}" if tr.error else ""
         cuda = cuda_flash_attn(tk, tv, head_dim, era, fa_quants, all_quants)
         cuda_text = cuda.kernel if cuda.runs else f"none: {cuda.reason}"

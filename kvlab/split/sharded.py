@@ -19,11 +19,11 @@ import numpy as np
 from numba import njit
 
 from kvlab.quant import QTensor, dequantize, empty_cache, quantize, set_rows
+from kvlab.rope import rope
 from kvlab.rotation import hadamard, rotate
 from kvlab.types import TYPES
 from kvlab.split.attention import Block, BlockConfig, build_attention_block
 from kvlab.split.graph import block_size, type_size
-from kvlab.split.infer import trace
 from kvlab.split.state import SplitState
 
 U32 = 2.0 ** -24
@@ -155,7 +155,9 @@ class Device:
         elif op == "MUL_MAT":
             self._mul_mat(t)
         elif op == "ROPE":
-            self.store(t, _rope(self.array(t.src[0]), self.array(t.src[1]), *t.op_params))
+            n_rot, base = t.op_params
+            pos = self.array(t.src[1]).reshape(-1)[:, None]                 # (T, 1) against x (1, T, H, D)
+            self.store(t, rope(self.array(t.src[0]), pos, base, n_rot=n_rot))
         elif op == "CPY":       # ggml_cast to f16: round, keep as float32
             self.store(t, self.array(t.src[0]).astype(np.float16).astype(np.float32))
         elif op == "CONT":
@@ -187,7 +189,7 @@ class Device:
         s = self.state(t)
         if isinstance(data, QTensor):   # a cache: cut the bytes of every row (ggml dim 0), whole blocks
             ne, nb = self.local_ne_nb(t)
-            raw = np.array(data.raw if s is None else _cut_blocks(data.raw, data.type, s, self.j))
+            raw = np.array(data.raw if s is None else cut_cache(data.raw, data.type, s, self.j))
             self.buffers[id(t)] = QTensor(raw, data.type, (ne[1], ne[0]), self.flavor)   # (cells, row_len)
             self.geometry[id(t)] = (ne, nb, 0)
             return
@@ -208,26 +210,30 @@ class Device:
         self.store(t, out)
 
 
-def _rope(x, pos, n_rot, base):
-    """ggml rope, normal mode: pairs (2i, 2i+1) of each head turn by pos * base**(-2i/n_rot)."""
-    out = np.array(x, dtype=np.float64)                       # (1, T, H, D)
-    theta = pos.reshape(-1)[:, None].astype(np.float64) * base ** (-np.arange(0, n_rot, 2) / n_rot)  # (T, n_rot/2)
-    c, s = np.cos(theta)[None, :, None, :], np.sin(theta)[None, :, None, :]
-    x0, x1 = out[..., 0:n_rot:2].copy(), out[..., 1:n_rot:2].copy()
-    out[..., 0:n_rot:2], out[..., 1:n_rot:2] = x0 * c - x1 * s, x0 * s + x1 * c
-    return out.astype(np.float32)
-
-
 def _in_blocks(s: SplitState, type_name: str) -> SplitState:
     """The same split counted in quant blocks instead of values."""
     bs = TYPES[type_name].block_size
     return SplitState(s.axis, tuple(tuple(n // bs for n in seg) for seg in s.ne), s.nr)
 
 
-def _cut_blocks(raw: np.ndarray, type_name: str, s: SplitState, j: int) -> np.ndarray:
-    """Device j's bytes of every cache row (cells, row_bytes)."""
+def cut_cache(raw: np.ndarray, type_name: str, s: SplitState, j: int) -> np.ndarray:
+    """Device j's bytes of every cache row: (cells, row_bytes) -> (cells, its row_bytes), whole blocks."""
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, TYPES[type_name].type_size)   # (cells, n_blocks, type_size)
     return cut(blocks, _in_blocks(s, type_name), j, 1).reshape(raw.shape[0], -1)
+
+
+def gather_cache(parts: list, type_name: str, s: SplitState) -> np.ndarray:
+    """Inverse of cut_cache: the global cache bytes (cells, row_bytes) from every device's."""
+    size = TYPES[type_name].type_size
+    blocks = [np.asarray(p).reshape(p.shape[0], -1, size) for p in parts]          # (cells, n_blocks_j, type_size)
+    return gather(blocks, _in_blocks(s, type_name), 1).reshape(parts[0].shape[0], -1)
+
+
+def allreduce_bound(heads, wo, n_devices: int) -> np.ndarray:
+    """The per-element bound on |sharded - single| of the output projection (see the module docstring).
+    heads: (T, n_q) the input of wo; wo: (n_embd, n_q), torch order (ggml ne = [n_q, n_embd]); -> (T, n_embd)."""
+    heads, wo = np.asarray(heads, np.float64), np.asarray(wo, np.float64)
+    return (n_devices + 2) * U32 * (np.abs(heads) @ np.abs(wo).T)
 
 
 @dataclass
@@ -293,7 +299,7 @@ def run_sharded(cfg: BlockConfig | None = None, n_past: int = 0, seed: int = 0, 
         raise block.init_error
     if n_past + cfg.n_tokens > cfg.cells:
         raise ValueError(f"n_past + n_tokens ({n_past} + {cfg.n_tokens}) exceeds the {cfg.cells} cache cells")
-    tr = trace(block.graph, block.era, cfg.n_devices, block.static_states)
+    tr = block.trace()
     if tr.error is not None:
         raise tr.error
     states = {id(n.tensor): n.state for n in tr.nodes}
@@ -318,14 +324,11 @@ def run_sharded(cfg: BlockConfig | None = None, n_past: int = 0, seed: int = 0, 
     caches = {}
     for side in ("k", "v"):
         c = g.find(f"cache_{side}_l{cfg.layer}")
-        ref = np.asarray(single.buffers[id(c)].raw)
-        parts = [np.asarray(d.buffers[id(c)].raw).reshape(ref.shape[0], -1, TYPES[c.type].type_size)
-                 for d in devices]                                   # (cells, n_blocks, type_size) each
-        caches[side] = bool(np.array_equal(gather(parts, _in_blocks(states[id(c)], c.type), 1).reshape(ref.shape),
-                                           ref))
+        got = gather_cache([d.buffers[id(c)].raw for d in devices], c.type, states[id(c)])
+        caches[side] = bool(np.array_equal(got, single.buffers[id(c)].raw))
 
-    wo, attn = (np.asarray(single.array(x), dtype=np.float64)[0, 0] for x in out_node.src)   # (out, in), (T, in)
-    bound = (cfg.n_devices + 2) * U32 * (np.abs(attn) @ np.abs(wo).T)                           # (T, out)
+    wo, attn = (single.array(x)[0, 0] for x in out_node.src)   # (out, in), (T, in)
+    bound = allreduce_bound(attn, wo, cfg.n_devices)           # (T, out)
     out_single = np.asarray(single.array(out_node))[0, 0]
     out_sharded = np.asarray(devices[0].array(out_node))[0, 0]
     return ShardedResult(cfg, out_single, out_sharded,

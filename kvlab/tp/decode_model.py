@@ -6,16 +6,15 @@ rotating with the layer: kvlab.split.static), so uneven device counts show their
 """
 from dataclasses import dataclass
 
+from kvlab.shape import HeadShape
 from kvlab.types import TYPES
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """The parts of a decoder that decode speed and KV memory depend on (default: Llama-3-8B)."""
+class ModelShape(HeadShape):
+    """The parts of a decoder that decode speed and KV memory depend on (default: Llama-3-8B, whose heads are
+    HeadShape's defaults)."""
     n_layers: int = 32
-    head_dim: int = 128
-    n_head: int = 32
-    n_head_kv: int = 8
     n_params: float = 8.0e9
     weight_bits: float = 16.0     # f16 weights; ~4.5 for a Q4_0 model
 
@@ -37,7 +36,7 @@ def kv_bytes_per_device(shape: ModelShape, type_k: str, type_v: str, context: in
     total = [0] * n_devices
     for layer in range(shape.n_layers):
         state = static_state("kv", Axis.AXIS_0, width, layer=layer, n_devices=n_devices, version="0.3.36",
-                             head_dim=shape.head_dim, n_head=shape.n_head, n_head_kv=shape.n_head_kv, weight_block=1)
+                             weight_block=1, **shape.head_fields())
         for j, values in enumerate(state.per_device):
             total[j] += context * sum(TYPES[t].row_bytes(values) for t in (type_k, type_v))
     return total
