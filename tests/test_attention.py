@@ -7,8 +7,9 @@ follow from the quantizers (an 8-bit step is 16x a 4-bit one: squared errors dif
 import numpy as np
 import pytest
 
-from kvlab.accuracy.attention import (attention_error, cuda_kernel, exact_attention, online_softmax_f16_acc,
+from kvlab.accuracy.attention import (attention_error, cuda_kernel, exact_attention,
                              pair_path, q8_blocks)
+from kvlab.accuracy.cpu_fa import online_softmax
 from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
 
 CFG = SyntheticConfig(n_head=4, n_head_kv=2, head_dim=128, n_q=4, seed=1)
@@ -109,7 +110,7 @@ def test_fp16_accumulator_rounds_every_update():
     logits = np.zeros((1, 1, 3), np.float32)           # equal weights 1, 1, 1
     v = np.array([[[2048.0], [1.0], [1.0]]], np.float32)  # 2048 + 1 is not an fp16: rounds back to 2048
     out = np.empty((1, 1, 1), np.float32)
-    online_softmax_f16_acc(logits, v, out)
+    online_softmax(logits, v, True, out)
     assert out[0, 0, 0] == np.float32(2048.0) / 3  # exact would be 2050/3
 
 

@@ -8,14 +8,14 @@ The llama.cpp path (src/llama-graph.cpp build_attn, src/llama-kv-cache.cpp):
 
 Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0.3.36 sources).
 - ``"ref"``: exact float64 attention on the dequantized cache (scale 1/sqrt(head_dim), no mask).
-- ``"cpu"`` (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_f16_one_chunk; the tiled and
-  split-KV paths are taken only when K and V are both f32/f16 of one type and change only the
-  summation order): each Q row is converted to K's ``vec_dot_type`` (f32 -> f32, f16 -> f16,
-  bf16 -> bf16, q4_0/q5_0/q8_0/iq4_nl -> q8_0, q4_1/q5_1 -> q8_1; x86 AVX rounding: id = 127/amax,
-  round half to even, d stored as fp16), K.Q is a float32 value times the scale, the softmax is
-  an online float32 softmax with expf, and the V accumulator is float32 -- except for an f16 V
-  cache, where the accumulator itself is an fp16 vector (ggml_vec_mad_f16 / ggml_vec_scale_f16
-  round every update to fp16). That fp16 accumulation is emulated token by token.
+- ``"cpu"`` (ggml-cpu/ops.cpp flash_attn_ext, kvlab.accuracy.cpu_fa): llama.cpp casts an f32 K/V
+  cache to f16 first; each Q row is converted to K's ``vec_dot_type`` (f16 -> f16, bf16 -> bf16,
+  q4_0/q5_0/q8_0/iq4_nl -> q8_0, q4_1/q5_1 -> q8_1 with its fp16 sum s; x86 AVX rounding), K.Q is
+  K's SIMD vec_dot in its summation order, the softmax is ggml's online float32 softmax with expf,
+  and V accumulates into float32 -- or, for an f16 V, into an fp16 vector rounded at every update.
+  Given the cache bytes (`store_bytes`), this is bit-exact with ggml-cpu's one_chunk path on x86-64
+  AVX512 (checked by kvlab.ggml.fa / `kvlab check-ggml`); prompt batches of >= 64 tokens over f16
+  K and V take ggml's tiled path, modelled in float32 without its summation order.
 - ``"cuda"`` (ggml-cuda/fattn.cu, fattn-vec.cuh, fattn-common.cuh; the vector kernel that decodes
   one token, as on an H100 for batch <= 2): Q is pre-multiplied by the scale and, for a quantized
   K, quantized to q8_1 per 32 values (d = amax/127 in float32, roundf); for f16/bf16 K it stays
@@ -26,10 +26,10 @@ Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0
   FlashAttention vector kernel compiled ... converting K and V to f16"), and f32 K/V are always
   converted to f16. iq4_nl has no CUDA flash-attention kernel at all (best kernel NONE): the op
   falls back to the CPU backend, so it is modelled as ``"cpu"``. See `cuda_kernel`.
-Not modelled (documented, small next to quantization error): summation order and fast-math expf;
-the fp16 rounding of the q8_1 block sum ``s`` on the CPU (CUDA uses the exact float sum) in the
-q4_1/q5_1 dot products; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the
-softmax probabilities to f16.
+Not modelled for cuda (documented, small next to quantization error): summation order and fast-math
+expf; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the softmax probabilities
+to f16. Without the K bytes, the cpu logits come from Q's q8 values times the dequantized K in
+float64 (one rounding instead of the vec_dot order, and q8_1's s unrounded).
 
 Metrics (kvlab.accuracy.metrics) compare against exact float64 attention on the unrotated, unquantized input.
 The math below takes numpy arrays or torch tensors (kvlab.device): the sweep runs it on a GPU.
@@ -37,10 +37,9 @@ The math below takes numpy arrays or torch tensors (kvlab.device): the sweep run
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
 
 from kvlab import device
-from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
+from kvlab.accuracy import cpu_fa
 from kvlab.accuracy.metrics import attention_metrics, tensor_rel_l2
 from kvlab.quant import dequantize, quantize
 from kvlab.rotation import hadamard, rotate, rotation_plan
@@ -48,8 +47,6 @@ from kvlab.types import flavor_code, type_info
 
 BACKENDS = ("ref", "cpu", "cuda")
 
-CPU_VEC_DOT_TYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0",
-                    "q5_0": "q8_0", "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}
 CUDA_FA_QUANTS_DEFAULT = frozenset({("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f16", "f16"), ("bf16", "bf16")})
 CUDA_FA_TYPES = frozenset({"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"})
 
@@ -113,7 +110,12 @@ def group_queries(q, n_head_kv: int):
 # ---- the cache -----------------------------------------------------------------------------------
 
 def store(x, type_name: str, flavor: str, rot: int | None):
-    """What the cache holds for x (n_head_kv, n_kv, D) float32: rotate, set_rows, dequantize (rotated basis).
+    """What the cache holds for x (n_head_kv, n_kv, D) float32: rotate, set_rows, dequantize (rotated basis)."""
+    return store_bytes(x, type_name, flavor, rot)[0]
+
+
+def store_bytes(x, type_name: str, flavor: str, rot: int | None):
+    """(values, raw): `store`'s dequantized cache and the bytes behind it, (n_head_kv, n_kv, row_bytes) uint8.
 
     set_rows of rows 0..n_kv-1 in order writes exactly quantize(rows), so that is what is called
     (on x's device: CUDA tensors go to the CUDA kernels).
@@ -121,8 +123,10 @@ def store(x, type_name: str, flavor: str, rot: int | None):
     n_head_kv, n_kv, d = x.shape
     xr = rotate(x, rot) if rot else x
     rows = device.contiguous(xr.swapaxes(0, 1)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
-    deq = dequantize(quantize(rows, type_name, flavor)).reshape(n_kv, n_head_kv, d)  # (n_kv, n_head_kv, D)
-    return device.contiguous(deq.swapaxes(0, 1))  # (n_head_kv, n_kv, D)
+    qt = quantize(rows, type_name, flavor)
+    deq = dequantize(qt).reshape(n_kv, n_head_kv, d)                           # (n_kv, n_head_kv, D)
+    raw = qt.raw.reshape(n_kv, n_head_kv, -1)                                  # (n_kv, n_head_kv, row_bytes)
+    return device.contiguous(deq.swapaxes(0, 1)), device.contiguous(raw.swapaxes(0, 1))
 
 
 def unrotate(x, rot: int | None):
@@ -174,7 +178,7 @@ def backend_query(q_rot, type_k: str, backend: str, scale: float):
     if backend == "ref":
         return device.cast(q_rot, "float64") * scale
     if backend == "cpu":
-        kind = CPU_VEC_DOT_TYPE[type_k]
+        kind = cpu_fa.VEC_DOT_TYPE[type_k]
         q = {"f32": lambda x: x, "f16": _fp16, "bf16": _bf16}.get(kind, lambda x: q8_blocks(x, "cpu"))(q_rot)
         return device.cast(q, "float64") * scale32
     scaled = q_rot * scale32  # float32 product
@@ -182,8 +186,9 @@ def backend_query(q_rot, type_k: str, backend: str, scale: float):
 
 
 def backend_cache(values, type_name: str, backend: str, read_as: str):
-    """The cache values the backend reads: CUDA converts to f16 where `cuda_kernel` says so."""
-    if backend == "cuda" and read_as == "f16" and type_name != "f16":
+    """The cache values the backend reads: f16 where the pair path converts to it (f32 on the CPU,
+    whatever `cuda_kernel` says on CUDA)."""
+    if backend != "ref" and read_as == "f16" and type_name != "f16":
         return _fp16(values)
     return values
 
@@ -196,55 +201,23 @@ def softmax_rows(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-@njit(parallel=True, cache=True)
-def online_softmax_f16_acc(logits, v, out):
-    """ggml-cpu's online softmax with an fp16 V accumulator (V cache in f16), token by token.
-
-    logits: (G, R, L) float32; v: (G, L, D) float32 holding fp16 values; out: (G, R, D) float32.
-    Every update of the accumulator is rounded to fp16, as ggml_vec_mad_f16/ggml_vec_scale_f16 store it.
-    """
-    n_g, n_r, n_l = logits.shape
-    n_d = v.shape[2]
-    for row in prange(n_g * n_r):
-        g, r = row // n_r, row % n_r
-        acc = np.zeros(n_d, np.float32)
-        m = -np.inf
-        s = np.float32(0)
-        for t in range(n_l):
-            x = logits[g, r, t]
-            ms = np.float32(1)
-            vs = np.float32(1)
-            if x > m:
-                if m != -np.inf:
-                    ms = np.float32(np.exp(np.float32(m - x)))
-                m = x
-                for i in range(n_d):
-                    acc[i] = fp16_to_fp32(fp32_to_fp16(np.float32(acc[i] * ms)))
-            else:
-                vs = np.float32(np.exp(np.float32(x - m)))
-            for i in range(n_d):
-                acc[i] = fp16_to_fp32(fp32_to_fp16(fma32(v[g, t, i], vs, acc[i])))  # AVX2 FMA, then store as fp16
-            s = np.float32(s * ms + vs)
-        inv = np.float32(1) / s if s != 0 else np.float32(0)
-        for i in range(n_d):
-            out[g, r, i] = acc[i] * inv
-
-
 def attend(logits, v_stack, backend: str, v_f16_accumulator: bool):
     """Softmax(logits) @ V for several V caches at once.
 
     logits: (G, R, L) (float64 for ref, float32 values otherwise); v_stack: (n_v, G, L, D) float32.
-    Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda.
+    Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda. cpu is ggml's online softmax
+    (kvlab.accuracy.cpu_fa.online_softmax), cuda a float32 softmax in matmul order.
     """
     if backend == "ref":
         return softmax_rows(logits)[None] @ device.cast(v_stack, "float64")
     logits = device.cast(logits, "float32")
-    if v_f16_accumulator:  # token by token on the CPU (Numba), wherever the arrays live
-        host_logits, host_v = device.to_host(logits), device.to_host(v_stack)
+    if backend == "cpu":  # ggml's online softmax token by token (Numba), wherever the arrays live
+        host_logits = np.ascontiguousarray(device.to_host(logits))
+        host_v = device.to_host(v_stack)
         out = np.empty((host_v.shape[0],) + host_logits.shape[:2] + (host_v.shape[-1],), np.float32)
         for i in range(host_v.shape[0]):
-            online_softmax_f16_acc(host_logits, np.ascontiguousarray(host_v[i]), out[i])
-        return out if logits is host_logits else device.to_device(out, logits.device)
+            cpu_fa.online_softmax(host_logits, np.ascontiguousarray(host_v[i]), v_f16_accumulator, out[i])
+        return device.to_device(out, device.place_of(logits))
     xp = device.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
     weighted = e[None] @ v_stack  # (n_v, G, R, D) float32 sums of expf(s - M) * v
@@ -270,8 +243,16 @@ def exact_attention(q, k, v) -> Exact:
     return Exact(logits, softmax_rows(logits) @ v64, k64, v64, scale)
 
 
-def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float):
-    """K.Q * scale over the cache as the backend computes it (float64 array, float32 values if not ref)."""
+def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float, k_raw=None, tiled: bool = False):
+    """K.Q * scale over the cache as the backend computes it (float64 array, float32 values if not ref).
+
+    cpu: given the cache bytes k_raw (`store_bytes`), K's vec_dot exactly (kvlab.accuracy.cpu_fa);
+    tiled (`PairPath.kernel == "cpu-tiled"`): ggml's tiled path, Q kept float32.
+    """
+    if backend == "cpu" and (k_raw is not None or tiled):
+        host = cpu_fa.logits(device.to_host(group_queries(q, k_cache.shape[0])), device.to_host(k_raw),
+                             device.to_host(k_cache), type_k, scale, tiled)
+        return device.cast(device.to_device(host, device.place_of(q)), "float64")
     qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
     logits = qb @ device.cast(k_cache, "float64").swapaxes(1, 2)
     return logits if backend == "ref" else device.cast(device.cast(logits, "float32"), "float64")
@@ -284,18 +265,49 @@ class PairPath:
     read_k: str
     read_v: str
     f16_accumulator: bool
-    kernel: str          # "exact", "cpu", "vec", "vec-f16"
+    kernel: str          # "exact", "cpu", "cpu-tiled", "vec", "vec-f16"
 
 
-def pair_path(type_k: str, type_v: str, backend: str) -> PairPath:
+def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1) -> PairPath:
+    """n_tokens: the batch (queries per head); ggml-cpu takes its tiled path for large f16 batches."""
     if backend == "cuda":
         kernel, read_k, read_v = cuda_kernel(type_k, type_v)
         if kernel != "cpu":
             return PairPath("cuda", read_k, read_v, False, kernel)
         backend = "cpu"
     if backend == "cpu":
-        return PairPath("cpu", type_k, type_v, type_v == "f16", "cpu")
+        read_k, read_v = cpu_fa.read_type(type_k), cpu_fa.read_type(type_v)   # f32 K/V are cast to f16
+        if cpu_fa.takes_tiled_path(type_k, type_v, n_tokens):
+            return PairPath("cpu", read_k, read_v, False, "cpu-tiled")
+        return PairPath("cpu", read_k, read_v, read_v == "f16", "cpu")
     return PairPath("ref", type_k, type_v, False, "exact")
+
+
+@dataclass
+class CacheAttention:
+    """One backend's attention over the quantized cache, in the rotated basis, with what it read."""
+    path: PairPath
+    q_rot: np.ndarray     # (n_head, n_q, D) Q as flash attention gets it
+    k_cache: np.ndarray   # (G, L, D) float32, the dequantized cache (rotated basis)
+    v_cache: np.ndarray
+    k_raw: np.ndarray     # (G, L, row_bytes) uint8, the bytes set_rows wrote
+    v_raw: np.ndarray
+    logits: np.ndarray    # (G, R, L) float64 (float32 values unless ref)
+    out_rot: np.ndarray   # (G, R, D): float64 for ref, float32 otherwise (before un-rotating)
+
+
+def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backend: str) -> CacheAttention:
+    """Store K and V as llama.cpp does (rotation `plan`, set_rows in `flavor`) and attend as `backend`."""
+    path = pair_path(type_k, type_v, backend, q.shape[1])
+    k_cache, k_raw = store_bytes(k, type_k, flavor, plan.k)
+    v_cache, v_raw = store_bytes(v, type_v, flavor, plan.v)
+    q_rot = rotate(q, plan.k) if plan.k else q
+    k_read = backend_cache(k_cache, type_k, path.backend, path.read_k)
+    logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, float(1.0 / np.sqrt(q.shape[-1])),
+                              k_raw=k_raw if path.backend == "cpu" else None, tiled=path.kernel == "cpu-tiled")
+    v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
+    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]
+    return CacheAttention(path, q_rot, k_cache, v_cache, k_raw, v_raw, logits, out_rot)
 
 
 def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation: bool = True,
@@ -311,17 +323,10 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     type_k, type_v = type_info(type_k).name, type_info(type_v).name   # any case: Q8_0 is q8_0
     flavor_code(flavor), check_backend(backend)
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
-    path = pair_path(type_k, type_v, backend)
     exact = exact_attention(q, k, v)
-    k_cache = store(k, type_k, flavor, plan.k)
-    v_cache = store(v, type_v, flavor, plan.v)
-    q_rot = rotate(q, plan.k) if plan.k else q
-    k_read = backend_cache(k_cache, type_k, path.backend, path.read_k)
-    logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, exact.scale)
-    v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
-    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]
-    out = unrotate(device.cast(out_rot, "float64"), plan.v)
-    metrics = attention_metrics(exact.logits, logits, exact.out, out, topk)
-    metrics["k_rel_l2"] = tensor_rel_l2(unrotate(k_cache.astype(np.float64), plan.k), exact.k)
-    metrics["v_rel_l2"] = tensor_rel_l2(unrotate(v_cache.astype(np.float64), plan.v), exact.v)
+    att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend)
+    out = unrotate(device.cast(att.out_rot, "float64"), plan.v)
+    metrics = attention_metrics(exact.logits, att.logits, exact.out, out, topk)
+    metrics["k_rel_l2"] = tensor_rel_l2(unrotate(att.k_cache.astype(np.float64), plan.k), exact.k)
+    metrics["v_rel_l2"] = tensor_rel_l2(unrotate(att.v_cache.astype(np.float64), plan.v), exact.v)
     return metrics

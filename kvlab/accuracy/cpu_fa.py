@@ -1,0 +1,287 @@
+"""ggml-cpu's flash_attn_ext value by value: the `cpu` backend of kvlab.accuracy.attention.
+
+What ggml-cpu (ops.cpp, ggml_compute_forward_flash_attn_ext_f16_one_chunk) does for one query row,
+as built for x86-64 with AVX512 (F, VNNI, BF16; no AVX512-FP16), reproduced operation by operation
+so the float32 result is bit-exact where the inputs are the same bytes:
+  - an f32 K or V cache is first cast to f16 by llama.cpp (build_attn_mha), so it is read as f16;
+  - Q is converted to K's vec_dot_type with the CPU from_float (q8_0 / q8_1 by the AVX rounding:
+    id = 127/amax, round half to even, d as fp16; q8_1's s = fp16(d * sum q); f16 / bf16 round to
+    nearest even);
+  - K.Q is K's vec_dot with its SIMD summation order (`kq_dot`): the quantized types keep 8 float
+    lanes of 4 consecutive values each, fma(d_k * d_q, lane integer sum, acc) per block (iq4_nl in
+    two accumulators, even and odd blocks), then hsum_float_8; q4_1/q5_1 add sum(m * s) afterwards;
+    f16 keeps 4 x 16 lanes of fma, bf16 2 x 16 lanes of vdpbf16ps, both reduced as GCC's
+    _mm512_reduce_add_ps does;
+  - the logit is s * scale (float32), the softmax is online with glibc's expf, a new maximum rescales
+    the accumulator; V is accumulated with fma into float32 (v_to_float for quantized V) or, for an f16
+    V, into an fp16 vector that every update rounds (ggml_vec_mad_f16 / ggml_vec_scale_f16);
+  - the result is acc * (1/S).
+Prompt batches of >= 64 tokens over an f16 K and V (after the cast) take ggml's tiled path instead
+(`TILE_Q`): Q stays float32, K.Q and P.V are f32 GEMMs (V too is accumulated in float32) and the
+softmax runs per tile of 64 cells with ggml's SIMD expf; that path is modelled in float32 with the
+one-chunk softmax and one rounding of K.Q: close, not exact.
+ggml's split-KV decode path (f16 K and V, n_kv >= 512) only differs with more than one thread.
+"""
+import numpy as np
+from numba import njit, prange
+
+from kvlab.kernels.fp import bf16_to_fp32, fma32, fp16_to_fp32, fp32_to_fp16
+from kvlab.kernels.iq4_nl import KVALUES
+
+TILE_Q = 64   # GGML_FA_TILE_Q (ggml-cpu/common.h): prompt batches of this many tokens take the tiled path
+VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0", "q5_0": "q8_0",
+                "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}   # f32 K is read as f16 (the cast)
+# dot kinds of kq_dot: 0 = one accumulator, 1 = iq4_nl's two, 2 = with q4_1/q5_1's sum(m * s)
+_DOT_KIND = {"q8_0": 0, "q4_0": 0, "q5_0": 0, "iq4_nl": 1, "q4_1": 2, "q5_1": 2}
+
+
+def read_type(type_name: str) -> str:
+    """The type flash attention reads for a cache type: llama.cpp casts f32 K/V to f16."""
+    return "f16" if type_name == "f32" else type_name
+
+
+def takes_tiled_path(type_k: str, type_v: str, n_tokens: int) -> bool:
+    """ggml-cpu's use_tiled: Q f32, K and V both f16 (f32 after the cast), at least TILE_Q tokens."""
+    return read_type(type_k) == read_type(type_v) == "f16" and n_tokens >= TILE_Q
+
+
+# ---- operands as the SIMD code sees them ---------------------------------------------------------
+
+def _fp16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _bf16(x):
+    """Round float32 to bfloat16 (nearest even) and back: ggml_cpu_fp32_to_bf16 on finite values."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def quantize_q8(x, with_sum: bool):
+    """quantize_row_q8_0 / q8_1 (x86 AVX): (ints (..., nb, 32) int32, d (..., nb) f32, s (..., nb) f32)."""
+    blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], x.shape[-1] // 32, 32)  # (..., nb, 32)
+    amax = np.abs(blocks).max(axis=-1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv[..., None]).astype(np.int32)   # _mm256_round_ps(_MM_ROUND_NEAREST)
+    s = _fp16(d * q.sum(axis=-1).astype(np.float32)) if with_sum else np.zeros_like(d)
+    return q, _fp16(d), s
+
+
+def _le16(raw, at):
+    return raw[..., at].astype(np.uint16) | (raw[..., at + 1].astype(np.uint16) << 8)
+
+
+def _half(raw, at):
+    return _le16(raw, at).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs):
+    """qs (..., 16) -> (..., 32): low nibbles are values 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int32)
+
+
+def _high_bits(raw, at):
+    """The 32 fifth bits of a q5 block (qh, little endian): bit j belongs to value j."""
+    qh = sum(raw[..., at + i].astype(np.uint32) << (8 * i) for i in range(4))
+    return ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+
+
+def decode_blocks(raw, type_name: str):
+    """The integers, scale and min of each block of a quantized row: (q (..., nb, 32), d, m) as the
+    AVX2 dot products unpack them (q4_0/q5_0 offset to signed, iq4_nl through its table)."""
+    raw = np.asarray(raw, np.uint8)
+    size = {"q8_0": 34, "q4_0": 18, "q5_0": 22, "iq4_nl": 18, "q4_1": 20, "q5_1": 24}[type_name]
+    b = raw.reshape(*raw.shape[:-1], raw.shape[-1] // size, size)  # (..., nb, type_size)
+    d, m = _half(b, 0), np.zeros(b.shape[:-1], np.float32)
+    if type_name == "q8_0":
+        q = b[..., 2:34].view(np.int8).astype(np.int32)
+    elif type_name == "q4_0":
+        q = _nibbles(b[..., 2:18]) - 8
+    elif type_name == "iq4_nl":
+        q = KVALUES.astype(np.int32)[_nibbles(b[..., 2:18])]
+    elif type_name == "q5_0":
+        q = (_nibbles(b[..., 6:22]) | (_high_bits(b, 2) << 4)) - 16
+    else:
+        m = _half(b, 2)
+        at = 4 if type_name == "q4_1" else 8
+        q = _nibbles(b[..., at:at + 16])
+        if type_name == "q5_1":
+            q = q | (_high_bits(b, 4) << 4)
+    return q, d, m
+
+
+# ---- K.Q -----------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _hsum8(a):
+    """hsum_float_8: (a4+a0, a5+a1, a6+a2, a7+a3), then (r0+r2) + (r1+r3)."""
+    r0, r1 = np.float32(a[4] + a[0]), np.float32(a[5] + a[1])
+    r2, r3 = np.float32(a[6] + a[2]), np.float32(a[7] + a[3])
+    return np.float32(np.float32(r0 + r2) + np.float32(r1 + r3))
+
+
+@njit(cache=True, inline="always")
+def _reduce16(a):
+    """GCC's _mm512_reduce_add_ps: halves of 8, of 4, then (t0+t2) + (t1+t3)."""
+    t = np.empty(8, np.float32)
+    for i in range(8):
+        t[i] = a[i + 8] + a[i]
+    u0, u1 = np.float32(t[4] + t[0]), np.float32(t[5] + t[1])
+    u2, u3 = np.float32(t[6] + t[2]), np.float32(t[7] + t[3])
+    return np.float32(np.float32(u0 + u2) + np.float32(u1 + u3))
+
+
+@njit(parallel=True, cache=True)
+def kq_dot_blocks(kq, kd, km, qq, qd, qs, kind, out):
+    """Block-quantized K.Q: kq (G, L, nb, 32) int32, kd/km (G, L, nb); qq (G, R, nb, 32), qd/qs (G, R, nb);
+    out (G, R, L) float32. kind: 0 one accumulator, 1 two (even/odd blocks), 2 one plus sum(m * s)."""
+    n_g, n_r, n_l = out.shape
+    nb = kq.shape[2]
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        acc = np.empty((2, 8), np.float32)
+        for t in range(n_l):
+            acc[:] = 0
+            summs = np.float32(0)
+            for b in range(nb):
+                d = np.float32(kd[g, t, b] * qd[g, r, b])
+                a = b & 1 if kind == 1 else 0
+                for lane in range(8):
+                    isum = 0
+                    for j in range(4 * lane, 4 * lane + 4):
+                        isum += kq[g, t, b, j] * qq[g, r, b, j]
+                    acc[a, lane] = fma32(d, np.float32(isum), acc[a, lane])
+                if kind == 2:
+                    summs = np.float32(summs + np.float32(km[g, t, b] * qs[g, r, b]))
+            if kind == 1:
+                for lane in range(8):
+                    acc[0, lane] = acc[0, lane] + acc[1, lane]
+            out[g, r, t] = np.float32(_hsum8(acc[0]) + summs)
+
+
+@njit(parallel=True, cache=True)
+def kq_dot_f16(k, q, out):
+    """ggml_vec_dot_f16 (AVX512, no FP16): k (G, L, D), q (G, R, D) float32 holding halves; 4 x 16 lanes
+    of fma over steps of 64, then (s0 + s2) + (s1 + s3) and the 16-lane reduction."""
+    n_g, n_r, n_l = out.shape
+    n_d = k.shape[2]
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        acc = np.empty((4, 16), np.float32)
+        for t in range(n_l):
+            acc[:] = 0
+            for i in range(0, n_d, 64):
+                for j in range(4):
+                    for lane in range(16):
+                        x = i + 16 * j + lane
+                        acc[j, lane] = fma32(k[g, t, x], q[g, r, x], acc[j, lane])
+            for lane in range(16):
+                acc[0, lane] = np.float32(acc[0, lane] + acc[2, lane]) + np.float32(acc[1, lane] + acc[3, lane])
+            out[g, r, t] = _reduce16(acc[0])
+
+
+@njit(parallel=True, cache=True)
+def kq_dot_bf16(k, q, out):
+    """ggml_vec_dot_bf16 (AVX512-BF16): k (G, L, D), q (G, R, D) float32 holding bfloats; two vdpbf16ps
+    accumulators over steps of 64 (lane l: values 2l+1 then 2l, products exact), each reduced, summed
+    in double."""
+    n_g, n_r, n_l = out.shape
+    n_d = k.shape[2]
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        acc = np.empty((2, 16), np.float32)
+        for t in range(n_l):
+            acc[:] = 0
+            for i in range(0, n_d, 64):
+                for c in range(2):
+                    for lane in range(16):
+                        x = i + 32 * c + 2 * lane
+                        hi = np.float32(acc[c, lane] + np.float32(k[g, t, x + 1] * q[g, r, x + 1]))
+                        acc[c, lane] = np.float32(hi + np.float32(k[g, t, x] * q[g, r, x]))
+            out[g, r, t] = np.float32(np.float64(_reduce16(acc[0])) + np.float64(_reduce16(acc[1])))
+
+
+def kq_dot(q_rows, k_raw, k_values, type_k: str):
+    """K.Q as K's vec_dot computes it: (G, R, L) float32, before the scale.
+
+    q_rows: (G, R, D) float32 queries grouped by KV head; k_raw: (G, L, row_bytes) uint8 cache bytes
+    (quantized K); k_values: (G, L, D) float32, the dequantized cache (f16/bf16/f32 K)."""
+    n_g, n_r, n_d = q_rows.shape
+    out = np.empty((n_g, n_r, k_values.shape[1]), np.float32)
+    kind = VEC_DOT_TYPE[type_k]
+    if kind == "f16":
+        kq_dot_f16(np.ascontiguousarray(_fp16(k_values)), np.ascontiguousarray(_fp16(q_rows)), out)
+    elif kind == "bf16":
+        kq_dot_bf16(np.ascontiguousarray(k_values, np.float32), np.ascontiguousarray(_bf16(q_rows)), out)
+    else:
+        kq, kd, km = decode_blocks(k_raw, type_k)
+        qq, qd, qs = quantize_q8(q_rows, kind == "q8_1")
+        kq_dot_blocks(kq, kd, km, qq, qd, qs, _DOT_KIND[type_k], out)
+    return out
+
+
+# ---- softmax and V -------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def online_softmax(logits, v, f16_acc, out):
+    """The online softmax and V accumulation of one_chunk: logits (G, R, L) float32 (scaled K.Q),
+    v (G, L, D) float32 (V as read), out (G, R, D) float32.
+
+    A new maximum M rescales the accumulator by expf(M_old - M) (0 the first time), any other logit adds
+    expf(s - M) * v with one fma; with f16_acc the accumulator is an fp16 vector and every update
+    (scale or fma) is rounded to fp16, as ggml_vec_scale_f16 / ggml_vec_mad_f16 store it."""
+    n_g, n_r, n_l = logits.shape
+    n_d = v.shape[2]
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        acc = np.zeros(n_d, np.float32)
+        m = np.float32(-np.inf)
+        s = np.float32(0)
+        for t in range(n_l):
+            x = logits[g, r, t]
+            ms = np.float32(1)
+            vs = np.float32(1)
+            if x > m:
+                ms = np.float32(np.exp(np.float32(m - x)))
+                m = x
+                for i in range(n_d):
+                    acc[i] = np.float32(acc[i] * ms)
+                    if f16_acc:
+                        acc[i] = fp16_to_fp32(fp32_to_fp16(acc[i]))
+            else:
+                vs = np.float32(np.exp(np.float32(x - m)))
+            for i in range(n_d):
+                acc[i] = fma32(v[g, t, i], vs, acc[i])
+                if f16_acc:
+                    acc[i] = fp16_to_fp32(fp32_to_fp16(acc[i]))
+            s = fma32(s, ms, vs)
+        inv = np.float32(np.float32(1) / s) if s != 0 else np.float32(0)
+        for i in range(n_d):
+            out[g, r, i] = np.float32(acc[i] * inv)
+
+
+def logits(q_rows, k_raw, k_values, type_k: str, scale: float, tiled: bool = False):
+    """s * scale for every query row and cache cell: (G, R, L) float32.
+
+    One-chunk path: K's vec_dot on Q in its vec_dot_type (`kq_dot`). Tiled path: float32 Q times K as
+    float32 (ggml's simd_gemm, whose order is not modelled: one rounding here), then the scale."""
+    if tiled:
+        kq = np.matmul(q_rows.astype(np.float64), _fp16(k_values).swapaxes(1, 2).astype(np.float64))
+        return kq.astype(np.float32) * np.float32(scale)
+    return kq_dot(q_rows, k_raw, k_values, type_k) * np.float32(scale)
+
+
+def flash_attn(q_rows, k_raw, k_values, v_values, type_k: str, type_v: str, scale: float, n_tokens: int):
+    """ggml-cpu's flash_attn_ext for queries grouped by KV head: (G, R, D) float32.
+
+    q_rows: (G, R, D) float32, the (rotated) queries of KV head g, R = group * n_tokens; k_raw:
+    (G, L, row_bytes) uint8 cache bytes; k_values / v_values: (G, L, D) float32, the dequantized cache."""
+    tiled = takes_tiled_path(type_k, type_v, n_tokens)
+    s = logits(np.asarray(q_rows, np.float32), k_raw, k_values, type_k, scale, tiled)
+    v_read = _fp16(v_values) if type_v == "f32" else np.ascontiguousarray(v_values, np.float32)
+    out = np.empty(q_rows.shape[:2] + (v_values.shape[2],), np.float32)
+    online_softmax(np.ascontiguousarray(s), v_read, read_type(type_v) == "f16" and not tiled, out)
+    return out
