@@ -48,6 +48,18 @@ def pair_table(table, pairs, metrics=("kl", "out_rel_l2"), flavor: str = "ref", 
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def context_growth(table, type_k: str, type_v: str, metric: str = "kl", rotation: bool = True, flavor: str = "ref"):
+    """(shortest context, longest context, metric at the shortest, at the longest) for one pair."""
+    sel = select(table, type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor)
+    per_length = sel.groupby("n_ctx")[metric].mean()
+    return int(per_length.index.min()), int(per_length.index.max()), float(per_length.iloc[0]), float(per_length.iloc[-1])
+
+
+def growth_word(ratio: float) -> str:
+    """How a report or notebook names a change by `ratio` (later / earlier): within 25% is "about the same"."""
+    return "grows" if ratio > 1.25 else "falls" if ratio < 0.8 else "stays about the same"
+
+
 def save_table(table, path) -> list:
     """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
     path = Path(path)

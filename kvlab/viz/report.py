@@ -1,17 +1,20 @@
 """`kvlab report`: run the error sweep and write one self-contained HTML report (plotly inlined, offline).
 
-Sections: K-type x V-type heatmaps with and without rotation and their difference; error vs
-context length; error vs depth (how an error compounds through a stack of layers, kvlab.accuracy.depth);
-error vs bits per value with the Pareto frontier; where the ref / cpu / cuda flavors disagree and
-what it costs; a short text summary with the published numbers as context. The default data is the
-synthetic generator (kvlab.accuracy.synthetic), so the report needs no download.
+It answers three questions. Why `--split-mode tensor` broke with a quantized cache and what runs now
+(kvlab.viz.report_tp: the eras, the failing rule, the compatibility matrix). What each K/V pair costs
+in accuracy: heatmaps with and without rotation, KL per K type, error vs context length and vs depth
+(kvlab.accuracy.depth), error vs bits per value with the Pareto frontier. Where the ref / cpu / cuda
+flavors disagree. A summary computed from the tables, published numbers as context, and the settings.
+The default data is the synthetic generator (kvlab.accuracy.synthetic), so the report needs no download.
 """
 import html
+import os
 from pathlib import Path
 
 import numpy as np
 
 from kvlab.accuracy.depth import DEFAULT_PAIRS as GROWTH_PAIRS
+from kvlab.accuracy.table import context_growth, growth_word, select
 
 REPORT_LENGTHS = (128, 512, 2048, 8192)
 REPORT_LAYERS = 8
@@ -22,8 +25,7 @@ FIELD_CONTEXT = """
 of the next-token distribution against an f16 run (model/K/V types; its f16/f16/f16 row, 0.000189, is the noise
 floor of that setup): V in q8_0 with f16 K gave KLD 0.000743, K in q8_0 with f16 V gave 0.000944, both in q8_0
 0.000980, and V in q5_1 with f16 K 0.001759. K quantization costs more than V quantization at the same bits,
-and 8-bit K and V are close to lossless. (Only the first rows of that table could be retrieved here; the
-lower-bit rows continue the same ordering.)</p>
+and 8-bit K and V are close to lossless.</p>
 <p><b>ik_llama.cpp PR #1034</b> ("K-cache Hadamard transforms (CUDA)", Dec 2025; V cache left in f16) on
 Qwen3-30B-A3B: perplexity increase over an f16 K cache of +11.30% for Q4_0 without Hadamard and +0.92% with it;
 Q5_0 +0.79% → +0.26%; Q8_0 +0.04% → +0.07% (no gain, within noise). Rotation rescues 4-bit K and does nothing
@@ -38,9 +40,8 @@ the error each layer adds on its own separated from the error it inherits.</p>
 
 
 def _cell(table, metric, type_k, type_v, rotation=True, flavor="ref", n_ctx=None):
-    n_ctx = n_ctx or int(table.n_ctx.max())
-    sel = table[(table.type_k == type_k) & (table.type_v == type_v) & (table.rotation == rotation)
-                & (table.flavor == flavor) & (table.n_ctx == n_ctx)]
+    sel = select(table, type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor,
+                 n_ctx=n_ctx or int(table.n_ctx.max()))
     return float(sel[metric].mean()) if len(sel) else float("nan")
 
 
@@ -73,17 +74,27 @@ def summary(table, pareto: list) -> list:
         kl8, cos8 = _cell(table, "kl", "q8_0", "q8_0"), _cell(table, "out_cos", "q8_0", "q8_0")
         lines.append(f"<b>q8_0/q8_0 is near-lossless:</b> KL {kl8:.2g}, output cosine {cos8:.6f}.")
     if {"q4_0", "f16"} <= types and n_max > n_min:
-        growth = [f"rotation {'on' if r else 'off'} {_cell(table, 'kl', 'q4_0', 'f16', r, n_ctx=n_min):.3g} → "
-                  f"{_cell(table, 'kl', 'q4_0', 'f16', r, n_ctx=n_max):.3g}" for r in sorted(set(table.rotation))]
-        lines.append(f"<b>Error grows with context</b> for low-bit K: KL of q4_0/f16 from {n_min} to {n_max} "
-                     "tokens: " + "; ".join(growth) + ". More keys means more chances for a quantization "
-                     "error to lift a wrong key into the attended set.")
+        lines.append(growth_line(table, "q4_0", "f16"))
     if pareto:
         lines.append("<b>Pareto frontier</b> (bits per value vs output error, rotation on): " + ", ".join(pareto) + ".")
     for flavor in ("cpu", "cuda"):
         if flavor in set(table.flavor):
             lines.append(_flavor_line(table, flavor))
     return lines
+
+
+def growth_line(table, type_k: str, type_v: str, metric: str = "kl") -> str:
+    """One sentence on how the pair's error changes from the shortest to the longest context (computed)."""
+    changes = []
+    for rotation in sorted(set(table.rotation)):
+        n_min, n_max, first, last = context_growth(table, type_k, type_v, metric, rotation)
+        changes.append((rotation, first, last, last / first if first > 0 else float("nan")))
+    words = {growth_word(r) for *_, r in changes}
+    word = words.pop() if len(words) == 1 else "changes"
+    items = "; ".join(f"rotation {'on' if rot else 'off'} {a:.3g} → {b:.3g} ({r:.2f}×)" for rot, a, b, r in changes)
+    return (f"<b>Error {word} with context</b> for {type_k}/{type_v}: softmax KL from {n_min} to {n_max} tokens: "
+            f"{items}. More keys mean more chances for a quantization error to lift a wrong key into the attended set, "
+            f"and more keys share the softmax, which dilutes each one's error.")
 
 
 def depth_summary(depth_table) -> list:
@@ -94,7 +105,7 @@ def depth_summary(depth_table) -> list:
     pairs = list(dict.fromkeys(zip(ref.type_k, ref.type_v)))
 
     def series(type_k, type_v, metric, rot=rotation):
-        sel = ref[(ref.type_k == type_k) & (ref.type_v == type_v) & (ref.rotation == rot)].sort_values("depth")
+        sel = select(ref, type_k=type_k, type_v=type_v, rotation=rot).sort_values("depth")
         return sel.depth.to_numpy(), sel[metric].to_numpy()
 
     settings = depth_table.attrs.get("settings", {})
@@ -161,59 +172,115 @@ def _flavor_line(table, flavor: str) -> str:
             f"largest excess is at " + ", ".join(items) + ".")
 
 
-def render_html(table, figures: list, findings: list, settings: dict, elapsed: float) -> str:
-    parts = []
-    for i, (title, fig) in enumerate(figures):
-        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
-        parts.append(f"<h2>{html.escape(title)}</h2>\n{div}")
-    meta = html.escape(str(settings))
-    findings_html = "\n".join(f"<p>{line}</p>" for line in findings if line)
+def settings_table(attrs: dict) -> str:
+    """The table's settings and versions as a two-column HTML table (nested keys joined by dots)."""
+    def flat(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from flat(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            yield prefix, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in flat("", attrs))
+    return f"<table class='kvlab-table kvlab-settings'>{rows}</table>"
+
+
+def _render(item, first_figure: bool) -> str:
+    if isinstance(item, str):
+        return item
+    title, fig = item
+    div = fig.to_html(full_html=False, include_plotlyjs=first_figure, config={"displaylogo": False})
+    return f"<h3>{html.escape(title)}</h3>\n{div}"
+
+
+def render_html(table, sections: list, elapsed: float) -> str:
+    """sections: (heading, [HTML string or (title, figure)]) in reading order; plotly.js is inlined once."""
+    body, drawn = [], 0
+    for heading, items in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in items:
+            body.append(_render(item, first_figure=drawn == 0 and not isinstance(item, str)))
+            drawn += not isinstance(item, str)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>kvlab report: KV-cache error per K/V type pair</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em;color:#222}}
-h2{{border-bottom:1px solid #ccc;margin-top:2em}} .meta{{font-size:80%;color:#555}}</style></head>
-<body><h1>KV-cache quantization error per K/V type pair, as llama.cpp runs it</h1>
-<p>{len(table)} cells: {table.type_k.nunique()} K types × {table.type_v.nunique()} V types × rotation
-{sorted(set(table.rotation))} × flavors {sorted(set(table.flavor))} × context lengths {sorted(set(table.n_ctx))}
-on {html.escape(str(table.source.iloc[0]))}. Each cell: attention of the last queries over a cache written with
-set_rows (rotation per llama.cpp's rotation_plan), compared with exact float64 attention.</p>
-<h2>Summary</h2>{findings_html}
-<h2>Context: published measurements</h2>{FIELD_CONTEXT}
-{''.join(parts)}
-<h2>Settings and versions</h2><p class="meta">{meta}</p>
+<html lang="en"><head><meta charset="utf-8"><title>kvlab report: quantized KV caches in llama.cpp</title>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em;color:#222;line-height:1.45}}
+h2{{border-bottom:1px solid #ccc;margin-top:2em}} h3{{margin-top:1.5em}} .meta{{font-size:80%;color:#555}}
+pre.kvlab-error{{white-space:pre-wrap;background:#fbeeee;border-left:4px solid #d62728;padding:.6em;font-size:85%}}
+table.kvlab-table{{border-collapse:collapse;font-size:85%}} .kvlab-table th,.kvlab-table td{{border:1px solid #ddd;
+padding:3px 8px;text-align:left;vertical-align:top}} .kvlab-table thead th{{background:#f4f4f4}}</style></head>
+<body><h1>Quantized KV caches in llama.cpp: what breaks under tensor parallelism, and what each K/V pair costs</h1>
+<p>Three questions: why did <code>--split-mode tensor</code> break with a quantized cache, and what runs now?
+What does each of the 81 K/V type pairs cost in accuracy, with and without llama.cpp's Hadamard rotation, and
+how does the error grow with context and depth? Where do the ref / cpu / cuda code paths disagree?</p>
+<p>Accuracy data: {len(table)} cells, {table.type_k.nunique()} K types × {table.type_v.nunique()} V types ×
+rotation {sorted(set(table.rotation))} × flavors {sorted(set(table.flavor))} × context lengths
+{sorted(set(table.n_ctx))} on {html.escape(str(table.source.iloc[0]))}. Each cell: attention of the last queries
+over a cache written with set_rows (rotation per llama.cpp's rotation_plan), compared with exact float64
+attention.</p>
+{chr(10).join(body)}
 <p class="meta">sweep time {elapsed:.1f} s</p></body></html>
 """
 
 
-def build_report(table, out_path, depth_table=None) -> Path:
+def accuracy_items(table, depth_table, pareto_fig) -> list:
+    """The accuracy section: heatmaps, KL per K type, growth with context and depth, Pareto, flavors."""
     from kvlab.viz import plots
-    n_max = int(table.n_ctx.max())
     types = set(table.type_k) & set(table.type_v)
     pairs = [p for p in GROWTH_PAIRS if set(p) <= types] or [(sorted(types)[0], sorted(types)[0])]
-    bits_fig, pareto = plots.bits_vs_error(table, "out_rel_l2", n_ctx=n_max,
-                                           rotation=True if True in set(table.rotation) else False)
-    figures = []
+    rotation = True in set(table.rotation)
+    items = []
     if table.rotation.nunique() == 2:
-        figures += [("Heatmaps: output relative error, rotation off / on / difference",
-                     plots.rotation_heatmaps(table, "out_rel_l2")),
-                    ("Heatmaps: softmax KL (depends on the K type only: V does not enter the logits)",
-                     plots.rotation_heatmaps(table, "kl"))]
-    figures += [("Error vs context length: softmax KL", plots.context_growth(table, pairs, "kl")),
-                ("Error vs context length: output relative error", plots.context_growth(table, pairs, "out_rel_l2"))]
-    findings = summary(table, pareto)
+        items += [f"<p>Heatmaps: {plots.ORIENTATION}. Colours are log10 of the error, fitted to the pairs with a "
+                  "quantized side; the f32/f16/bf16-only pairs, orders of magnitude lower, are grey cells with their "
+                  "values written in. Hover a cell for the value and its log10.</p>",
+                  ("Output relative error per K/V pair: rotation off / on / on ÷ off",
+                   plots.rotation_heatmaps(table, "out_rel_l2"))]
+        ks, vs, kl = plots.sweep._grid(select(table, flavor="ref", rotation=True), "kl", n_ctx=int(table.n_ctx.max()))
+        if plots.varies_with_v(kl):
+            items.append(("Softmax KL per K/V pair: rotation off / on / on ÷ off", plots.rotation_heatmaps(table, "kl")))
+        else:
+            items += ["<p>The softmax KL is the same for every V type (V does not enter the logits; checked on this "
+                      "table), so it is drawn per K type:</p>",
+                      ("Softmax KL per K type, rotation off / on", plots.k_type_figure(table, "kl"))]
+    items += [("Error vs context length: softmax KL", plots.context_growth(table, pairs, "kl")),
+              ("Error vs context length: output relative error", plots.context_growth(table, pairs, "out_rel_l2"))]
     if depth_table is not None and len(depth_table):
         depth_pairs = list(dict.fromkeys(zip(depth_table.type_k, depth_table.type_v)))
-        figures.append(("Error vs depth: how the error compounds through layers",
-                        plots.depth_growth(depth_table, depth_pairs)))
-        findings += depth_summary(depth_table)
-    figures.append(("Error vs bits per value (Pareto frontier)", bits_fig))
+        items.append(("Error vs depth: how the error compounds through layers",
+                      plots.depth_growth(depth_table, depth_pairs)))
+    items.append(("Error vs bits per value (Pareto frontier labelled; hover for the other pairs)", pareto_fig))
     if {"cpu", "cuda"} & set(table.flavor):
-        figures.append(("Where the flavors (ref / cpu / cuda) disagree",
-                        plots.flavor_disagreement(table, "out_rel_l2", rotation=True in set(table.rotation))))
-    page = render_html(table, figures, findings, table.attrs, table.attrs.get("elapsed_s", 0.0))
+        items.append(("Where the flavors (ref / cpu / cuda) disagree",
+                      plots.flavor_disagreement(table, "out_rel_l2", rotation=rotation)))
+    return items
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name beside path, then rename: a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_report(table, out_path, depth_table=None) -> Path:
+    from kvlab.viz import plots
+    from kvlab.viz.report_tp import tp_section
+    pareto_fig, pareto = plots.bits_vs_error(table, "out_rel_l2", n_ctx=int(table.n_ctx.max()),
+                                             rotation=True in set(table.rotation))
+    findings = summary(table, pareto)
+    if depth_table is not None and len(depth_table):
+        findings += depth_summary(depth_table)
+    sections = [
+        ("Summary: accuracy", ["\n".join(f"<p>{line}</p>" for line in findings if line)]),
+        ("Tensor parallelism: why --split-mode tensor broke with a quantized cache, and what runs now",
+         tp_section(plots)),
+        ("Accuracy per K/V pair", accuracy_items(table, depth_table, pareto_fig)),
+        ("Context: published measurements", [FIELD_CONTEXT]),
+        ("Settings and versions", [settings_table(table.attrs)]),
+    ]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
+    write_atomic(out_path, render_html(table, sections, table.attrs.get("elapsed_s", 0.0)))
     return out_path
-
-

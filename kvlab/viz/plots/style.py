@@ -54,9 +54,11 @@ def log10(x):
 
 
 def short(x: float) -> str:
-    """A cell label of at most 6 characters: 0.042, 3.1e-4, 0 (exactly lossless)."""
-    if x == 0 or not np.isfinite(x):
-        return "0" if x == 0 else ""
+    """A cell label of at most 6 characters: 0.042, 3.1e-4, <1e-9 (float64 rounding of a lossless pair)."""
+    if not np.isfinite(x):
+        return ""
+    if abs(x) < 1e-9:
+        return "<1e-9"
     if 0.01 <= abs(x) < 100:
         return f"{x:.2g}"
     mantissa, exponent = f"{x:.1e}".split("e")

@@ -13,6 +13,7 @@ from kvlab.viz.plots.style import (FLOAT_CELL, K_AXIS_TITLE, METRIC_LABELS, TINY
                                    color, is_log_metric, log10, quantized_pair, short, type_order)
 
 ANY_V = "any V type"
+LOSSLESS = 1e-10   # below this an error is float64 rounding of a lossless pair (accuracy.table.sig prints 0)
 
 
 def _grid(table, metric: str, **where):
@@ -37,7 +38,7 @@ def _heatmap(fig, col, z, text, hover, ks, vs, colorscale, zmin, zmax, colorbar)
     """One K x V heatmap in column col of row 1; NaN cells are left for _float_cells."""
     import plotly.graph_objects as go
     fig.add_trace(go.Heatmap(z=z, x=vs, y=ks, colorscale=colorscale, zmin=zmin, zmax=zmax, text=text,
-                             texttemplate="%{text}", textfont={"size": 11}, customdata=hover,
+                             texttemplate="%{text}", textfont={"size": 10}, customdata=hover,
                              hovertemplate="K %{y} / V %{x}<br>%{customdata}<extra></extra>",
                              showscale=colorbar is not None, colorbar=colorbar, hoverongaps=False),
                   row=1, col=col)
@@ -52,7 +53,7 @@ def _float_cells(fig, col, ks, vs, mask, text, hover):
         return
     z = np.where(mask, 0.0, np.nan)
     fig.add_trace(go.Heatmap(z=z, x=vs, y=ks, colorscale=[[0, FLOAT_CELL], [1, FLOAT_CELL]], showscale=False,
-                             text=np.where(mask, text, ""), texttemplate="%{text}", textfont={"size": 11},
+                             text=np.where(mask, text, ""), texttemplate="%{text}", textfont={"size": 10},
                              customdata=hover, hoverongaps=False,
                              hovertemplate="K %{y} / V %{x} (no quantized side)<br>%{customdata}<extra></extra>"),
                   row=1, col=col)
@@ -79,7 +80,7 @@ def rotation_heatmaps(table, metric: str = "out_rel_l2", flavor: str = "ref", n_
     vs_shown, off = _collapse_v(ks, vs, off)
     on = on[:, :off.shape[1]]
     label = METRIC_LABELS[metric]
-    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.13, subplot_titles=(
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
         "rotation off", "rotation on (llama.cpp's default)", "on / off: below 1 (blue) the rotation helps"))
     mask = _float_mask(ks, vs_shown)
     scaled = log10(np.concatenate([off[~mask], on[~mask]])) if (~mask).any() else np.array([0.0])
@@ -111,12 +112,12 @@ def k_type_figure(table, metric: str = "kl", flavor: str = "ref", n_ctx=None):
     label = METRIC_LABELS[metric]
     for i, rotation in enumerate(sorted(set(table.rotation))):
         sel = select(table, flavor=flavor, n_ctx=n_ctx, rotation=rotation).groupby("type_k")[metric].mean()
-        ks = [k for k in type_order(sel.index) if sel[k] > 0]   # f32 K is exactly lossless: no point on a log axis
+        ks = [k for k in type_order(sel.index) if sel[k] > LOSSLESS]   # f32 K: lossless, no place on a log axis
         fig.add_trace(go.Bar(x=ks, y=sel[ks], name=f"rotation {'on' if rotation else 'off'}", marker_color=color(i),
                              text=[short(sel[k]) for k in ks], textposition="outside",
                              hovertemplate=f"K %{{x}}: {label} = %{{y:.3g}}<extra>rotation {'on' if rotation else 'off'}</extra>"))
     fig.update_yaxes(type="log", title=f"{label}, log scale")
-    fig.update_xaxes(title="K type (any V type: V does not enter the logits); f32 K is exactly 0")
+    fig.update_xaxes(title="K type (any V type: V does not enter the logits); f32 K is lossless (below 1e-10)")
     fig.update_layout(barmode="group", height=420, title=f"{label} per K type ({flavor}, context {n_ctx})")
     return fig
 
@@ -193,18 +194,22 @@ def bits_vs_error(table, metric: str = "out_rel_l2", flavor: str = "ref", n_ctx=
     sel = sel.groupby(["type_k", "type_v"], as_index=False).agg(bits=("bits_per_value", "first"), err=(metric, "mean"))
     labels = (sel.type_k + "/" + sel.type_v).to_numpy()
     bits, err = sel.bits.to_numpy(), sel.err.to_numpy()
-    exact = err <= 0
+    exact = err <= LOSSLESS
     front = [i for i in pareto_front(list(zip(bits, np.where(exact, TINY, err)))) if not exact[i]]
     label = METRIC_LABELS[metric]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=bits[~exact], y=err[~exact], mode="markers", name="K/V pair (hover for its name)",
                              text=labels[~exact], marker=dict(size=8, color="#8da0cb"),
                              hovertemplate="%{text}: %{x:.3g} bits, " + label + " %{y:.3g}<extra></extra>"))
-    positions = ("top right", "bottom left")   # alternate sides so neighbouring labels do not overlap
+    numbers = [str(j + 1) for j in range(len(front))]   # names beside the plot: labels at 0.25-bit spacing overlap
     fig.add_trace(go.Scatter(x=bits[front], y=err[front], mode="lines+markers+text", name="Pareto frontier",
-                             text=labels[front], textposition=[positions[j % 2] for j in range(len(front))],
-                             textfont={"size": 12}, marker=dict(size=10, color=color(1)), line=dict(color=color(1)),
-                             hovertemplate="%{text}: %{x:.3g} bits, " + label + " %{y:.3g}<extra></extra>"))
+                             text=numbers, textposition=["top right" if j % 2 else "bottom left" for j in range(len(front))],
+                             textfont={"size": 12, "color": color(1)}, customdata=labels[front],
+                             marker=dict(size=10, color=color(1)), line=dict(color=color(1)),
+                             hovertemplate="%{customdata}: %{x:.3g} bits, " + label + " %{y:.3g}<extra></extra>"))
+    listing = "<br>".join(f"{n}  {labels[i]}  ({bits[i]:g} bits, {err[i]:.2g})" for n, i in zip(numbers, front))
+    fig.add_annotation(x=1.02, y=0.0, xref="paper", yref="paper", xanchor="left", yanchor="bottom", align="left",
+                       showarrow=False, font={"size": 11}, text="<b>Pareto frontier</b><br>" + listing)
     if exact.any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(size=8, color="white"),
                                  name="exactly 0 (not drawn): " + ", ".join(labels[exact])))
@@ -213,8 +218,9 @@ def bits_vs_error(table, metric: str = "out_rel_l2", flavor: str = "ref", n_ctx=
     fig.update_yaxes(type="log", title=f"{label}, log scale",
                      range=[np.log10(shown.min()) - 0.3, np.log10(err.max()) + 0.3])
     fig.update_xaxes(title="bits per cached value (mean of K and V)")
-    fig.update_layout(height=520, title=f"{label} vs bits per value ({flavor}, rotation {'on' if rotation else 'off'}, "
-                                        f"context {n_ctx}); pairs below the range have no quantized side")
+    fig.update_layout(height=560, margin={"r": 260}, legend={"x": 1.02, "y": 1, "xanchor": "left"},
+                      title=f"{label} vs bits per value ({flavor}, rotation {'on' if rotation else 'off'}, "
+                            f"context {n_ctx}); pairs below the range have no quantized side")
     return fig, labels[front].tolist()
 
 
@@ -229,14 +235,17 @@ def flavor_disagreement(table, metric: str = "out_rel_l2", n_ctx=None, rotation:
                         or ["only ref in this table"])
     floor = lambda x: np.maximum(x, ERROR_FLOOR)
     ratios = [floor(_grid(table, metric, flavor=f, n_ctx=n_ctx, rotation=rotation)[2]) / floor(ref) for f in flavors]
-    span = max([float(np.abs(np.log10(r)).max()) for r in ratios] + [1e-3])
+    mask = _float_mask(ks, vs)
+    span = max([float(np.abs(np.log10(r[~mask])).max()) for r in ratios if (~mask).any()] + [1e-3])
     for col, (f, r) in enumerate(zip(flavors, ratios), start=1):
         text = np.vectorize(lambda x: f"{x:.2f}×")(r)
         hover = np.vectorize(lambda x: f"{f} / ref = {x:.3g} (log10 {np.log10(x):+.2f})")(r)
-        _heatmap(fig, col, np.log10(r), text, hover, ks, vs, "RdBu_r", -span, span,
+        _heatmap(fig, col, np.where(mask, np.nan, np.log10(r)), text, hover, ks, vs, "RdBu_r", -span, span,
                  _colorbar(fig, col, f"log10({f} / ref)"))
+        _float_cells(fig, col, ks, vs, mask, text, hover)
     fig.update_layout(height=520, margin={"t": 90, "r": 40},
-                      title=f"where the backends disagree: {METRIC_LABELS[metric]} relative to ref (context {n_ctx})")
+                      title=f"where the backends disagree: {METRIC_LABELS[metric]} relative to ref (context {n_ctx}); "
+                            "grey: no quantized side, outside the colour scale")
     return fig
 
 
