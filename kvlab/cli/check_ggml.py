@@ -4,8 +4,7 @@ import sys
 import time
 
 from kvlab.ggml.check import check_bytes, check_split, input_cases, known_drift
-from kvlab.ggml.lib import default_lib_dir, load
-from kvlab.ggml.meta import lib_dir_of
+from kvlab.ggml.lib import find_lib_dir, load
 
 
 def register(subparsers) -> None:
@@ -20,7 +19,7 @@ def register(subparsers) -> None:
 def run_check(args) -> int:
     t0 = time.perf_counter()
     try:
-        lib_dir = lib_dir_of(args.lib) if args.lib else default_lib_dir()
+        lib_dir = find_lib_dir(args.lib)
         ggml_lib = load(lib_dir)
     except (OSError, RuntimeError, FileNotFoundError) as e:
         print(f"kvlab check-ggml: {e}", file=sys.stderr)

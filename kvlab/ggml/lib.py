@@ -3,7 +3,9 @@
 Needs only the two shared libraries (no compiler at run time): libggml-base.so (type traits:
 `from_float_ref` = quantize_row_<type>_ref, `to_float` = dequantize_row_<type>) and libggml-cpu.so
 (`from_float` = what the CPU backend's set_rows writes). Build them with `tools/build_ggml.sh`,
-or install ggml-python, which ships them in `ggml/lib/`.
+or install ggml-python, which ships them in `ggml/lib/`. `find_lib_dir` and `open_libraries` are the
+one way kvlab finds and opens them (kvlab.ggml.meta's child process too, which loads this file on its
+own, without the kvlab package: so kvlab.types is imported where the type traits need it).
 
     lib = kvlab.ggml.load()                   # KVLAB_GGML_LIB, then ggml-python's ggml/lib/
     raw = lib.quantize_ref(x, "q4_0")         # (*x.shape[:-1], row_bytes) uint8
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvlab.types import TYPES, type_info
+LIBRARIES = ("libggml-base.so", "libggml-cpu.so")
 
 # typedef void (*ggml_to_float_t)  (const void * x, float * y, int64_t k);
 # typedef void (*ggml_from_float_t)(const float * x, void * y, int64_t k);   k = number of values
@@ -48,16 +50,31 @@ class _TypeTraitsCpu(ctypes.Structure):     # struct ggml_type_traits_cpu (ggml-
     ]
 
 
-def default_lib_dir() -> Path:
-    env = os.environ.get("KVLAB_GGML_LIB")
-    if env:
-        return Path(env)
-    spec = importlib.util.find_spec("ggml")   # ggml-python ships the libraries in ggml/lib/
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))) / "lib"
-    raise FileNotFoundError(
-        "ggml C library not found: set KVLAB_GGML_LIB to the directory holding libggml-base.so and "
-        "libggml-cpu.so (tools/build_ggml.sh prints it), or pip install ggml-python")
+def find_lib_dir(path=None) -> Path:
+    """The directory holding libggml-base.so and libggml-cpu.so: `path` (that directory or either .so in
+    it), else $KVLAB_GGML_LIB, else ggml-python's ggml/lib/."""
+    if path is None:
+        path = os.environ.get("KVLAB_GGML_LIB")
+    if path is None:
+        spec = importlib.util.find_spec("ggml")   # ggml-python ships the libraries in ggml/lib/
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "ggml C library not found: set KVLAB_GGML_LIB to the directory holding libggml-base.so and "
+                "libggml-cpu.so (tools/build_ggml.sh prints it), or pip install ggml-python")
+        path = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    p = Path(path)
+    d = p.parent if p.is_file() or p.suffix == ".so" else p
+    for lib in LIBRARIES:
+        if not (d / lib).exists():
+            raise FileNotFoundError(f"{d} has no {lib}: expected the directory of a ggml build "
+                                    f"(tools/build_ggml.sh) or of ggml-python's ggml/lib")
+    return d
+
+
+def open_libraries(lib_dir: Path) -> tuple:
+    """(libggml-base, libggml-cpu) as ctypes.CDLL. RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols
+    against this copy."""
+    return tuple(ctypes.CDLL(str(Path(lib_dir) / lib), mode=ctypes.RTLD_GLOBAL) for lib in LIBRARIES)
 
 
 def _context_blocks(block_size):
@@ -72,10 +89,9 @@ class GGML:
     """libggml-base + libggml-cpu loaded from one directory; quantize/dequantize whole arrays."""
 
     def __init__(self, lib_dir=None):
-        self.lib_dir = Path(lib_dir) if lib_dir is not None else default_lib_dir()
-        # RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols against this copy.
-        self.base = ctypes.CDLL(str(self.lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-        self.cpu = ctypes.CDLL(str(self.lib_dir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        from kvlab.types import TYPES
+        self.lib_dir = find_lib_dir(lib_dir)
+        self.base, self.cpu = open_libraries(self.lib_dir)
         self.base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
         self.base.ggml_get_type_traits.argtypes = [ctypes.c_int]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
@@ -95,10 +111,10 @@ class GGML:
         return f"{version().decode()} ({commit().decode()})"
 
     def _traits(self, name: str) -> _TypeTraits:
-        return self.base.ggml_get_type_traits(type_info(name).ggml_type).contents
+        return self.base.ggml_get_type_traits(_info(name).ggml_type).contents
 
     def _check_layout(self, name: str) -> None:
-        info, traits = type_info(name), self._traits(name)
+        info, traits = _info(name), self._traits(name)
         seen = (traits.type_name, traits.blck_size, traits.type_size)
         if seen != (name.encode(), info.block_size, info.type_size):
             raise RuntimeError(f"ggml in {self.lib_dir} does not match the 0.3.36 ggml_type_traits layout: "
@@ -109,7 +125,7 @@ class GGML:
 
         None where ggml has none: f32 has neither from_float_ref nor to_float (its rows are copied)."""
         if path == "cpu":
-            pointer = self.cpu.ggml_get_type_traits_cpu(type_info(name).ggml_type).contents.from_float
+            pointer = self.cpu.ggml_get_type_traits_cpu(_info(name).ggml_type).contents.from_float
         elif path in ("ref", "to_float"):
             pointer = getattr(self._traits(name), "from_float_ref" if path == "ref" else "to_float")
         else:
@@ -132,7 +148,7 @@ class GGML:
         filled. So each block is also quantized right after each of two context blocks; a byte is
         defined where all three runs agree.
         """
-        info = type_info(name)
+        info = _info(name)
         quantize = self.quantize_ref if path == "ref" else self.quantize_cpu
         plain = quantize(x, name, out=np.zeros((*np.shape(x)[:-1], info.row_bytes(np.shape(x)[-1])), np.uint8))
         defined = np.ones(plain.shape, bool)
@@ -146,7 +162,7 @@ class GGML:
         return plain, defined
 
     def _quantize(self, x, name, path, out):
-        info = type_info(name)
+        info = _info(name)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim == 0 or x.shape[-1] % info.block_size:
             raise ValueError(f"{name}: last dim must be a multiple of {info.block_size}, got shape {x.shape}")
@@ -167,7 +183,7 @@ class GGML:
 
     def dequantize(self, raw, name: str, n: int, out=None):
         """to_float (dequantize_row_<type>) of rows of n values: (*raw.shape[:-1], n) float32."""
-        info = type_info(name)
+        info = _info(name)
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
         if n % info.block_size or raw.shape[-1] != info.row_bytes(n):
             raise ValueError(f"{name}: rows of {n} values take {info.row_bytes(n)} bytes, got shape {raw.shape}")
@@ -192,9 +208,15 @@ def _checked_out(out, shape, dtype):
 _loaded: dict = {}
 
 
+def _info(name: str):
+    """kvlab.types.type_info, imported here rather than at the top (see the module docstring)."""
+    from kvlab.types import type_info
+    return type_info(name)
+
+
 def load(lib_dir=None) -> GGML:
     """The library in lib_dir (default: KVLAB_GGML_LIB, then ggml-python's), loaded once per directory."""
-    key = str(lib_dir if lib_dir is not None else default_lib_dir())
+    key = str(find_lib_dir(lib_dir))
     if key not in _loaded:
         _loaded[key] = GGML(key)
     return _loaded[key]
