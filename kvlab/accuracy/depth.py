@@ -49,6 +49,7 @@ import numpy as np
 
 from kvlab import device as dev
 from kvlab.accuracy.attention import group_queries, softmax_rows, store, unrotate
+from kvlab.accuracy.metrics import norm, softmax_kl, tensor_rel_l2
 from kvlab.rotation import RotationPlan, rotate, rotation_plan
 from kvlab.accuracy.synthetic import SyntheticConfig, head_structure, query_lean
 from kvlab.rope import rope
@@ -220,24 +221,6 @@ def exact_stack(cfg: StackConfig, place=None) -> Stack:
     return Stack(layers, h0, mask, exact)
 
 
-def _rel_l2(approx, exact) -> float:
-    norm = _norm(exact)
-    return _norm(approx - exact) / norm if norm else 0.0
-
-
-def _norm(x) -> float:
-    return float((x * x).sum() ** 0.5)
-
-
-def _masked_kl(exact_logits, approx_logits, mask) -> float:
-    """Mean over rows of KL(softmax(exact) || softmax(approx)), masked entries left out."""
-    xp = dev.namespace(exact_logits)
-    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) - log(0) on masked entries, dropped by the where
-        log_p, log_q = xp.log(softmax_rows(exact_logits)), xp.log(softmax_rows(approx_logits))
-        terms = xp.where(mask, xp.exp(log_p) * (log_p - log_q), 0.0)
-    return float(terms.sum(axis=-1).mean())
-
-
 def compare_stack(stack: Stack, cfg: StackConfig, cache):
     """The run with quantized caches, layer by layer against the exact run: one metrics dict per depth.
 
@@ -252,15 +235,15 @@ def compare_stack(stack: Stack, cfg: StackConfig, cache):
         # the same layer on the exact run's input: the error it adds on its own
         own_k, own_v, _ = cache(exact.k, exact.v)
         _, own_out = _attention(exact.q, own_k, own_v, plan, stack.mask)
-        own2 += _norm(layer.g_attn * (_merge(own_out - exact.out) @ layer.wo)) ** 2
+        own2 += norm(layer.g_attn * (_merge(own_out - exact.out) @ layer.wo)) ** 2
         yield {
-            "hidden_rel_l2": _rel_l2(h, exact.hidden),
-            "hidden_own_rel_l2": own2 ** 0.5 / _norm(exact.hidden),
-            "attn_rel_l2": _rel_l2(out, exact.out),
-            "attn_local_rel_l2": _rel_l2(own_out, exact.out),
-            "kl": _masked_kl(exact.logits, logits, stack.mask),
-            "k_rel_l2": _rel_l2(unrotate(dev.cast(k_cache, "float64"), plan.k), dev.cast(exact.k, "float64")),
-            "v_rel_l2": _rel_l2(unrotate(dev.cast(v_cache, "float64"), plan.v), dev.cast(exact.v, "float64")),
+            "hidden_rel_l2": tensor_rel_l2(h, exact.hidden),
+            "hidden_own_rel_l2": own2 ** 0.5 / norm(exact.hidden),
+            "attn_rel_l2": tensor_rel_l2(out, exact.out),
+            "attn_local_rel_l2": tensor_rel_l2(own_out, exact.out),
+            "kl": float(softmax_kl(exact.logits, logits, stack.mask).mean()),
+            "k_rel_l2": tensor_rel_l2(unrotate(dev.cast(k_cache, "float64"), plan.k), dev.cast(exact.k, "float64")),
+            "v_rel_l2": tensor_rel_l2(unrotate(dev.cast(v_cache, "float64"), plan.v), dev.cast(exact.v, "float64")),
         }
 
 

@@ -5,24 +5,40 @@
 - ``out_cos``: mean over query rows of the cosine between approx and exact output rows.
 - ``topk_overlap``: mean over query rows of |top-k(exact) & top-k(approx)| / k of the attended keys.
 Arrays have the query rows on all axes but the last (keys for logits, channels for outputs).
+norm, tensor_rel_l2 and softmax_kl take numpy arrays or torch tensors (kvlab.device: the layer-growth
+stack measures on its device); the rest runs on the host.
 """
 import numpy as np
 
+from kvlab import device
+
+
+def norm(x) -> float:
+    """The 2-norm of the whole tensor."""
+    return float(device.namespace(x).linalg.norm(x))
+
 
 def tensor_rel_l2(approx, exact) -> float:
-    norm = np.linalg.norm(exact)
-    return float(np.linalg.norm(np.asarray(approx, np.float64) - exact) / norm) if norm else 0.0
+    scale = norm(exact)
+    return norm(device.cast(approx, "float64") - exact) / scale if scale else 0.0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def log_softmax(logits):
+    xp = device.namespace(logits)
+    shifted = logits - xp.amax(logits, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def softmax_kl(exact_logits: np.ndarray, approx_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, p = softmax(exact), q = softmax(approx)."""
+def softmax_kl(exact_logits, approx_logits, mask=None):
+    """KL(p || q) per row, p = softmax(exact), q = softmax(approx); keys outside `mask` (a causal mask: -inf
+    logits on both sides) are left out."""
+    xp = device.namespace(exact_logits)
     log_p, log_q = log_softmax(exact_logits), log_softmax(approx_logits)
-    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=-1), 0.0)
+    with np.errstate(invalid="ignore"):   # masked keys: 0 * (-inf - -inf), dropped by the where
+        terms = xp.exp(log_p) * (log_p - log_q)
+    if mask is not None:
+        terms = xp.where(mask, terms, 0.0)
+    return terms.sum(axis=-1).clip(0.0)   # rounding can leave a lossless row a hair below 0
 
 
 def row_cosine(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
