@@ -10,26 +10,17 @@ Dequantize shifts the half back up (exact).
 import numpy as np
 from numba import njit, prange
 
-from .fp import CUDA, bf16_to_fp32, fp32_to_bf16
-
-TYPE_SIZE = 2
-
-
-@njit(cache=True)
-def quantize_value(v, flavor):
-    if flavor == CUDA and v != v:
-        return np.uint16(0x7FFF)
-    return fp32_to_bf16(v)
+from .fp import bf16_bits, bf16_to_fp32, f32_bits
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_bf16(x, out, flavor):
-    """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8."""
+def quantize_row_bf16(x, out, flavor, rcp_table=None):
+    """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8; no flavor divides, so rcp_table is unused."""
     n_rows, n_cols = x.shape
     halves = out.view(np.uint16)  # (rows, cols)
     for r in prange(n_rows):
         for c in range(n_cols):
-            halves[r, c] = quantize_value(x[r, c], flavor)
+            halves[r, c] = bf16_bits(f32_bits(x[r, c]), flavor)
 
 
 @njit(parallel=True, cache=True)

@@ -14,10 +14,10 @@ Dequantize is exact for every half (``ggml_compute_fp16_to_fp32``; NaN payload k
 import numpy as np
 from numba import njit, prange
 
-from .blocks import cuda_fp32_to_fp16
-from .fp import CPU, CUDA, f32_bits, fp16_to_fp32, fp32_to_fp16
+from . import CPU, CUDA
+from .fp import f32_bits, fp16_to_fp32, fp32_to_fp16
+from .scalar import cuda_fp32_to_fp16
 
-TYPE_SIZE = 2
 _SIMD_WIDTH = 4  # the narrowest F16C chunk ggml_cpu_fp32_to_fp16 uses before its scalar tail
 
 
@@ -32,8 +32,8 @@ def f16c_fp32_to_fp16(f):
 
 
 @njit(parallel=True, cache=True)
-def quantize_row_f16(x, out, flavor):
-    """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8."""
+def quantize_row_f16(x, out, flavor, rcp_table=None):
+    """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8; no flavor divides, so rcp_table is unused."""
     n_rows, n_cols = x.shape
     halves = out.view(np.uint16)  # (rows, cols)
     simd_cols = n_cols - n_cols % _SIMD_WIDTH

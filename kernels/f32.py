@@ -6,12 +6,10 @@ f32 row unchanged. The kernels take any (rows, cols) float32 array and write (ro
 import numpy as np
 from numba import njit, prange
 
-TYPE_SIZE = 4
-
 
 @njit(parallel=True, cache=True)
-def quantize_row_f32(x, out, flavor):
-    """x: (rows, cols) float32 -> out: (rows, 4 * cols) uint8; flavor is accepted and unused."""
+def quantize_row_f32(x, out, flavor, rcp_table=None):
+    """x: (rows, cols) float32 -> out: (rows, 4 * cols) uint8; flavor and rcp_table are accepted and unused."""
     src = x.view(np.uint32)   # (rows, cols): integers, so no float load can touch a NaN
     dst = out.view(np.uint32)  # (rows, cols)
     for r in prange(src.shape[0]):

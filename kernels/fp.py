@@ -10,8 +10,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 from llvmlite import ir
 
-# Flavor codes passed into kernels (see kvlab.types.FLAVORS).
-REF, CPU, CUDA = 0, 1, 2
+from . import CUDA
 
 
 @intrinsic
@@ -94,11 +93,15 @@ def bf16_to_fp32(h):
 
 
 @njit(cache=True, inline="always")
-def fp32_to_bf16(f):
-    """ggml_compute_fp32_to_bf16 (ggml-impl.h): round to nearest even, NaN made quiet."""
-    u = f32_bits(f)
+def bf16_bits(u, flavor):
+    """The bfloat16 bits a flavor writes for the float32 bits u: ggml_compute_fp32_to_bf16 (ggml-impl.h;
+    ggml-cpu's loop is the same), round to nearest even, NaN made quiet (top half | 0x0040); cuda's
+    __float2bfloat16 (cvt.rn.bf16.f32) rounds the same and writes NaN as the canonical 0x7FFF.
+
+    Plain integer code on the bits, so its source (``bf16_bits.py_func``) also compiles as a CUDA device
+    function (kernels/cuda/quantizers.py): one rounding, two targets."""
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint16((u >> np.uint32(16)) | np.uint32(64))
+        return np.uint16(0x7FFF) if flavor == CUDA else np.uint16((u >> np.uint32(16)) | np.uint32(64))
     return np.uint16((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
 
 

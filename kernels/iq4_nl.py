@@ -17,7 +17,7 @@ cuda (``quantize_f32_iq4_nl_block``, -use_fast_math): the same indices, but the 
 pairs (j, j+16), ``sum += w0*q0*x0 + w1*q1*x1`` (nvcc fuses the first product of each pair into an
 FMA), there is no 1e-15 early exit, and d falls back to ``max / -127`` when the sum of w q^2 is not
 > 0; subnormals flush, ``1/d`` and the divisions are approximate (emulated as correctly rounded: see
-blocks.cuda_rcp).
+scalar.cuda_rcp).
 
 Bytes kvlab defines: when a block's largest magnitude is below 1e-15 (all zeros, all subnormal, all
 NaN), the ref stores d = 0 and packs qs from a stack array it did not write for this block (the
@@ -28,15 +28,14 @@ cuda flavor writes for an all-zero block.
 import numpy as np
 from numba import njit, prange
 
-from .blocks import cuda_div, cuda_fp32_to_fp16, load_half, scale_inverse, store_u16
-from .fp import CUDA, fma32, fp32_to_fp16
-from .q5_0 import signed_absmax
+from . import CUDA, REF
+from .fp import fma32, fp32_to_fp16
+from .scalar import cuda_div, cuda_fp32_to_fp16, first_absmax, load_half, scale_inverse, store_half
 
-QK = 32
-TYPE_SIZE = 18
 _QS = 2            # byte offset of qs
-_HALF_QK = QK // 2
 
+# kvalues_iq4nl (ggml-common.h): the 16 levels, the one copy in kvlab (the GPU kernels and
+# kvlab.viz.blocks_view read it from here)
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 KVALUES_F32 = KVALUES.astype(np.float32)    # ggml converts each int8 entry to float where it is used
 GROUP_MAX_EPS = np.float32(1e-15)           # ggml-quants.c: below this a block is quantized to zero
@@ -62,26 +61,27 @@ def best_index(x):
 
 
 @njit(cache=True)
-def _quantize_block_ref(xb, yb):
-    vmax = signed_absmax(xb, 0)
+def _quantize_block_ref(x, y, i):
+    vmax = first_absmax(x, i, REF)
+    half = x.shape[1] // 2
     if abs(vmax) < GROUP_MAX_EPS:
-        store_u16(yb, 0, fp32_to_fp16(np.float32(0.0)))
-        for j in range(_HALF_QK):
-            yb[_QS + j] = np.uint8(ZERO_INDEX | ZERO_INDEX << 4)
+        store_half(y, i, 0, fp32_to_fp16(np.float32(0.0)))
+        for j in range(half):
+            y[i, _QS + j] = np.uint8(ZERO_INDEX | ZERO_INDEX << 4)
         return
     idv = np.float32(1.0) / (vmax / KVALUES_F32[0])
-    for j in range(_HALF_QK):
-        yb[_QS + j] = np.uint8(best_index(idv * xb[j]) | best_index(idv * xb[j + _HALF_QK]) << 4)
+    for j in range(half):
+        y[i, _QS + j] = np.uint8(best_index(idv * x[i, j]) | best_index(idv * x[i, j + half]) << 4)
     sumqx = np.float32(0.0)        # in order j = 0..31: the low nibbles, then the high ones
     sumq2 = np.float32(0.0)
-    for half in range(2):
-        for j in range(_HALF_QK):
-            v = xb[_HALF_QK * half + j]
-            q = KVALUES_F32[(yb[_QS + j] >> (4 * half)) & 0x0F]
+    for h in range(2):
+        for j in range(half):
+            v = x[i, half * h + j]
+            q = KVALUES_F32[(y[i, _QS + j] >> (4 * h)) & 0x0F]
             wq = (v * v) * q
             sumqx += wq * v
             sumq2 += wq * q
-    store_u16(yb, 0, fp32_to_fp16(sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)))
+    store_half(y, i, 0, fp32_to_fp16(sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)))
 
 
 @njit(cache=True)
@@ -97,36 +97,38 @@ def _mul(a, b):
 
 
 @njit(cache=True)
-def _quantize_block_cuda(xb, yb, rcp_table):
-    d = cuda_div(signed_absmax(xb, CUDA), KVALUES_F32[0], rcp_table)
+def _quantize_block_cuda(x, y, i, rcp_table):
+    d = cuda_div(first_absmax(x, i, CUDA), KVALUES_F32[0], rcp_table)
     idv = scale_inverse(d, CUDA, rcp_table)
-    for j in range(_HALF_QK):
-        yb[_QS + j] = np.uint8(best_index(_mul(xb[j], idv)) | best_index(_mul(xb[j + _HALF_QK], idv)) << 4)
+    half = x.shape[1] // 2
+    for j in range(half):
+        y[i, _QS + j] = np.uint8(best_index(_mul(x[i, j], idv)) | best_index(_mul(x[i, j + half], idv)) << 4)
     sumqx = np.float32(0.0)
     sumq2 = np.float32(0.0)
-    for j in range(_HALF_QK):
-        v0 = xb[j]
-        v1 = xb[j + _HALF_QK]
-        q0 = KVALUES_F32[yb[_QS + j] & 0x0F]
-        q1 = KVALUES_F32[yb[_QS + j] >> 4]
+    for j in range(half):
+        v0 = x[i, j]
+        v1 = x[i, j + half]
+        q0 = KVALUES_F32[y[i, _QS + j] & 0x0F]
+        q1 = KVALUES_F32[y[i, _QS + j] >> 4]
         wq0 = _mul(_mul(v0, v0), q0)
         wq1 = _mul(_mul(v1, v1), q1)
         sumqx = _flush(sumqx + _flush(fma32(wq0, _flush(v0), _mul(wq1, v1))))
         sumq2 = _flush(sumq2 + _flush(fma32(wq0, q0, _mul(wq1, q1))))
-    store_u16(yb, 0, cuda_fp32_to_fp16(cuda_div(sumqx, sumq2, rcp_table) if sumq2 > 0 else d))
+    store_half(y, i, 0, cuda_fp32_to_fp16(cuda_div(sumqx, sumq2, rcp_table) if sumq2 > 0 else d))
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (18,) uint8."""
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 18) uint8."""
     if flavor == CUDA:
-        _quantize_block_cuda(xb, yb, rcp_table)
+        _quantize_block_cuda(x, y, i, rcp_table)
     else:
-        _quantize_block_ref(xb, yb)
+        _quantize_block_ref(x, y, i)
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 18) uint8 -> x (n_blocks, 32) float32."""
     d = load_half(y, i, 0)
     half = x.shape[1] // 2
     for j in range(half):
@@ -135,20 +137,15 @@ def _dequantize(y, x, i):
         x[i, j + half] = d * KVALUES_F32[b >> 4]
 
 
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 18), (1, 32)
-
-
 @njit(parallel=True, cache=True)
 def quantize_row_iq4_nl(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8."""
     for i in prange(x.shape[0]):
-        quantize_block(x[i], out[i], flavor, rcp_table)
+        quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_iq4_nl(raw, out):
     """raw: (n_blocks, 18) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

@@ -12,27 +12,25 @@ An all-zero block stores d = -0.0 (0x8000) and q = 8.
 
 cuda (``quantize_f32_q4_0_block``, -use_fast_math): subnormals flush to zero in the search and in
 every arithmetic op, ``x*id + 8.5f`` is one fused multiply-add, ``1/d`` approximate: exact given the
-measured rcp table, else correctly rounded (see blocks.cuda_rcp).
+measured rcp table, else correctly rounded (see scalar.cuda_rcp).
 
 NaN/Inf (C's float->int8 of NaN is undefined): kvlab writes what x86 writes, q = 0 for a NaN
 (cvttss2si's INT_MIN, low byte 0); CUDA's cvt also gives 0. A block holding +-Inf has d = -+Inf,
 id = -+0, so finite values get q = 8 and the Inf itself q = 0.
 
-Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (scalar.is_ordinary) takes a fast path
 (ref, cpu): no NaN, and every x*id + 8.5 lies in [0.4, 16.6], so the int8 cast needs no range select.
 Any other block, and the cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (abs_bits_max, cuda_div, cuda_fp32_to_fp16, first_absmax, first_absmax_of, is_ordinary,
-                     load_half, pack_nibbles, ptx_trunc_i8, scale_inverse, store_half, store_u16, trunc_i8)
-from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
+from . import CUDA, REF
+from .fp import fma32, fp32_to_fp16, ftz
+from .scalar import (cuda_div, cuda_fp32_to_fp16, first_absmax, first_of_abs_bits, is_ordinary, load_half,
+                     max_abs_bits, pack_nibbles, ptx_trunc_i8, scale_inverse, store_half, trunc_i8)
 
-QK = 32
-TYPE_SIZE = 18
 _QS = 2  # byte offset of qs
-_HALF_QK = QK // 2
 _MINUS_8 = np.float32(-8.0)
 _OFFSET = np.float32(8.5)  # +8 to centre, +0.5 so truncation rounds
 
@@ -48,31 +46,32 @@ def _q_cuda(v, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (18,) uint8."""
-    vmax = first_absmax(xb, flavor)
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 18) uint8."""
+    vmax = first_absmax(x, i, flavor)
     if flavor == CUDA:
         d = cuda_div(vmax, _MINUS_8)
-        store_u16(yb, 0, cuda_fp32_to_fp16(d))
+        store_half(y, i, 0, cuda_fp32_to_fp16(d))
     else:
         d = vmax / _MINUS_8
-        store_u16(yb, 0, fp32_to_fp16(d))
+        store_half(y, i, 0, fp32_to_fp16(d))
     idv = scale_inverse(d, flavor, rcp_table)
-    for j in range(_HALF_QK):
+    half = x.shape[1] // 2
+    for j in range(half):
         if flavor == CUDA:
-            lo, hi = _q_cuda(xb[j], idv), _q_cuda(xb[j + _HALF_QK], idv)
+            lo, hi = _q_cuda(x[i, j], idv), _q_cuda(x[i, j + half], idv)
         else:
-            lo, hi = _q_ref(xb[j], idv), _q_ref(xb[j + _HALF_QK], idv)
-        yb[_QS + j] = pack_nibbles(lo, hi)
+            lo, hi = _q_ref(x[i, j], idv), _q_ref(x[i, j + half], idv)
+        y[i, _QS + j] = pack_nibbles(lo, hi)
 
 
 @njit(cache=True, inline="always")
 def _quantize_ordinary(x, y, i):
     """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
-    bits = abs_bits_max(x, i)
+    bits = max_abs_bits(x, i, False, False)
     if not is_ordinary(bits):
         return False
-    d = first_absmax_of(x, i, bits) / _MINUS_8
+    d = first_of_abs_bits(x, i, bits, False) / _MINUS_8
     store_half(y, i, 0, fp32_to_fp16(d))
     idv = scale_inverse(d, REF)
     half = x.shape[1] // 2
@@ -84,7 +83,8 @@ def _quantize_ordinary(x, y, i):
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 18) uint8 -> x (n_blocks, 32) float32."""
     d = load_half(y, i, 0)
     half = x.shape[1] // 2
     for j in range(half):
@@ -93,24 +93,19 @@ def _dequantize(y, x, i):
         x[i, j + half] = np.float32(np.int32(b >> 4) - 8) * d
 
 
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 18), (1, 32)
-
-
 @njit(parallel=True, cache=True)
 def quantize_row_q4_0(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 18) uint8.
 
-    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    rcp_table: scalar.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
         if flavor == CUDA or not _quantize_ordinary(x, out, i):
-            quantize_block(x[i], out[i], flavor, rcp_table)
+            quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q4_0(raw, out):
     """raw: (n_blocks, 18) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

@@ -14,28 +14,26 @@ d = 0, m = the constant, q = 0.
 cuda (``quantize_f32_q4_1_block``, -use_fast_math; same FLT_MAX start as ref in this ggml):
 subnormals flush in compares and arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add,
 ``/15`` and ``1/d`` approximate: ``/15`` is exactly ``* RN(1/15)`` (measured), ``1/d`` is exact given
-the measured rcp table, else correctly rounded (see blocks.cuda_rcp).
+the measured rcp table, else correctly rounded (see scalar.cuda_rcp).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA cvt of NaN). An all-NaN block keeps
 min = FLT_MAX, max = -FLT_MAX: d = -Inf, m = +Inf (fp16 overflow). Any +-Inf in a block makes
 d = Inf and every q 0.
 
 Row kernels: a block without NaN, all |x| <= 2**100, min != 0 and d = 0 or >= 2**-100
-(blocks.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
+(scalar.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
 (x - min)*id + 0.5 lies in [0.5, 15.6], so the int8 cast needs no range select. Any other block, and the
 cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (cuda_div, cuda_fp32_to_fp16, load_half, min_max, ordinary_min_max, pack_nibbles,
-                     ptx_trunc_i8, scale_add, scale_inverse, store_half, store_u16, trunc_i8)
-from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
+from . import CUDA, REF
+from .fp import fma32, fp32_to_fp16, ftz
+from .scalar import (cuda_div, cuda_fp32_to_fp16, load_half, min_max, ordinary_min_max, pack_nibbles, ptx_trunc_i8,
+                     scale_add, scale_inverse, store_half, trunc_i8)
 
-QK = 32
-TYPE_SIZE = 20
 _QS = 4  # byte offset of qs
-_HALF_QK = QK // 2
 _15 = np.float32(15.0)
 _HALF = np.float32(0.5)
 
@@ -51,24 +49,25 @@ def _q_cuda(v, vmin, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (20,) uint8."""
-    vmin, vmax = min_max(xb, flavor)
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 20) uint8."""
+    vmin, vmax = min_max(x, i, flavor == CUDA, False)
     if flavor == CUDA:
         d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _15)
-        store_u16(yb, 0, cuda_fp32_to_fp16(d))
-        store_u16(yb, 2, cuda_fp32_to_fp16(vmin))
+        store_half(y, i, 0, cuda_fp32_to_fp16(d))
+        store_half(y, i, 2, cuda_fp32_to_fp16(vmin))
     else:
         d = (vmax - vmin) / _15
-        store_u16(yb, 0, fp32_to_fp16(d))
-        store_u16(yb, 2, fp32_to_fp16(vmin))
+        store_half(y, i, 0, fp32_to_fp16(d))
+        store_half(y, i, 2, fp32_to_fp16(vmin))
     idv = scale_inverse(d, flavor, rcp_table)
-    for j in range(_HALF_QK):
+    half = x.shape[1] // 2
+    for j in range(half):
         if flavor == CUDA:
-            lo, hi = _q_cuda(xb[j], vmin, idv), _q_cuda(xb[j + _HALF_QK], vmin, idv)
+            lo, hi = _q_cuda(x[i, j], vmin, idv), _q_cuda(x[i, j + half], vmin, idv)
         else:
-            lo, hi = _q_ref(xb[j], vmin, idv), _q_ref(xb[j + _HALF_QK], vmin, idv)
-        yb[_QS + j] = pack_nibbles(lo, hi)
+            lo, hi = _q_ref(x[i, j], vmin, idv), _q_ref(x[i, j + half], vmin, idv)
+        y[i, _QS + j] = pack_nibbles(lo, hi)
 
 
 @njit(cache=True, inline="always")
@@ -89,7 +88,8 @@ def _quantize_ordinary(x, y, i):
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 20) uint8 -> x (n_blocks, 32) float32."""
     d = load_half(y, i, 0)
     m = load_half(y, i, 2)
     half = x.shape[1] // 2
@@ -99,24 +99,19 @@ def _dequantize(y, x, i):
         x[i, j + half] = scale_add(np.float32(b >> 4) * d, m)
 
 
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 20), (1, 32)
-
-
 @njit(parallel=True, cache=True)
 def quantize_row_q4_1(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 20) uint8.
 
-    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    rcp_table: scalar.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
         if flavor == CUDA or not _quantize_ordinary(x, out, i):
-            quantize_block(x[i], out[i], flavor, rcp_table)
+            quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q4_1(raw, out):
     """raw: (n_blocks, 20) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

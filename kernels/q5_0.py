@@ -12,48 +12,40 @@ it): max is the first value of largest magnitude, ``d = max / -16``, ``id = d ? 
 
 cuda (``quantize_f32_q5_0_block``, -use_fast_math): the same formulas, but subnormals flush in
 compares and arithmetic, ``x*id + 16.5f`` is one fused multiply-add and ``1/d`` is approximate
-(emulated exactly with the measured rcp.approx table: see blocks.cuda_rcp).
+(emulated exactly with the measured rcp.approx table: see scalar.cuda_rcp).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si gives INT_MIN, low byte 0; CUDA converts NaN to 0).
 A +-Inf in a block makes d = -+Inf, id = -+0: every finite value gets q = 16, the Inf q = 0.
 
-Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (scalar.is_ordinary) takes a fast path
 (ref, cpu): no NaN, and every x*id + 16.5 lies in [0.4, 32.6], so the int8 cast needs no range select.
 Any other block, and the cuda flavor, go through quantize_block.
 
-The qh packing here is shared with q5_1.
+The 5-bit packing (qs and qh) here is shared with q5_1.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (abs_bits_max, cuda_fp32_to_fp16, first_absmax_of, is_ordinary, load_half,
-                     ptx_trunc_i8, scale_inverse, store_half, store_u16, trunc_i8)
-from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
+from . import CUDA, REF
+from .fp import fma32, fp32_to_fp16, ftz
+from .scalar import (cuda_fp32_to_fp16, first_absmax, first_of_abs_bits, is_ordinary, load_half, max_abs_bits,
+                     ptx_trunc_i8, scale_inverse, store_half, store_u32, trunc_i8)
 
-QK = 32
-TYPE_SIZE = 22
 _QH, _QS = 2, 6    # byte offsets of qh and qs
-_HALF_QK = QK // 2
 _16_5 = np.float32(16.5)
 # qh bit j as a table: a shift by a run-time j is done in 64-bit lanes (Numba widens uint32), a load is not
-_BIT = np.array([1 << j for j in range(QK)], np.uint32)
+_BIT = np.array([1 << j for j in range(32)], np.uint32)
 _NO_BIT = np.uint32(0)
 
 
 # ---- the 5-bit layout, shared with q5_1 --------------------------------------------------------
 
 @njit(cache=True)
-def store_q5_pair(yb, qs_off, j, lo, hi):
+def store_q5_pair(y, i, qs_off, j, lo, hi):
     """Write q[j] = lo and q[j+16] = hi (ints, low 5 bits kept, as C's uint8_t & masks keep them)
-    into qs; return their two qh bits."""
-    yb[qs_off + j] = np.uint8((lo & 0x0F) | ((hi & 0x0F) << 4))
-    return (np.uint32((lo >> 4) & 1) << np.uint32(j)) | (np.uint32((hi >> 4) & 1) << np.uint32(j + _HALF_QK))
-
-
-@njit(cache=True)
-def store_u32(yb, off, v):
-    for k in range(4):
-        yb[off + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
+    into block i's qs; return their two qh bits."""
+    y[i, qs_off + j] = np.uint8((lo & 0x0F) | ((hi & 0x0F) << 4))
+    return (np.uint32((lo >> 4) & 1) << np.uint32(j)) | (np.uint32((hi >> 4) & 1) << np.uint32(j + 16))
 
 
 @njit(cache=True, inline="always")
@@ -66,8 +58,7 @@ def store_q5_values(y, i, qh_off, qs_off, q_of, x, params):
         hi = np.int32(q_of(x[i, j + half], params))
         y[i, qs_off + j] = np.uint8((lo & np.int32(0x0F)) | ((hi & np.int32(0x0F)) << np.int32(4)))
         qh = np.uint32(qh | (_BIT[j] if lo >= 16 else _NO_BIT) | (_BIT[j + half] if hi >= 16 else _NO_BIT))
-    for k in range(4):
-        y[i, qh_off + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+    store_u32(y, i, qh_off, qh)
 
 
 @njit(cache=True, inline="always")
@@ -85,26 +76,6 @@ def load_q5_values(y, i, qh_off, qs_off, x, value_of, params):
         x[i, j + half] = value_of(hi, params)
 
 
-# ---- the scale search, shared with iq4_nl -----------------------------------------------------
-
-@njit(cache=True)
-def signed_absmax(xb, flavor):
-    """ggml's `max`: the first value of largest magnitude, from amax = max = +0 with a strict compare,
-    so NaN never wins, nor does a subnormal under CUDA's ftz, and a block of zeros gives +0.
-
-    blocks.first_absmax answers the same question with vectorized integer keys, but is 3x slower on
-    32 values and returns xb[0] (maybe -0, or a subnormal) where ggml keeps its +0."""
-    amax = np.float32(0.0)
-    vmax = np.float32(0.0)
-    for j in range(QK):
-        v = xb[j]
-        a = abs(ftz(v)) if flavor == CUDA else abs(v)
-        if a > amax:
-            amax = a
-            vmax = v
-    return vmax
-
-
 # ---- q5_0 --------------------------------------------------------------------------------------
 
 @njit(cache=True)
@@ -118,24 +89,25 @@ def _q_cuda(v, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (22,) uint8."""
-    vmax = signed_absmax(xb, flavor)
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 22) uint8."""
+    vmax = first_absmax(x, i, flavor)
     if flavor == CUDA:
         d = ftz(ftz(vmax) * np.float32(-1.0 / 16))    # / -16 is exact: nvcc multiplies
-        store_u16(yb, 0, cuda_fp32_to_fp16(d))
+        store_half(y, i, 0, cuda_fp32_to_fp16(d))
     else:
         d = vmax / np.float32(-16.0)
-        store_u16(yb, 0, fp32_to_fp16(d))
+        store_half(y, i, 0, fp32_to_fp16(d))
     idv = scale_inverse(d, flavor, rcp_table)
+    half = x.shape[1] // 2
     qh = np.uint32(0)
-    for j in range(_HALF_QK):
+    for j in range(half):
         if flavor == CUDA:
-            lo, hi = _q_cuda(xb[j], idv), _q_cuda(xb[j + _HALF_QK], idv)
+            lo, hi = _q_cuda(x[i, j], idv), _q_cuda(x[i, j + half], idv)
         else:
-            lo, hi = _q_ref(xb[j], idv), _q_ref(xb[j + _HALF_QK], idv)
-        qh |= store_q5_pair(yb, _QS, j, lo, hi)
-    store_u32(yb, _QH, qh)
+            lo, hi = _q_ref(x[i, j], idv), _q_ref(x[i, j + half], idv)
+        qh |= store_q5_pair(y, i, _QS, j, lo, hi)
+    store_u32(y, i, _QH, qh)
 
 
 @njit(cache=True, inline="always")
@@ -146,10 +118,10 @@ def _q_ordinary(v, idv):
 @njit(cache=True, inline="always")
 def _quantize_ordinary(x, y, i):
     """Block i by the ref (= cpu) flavor if it is ordinary (see the docstring); False if not."""
-    bits = abs_bits_max(x, i)
+    bits = max_abs_bits(x, i, False, False)
     if not is_ordinary(bits):
         return False
-    d = first_absmax_of(x, i, bits) / np.float32(-16.0)
+    d = first_of_abs_bits(x, i, bits, False) / np.float32(-16.0)
     store_half(y, i, 0, fp32_to_fp16(d))
     store_q5_values(y, i, _QH, _QS, _q_ordinary, x, scale_inverse(d, REF))
     return True
@@ -161,13 +133,9 @@ def _value(q, d):
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 22) uint8 -> x (n_blocks, 32) float32."""
     load_q5_values(y, i, _QH, _QS, x, _value, load_half(y, i, 0))
-
-
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 22), (1, 32)
 
 
 @njit(parallel=True, cache=True)
@@ -175,11 +143,11 @@ def quantize_row_q5_0(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 22) uint8."""
     for i in prange(x.shape[0]):
         if flavor == CUDA or not _quantize_ordinary(x, out, i):
-            quantize_block(x[i], out[i], flavor, rcp_table)
+            quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q5_0(raw, out):
     """raw: (n_blocks, 22) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

@@ -14,50 +14,29 @@ it): min and max searched from FLT_MAX / -FLT_MAX (NaN never taken), ``d = (max 
 cuda (``quantize_f32_q5_1_block``, -use_fast_math): min and max start from x[0] and run
 ``min = v < min ? v : min`` over the rest (a NaN in x[0] stays); subnormals flush in compares and
 arithmetic, ``(x - min)*id + 0.5f`` is one fused multiply-add, ``/31`` and ``1/d`` are approximate
-(emulated exactly with the rcp.approx table measured on an H100: see blocks.cuda_rcp; without the
+(emulated exactly with the rcp.approx table measured on an H100: see scalar.cuda_rcp; without the
 table, a correctly rounded reciprocal is one ulp off for 13% of divisors).
 
 NaN/Inf: a NaN value gets q = 0 (x86 cvttss2si low byte; CUDA converts NaN to 0). An all-NaN block
 gives ref d = -Inf, m = +Inf (FLT_MAX rounds to the half infinity), cuda d = m = NaN (0x7FFF).
 
 Row kernels: a block without NaN, all |x| <= 2**100, min != 0 and d = 0 or >= 2**-100
-(blocks.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
+(scalar.ordinary_min_max) takes a fast path (ref, cpu): min and max are integer reductions, and every
 (x - min)*id + 0.5 lies in [0.5, 31.6], so the int cast needs no range select. Any other block, and the
 cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_half, ordinary_min_max, ptx_cast_i32,
-                     scale_add, scale_inverse, store_half, store_u16)
-from .fp import CUDA, REF, fma32, fp32_to_fp16, ftz
-from .q5_0 import load_q5_values, store_q5_pair, store_q5_values, store_u32
+from . import CUDA, REF
+from .fp import fma32, fp32_to_fp16, ftz
+from .q5_0 import load_q5_values, store_q5_pair, store_q5_values
+from .scalar import (c_cast_i32, cuda_div, cuda_fp32_to_fp16, load_half, min_max, ordinary_min_max, ptx_cast_i32,
+                     scale_add, scale_inverse, store_half, store_u32)
 
-QK = 32
-TYPE_SIZE = 24
 _QH, _QS = 4, 8    # byte offsets of qh and qs
-_HALF_QK = QK // 2
 _31 = np.float32(31.0)
-_FLT_MAX = np.float32(3.4028234663852886e38)
 _HALF = np.float32(0.5)
-
-
-@njit(cache=True)
-def _min_max(xb, flavor):
-    """ref: `if (v < min) min = v` from FLT_MAX (and max from -FLT_MAX); cuda: from x[0], comparing
-    flushed values. NaN is never taken. (blocks.min_max is the same for ref, 4x slower on 32 values.)"""
-    cuda = flavor == CUDA
-    vmin = xb[0] if cuda else _FLT_MAX
-    vmax = xb[0] if cuda else -_FLT_MAX
-    for j in range(1 if cuda else 0, QK):
-        v = xb[j]
-        if cuda:
-            vmin = v if ftz(v) < ftz(vmin) else vmin
-            vmax = v if ftz(v) > ftz(vmax) else vmax
-        else:
-            vmin = v if v < vmin else vmin
-            vmax = v if v > vmax else vmax
-    return vmin, vmax
 
 
 @njit(cache=True)
@@ -71,26 +50,28 @@ def _q_cuda(v, vmin, idv):
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (24,) uint8."""
-    vmin, vmax = _min_max(xb, flavor)
-    if flavor == CUDA:
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 24) uint8."""
+    cuda = flavor == CUDA
+    vmin, vmax = min_max(x, i, cuda, cuda)      # ggml-cuda starts from x[0]
+    if cuda:
         d = cuda_div(ftz(ftz(vmax) - ftz(vmin)), _31, rcp_table)
-        store_u16(yb, 0, cuda_fp32_to_fp16(d))
-        store_u16(yb, 2, cuda_fp32_to_fp16(vmin))
+        store_half(y, i, 0, cuda_fp32_to_fp16(d))
+        store_half(y, i, 2, cuda_fp32_to_fp16(vmin))
     else:
         d = (vmax - vmin) / _31
-        store_u16(yb, 0, fp32_to_fp16(d))
-        store_u16(yb, 2, fp32_to_fp16(vmin))
+        store_half(y, i, 0, fp32_to_fp16(d))
+        store_half(y, i, 2, fp32_to_fp16(vmin))
     idv = scale_inverse(d, flavor, rcp_table)
+    half = x.shape[1] // 2
     qh = np.uint32(0)
-    for j in range(_HALF_QK):
-        if flavor == CUDA:
-            lo, hi = _q_cuda(xb[j], vmin, idv), _q_cuda(xb[j + _HALF_QK], vmin, idv)
+    for j in range(half):
+        if cuda:
+            lo, hi = _q_cuda(x[i, j], vmin, idv), _q_cuda(x[i, j + half], vmin, idv)
         else:
-            lo, hi = _q_ref(xb[j], vmin, idv), _q_ref(xb[j + _HALF_QK], vmin, idv)
-        qh |= store_q5_pair(yb, _QS, j, lo, hi)
-    store_u32(yb, _QH, qh)
+            lo, hi = _q_ref(x[i, j], vmin, idv), _q_ref(x[i, j + half], vmin, idv)
+        qh |= store_q5_pair(y, i, _QS, j, lo, hi)
+    store_u32(y, i, _QH, qh)
 
 
 @njit(cache=True, inline="always")
@@ -118,13 +99,9 @@ def _value(q, params):
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 24) uint8 -> x (n_blocks, 32) float32."""
     load_q5_values(y, i, _QH, _QS, x, _value, (load_half(y, i, 0), load_half(y, i, 2)))
-
-
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 24), (1, 32)
 
 
 @njit(parallel=True, cache=True)
@@ -132,11 +109,11 @@ def quantize_row_q5_1(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 24) uint8."""
     for i in prange(x.shape[0]):
         if flavor == CUDA or not _quantize_ordinary(x, out, i):
-            quantize_block(x[i], out[i], flavor, rcp_table)
+            quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q5_1(raw, out):
     """raw: (n_blocks, 24) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

@@ -14,52 +14,50 @@ Flavors (quantize; dequantize is the same for all):
   halves to even (``_mm256_round_ps``), int32 -> int8 by saturating packs.
 - cuda ``quantize_f32_q8_0_block`` with -use_fast_math: ``fmaxf`` (ignores NaN), subnormals flushed,
   ``amax/127`` = ``amax * RN(1/127)`` (measured), ``1/d`` approximate: exact given the measured rcp
-  table, else correctly rounded (see blocks.cuda_rcp); halves away from zero.
+  table, else correctly rounded (see scalar.cuda_rcp); halves away from zero.
 
 NaN/Inf (C leaves float->int8 of NaN or of an out-of-range value undefined; kvlab writes what
 the x86 build writes): ref stores the low byte of cvttss2si's INT_MIN, 0x00; cpu saturates
 INT_MIN to 0x80 (-128); cuda's cvt gives 0 for NaN. ``d`` NaN is stored as 0x7E00|sign (ref, cpu)
 and 0x7FFF (cuda).
 
-Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (blocks.is_ordinary) takes a fast path
+Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (scalar.is_ordinary) takes a fast path
 (ref, cpu): no NaN, so the max is an integer max, and every |x*id| <= 127, so the casts need neither
 their range selects nor saturation. Any other block, and the cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (abs_bits_max, add_half_away, c_cast_i32, cuda_div, cuda_fp32_to_fp16, is_ordinary, load_half,
-                     low_byte, max_abs_key, ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse,
-                     store_half, store_u16)
-from .fp import CPU, CUDA, REF, f32_from_bits, fp32_to_fp16, ftz
+from . import CPU, CUDA, REF
+from .fp import f32_from_bits, fp32_to_fp16, ftz
+from .scalar import (add_half_away, c_cast_i32, cuda_div, cuda_fp32_to_fp16, is_ordinary, load_half, low_byte,
+                     max_abs_bits, ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse, store_half)
 
-QK = 32
-TYPE_SIZE = 34
 _QS = 2  # byte offset of qs
 _127 = np.float32(127.0)
 _INF_BITS = np.uint32(0x7F800000)  # |x| bits above this are NaN
 
 
 @njit(cache=True)
-def _ref_absmax(xb):
-    bits = max_abs_key(xb, False, False)
+def _ref_absmax(x, i):
+    bits = max_abs_bits(x, i, False, False)
     if bits <= _INF_BITS:
         return f32_from_bits(bits)
     amax = np.float32(0.0)  # a NaN is there: replay ggml's MAX macro, which keeps it only briefly
-    for j in range(QK):
-        a = abs(xb[j])
+    for j in range(x.shape[1]):
+        a = abs(x[i, j])
         amax = amax if amax > a else a
     return amax
 
 
 @njit(cache=True)
-def _quantize_block_ref(xb, yb):
-    amax = _ref_absmax(xb)
+def _quantize_block_ref(x, y, i):
+    amax = _ref_absmax(x, i)
     d = amax / _127
     idv = scale_inverse(d, REF)
-    store_u16(yb, 0, fp32_to_fp16(d))
-    for j in range(QK):
-        yb[_QS + j] = low_byte(c_cast_i32(roundf32(xb[j] * idv)))
+    store_half(y, i, 0, fp32_to_fp16(d))
+    for j in range(x.shape[1]):
+        y[i, _QS + j] = low_byte(c_cast_i32(roundf32(x[i, j] * idv)))
 
 
 @njit(cache=True)
@@ -68,70 +66,61 @@ def _max_ps(a, b):
 
 
 @njit(cache=True)
-def _lane_absmax(xb, lane):
-    m = abs(xb[lane])
+def _lane_absmax(x, i, lane):
+    m = abs(x[i, lane])
     for k in range(1, 4):
-        m = _max_ps(m, abs(xb[8 * k + lane]))
+        m = _max_ps(m, abs(x[i, 8 * k + lane]))
     return m
 
 
 @njit(cache=True)
-def _avx_absmax(xb):
-    bits = max_abs_key(xb, False, False)
+def _avx_absmax(x, i):
+    bits = max_abs_bits(x, i, False, False)
     if bits <= _INF_BITS:
         return f32_from_bits(bits)
-    return _avx_absmax_tree(xb)  # a NaN is there: where it ends up depends on the lane tree
-
-
-@njit(cache=True)
-def _avx_absmax_tree(xb):
-    # 8 lanes of 4 loads each, then 128-bit halves (high, low), movehl, movehdup.
-    q0 = _max_ps(_lane_absmax(xb, 4), _lane_absmax(xb, 0))
-    q1 = _max_ps(_lane_absmax(xb, 5), _lane_absmax(xb, 1))
-    q2 = _max_ps(_lane_absmax(xb, 6), _lane_absmax(xb, 2))
-    q3 = _max_ps(_lane_absmax(xb, 7), _lane_absmax(xb, 3))
+    # a NaN is there: where it ends up depends on the lane tree, 8 lanes of 4 loads each, then
+    # 128-bit halves (high, low), movehl, movehdup
+    q0 = _max_ps(_lane_absmax(x, i, 4), _lane_absmax(x, i, 0))
+    q1 = _max_ps(_lane_absmax(x, i, 5), _lane_absmax(x, i, 1))
+    q2 = _max_ps(_lane_absmax(x, i, 6), _lane_absmax(x, i, 2))
+    q3 = _max_ps(_lane_absmax(x, i, 7), _lane_absmax(x, i, 3))
     return _max_ps(_max_ps(q0, q2), _max_ps(q1, q3))
 
 
 @njit(cache=True)
-def _quantize_block_cpu(xb, yb):
-    amax = _avx_absmax(xb)
-    store_u16(yb, 0, fp32_to_fp16(amax / _127))  # GGML_CPU_FP32_TO_FP16 is the software one on x86
+def _quantize_block_cpu(x, y, i):
+    amax = _avx_absmax(x, i)
+    store_half(y, i, 0, fp32_to_fp16(amax / _127))  # GGML_CPU_FP32_TO_FP16 is the software one on x86
     idv = _127 / amax if amax != np.float32(0.0) else np.float32(0.0)
-    for j in range(QK):
-        yb[_QS + j] = saturate_i8(c_cast_i32(round_even32(xb[j] * idv)))
+    for j in range(x.shape[1]):
+        y[i, _QS + j] = saturate_i8(c_cast_i32(round_even32(x[i, j] * idv)))
 
 
 @njit(cache=True)
-def _quantize_block_cuda(xb, yb, rcp_table):
-    amax = f32_from_bits(max_abs_key(xb, True, True))  # fmaxf drops NaN; max.ftz flushes
+def _quantize_block_cuda(x, y, i, rcp_table):
+    amax = f32_from_bits(max_abs_bits(x, i, True, True))  # fmaxf drops NaN; max.ftz flushes
     d = cuda_div(amax, _127)
     idv = scale_inverse(d, CUDA, rcp_table)
-    store_u16(yb, 0, cuda_fp32_to_fp16(d))
-    for j in range(QK):
-        yb[_QS + j] = low_byte(ptx_cast_i32(roundf32(ftz(ftz(xb[j]) * idv))))
+    store_half(y, i, 0, cuda_fp32_to_fp16(d))
+    for j in range(x.shape[1]):
+        y[i, _QS + j] = low_byte(ptx_cast_i32(roundf32(ftz(ftz(x[i, j]) * idv))))
 
 
 @njit(cache=True)
-def quantize_block(xb, yb, flavor, rcp_table=None):
-    """One block: xb (32,) float32 -> yb (34,) uint8."""
+def quantize_block(x, y, i, flavor, rcp_table=None):
+    """Block i: x (n_blocks, 32) float32 -> y (n_blocks, 34) uint8."""
     if flavor == CPU:
-        _quantize_block_cpu(xb, yb)
+        _quantize_block_cpu(x, y, i)
     elif flavor == CUDA:
-        _quantize_block_cuda(xb, yb, rcp_table)
+        _quantize_block_cuda(x, y, i, rcp_table)
     else:
-        _quantize_block_ref(xb, yb)
-
-
-@njit(cache=True)
-def dequantize_block(yb, xb):
-    _dequantize(yb.reshape((1, TYPE_SIZE)), xb.reshape((1, QK)), 0)  # (1, 34), (1, 32)
+        _quantize_block_ref(x, y, i)
 
 
 @njit(cache=True, inline="always")
 def _quantize_ordinary(x, y, i, flavor):
     """Block i by the ref or cpu flavor if it is ordinary (see the docstring); False if not."""
-    bits = abs_bits_max(x, i)
+    bits = max_abs_bits(x, i, False, False)
     if not is_ordinary(bits):
         return False
     amax = f32_from_bits(bits)
@@ -149,7 +138,8 @@ def _quantize_ordinary(x, y, i, flavor):
 
 
 @njit(cache=True, inline="always")
-def _dequantize(y, x, i):
+def dequantize_block(y, x, i):
+    """Block i: y (n_blocks, 34) uint8 -> x (n_blocks, 32) float32."""
     d = load_half(y, i, 0)
     for j in range(x.shape[1]):
         x[i, j] = np.float32(np.int8(y[i, _QS + j])) * d
@@ -159,15 +149,15 @@ def _dequantize(y, x, i):
 def quantize_row_q8_0(x, out, flavor, rcp_table=None):
     """x: (n_blocks, 32) float32 -> out: (n_blocks, 34) uint8.
 
-    rcp_table: blocks.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
+    rcp_table: scalar.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
     for i in prange(x.shape[0]):
         if flavor == CUDA or not _quantize_ordinary(x, out, i, flavor):
-            quantize_block(x[i], out[i], flavor, rcp_table)
+            quantize_block(x, out, i, flavor, rcp_table)
 
 
 @njit(parallel=True, cache=True)
 def dequantize_row_q8_0(raw, out):
     """raw: (n_blocks, 34) uint8 -> out: (n_blocks, 32) float32."""
     for i in prange(raw.shape[0]):
-        _dequantize(raw, out, i)
+        dequantize_block(raw, out, i)

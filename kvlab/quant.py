@@ -5,17 +5,12 @@ The bytes in ``QTensor.raw`` are exactly ggml's: a row of n values is
 array can be written into a GGUF file or a llama.cpp state file as is.
 """
 from dataclasses import dataclass
-import importlib
 
 import numpy as np
 
 from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, like, to_numpy
-from kvlab.kernels.blocks import rcp_approx_table
+from kvlab.kernels.scalar import rcp_approx_table
 from kvlab.types import TYPES, flavor_code, type_info
-
-
-def _kernel_module(type_name: str):
-    return importlib.import_module(f"kvlab.kernels.{type_name}")
 
 
 @dataclass
@@ -119,13 +114,9 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
     raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
     if xs.size:
-        kernel = getattr(_kernel_module(type), f"quantize_row_{type}")
         values, data = _kernel_views(info, xs, raw)
-        if info.is_quantized:
-            # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
-            kernel(values, data, code, rcp_approx_table())
-        else:
-            kernel(values, data, code)
+        # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
+        info.quantize_row(values, data, code, rcp_approx_table())
     return QTensor(like(raw, x), type, shape, flavor)
 
 
@@ -146,7 +137,7 @@ def dequantize(q: QTensor):
     out = np.empty(q.shape, dtype=np.float32)
     if out.size:
         values, data = _kernel_views(info, out, raw)
-        getattr(_kernel_module(q.type), f"dequantize_row_{q.type}")(data, values)
+        info.dequantize_row(data, values)
     return like(out, q.raw)
 
 

@@ -18,13 +18,9 @@ row_bytes = kvlab.types row_bytes(cols) (ggml_row_size); n is a power of two div
 4096 (32 .. 4096 for the fused kernels). 16-byte aligned arrays take the fast paths (torch's and
 numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
-(kvlab.rotation.hadamard_scale(n)). numpy 2.5 dropped np.row_stack, which numba-cuda 0.30.4
-still calls when it compiles: an alias is set here, before the first compile.
+(kvlab.rotation.hadamard_scale(n)).
 """
 import numpy as np
-
-if not hasattr(np, "row_stack"):
-    np.row_stack = np.vstack
 
 
 def _k():
@@ -93,7 +89,11 @@ def _tiles(n_values):
 
 def _steps(n_steps):
     k = _k()
-    return (max(1, min(1 << 16, -(-n_steps // k.SCALAR_TPB))), k.SCALAR_TPB)
+    return (max(1, min(1 << 16, -(-n_steps // k.VALUE_TPB))), k.VALUE_TPB)
+
+
+def _value_bits(d, info):
+    return d.view(np.uint32 if info.type_size == 4 else np.uint16)      # (rows, cols) value bits
 
 
 def quantize(x, out, type_name, flavor_code):
@@ -130,15 +130,14 @@ def _write(x, out, type_name, flavor_code, row_ids, n, scale):
     if not info.is_quantized:
         _check_value_alignment(od, info, "out")
         if cols % 4 == 0 and _aligned(xd, 16) and _aligned(od, 16):
-            k.scalar_quantize_kernel(type_name)[_steps(xd.size // 4)](
+            k.value_kernels(info).quantize[_steps(xd.size // 4)](
                 _flat(xd), _flat(od), flavor_code, xd.size // 4, cols, ids, row_ids is not None)
         else:
-            view = od.view(np.float32 if type_name == "f32" else np.uint16)      # (rows, cols) values
-            k.scalar_quantize_kernel_any[_steps(xd.size)](k.SCALAR_CODES[type_name], xd, view, flavor_code,
-                                                          ids, row_ids is not None)
+            k.value_kernels(info).quantize_any[_steps(xd.size)](xd, _value_bits(od, info), flavor_code,
+                                                                ids, row_ids is not None)
         return
     width = 16 if remap == 0 and _aligned(od, 16) else 4 if remap % 4 == 0 and _aligned(od, 4) else 1
-    k.quantize_kernel(type_name, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
+    k.quantize_kernel(info, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
                                                                     _aligned(xd, 16), width, ids, remap, n,
                                                                     np.float32(scale))
 
@@ -166,12 +165,11 @@ def _read(raw, out, type_name, n, scale):
     if not info.is_quantized:
         _check_value_alignment(rd, info, "raw")
         if cols % 4 == 0 and _aligned(rd, 16) and _aligned(od, 16):
-            k.scalar_dequantize_kernel(type_name)[_steps(od.size // 4)](_flat(rd), _flat(od), od.size // 4)
+            k.value_kernels(info).dequantize[_steps(od.size // 4)](_flat(rd), _flat(od), od.size // 4)
         else:
-            view = rd.view(np.float32 if type_name == "f32" else np.uint16)      # (rows, cols) values
-            k.scalar_dequantize_kernel_any[_steps(od.size)](k.SCALAR_CODES[type_name], view, od)
+            k.value_kernels(info).dequantize_any[_steps(od.size)](_value_bits(rd, info), od)
         return
-    k.dequantize_kernel(type_name)[_tiles(od.size)](_flat(rd), _flat(od), od.size // 32, _aligned(rd, 16),
+    k.dequantize_kernel(info)[_tiles(od.size)](_flat(rd), _flat(od), od.size // 32, _aligned(rd, 16),
                                                     _aligned(od, 16), n, np.float32(scale))
 
 

@@ -9,32 +9,59 @@ Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, o
   4. the staged TPB * type_size bytes leave as coalesced 16-byte words (4-byte words, or single
      bytes, to row_ids' rows for set_rows or when the output is not aligned).
 Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every thread runs steps
-2-3, rows past the end too (zeros, never stored): no divergence around the barriers. The type's code
-and type_size (and for quantize the flavor) are compile-time constants of a per-type kernel (a
-closure), so a kernel holds one type's (and flavor's) code only, and numba caches each on disk.
+2-3, rows past the end too (zeros, never stored): no divergence around the barriers.
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
+
+Kernels per type are templates instantiated with the type's device functions (its DeviceCodec, from
+kvlab.types' TypeInfo.gpu_codec()), as set-rows.cu instantiates its kernel with
+``quantize_f32_<type>_block``: the codec's functions, the type size and the flavor are bound as the
+instance's globals (UPPER CASE names below), which numba compiles as constants, so an instance holds
+one type's (and flavor's) code only. Not a closure: numba keys a closure's disk cache by its pickled
+cells, and a device function pickles with a fresh id in every process; each instance has its own name,
+which keeps its disk cache apart.
 """
 import functools
+import types
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, uint8, uint32
 
-from . import blocks as B
+from .. import FLAVORS
 from .fwht import rotate_row
-from .ops import (SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4,
-                  st_u32, st_u32x2, st_u32x4)
+from .ops import SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4, st_u32, st_u32x2, st_u32x4
+from .quantizers import BEST_INDEX_LUT, KVALUES
 from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
 
-QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "iq4_nl": 3, "q5_0": 4, "q5_1": 5}
-TYPE_SIZES = (34, 18, 20, 18, 22, 24)
-SCALAR_CODES = {"f32": 0, "f16": 1, "bf16": 2}
-SCALAR_TPB = 32 if SIM else 256
+
+def _load_array_overloads():
+    """numba-cuda 0.30.4 registers an overload of np.row_stack when it loads its array overloads (at
+    the first compile), and numpy 2.5 has no np.row_stack: load them now, with an alias there for that
+    moment only, so that numpy stays as it is for everyone else."""
+    missing = not hasattr(np, "row_stack")
+    if missing:
+        np.row_stack = np.vstack
+    try:
+        from numba.cuda.np import arrayobj  # noqa: F401
+    finally:
+        if missing:
+            del np.row_stack
+
+
+if not SIM:
+    _load_array_overloads()
+
+VALUE_TPB = 32 if SIM else 256
 # 64 registers hold a row (32) and its packed words without spills (ptxas -v); 8 CUDA blocks per SM
 TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=64)
-_LUT = B.BEST_INDEX_LUT
-_KV = B.KVALUES
 
+
+def _instantiate(template, name, jit_options, **constants):
+    """cuda.jit of `template` with `constants` as globals, under its own name."""
+    fn = types.FunctionType(template.__code__, {**template.__globals__, **constants}, name)
+    fn.__qualname__ = name
+    return cuda.jit(**jit_options)(fn)
 
 
 # ---- staging buffer <-> global bytes -----------------------------------------------------------
@@ -105,90 +132,70 @@ def load_table(table, values):
 
 
 # ---- the block-type kernels --------------------------------------------------------------------
-@functools.cache
-def quantize_kernel(type_name, flavor):
-    """kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale): x flat float32
-    (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k] of y;
-    n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time constant
-    too: a kernel then holds only its flavor's per-value code, not the other flavors' selects."""
-    code = QUANT_CODES[type_name]
-    ts = TYPE_SIZES[code]
-    stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
-
-    @cuda.jit(**TILE_JIT)
-    def kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
-        tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
-        stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        lut = cuda.shared.array(32, uint32)
-        kv = cuda.shared.array(16, float32)
-        first = np.int64(cuda.blockIdx.x) * TPB
-        r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (blocks.py)
-        if code == 3:                         # `code` is a constant: numba drops the other branches
-            load_table(lut, _LUT)
-            load_table(kv, _KV)
-        load_tile(tile, x, first * 32, n_blocks * 32, vec)
-        cuda.syncthreads()
-        row = cuda.local.array(32, float32)
-        read_row(tile, r, row)
-        if n > 0:
-            rotate_row(tile, row, n, scale, TPB)
-        if code == 0:
-            B.quantize_q8_0(row, stage, r * ts, flavor)
-        elif code == 1:
-            B.quantize_q4_0(row, stage, r * ts, flavor)
-        elif code == 2:
-            B.quantize_q4_1(row, stage, r * ts, flavor)
-        elif code == 3:
-            B.quantize_iq4_nl(row, stage, r * ts, flavor, lut, kv)
-        elif code == 4:
-            B.quantize_q5_0(row, stage, r * ts, flavor)
-        else:
-            B.quantize_q5_1(row, stage, r * ts, flavor)
-        cuda.syncthreads()
-        store_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, width, row_ids, row_bytes)
-
-    return kernel
+def _quantize(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
+    """Template (QUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, FLAVOR, TABLES): see quantize_kernel."""
+    tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
+    stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821 (instance constants)
+    lut = cuda.shared.array(32, uint32)
+    kv = cuda.shared.array(16, float32)
+    first = np.int64(cuda.blockIdx.x) * TPB
+    r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (quantizers.py)
+    if TABLES:                            # noqa: F821  a constant: numba drops the branch for other types
+        load_table(lut, BEST_INDEX_LUT)
+        load_table(kv, KVALUES)
+    load_tile(tile, x, first * 32, n_blocks * 32, vec)
+    cuda.syncthreads()
+    row = cuda.local.array(32, float32)
+    read_row(tile, r, row)
+    if n > 0:
+        rotate_row(tile, row, n, scale, TPB)
+    QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, lut, kv)  # noqa: F821
+    cuda.syncthreads()
+    store_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE,  # noqa: F821
+                width, row_ids, row_bytes)
 
 
 @functools.cache
-def dequantize_kernel(type_name):
-    """kernel(y, out, n_blocks, wide, vec, n, scale): y flat uint8 -> out flat float32;
+def quantize_kernel(info, flavor):
+    """kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale) for a block type (a TypeInfo):
+    x flat float32 (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k]
+    of y; n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time
+    constant too: a kernel then holds only its flavor's per-value code, not the other flavors' selects."""
+    codec = info.gpu_codec()
+    return _instantiate(_quantize, f"quantize_{info.name}_{FLAVORS[flavor]}", TILE_JIT,
+                        QUANTIZE_BLOCK=codec.quantize, TYPE_SIZE=info.type_size,
+                        STAGE_BYTES=TPB * info.type_size,  # a shared array's size: one constant
+                        FLAVOR=flavor, TABLES=codec.tables)
+
+
+def _dequantize(y, out, n_blocks, wide, vec, n, scale):
+    """Template (DEQUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, TABLES): see dequantize_kernel."""
+    tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
+    stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821
+    kv = cuda.shared.array(16, float32)
+    first = np.int64(cuda.blockIdx.x) * TPB
+    r = np.uint32(cuda.threadIdx.x)
+    if TABLES:                            # noqa: F821
+        load_table(kv, KVALUES)
+    load_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE, wide)  # noqa: F821
+    cuda.syncthreads()
+    row = cuda.local.array(32, float32)
+    DEQUANTIZE_BLOCK(stage, r * TYPE_SIZE, row, kv)  # noqa: F821
+    if n > 0:
+        rotate_row(tile, row, n, scale, TPB)
+    write_row(tile, r, row)
+    cuda.syncthreads()
+    store_tile(tile, out, first * 32, n_blocks * 32, vec)
+
+
+@functools.cache
+def dequantize_kernel(info):
+    """kernel(y, out, n_blocks, wide, vec, n, scale) for a block type: y flat uint8 -> out flat float32;
     n > 0: out = dequantize(y) @ H_n chunkwise."""
-    code = QUANT_CODES[type_name]
-    ts = TYPE_SIZES[code]
-    stage_bytes = TPB * ts          # a shared array's size must be one constant, not an expression
-
-    @cuda.jit(**TILE_JIT)
-    def kernel(y, out, n_blocks, wide, vec, n, scale):
-        tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
-        stage = cuda.shared.array(stage_bytes, uint8, alignment=ALIGN)
-        kv = cuda.shared.array(16, float32)
-        first = np.int64(cuda.blockIdx.x) * TPB
-        r = np.uint32(cuda.threadIdx.x)
-        if code == 3:
-            load_table(kv, _KV)
-        load_bytes(stage, y, first * ts, min(TPB, n_blocks - first) * ts, wide)
-        cuda.syncthreads()
-        row = cuda.local.array(32, float32)
-        if code == 0:
-            B.dequantize_q8_0(stage, r * ts, row)
-        elif code == 1:
-            B.dequantize_q4_0(stage, r * ts, row)
-        elif code == 2:
-            B.dequantize_q4_1(stage, r * ts, row)
-        elif code == 3:
-            B.dequantize_iq4_nl(stage, r * ts, row, kv)
-        elif code == 4:
-            B.dequantize_q5_0(stage, r * ts, row)
-        else:
-            B.dequantize_q5_1(stage, r * ts, row)
-        if n > 0:
-            rotate_row(tile, row, n, scale, TPB)
-        write_row(tile, r, row)
-        cuda.syncthreads()
-        store_tile(tile, out, first * 32, n_blocks * 32, vec)
-
-    return kernel
+    codec = info.gpu_codec()
+    return _instantiate(_dequantize, f"dequantize_{info.name}", TILE_JIT,
+                        DEQUANTIZE_BLOCK=codec.dequantize, TYPE_SIZE=info.type_size,
+                        STAGE_BYTES=TPB * info.type_size, TABLES=codec.tables)
 
 
 @cuda.jit(**TILE_JIT)
@@ -208,68 +215,58 @@ def rotate_kernel(x, out, total, vec, n, scale):
 
 
 # ---- f32 / f16 / bf16 --------------------------------------------------------------------------
+# Instance constants: VALUE_BITS(v, flavor, in_simd_chunk) -> bits, BITS_VALUE(bits) -> v (the type's
+# DeviceCodec), WIDE: 4-byte values (f32), else 2-byte ones packed two to a 32-bit word.
 @device
 def _pack(lo, hi):
     return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
 
 
-@functools.cache
-def scalar_quantize_kernel(type_name):
-    """kernel(x, y, flavor, n_quads, cols, row_ids, has_rows): x flat float32, y flat uint8;
-    rows of cols values (cols % 4 == 0; every row's values are then in ggml-cpu's F16C chunks)."""
-    code = SCALAR_CODES[type_name]
-
-    @cuda.jit(cache=True)
-    def kernel(x, y, flavor, n_quads, cols, row_ids, has_rows):
-        for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
-            e = np.int64(q) * 4
-            d = e
-            if has_rows:
-                r = e // cols
-                d = row_ids[r] * cols + (e - r * cols)
-            v = ld_f32x4(x, e)
-            if code == 0:
-                st_u32x4(y, 4 * d, f32_bits(v[0]), f32_bits(v[1]), f32_bits(v[2]), f32_bits(v[3]))
-            elif code == 1:
-                st_u32x2(y, 2 * d, _pack(B.f16_bits(v[0], flavor, True), B.f16_bits(v[1], flavor, True)),
-                         _pack(B.f16_bits(v[2], flavor, True), B.f16_bits(v[3], flavor, True)))
-            else:
-                st_u32x2(y, 2 * d, _pack(B.bf16_bits(v[0], flavor), B.bf16_bits(v[1], flavor)),
-                         _pack(B.bf16_bits(v[2], flavor), B.bf16_bits(v[3], flavor)))
-
-    return kernel
+@device
+def _low(w):
+    return np.uint16(w & np.uint32(0xFFFF))
 
 
 @device
-def _half(w, k, code):
-    h = np.uint16((w >> np.uint32(16 * k)) & np.uint32(0xFFFF))
-    return f16_bits_to_f32(h) if code == 1 else B.bf16_to_f32(h)
+def _high(w):
+    return np.uint16(w >> np.uint32(16))
 
 
-@functools.cache
-def scalar_dequantize_kernel(type_name):
-    """kernel(y, out, n_quads): y flat uint8 -> out flat float32, 4 values per step."""
-    code = SCALAR_CODES[type_name]
+def _value_quantize(x, y, flavor, n_quads, cols, row_ids, has_rows):
+    """Template: x flat float32, y flat uint8; rows of cols values (cols % 4 == 0: every row's values
+    are then in ggml-cpu's F16C chunks)."""
+    for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
+        e = np.int64(q) * 4
+        d = e
+        if has_rows:
+            r = e // cols
+            d = row_ids[r] * cols + (e - r * cols)
+        v = ld_f32x4(x, e)
+        b0 = VALUE_BITS(v[0], flavor, True)   # noqa: F821
+        b1 = VALUE_BITS(v[1], flavor, True)   # noqa: F821
+        b2 = VALUE_BITS(v[2], flavor, True)   # noqa: F821
+        b3 = VALUE_BITS(v[3], flavor, True)   # noqa: F821
+        if WIDE:                              # noqa: F821
+            st_u32x4(y, 4 * d, b0, b1, b2, b3)
+        else:
+            st_u32x2(y, 2 * d, _pack(b0, b1), _pack(b2, b3))
 
-    @cuda.jit(cache=True)
-    def kernel(y, out, n_quads):
-        for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
-            e = np.int64(q) * 4
-            if code == 0:
-                w = ld_u32x4(y, 4 * e)
-                st_f32x4(out, e, f32_from_bits(w[0]), f32_from_bits(w[1]), f32_from_bits(w[2]),
-                         f32_from_bits(w[3]))
-            else:
-                w = ld_u32x2(y, 2 * e)
-                st_f32x4(out, e, _half(w[0], 0, code), _half(w[0], 1, code), _half(w[1], 0, code),
-                         _half(w[1], 1, code))
 
-    return kernel
+def _value_dequantize(y, out, n_quads):
+    """Template: y flat uint8 -> out flat float32, 4 values per step."""
+    for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
+        e = np.int64(q) * 4
+        if WIDE:                              # noqa: F821
+            w = ld_u32x4(y, 4 * e)
+            st_f32x4(out, e, BITS_VALUE(w[0]), BITS_VALUE(w[1]), BITS_VALUE(w[2]), BITS_VALUE(w[3]))  # noqa: F821
+        else:
+            w = ld_u32x2(y, 2 * e)
+            st_f32x4(out, e, BITS_VALUE(_low(w[0])), BITS_VALUE(_high(w[0])),  # noqa: F821
+                     BITS_VALUE(_low(w[1])), BITS_VALUE(_high(w[1])))            # noqa: F821
 
 
-@cuda.jit(cache=True)
-def scalar_quantize_kernel_any(code, x, y, flavor, row_ids, has_rows):
-    """One value per step: x (rows, cols) float32 -> y (dest_rows, cols) of float32 / uint16 bits."""
+def _value_quantize_any(x, y, flavor, row_ids, has_rows):
+    """Template, one value per step: x (rows, cols) float32 -> y (dest_rows, cols) of value bits."""
     n = x.shape[0] * x.shape[1]
     cols = x.shape[1]
     simd_end = cols - cols % 4          # ggml-cpu's F16C chunks end here; the tail is scalar code
@@ -277,25 +274,30 @@ def scalar_quantize_kernel_any(code, x, y, flavor, row_ids, has_rows):
         r = e // cols
         c = e % cols
         dr = row_ids[r] if has_rows else r
-        v = x[r, c]
-        if code == 0:
-            y[dr, c] = v
-        elif code == 1:
-            y[dr, c] = B.f16_bits(v, flavor, c < simd_end)
-        else:
-            y[dr, c] = B.bf16_bits(v, flavor)
+        y[dr, c] = VALUE_BITS(x[r, c], flavor, c < simd_end)  # noqa: F821
 
 
-@cuda.jit(cache=True)
-def scalar_dequantize_kernel_any(code, y, out):
+def _value_dequantize_any(y, out):
+    """Template, one value per step: y (rows, cols) of value bits -> out (rows, cols) float32."""
     n = out.shape[0] * out.shape[1]
     cols = out.shape[1]
     for e in range(cuda.grid(1), n, cuda.gridsize(1)):
         r = e // cols
         c = e % cols
-        if code == 0:
-            out[r, c] = y[r, c]
-        elif code == 1:
-            out[r, c] = f16_bits_to_f32(y[r, c])
-        else:
-            out[r, c] = B.bf16_to_f32(y[r, c])
+        out[r, c] = BITS_VALUE(y[r, c])        # noqa: F821
+
+
+class ValueKernels(NamedTuple):
+    quantize: object        # (x, y, flavor, n_quads, cols, row_ids, has_rows), 4 values a step
+    dequantize: object      # (y, out, n_quads)
+    quantize_any: object    # (x, y, flavor, row_ids, has_rows), one value a step
+    dequantize_any: object  # (y, out)
+
+
+@functools.cache
+def value_kernels(info):
+    """The four value kernels of f32, f16 or bf16 (a TypeInfo), instantiated with its DeviceCodec."""
+    codec = info.gpu_codec()
+    constants = dict(VALUE_BITS=codec.quantize, BITS_VALUE=codec.dequantize, WIDE=info.type_size == 4)
+    return ValueKernels(*(_instantiate(t, f"{t.__name__[1:]}_{info.name}", dict(cache=True), **constants)
+                          for t in (_value_quantize, _value_dequantize, _value_quantize_any, _value_dequantize_any)))

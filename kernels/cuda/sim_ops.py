@@ -2,16 +2,15 @@
 
 numpy float32 scalars round to nearest like the GPU's ``.rn`` instructions; FMA is made exact
 through a float64 product (exact for float32 inputs) and a round-to-odd float64 sum;
-rcp.approx.ftz.f32 reads the table measured on an H100 (tools/cuda_golden/rcp_approx_delta.npz).
+rcp.approx.ftz.f32 reads the table measured on an H100 (the CPU kernels' scalar.rcp_approx_table()).
 """
 from fractions import Fraction
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from ..scalar import rcp_approx_table
+
 _f32 = np.float32
-_TABLE = Path(__file__).resolve().parents[2] / "tools" / "cuda_golden" / "rcp_approx_delta.npz"
 _MIN_NORMAL = _f32(1.1754943508222875e-38)
 
 
@@ -88,18 +87,13 @@ def fma_ftz(a, b, c):
     return ftz(fma(ftz(a), ftz(b), ftz(c)))
 
 
-@lru_cache(maxsize=1)
-def _rcp_delta():
-    return np.load(_TABLE)["rcp_delta"]
-
-
 @_quiet
 def rcp_approx(x):
     x = ftz(x)
     if x == 0 or np.isinf(x) or np.isnan(x):
         return _f32(1.0) / x
     r = _f32(1.0) / x
-    bits = np.uint32(f32_bits(r) + np.uint32(np.int64(_rcp_delta()[f32_bits(x) & 0x7FFFFF]) & 0xFFFFFFFF))
+    bits = np.uint32(f32_bits(r) + np.uint32(np.int64(rcp_approx_table()[f32_bits(x) & 0x7FFFFF]) & 0xFFFFFFFF))
     return ftz(f32_from_bits(bits))
 
 

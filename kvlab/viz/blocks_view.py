@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvlab.kernels.iq4_nl import KVALUES
 from kvlab.quant import dequantize, quantize
 from kvlab.types import type_info
 
-# kvalues_iq4nl (ggml-common.h): the 16 non-uniform levels of iq4_nl
-IQ4NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+# kvalues_iq4nl (ggml-common.h): the 16 non-uniform levels of iq4_nl (kept once, beside its kernels)
+IQ4NL_LEVELS = KVALUES
 
 
 @dataclass(frozen=True)

@@ -7,39 +7,19 @@ Where ggml's own bytes depend on more than the block's input (iq4_nl ref packs s
 amax < 1e-15: all zeros, float32 subnormals, all NaN),
 the mask leaves them out, and the dequantize test still checks what those blocks decode to.
 """
-import functools
 import hashlib
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvlab
-from kvlab.types import FLAVORS, TYPES
+from kvlab.types import TYPES
+from tests.conftest import GOLDEN, ROOT
 
-GOLDEN = Path(__file__).parent / "golden"
-GOLDEN_INPUTS_PY = Path(__file__).parents[1] / "tools" / "golden_inputs.py"   # tools/ is not a package
+GOLDEN_INPUTS_PY = ROOT / "tools" / "golden_inputs.py"   # tools/ is not a package
 GOLDEN_FILE = {"ref": "ggml_{}.npz", "cpu": "ggml_{}.npz", "cuda": "cuda_{}.npz"}
-
-
-@functools.lru_cache(maxsize=None)
-def inputs() -> dict:
-    with np.load(GOLDEN / "inputs.npz") as f:
-        return {name: f[name] for name in f.files}
-
-
-@functools.lru_cache(maxsize=None)
-def golden(type_name: str, flavor: str) -> dict:
-    path = GOLDEN / GOLDEN_FILE[flavor].format(type_name)
-    if not path.exists():
-        how = ("tools/make_golden.py with the ggml C library" if flavor != "cuda" else
-               "the nvcc harness over ggml-cuda's cpy-utils.cuh on the GPU machine")
-        pytest.fail(f"golden file {path.name} is missing: the {flavor!r} flavor of {type_name} cannot be "
-                    f"checked without it (made by {how})", pytrace=False)
-    with np.load(path) as f:
-        return {name: f[name] for name in f.files}
 
 
 def describe_first_difference(differs, x, expected, got, show, what):
@@ -64,13 +44,9 @@ def hex_bytes(block):
     return bytes(block).hex()
 
 
-QUANTIZE_PARAMS = [(t, fl, case) for t in TYPES for fl in FLAVORS for case in inputs()]
-
-
-@pytest.mark.parametrize("type_name,flavor,case", QUANTIZE_PARAMS)
-def test_quantize_bytes_equal_ggml(type_name, flavor, case):
-    info, x = TYPES[type_name], inputs()[case]
-    gold = golden(type_name, flavor)
+def test_quantize_bytes_equal_ggml(type_name, flavor, case, golden_inputs, golden):
+    info, x = TYPES[type_name], golden_inputs[case]
+    gold = golden(GOLDEN_FILE[flavor].format(type_name))
     expected = gold[f"{case}.{flavor}"]
     defined = gold.get(f"{case}.{flavor}_defined", np.ones(expected.shape, bool))
     got = np.asarray(kvlab.quantize(x, type_name, flavor=flavor).raw)
@@ -82,11 +58,10 @@ def test_quantize_bytes_equal_ggml(type_name, flavor, case):
                                               hex_bytes, f"{type_name} {flavor} on {case!r}"), pytrace=False)
 
 
-@pytest.mark.parametrize("type_name,case", [(t, case) for t in TYPES for case in inputs()])
-def test_dequantize_bits_equal_ggml(type_name, case):
+def test_dequantize_bits_equal_ggml(type_name, case, golden_inputs, golden):
     """to_float of ggml's ref bytes, compared as float32 bit patterns (NaN payloads and -0 included)."""
-    info, x = TYPES[type_name], inputs()[case]
-    gold = golden(type_name, "ref")
+    info, x = TYPES[type_name], golden_inputs[case]
+    gold = golden(GOLDEN_FILE["ref"].format(type_name))
     expected = gold[f"{case}.deq"]
     got = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(gold[f"{case}.ref"], type_name, x.shape)))
     assert got.shape == expected.shape and got.dtype == np.float32, f"dequantize gave {got.dtype} {got.shape}"
@@ -97,13 +72,13 @@ def test_dequantize_bits_equal_ggml(type_name, case):
                                               float_bits, f"{type_name} to_float on {case!r}"), pytrace=False)
 
 
-def test_inputs_file_matches_golden_cases():
+def test_inputs_file_matches_golden_cases(golden_inputs):
     """tests/golden/inputs.npz is what tools/golden_inputs.py generates: edit both or neither."""
     spec = importlib.util.spec_from_file_location("golden_inputs", GOLDEN_INPUTS_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cases = module.golden_cases()
-    stored = inputs()
+    stored = golden_inputs
     assert sorted(stored) == sorted(cases)
     for name, x in cases.items():
         assert stored[name].dtype == x.dtype and stored[name].shape == x.shape, name

@@ -1,25 +1,33 @@
-"""Per-block quantizers and dequantizers as CUDA device functions, for all three flavors.
+"""Per-block quantizers and dequantizers as CUDA device functions, for all three flavors, and the
+per-value conversions of f32/f16/bf16: each type's pair is a DeviceCodec (end of the file), which
+kvlab.types' TypeInfo.gpu_codec() returns and kernels.py instantiates its kernels with.
 
 A block's 32 float32 are in registers: ``row``, a 32-element local array that only constant indices
-touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type>(row, y, o, flavor)``
-writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
-buffer); ``dequantize_<type>(y, o, row)`` is the reverse. Every field of every block struct starts on
+touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type>(row, y, o, flavor,
+lut, kv)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
+buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared tables
+lut and kv (BEST_INDEX_LUT and the iq4_nl levels; only iq4_nl reads them) so that one kernel template
+calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every block struct starts on
 an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and bytes (qs, qh) are
 gathered in 32-bit words in registers first (``words``, a local array too).
 The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
 does: ``ref``/``cpu`` as ggml-quants.c (and x86's q8_0), ``cuda`` as ggml-cuda's cpy-utils.cuh
 under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
-(kvlab.kernels.<type>) define the same bytes; tests/test_cuda_sim.py checks both agree.
+(kvlab.kernels.<type>) define the same bytes; tests/kernels/test_cuda_sim.py checks both agree.
 """
+from typing import Callable, NamedTuple
+
 import numpy as np
 from numba import cuda
 
+from .. import CPU, CUDA, REF
+from ..fp import bf16_bits as cpu_bf16_bits
+from ..iq4_nl import KVALUES_F32 as KVALUES
 from .ops import (add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32,
                   fma_ftz, fmax, fmin, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf,
                   st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
-REF, CPU, CUDA = 0, 1, 2
 QK = 32
 F = np.float32
 _ONE = F(1.0)
@@ -33,7 +41,6 @@ _INV_127 = F(1.0) / F(127.0)
 _INV_M127 = F(1.0) / F(-127.0)
 _INV_15 = F(1.0) / F(15.0)
 _INV_31 = F(1.0) / F(31.0)
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
 
@@ -217,7 +224,7 @@ _q8_bytes = unrolled(_q8_byte, QK, 4)
 
 
 @device
-def quantize_q8_0(row, y, o, flavor):
+def quantize_q8_0(row, y, o, flavor, lut, kv):
     if flavor == CPU:
         amax = _avx_absmax(row)
         d = div(amax, F(127.0))
@@ -244,7 +251,7 @@ _dq8_values = unrolled(_dq8_value, QK, 3)
 
 
 @device
-def dequantize_q8_0(y, o, row):
+def dequantize_q8_0(y, o, row, kv):
     words = cuda.local.array(8, np.uint32)
     get_words_8(y, o + 2, words)
     _dq8_values(words, row, load_half(y, o, 0))
@@ -276,7 +283,7 @@ _q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
 
 
 @device
-def quantize_q4_0(row, y, o, flavor):
+def quantize_q4_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -295,7 +302,7 @@ _dq4_0_pairs = unrolled(_dq4_0_pair, 16, 3)
 
 
 @device
-def dequantize_q4_0(y, o, row):
+def dequantize_q4_0(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 2, words)
     _dq4_0_pairs(words, row, load_half(y, o, 0))
@@ -324,7 +331,7 @@ _q5_0_pairs = unrolled(_q5_0_pair, 16, 4)
 
 
 @device
-def quantize_q5_0(row, y, o, flavor):
+def quantize_q5_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-16.0), F(-0.0625))
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -344,7 +351,7 @@ _dq5_0_pairs = unrolled(_dq5_0_pair, 16, 4)
 
 
 @device
-def dequantize_q5_0(y, o, row):
+def dequantize_q5_0(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 6, words)
     _dq5_0_pairs(words, row, load_half(y, o, 0), get_u32(y, o + 2))
@@ -411,7 +418,7 @@ _q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
 
 
 @device
-def quantize_q4_1(row, y, o, flavor):
+def quantize_q4_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -430,7 +437,7 @@ _dq4_1_pairs = unrolled(_dq4_1_pair, 16, 4)
 
 
 @device
-def dequantize_q4_1(y, o, row):
+def dequantize_q4_1(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 4, words)
     _dq4_1_pairs(words, row, load_half(y, o, 0), load_half(y, o, 2))
@@ -454,7 +461,7 @@ _q5_1_pairs = unrolled(_q5_1_pair, 16, 5)
 
 
 @device
-def quantize_q5_1(row, y, o, flavor):
+def quantize_q5_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -474,7 +481,7 @@ _dq5_1_pairs = unrolled(_dq5_1_pair, 16, 5)
 
 
 @device
-def dequantize_q5_1(y, o, row):
+def dequantize_q5_1(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 8, words)
     _dq5_1_pairs(words, row, load_half(y, o, 0), load_half(y, o, 2), get_u32(y, o + 4))
@@ -606,7 +613,12 @@ def dequantize_iq4_nl(y, o, row, kv):
     _diq4_pairs(words, row, load_half(y, o, 0), kv)
 
 
-# ---- f32 / f16 / bf16: one value at a time ----------------------------------------------------
+# ---- f32 / f16 / bf16: one value at a time, (v, flavor, in_simd_chunk) -> bits, bits -> v ----------
+@device
+def f32_value_bits(v, flavor, in_simd_chunk):
+    return f32_bits(v)          # every flavor moves an f32 row unchanged, NaN payloads included
+
+
 @device
 def f16_bits(v, flavor, in_simd_chunk):
     """ref: software (NaN -> 0x7E00|sign); cpu: F16C inside a row's chunks of 4 (payload kept);
@@ -618,16 +630,36 @@ def f16_bits(v, flavor, in_simd_chunk):
     return half_bits(v, flavor)
 
 
+_bf16_round = device(cpu_bf16_bits.py_func)     # the CPU kernels' rounding, compiled for the GPU
+
+
 @device
-def bf16_bits(v, flavor):
-    u = f32_bits(v)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        if flavor == CUDA:
-            return np.uint16(0x7FFF)
-        return np.uint16((u >> np.uint32(16)) | np.uint32(64))
-    return np.uint16((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+def bf16_bits(v, flavor, in_simd_chunk):
+    return _bf16_round(f32_bits(v), flavor)
 
 
 @device
 def bf16_to_f32(h):
     return f32_from_bits(np.uint32(h) << np.uint32(16))
+
+
+# ---- the codecs: what kernels.py instantiates its kernels with, per type ------------------------
+class DeviceCodec(NamedTuple):
+    """A type's device functions. Block types: quantize(row, y, o, flavor, lut, kv) and
+    dequantize(y, o, row, kv) on one 32-value block; f32/f16/bf16: quantize(v, flavor, in_simd_chunk)
+    -> the value's bits (uint32 / uint16) and dequantize(bits) -> float32. tables: the kernel stages
+    BEST_INDEX_LUT and KVALUES in shared memory for it."""
+    quantize: Callable
+    dequantize: Callable
+    tables: bool = False
+
+
+F32 = DeviceCodec(f32_value_bits, f32_from_bits)
+F16 = DeviceCodec(f16_bits, f16_bits_to_f32)
+BF16 = DeviceCodec(bf16_bits, bf16_to_f32)
+Q8_0 = DeviceCodec(quantize_q8_0, dequantize_q8_0)
+Q4_0 = DeviceCodec(quantize_q4_0, dequantize_q4_0)
+Q4_1 = DeviceCodec(quantize_q4_1, dequantize_q4_1)
+IQ4_NL = DeviceCodec(quantize_iq4_nl, dequantize_iq4_nl, tables=True)
+Q5_0 = DeviceCodec(quantize_q5_0, dequantize_q5_0)
+Q5_1 = DeviceCodec(quantize_q5_1, dequantize_q5_1)

@@ -4,7 +4,6 @@ gguf-py quantizes every type here but iq4_nl, and dequantizes all nine. Its nump
 reference on a few kinds of block, each for a reason in the code, so those blocks are left out (EXCLUDED).
 """
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,7 +15,6 @@ from kvlab.types import TYPES
 gguf = pytest.importorskip("gguf", reason="gguf-py is the independent numpy reference (pip install gguf)")
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "golden"
 GGUF_QUANTIZES = [t for t in TYPES if t != "iq4_nl"]      # gguf.quants has no IQ4_NL quantize
 
 
@@ -40,14 +38,6 @@ EXCLUDED = (
 )
 
 
-def inputs() -> dict:
-    with np.load(GOLDEN / "inputs.npz") as f:
-        return {name: f[name] for name in f.files}
-
-
-CASES = list(inputs())
-
-
 def excluded_blocks(type_name, x):
     """(rows, n_blocks) bool: blocks where gguf-py differs from C by design."""
     info = TYPES[type_name]
@@ -64,9 +54,9 @@ def first_difference(differs, what):
     return f"{int(differs.sum())} of {differs.size} blocks differ ({what}); first: row {row}, block {block}"
 
 
-@pytest.mark.parametrize("type_name,case", [(t, c) for t in GGUF_QUANTIZES for c in CASES])
-def test_gguf_py_quantize_equals_kvlab_ref(type_name, case):
-    info, x = TYPES[type_name], inputs()[case]
+@pytest.mark.parametrize("type_name", GGUF_QUANTIZES)
+def test_gguf_py_quantize_equals_kvlab_ref(type_name, case, golden_inputs):
+    info, x = TYPES[type_name], golden_inputs[case]
     ours = np.asarray(kvlab.quantize(x, type_name, flavor="ref").raw)
     theirs = np.asarray(gguf_quantize(x, gguf.GGMLQuantizationType[type_name.upper()])).view(np.uint8)
     theirs = theirs.reshape(ours.shape)                                  # (rows, row_bytes)
@@ -75,12 +65,10 @@ def test_gguf_py_quantize_equals_kvlab_ref(type_name, case):
     assert not differs.any(), first_difference(differs, f"{type_name} kvlab ref vs gguf-py on {case!r}")
 
 
-@pytest.mark.parametrize("type_name,case", [(t, c) for t in TYPES for c in CASES])
-def test_gguf_py_dequantize_equals_kvlab(type_name, case):
+def test_gguf_py_dequantize_equals_kvlab(type_name, case, golden_inputs, golden):
     """Both decode ggml's own ref bytes to the same float32 bits (no exclusions needed)."""
-    info, x = TYPES[type_name], inputs()[case]
-    with np.load(GOLDEN / f"ggml_{type_name}.npz") as f:
-        raw = f[f"{case}.ref"]
+    info, x = TYPES[type_name], golden_inputs[case]
+    raw = golden(f"ggml_{type_name}.npz")[f"{case}.ref"]
     ours = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(raw, type_name, x.shape)))
     theirs = np.asarray(gguf_dequantize(raw, gguf.GGMLQuantizationType[type_name.upper()]), np.float32)
     by_block = (x.shape[0], -1, info.block_size)                         # (rows, n_blocks, block_size)
@@ -88,17 +76,17 @@ def test_gguf_py_dequantize_equals_kvlab(type_name, case):
     assert not differs.any(), first_difference(differs, f"{type_name} to_float kvlab vs gguf-py on {case!r}")
 
 
-def test_exclusions_are_needed():
+def test_exclusions_are_needed(golden_inputs, golden):
     """Each exclusion covers blocks where gguf-py really differs from ggml's C bytes (else drop it)."""
     for exclusion in EXCLUDED:
         for type_name in exclusion.types:
             info = TYPES[type_name]
-            with np.load(GOLDEN / f"ggml_{type_name}.npz") as f:
-                found = False
-                for case, x in inputs().items():
-                    blocks = exclusion.applies(x.reshape(-1, info.block_size))     # (n_blocks,)
-                    theirs = np.asarray(gguf_quantize(x, gguf.GGMLQuantizationType[type_name.upper()]))
-                    diff = (theirs.view(np.uint8).reshape(-1, info.type_size) !=
-                            f[f"{case}.ref"].reshape(-1, info.type_size)).any(axis=1)   # (n_blocks,)
-                    found |= bool((diff & blocks).any())
+            f = golden(f"ggml_{type_name}.npz")
+            found = False
+            for case, x in golden_inputs.items():
+                blocks = exclusion.applies(x.reshape(-1, info.block_size))     # (n_blocks,)
+                theirs = np.asarray(gguf_quantize(x, gguf.GGMLQuantizationType[type_name.upper()]))
+                diff = (theirs.view(np.uint8).reshape(-1, info.type_size) !=
+                        f[f"{case}.ref"].reshape(-1, info.type_size)).any(axis=1)   # (n_blocks,)
+                found |= bool((diff & blocks).any())
             assert found, f"{type_name}: no golden block shows '{exclusion.reason[:40]}...'"

@@ -1,20 +1,28 @@
-"""Scalar helpers shared by the 32-value block kernels (q8_0, q4_0, q4_1, q5_*, iq4_nl).
+"""Scalar helpers shared by the 32-value block kernels (q8_0, q4_0, q4_1, q5_*, iq4_nl), CPU only
+(the GPU kernels spell the same operations as PTX instructions: kernels/cuda/ops.py).
 
-Every function here is scalar ``@njit`` (no array creation), so the same code
-compiles for numba-cuda device functions. Stable API, used by other kernel modules:
+Every helper works on block ``i`` of the whole arrays, ``x[i, j]`` / ``y[i, off]`` on the
+(n_blocks, 32) float32 values and the (n_blocks, type_size) uint8 bytes, and is inlined into the
+prange loop. Slicing ``x[i]`` there would cost an atomic reference count per block (shared by all
+threads), more than the block's own work; loops run to ``x.shape[1]``, a run-time trip count, because
+LLVM unrolls a constant 32 and then cannot vectorize the stores (it cannot tell x and y apart), while a
+loop gets a run-time overlap check.
 
-Bytes of a block (``blk`` is one block's uint8 row, ``off`` a byte offset):
-  ``load_f16(blk, off)``          -> float32: the little-endian ggml_half at ``off``, widened exactly
-  ``store_u16(blk, off, h)``      write uint16 ``h`` little-endian at ``off``
+Bytes of block i:
+  ``load_half(y, i, off)``        -> float32: the little-endian ggml_half at byte ``off``, widened exactly
+  ``store_half(y, i, off, h)``    write uint16 ``h`` little-endian at ``off``
+  ``store_u32(y, i, off, v)``     write uint32 ``v`` little-endian at ``off`` (q5's qh)
   ``pack_nibbles(lo, hi)``        -> uint8: the low byte of ``lo | hi << 4``, unmasked as in C
                                   (ggml: value j low, value j+16 high; q5 callers mask first)
-  ``trunc_i8(v)``                 -> int: C's ``(int8_t)v`` on x86 (the low byte of c_cast_i32, signed)
 
 C casts of float to integer, as the x86-64 build does them (C leaves NaN and
 out-of-range undefined; these are the bytes x86 writes, kept as kvlab's definition):
   ``c_cast_i32(v)``               (int)v: truncate; NaN/out of range -> INT_MIN (cvttss2si, cvtps2dq)
+  ``trunc_i8(v)``                 -> int: C's ``(int8_t)v`` on x86 (the low byte of c_cast_i32, signed)
   ``roundf32(v)``                 C roundf: halves away from zero (float32 result)
   ``round_even32(v)``             _mm256_round_ps(_MM_ROUND_NEAREST): halves to even (float32 result)
+  ``add_half_away(v)``            v + copysign(0.49999997f, v): c_cast_i32 of it is c_cast_i32(roundf32(v))
+                                  for all 2**32 floats (checked exhaustively), in two vector operations
   ``low_byte(i)``                 -> uint8: what storing an int into an int8_t/uint8_t keeps (mod 256)
   ``saturate_i8(i)``              -> uint8: packs_epi32 + packs_epi16 saturation, as int8 bits
   ``ptx_cast_i32(v)``             CUDA cvt.rzi.s32.f32: truncate, saturate, NaN -> 0
@@ -28,27 +36,26 @@ the hardware misses by one ulp for 13% of mantissas (never for the constants 127
   ``cuda_rcp(x, rcp_table=None)``     rcp.approx.ftz.f32
   ``cuda_div(a, b, rcp_table=None)``  div.approx.ftz.f32 = mul.ftz(a, rcp.approx(b)) (measured: always)
   ``cuda_fp32_to_fp16(f)``            __float2half (cvt.rn.f16.f32): RNE, NaN -> canonical 0x7FFF
-  ``rcp_approx_table()``              the table (numpy, loaded once) or None where the file is absent
+  ``rcp_approx_table()``              the table (numpy, loaded once from the package's rcp_approx_sm90.npz;
+                                  the CUDA simulator's rcp.approx reads it too)
 
 Block searches, per flavor (``REF``/``CPU`` are IEEE; ``CUDA`` flushes subnormals in compares):
-  ``first_absmax(xb, flavor)``    the signed value of the first element of largest |x| (q4_0, q5_0, iq4_nl)
-  ``min_max(xb, flavor)``         (min, max) from FLT_MAX / -FLT_MAX, NaN ignored (q4_1, q5_1 ref)
-  ``max_abs_key(xb, skip_nan, flush)`` -> uint32: the largest |x| as bits (NaN above Inf unless
+  ``first_absmax(x, i, flavor)``  ggml's ``max``: the signed value of the first element of largest |x|
+                                  (NaN never wins, +0 for a block of zeros; q4_0, q5_0, iq4_nl)
+  ``max_abs_bits(x, i, skip_nan, flush)`` -> uint32: the largest |x| as bits (NaN above Inf unless
                                   skipped; flush: subnormals count as 0); ``f32_from_bits`` gives |x|
-The searches reduce integer keys (float order as integers) so that LLVM vectorizes them.
+  ``first_of_abs_bits(x, i, bits, flush)`` -> the first x[i, j] whose |x| has those bits, +0 when bits
+                                  is 0: with max_abs_bits, the two halves of first_absmax, which the
+                                  fast paths call apart (they test the bits first)
+  ``min_max(x, i, flush, from_first)`` -> (min, max) as ``if (v < min) min = v`` (and max): from
+                                  FLT_MAX / -FLT_MAX, or from x[i, 0]; NaN never taken (q4_1, q5_1)
   ``scale_inverse(d, flavor, rcp_table=None)``  ``d ? 1.0f/d : 0.0f``
+The searches reduce integer keys (float order as integers) so that LLVM vectorizes them.
 
-Row kernels (the fast path of every block type): helpers indexed by block, ``x[i, j]`` / ``y[i, off]`` on
-the whole (n_blocks, 32) / (n_blocks, type_size) arrays, inlined into the prange loop. Slicing ``x[i]`` there
-would cost an atomic reference count per block (shared by all threads), more than the block's own work;
-loops run to ``x.shape[1]``, a run-time trip count, because LLVM unrolls a constant 32 and then cannot
-vectorize the stores (it cannot tell x and y apart), while a loop gets a run-time overlap check.
-  ``load_half(y, i, off)``        -> float32: load_f16 of block i
-  ``store_half(y, i, off, h)``    store_u16 into block i
-  ``abs_bits_max(x, i)``          -> uint32: max_abs_key(x[i], False, False)
-  ``first_absmax_of(x, i, bits)`` -> the first x[i, j] with |x[i, j]|'s bits == bits, +0 when bits == 0
-                                  (first_absmax for a block without NaN)
-  ``order_key_min_max(x, i)``     -> int32 (min, max) of order_key over block i
+Fast paths (ref and cpu flavors, blocks where no C cast can meet NaN or overflow):
+  ``is_ordinary(bits)``           |x| bits of 0, or in [2**-100, 2**100]: the window where ggml's scales and
+                                  their inverses are normal floats and every q lands in range, so the C
+                                  casts' NaN and overflow cases (and their selects) cannot occur.
   ``order_key(v)`` / ``from_order_key(k)``  float32 <-> int32 whose order is float order (-0 < +0, NaN
                                   beyond +-Inf)
   ``ordinary_min_max(x, i, levels)`` -> (ok, min, max, d): block i's min and max (as min_max) and
@@ -56,11 +63,6 @@ vectorize the stores (it cannot tell x and y apart), while a loop gets a run-tim
                                   (a zero's sign would depend on its position) and d is 0 or >= 2**-100
   ``scale_add(qd, m)``            qd + m in its own rounding (ggml-base is built without FMA), with x86's NaN
                                   rule: when both are NaN, addss keeps the first operand's payload, qd's
-  ``is_ordinary(bits)``           |x| bits of 0, or in [2**-100, 2**100]: the window where ggml's scales and
-                                  their inverses are normal floats and every q lands in range, so the C
-                                  casts' NaN and overflow cases (and their selects) cannot occur.
-  ``add_half_away(v)``            v + copysign(0.49999997f, v): c_cast_i32 of it is c_cast_i32(roundf32(v))
-                                  for all 2**32 floats (checked exhaustively), in two vector operations
 """
 from pathlib import Path
 
@@ -69,7 +71,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .fp import CUDA, f32_bits, f32_from_bits, fp32_to_fp16, fp16_to_fp32, ftz
+from . import CUDA
+from .fp import f32_bits, f32_from_bits, fp32_to_fp16, fp16_to_fp32, ftz
 
 FLT_MAX = np.float32(3.4028234663852886e38)
 INT_MIN = np.int32(-2147483648)
@@ -78,21 +81,26 @@ _ABS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 _MIN_NORMAL_BITS = np.uint32(0x00800000)
 _MANTISSA = np.uint32(0x007FFFFF)
-_FLT_MAX_KEY = np.int64(0x7F7FFFFF)  # FLT_MAX's bits: the start of ggml's min search
 _RCP_TABLE_FILE = Path(__file__).with_name("rcp_approx_sm90.npz")
 _rcp_table = None
 _HALF = np.float32(0.5)
 
 
-@njit(cache=True)
-def load_f16(blk, off):
-    return fp16_to_fp32(np.uint16(np.uint16(blk[off]) | (np.uint16(blk[off + 1]) << np.uint16(8))))
+@njit(cache=True, inline="always")
+def load_half(y, i, off):
+    return fp16_to_fp32(np.uint16(np.uint16(y[i, off]) | (np.uint16(y[i, off + 1]) << np.uint16(8))))
 
 
-@njit(cache=True)
-def store_u16(blk, off, h):
-    blk[off] = np.uint8(h & np.uint16(0xFF))
-    blk[off + 1] = np.uint8(h >> np.uint16(8))
+@njit(cache=True, inline="always")
+def store_half(y, i, off, h):
+    y[i, off] = np.uint8(h & np.uint16(0xFF))
+    y[i, off + 1] = np.uint8(h >> np.uint16(8))
+
+
+@njit(cache=True, inline="always")
+def store_u32(y, i, off, v):
+    for k in range(4):
+        y[i, off + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @njit(cache=True)
@@ -192,9 +200,9 @@ def cuda_div(a, b, rcp_table=None):
 
 
 def rcp_approx_table():
-    """The measured rcp.approx table, or None where kvlab ships without it (see the docstring)."""
+    """The measured rcp.approx table (see the docstring), loaded once from the package's data file."""
     global _rcp_table
-    if _rcp_table is None and _RCP_TABLE_FILE.exists():
+    if _rcp_table is None:
         with np.load(_RCP_TABLE_FILE) as f:
             _rcp_table = np.ascontiguousarray(f["rcp_delta"], dtype=np.int8)
     return _rcp_table
@@ -207,72 +215,59 @@ def cuda_fp32_to_fp16(f):
     return fp32_to_fp16(f)
 
 
-@njit(cache=True)
-def _abs_key(v, flush):
+@njit(cache=True, inline="always")
+def _abs_bits(v, flush):
     """|v|'s bits: for non-negative floats integer order is float order (NaN above Inf).
     With flush, a subnormal counts as zero (CUDA's ftz compares)."""
     a = np.uint32(f32_bits(v) & _ABS)  # Numba widens uint32 & to 64 bits
     return np.uint32(0) if flush and a < _MIN_NORMAL_BITS else a
 
 
-@njit(cache=True)
-def max_abs_key(xb, skip_nan, flush):
+@njit(cache=True, inline="always")
+def max_abs_bits(x, i, skip_nan, flush):
     # An integer max over a run-time trip count: LLVM vectorizes this, not a float compare chain.
     m = np.uint32(0)
-    for j in range(xb.shape[0]):
-        a = _abs_key(xb[j], flush)
+    for j in range(x.shape[1]):
+        a = _abs_bits(x[i, j], flush)
         m = max(m, np.uint32(0) if skip_nan and a > _INF_BITS else a)  # uint32 lanes: twice the width of uint64
     return m
 
 
-# The first index reaching an extreme, found in the same vectorized reduction: each value's key
-# goes in the high 32 bits of a uint64, and an index term that prefers earlier positions below it.
-_LOW32 = np.uint64(0xFFFFFFFF)
-_SHIFT32 = np.uint64(32)
-_KEY_BIAS = np.int64(1 << 31)  # signed key -> unsigned, order kept
+@njit(cache=True, inline="always")
+def first_of_abs_bits(x, i, bits, flush):
+    # the first index is a min reduction over the matching positions: vectorized, no early exit
+    n = np.int32(x.shape[1])
+    first = n
+    for j in range(x.shape[1]):
+        first = min(first, np.int32(j) if _abs_bits(x[i, j], flush) == bits else n)
+    return np.float32(0.0) if bits == np.uint32(0) else x[i, first]
 
 
-@njit(cache=True)
-def first_absmax(xb, flavor):
+@njit(cache=True, inline="always")
+def first_absmax(x, i, flavor):
     # `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from amax = max = 0: strict, so the first
-    # of equal magnitudes wins, NaN never does, and an all-zero block gives +0.
+    # of equal magnitudes wins, NaN never does (a NaN's bits are never the max of the others), and a
+    # block of zeros gives +0.
     flush = flavor == CUDA
-    n = xb.shape[0]
-    best = np.uint64(0)
-    for j in range(n):
-        a = _abs_key(xb[j], flush)
-        a = np.uint32(0) if a > _INF_BITS else a
-        best = max(best, (np.uint64(a) << _SHIFT32) | np.uint64(n - 1 - j))
-    if (best >> _SHIFT32) == np.uint64(0):
-        return np.float32(0.0)
-    return xb[n - 1 - np.int64(best & _LOW32)]
+    return first_of_abs_bits(x, i, max_abs_bits(x, i, True, flush), flush)
 
 
-@njit(cache=True)
-def _signed_key(v, flush):
-    """Integer whose order is v's float order, with -0 == +0 (a NaN's key is beyond any number's)."""
-    a = np.int64(_abs_key(v, flush))
-    return -a if (f32_bits(v) >> np.uint32(31)) != np.uint32(0) else a
-
-
-@njit(cache=True)
-def min_max(xb, flavor):
-    # `if (v < min) min = v; if (v > max) max = v;` from FLT_MAX / -FLT_MAX: NaN never taken, the
-    # first of equal values kept (so -0 vs +0 is decided by position), the start value kept on ties.
-    flush = flavor == CUDA
-    n = xb.shape[0]
-    lo = np.uint64(0xFFFFFFFFFFFFFFFF)
-    hi = np.uint64(0)
-    for j in range(n):
-        v = xb[j]
-        k = np.uint64(_signed_key(v, flush) + _KEY_BIAS)
-        nan = v != v
-        lo = min(lo, np.uint64(0xFFFFFFFFFFFFFFFF) if nan else (k << _SHIFT32) | np.uint64(j))
-        hi = max(hi, np.uint64(0) if nan else (k << _SHIFT32) | np.uint64(n - 1 - j))
-    lo_key = np.int64(lo >> _SHIFT32) - _KEY_BIAS
-    hi_key = np.int64(hi >> _SHIFT32) - _KEY_BIAS
-    vmin = FLT_MAX if lo_key >= _FLT_MAX_KEY else xb[np.int64(lo & _LOW32)]
-    vmax = -FLT_MAX if hi_key <= -_FLT_MAX_KEY else xb[n - 1 - np.int64(hi & _LOW32)]
+@njit(cache=True, inline="always")
+def min_max(x, i, flush, from_first):
+    # `if (v < min) min = v; if (v > max) max = v;`: the first of equal values kept (so -0 vs +0 is
+    # decided by position), NaN never taken; from FLT_MAX / -FLT_MAX (ggml-quants.c, ggml-cuda's
+    # q4_1) or from x[0] over the rest (ggml-cuda's q5_1). flush: setp.ftz compares flushed values
+    # and keeps v. Scalar code: per block it is faster than integer keys (fast paths: order_key_min_max).
+    vmin = x[i, 0] if from_first else FLT_MAX
+    vmax = x[i, 0] if from_first else -FLT_MAX
+    for j in range(1 if from_first else 0, x.shape[1]):
+        v = x[i, j]
+        if flush:
+            vmin = v if ftz(v) < ftz(vmin) else vmin
+            vmax = v if ftz(v) > ftz(vmax) else vmax
+        else:
+            vmin = v if v < vmin else vmin
+            vmax = v if v > vmax else vmax
     return vmin, vmax
 
 
@@ -283,42 +278,13 @@ def scale_inverse(d, flavor, rcp_table=None):
     return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
 
 
-# ---- row kernels: block i of the whole arrays (see the docstring) ---------------------------------
+# ---- fast paths (see the docstring) ---------------------------------------------------------------
 
 _ORDINARY_LO = np.uint32(0x0D800000)   # 2**-100
 _ORDINARY_HI = np.uint32(0x71800000)   # 2**100
 _ORDINARY_MIN = np.float32(2.0 ** -100)
 _ORDINARY_MAX = np.float32(2.0 ** 100)
 _SIGN = np.uint32(0x80000000)
-
-
-@njit(cache=True, inline="always")
-def load_half(y, i, off):
-    return fp16_to_fp32(np.uint16(np.uint16(y[i, off]) | (np.uint16(y[i, off + 1]) << np.uint16(8))))
-
-
-@njit(cache=True, inline="always")
-def store_half(y, i, off, h):
-    y[i, off] = np.uint8(h & np.uint16(0xFF))
-    y[i, off + 1] = np.uint8(h >> np.uint16(8))
-
-
-@njit(cache=True, inline="always")
-def abs_bits_max(x, i):
-    m = np.uint32(0)
-    for j in range(x.shape[1]):
-        m = max(m, np.uint32(f32_bits(x[i, j]) & _ABS))
-    return m
-
-
-@njit(cache=True, inline="always")
-def first_absmax_of(x, i, bits):
-    # the first index is a min reduction over the matching positions: vectorized, no early exit
-    n = np.int32(x.shape[1])
-    first = n
-    for j in range(x.shape[1]):
-        first = min(first, np.int32(j) if np.uint32(f32_bits(x[i, j]) & _ABS) == bits else n)
-    return np.float32(0.0) if bits == np.uint32(0) else x[i, first]
 
 
 @njit(cache=True, inline="always")

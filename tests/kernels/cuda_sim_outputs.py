@@ -1,0 +1,86 @@
+"""Every entry point of kvlab.kernels.cuda on small inputs, run under the Numba CUDA simulator.
+
+    NUMBA_ENABLE_CUDASIM=1 python cuda_sim_outputs.py INPUTS.npz OUT.npz
+
+test_cuda_sim.py runs this once per session (the simulator must be chosen before numba.cuda is first
+imported, so it runs in its own process) and compares each output with the CPU kernels and with
+ggml-cuda's bytes, one test per output. Keys: quantize/<type>/<flavor>/<case>, dequantize/<type>/<case>,
+rotate/<n>, rotate_quantize/<n>/<flavor>, dequantize_unrotate/<n>, set_rows_f16/<cols>, api/<what>.
+Shapes are tiny: the simulator runs every GPU thread as a Python thread.
+"""
+import os
+import sys
+
+import numpy as np
+
+import kvlab
+from kvlab.rotation import hadamard_scale
+from kvlab.types import FLAVORS, TYPES
+
+CASES = ("normal", "ties_pm", "subnormal_mixed", "nan", "inf", "zeros")
+ROTATIONS = (((2, 256), 1), ((2, 256), 4), ((2, 256), 64), ((2, 256), 256), ((2, 512), 512))   # (shape, n)
+FUSED = ((64, "ref"), (256, "cuda"), (512, "cpu"))                                                 # (n, flavor)
+FUSED_ROW_IDS = (2, 0)                      # rotate_quantize writes rows 0, 1 of x to these rows of a 3-row cache
+
+
+def rotation_input(inputs, shape):
+    return np.ascontiguousarray(inputs["normal"][:4].reshape(-1)[:shape[0] * shape[1]].reshape(shape))
+
+
+def run(inputs) -> dict:
+    from numba import cuda                  # here, not at import: test_cuda_sim.py imports the constants
+    import kvlab.kernels.cuda as kc
+    out = {}
+    for name, info in TYPES.items():
+        for case in CASES:
+            x = np.ascontiguousarray(inputs[case][1:2])                  # (1, 256): one row
+            for code, flavor in enumerate(FLAVORS):
+                raw = cuda.to_device(np.zeros((1, info.row_bytes(256)), np.uint8))
+                kc.quantize(cuda.to_device(x), raw, name, code)
+                out[f"quantize/{name}/{flavor}/{case}"] = raw.copy_to_host()
+            deq = cuda.to_device(np.zeros((1, 256), np.float32))
+            kc.dequantize(raw, deq, name)                                # the cuda flavor's bytes
+            out[f"dequantize/{name}/{case}"] = deq.copy_to_host()
+    for shape, n in ROTATIONS:        # in-row stages only, register columns, shared-memory columns
+        a = rotation_input(inputs, shape)
+        rot = cuda.to_device(np.zeros(shape, np.float32))
+        kc.rotate(cuda.to_device(a), rot, n, hadamard_scale(n))
+        out[f"rotate/{n}"] = rot.copy_to_host()
+    for n, flavor in FUSED:
+        a = rotation_input(inputs, (2, max(256, n)))
+        q = kvlab.quantize(kvlab.rotate(a, n), "q4_0", flavor).raw                # (2, row_bytes), host
+        cache = cuda.to_device(np.zeros((3, q.shape[1]), np.uint8))
+        kc.rotate_quantize(cuda.to_device(a), cache, "q4_0", FLAVORS.index(flavor), n, hadamard_scale(n),
+                           row_ids=cuda.to_device(np.array(FUSED_ROW_IDS, np.int64)))
+        out[f"rotate_quantize/{n}/{flavor}"] = cache.copy_to_host()
+        back = cuda.to_device(np.zeros(a.shape, np.float32))
+        kc.dequantize_unrotate(cuda.to_device(q), back, "q4_0", n, hadamard_scale(n))
+        out[f"dequantize_unrotate/{n}"] = back.copy_to_host()
+    for cols in (256, 6):             # whole 16-byte groups, and not (the one-value kernel)
+        v = np.ascontiguousarray(inputs["nan"][:2, :cols])
+        cache = cuda.to_device(np.zeros((3, 2 * cols), np.uint8))
+        kc.set_rows(cache, cuda.to_device(np.array([1, 2], np.int32)), cuda.to_device(v), "f16", 1)
+        out[f"set_rows_f16/{cols}"] = cache.copy_to_host()
+    # the public API routes device arrays to these kernels
+    dev = cuda.to_device(np.ascontiguousarray(inputs["ties_pm"][:2, :64]))       # (2, 64)
+    for name in ("q4_1", "f16"):
+        q = kvlab.quantize(dev, name, "cuda")
+        out[f"api/quantize/{name}"] = q.raw.copy_to_host()
+        out[f"api/dequantize/{name}"] = kvlab.dequantize(q).copy_to_host()
+    out["api/rotate"] = kvlab.rotate(dev, 64).copy_to_host()
+    cache = kvlab.QTensor(cuda.to_device(np.zeros((4, 40), np.uint8)), "q4_1", (4, 64), "cuda")
+    kvlab.set_rows(cache, np.array([3, 1]), dev)
+    out["api/set_rows"] = cache.raw.copy_to_host()
+    return out
+
+
+def main(inputs_path, out_path):
+    with np.load(inputs_path) as f:
+        outputs = run({k: f[k] for k in f.files})
+    with open(out_path + ".part", "wb") as f:
+        np.savez(f, **outputs)
+    os.replace(out_path + ".part", out_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
