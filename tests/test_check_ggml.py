@@ -17,7 +17,7 @@ import pytest
 
 import kvlab
 
-from kvlab.cli import build_parser
+from kvlab.cli import main
 from kvlab.ggml import check as check_ggml
 from kvlab.ggml.meta import BlockSpec, infer_split_states, parse_child_output, parse_state_line
 
@@ -32,8 +32,7 @@ EXPECTED_MQA_DRIFT = {f"mqa/{n}dev/{case}" for n in (1, 2, 3, 4)
 
 
 def run_cli(*argv):
-    args = build_parser().parse_args(["check-ggml", *argv])
-    return args.run(args)
+    return main(["check-ggml", *argv])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import DynamicCache, LlamaConfig  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
 
 import kvlab  # noqa: E402
-from kvlab.cli import build_parser  # noqa: E402
+from kvlab.cli import main  # noqa: E402
 from kvlab.hf import evaluate  # noqa: E402
 from kvlab.hf.cache import GGMLQuantizedCache  # noqa: E402
 
@@ -183,16 +183,13 @@ def test_eval_command_prints_the_kld_table(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "kld.json"
-    parser = build_parser()
-    args = parser.parse_args(["eval", "--tiny", "--text", str(text), "--ctx", "64", "--chunks", "2", "--quiet",
-                              "--pairs", "q8_0/q8_0", "q4_0/q4_0", "--json", str(out), "--device", "cpu"])
-    assert args.run(args) == 0
+    assert main(["eval", "--tiny", "--text", str(text), "--ctx", "64", "--chunks", "2", "--quiet",
+                 "--pairs", "q8_0/q8_0,q4_0/q4_0", "--json", str(out), "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "2 chunk(s) of n_ctx=64" in table and "Mean KLD" in table
     assert [line.split()[0] for line in table.splitlines()[3:]] == ["q8_0/q8_0", "q4_0/q4_0"]
     rows = json.loads(out.read_text())["pairs"]
     assert [(r["type_k"], r["type_v"]) for r in rows] == [("q8_0", "q8_0"), ("q4_0", "q4_0")]
     assert np.isfinite([r["mean_kld"] for r in rows]).all() and rows[0]["mean_kld"] < rows[1]["mean_kld"]
-    with pytest.raises(SystemExit, match="unknown KV type"):
-        args = parser.parse_args(["eval", "--tiny", "--text", str(text), "--pairs", "q3_k"])
-        args.run(args)
+    assert main(["eval", "--tiny", "--text", str(text), "--pairs", "q3_k"]) == 2
+    assert "kvlab eval: error: argument --pairs: unknown KV type 'q3_k'" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_cli_trace_failure_exits_nonzero(capsys):
 
 
 def test_cli_compat_text(capsys):
-    rc, out = cli_run(capsys, "compat", "--era", "pr23225", "--devices", "2", "4", "--n-tokens", "8")
+    rc, out = cli_run(capsys, "compat", "--era", "pr23225", "--devices", "2,4", "--n-tokens", "8")
     assert rc == 0 and "rows K, columns V" in out and "q8_0" in out
 
 

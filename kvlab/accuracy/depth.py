@@ -44,10 +44,13 @@ would make any depth trend an artefact. Runs on numpy or torch (kvlab.device), C
 """
 from dataclasses import asdict, dataclass, field
 import json
+from pathlib import Path
 
 import numpy as np
 
 from kvlab import device as dev
+from kvlab._progress import progress_bar
+from kvlab.accuracy.cache import default_cache_root, frame_key, read_frame, source_hash, write_frame
 from kvlab.accuracy.attention import group_queries, softmax_rows, store, unrotate
 from kvlab.accuracy.metrics import norm, softmax_kl, tensor_rel_l2
 from kvlab.rotation import RotationPlan, rotate, rotation_plan
@@ -254,36 +257,53 @@ DEFAULT_PAIRS = (("q4_0", "f16"), ("f16", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "q
 
 
 def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotations=(False, True),
-                 flavors=("ref",), device="auto", progress: bool = False):
+                 flavors=("ref",), device="auto", progress: bool = False, cache_dir=None):
     """Error at every depth of the stack, per K/V type pair, rotation and flavor: a tidy pandas DataFrame.
 
     pairs: (type_k, type_v) tuples; rotation follows rotation_plan when True (llama.cpp's gate);
     flavors: which code paths write the cache bytes; device as in kvlab.accuracy.sweep.run_sweep.
     One row per (pair, rotation, flavor, depth) with DEPTH_METRICS; df.attrs holds settings and versions.
+    Each (pair, rotation, flavor) run is cached in `cache_dir`/depth (default: $KVLAB_CACHE or
+    ~/.cache/kvlab), keyed by the stack's settings, the run, the device, the versions and a hash of
+    kvlab's sources (kvlab.accuracy.cache); the exact stack runs only when some run is missing.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
     pairs = [(type_info(k).name, type_info(v).name) for k, v in pairs]   # any case: Q8_0 is q8_0
     for flavor in flavors:
         flavor_code(flavor)
     place = dev.resolve_device(device)
-    stack = exact_stack(cfg, place)
+    settings, vers = json.loads(json.dumps(asdict(cfg))), versions(place)
+    folder = (Path(cache_dir) if cache_dir else default_cache_root()) / "depth"
+    key_base = dict(settings=settings, versions=vers, device=dev.device_label(place), sources=source_hash())
     runs = [(k, v, r, f) for k, v in pairs for r in rotations for f in flavors]
-    rows = []
-    for type_k, type_v, rotation, flavor in tqdm(runs, desc="kvlab layer growth", unit="stack", disable=not progress):
-        plan = rotation_plan(type_k, type_v, cfg.heads.head_dim, disable=not rotation)
-        cache = lambda k, v: (store(k, type_k, flavor, plan.k), store(v, type_v, flavor, plan.v), plan)
-        for depth, m in enumerate(compare_stack(stack, cfg, cache), start=1):
-            rows.append(dict(type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, depth=depth,
-                             rot_k=plan.k or 0, rot_v=plan.v or 0, **m))
-    table = pd.DataFrame(rows)
+    stack, frames = None, []
+    with progress_bar(len(runs), "kvlab layer growth", "stack", progress) as bar:
+        for type_k, type_v, rotation, flavor in runs:
+            path = folder / f"{frame_key(**key_base, run=[type_k, type_v, rotation, flavor])}.parquet"
+            frame = read_frame(path, cfg.n_layers)
+            if frame is None:
+                stack = stack or exact_stack(cfg, place)
+                frame = pd.DataFrame(_run_rows(stack, cfg, type_k, type_v, rotation, flavor))
+                write_frame(frame, path)
+            frames.append(frame)
+            bar.update(1)
+    table = pd.concat(frames, ignore_index=True)
     table["bits_per_value"] = [(TYPES[k].bits_per_weight + TYPES[v].bits_per_weight) / 2
                                for k, v in zip(table.type_k, table.type_v)]
     table["n_layers"], table["n_tokens"], table["d_model"] = cfg.n_layers, cfg.n_tokens, cfg.d_model
     table["device"] = dev.device_label(place)
-    table.attrs.update(settings=json.loads(json.dumps(asdict(cfg))), versions=versions(place),
-                       device=dev.device_label(place), source=f"random pre-norm stack (seed={cfg.heads.seed})")
+    table.attrs.update(settings=settings, versions=vers, device=dev.device_label(place),
+                       source=f"random pre-norm stack (seed={cfg.heads.seed})")
     return table
+
+
+def _run_rows(stack: Stack, cfg: StackConfig, type_k: str, type_v: str, rotation: bool, flavor: str) -> list:
+    """One run through the stack with quantized caches: a row of DEPTH_METRICS per depth."""
+    plan = rotation_plan(type_k, type_v, cfg.heads.head_dim, disable=not rotation)
+    cache = lambda k, v: (store(k, type_k, flavor, plan.k), store(v, type_v, flavor, plan.v), plan)
+    return [dict(type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, depth=depth,
+                 rot_k=plan.k or 0, rot_v=plan.v or 0, **m)
+            for depth, m in enumerate(compare_stack(stack, cfg, cache), start=1)]
 
 
 # ---- command line (used by `kvlab sweep` and `kvlab report`) --------------------------------------

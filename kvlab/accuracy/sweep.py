@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kvlab import device as dev
+from kvlab._progress import progress_bar
 from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
                         unrotate)
 from kvlab.accuracy.metrics import attention_metrics
@@ -153,7 +154,7 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                         type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
                         kernel=path.kernel, n_ctx=length, rot_k=rot_k or 0, rot_v=plan_of(type_v).v or 0,
                         **m, k_rel_l2=float(k_err[type_k][length - 1]), v_rel_l2=float(v_err[type_v][length - 1])))
-            progress.update(1)
+            progress.update(len(v_caches.types))
     return rows
 
 
@@ -168,7 +169,6 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
     torch.device (see kvlab.device.resolve_device).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
     sample = as_sample(sample)
     if sample.k.shape[1] < max(cfg.lengths):
         raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
@@ -180,15 +180,15 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
                            "device": where}, sort_keys=True)
     exact_by_len = _exact_by_length(sample, cfg, place)
     chunks = [(f, r) for f in cfg.flavors for r in cfg.rotations]
-    total = len(chunks) * len(cfg.lengths) * len(cfg.types_k)
+    cells_per_chunk = len(cfg.lengths) * len(cfg.types_k) * len(cfg.types_v)
     frames = []
-    with tqdm(total=total, desc="kvlab sweep", unit="K-type", disable=not progress) as bar:
+    with progress_bar(len(chunks) * cells_per_chunk, "kvlab sweep", "cell", progress) as bar:
         for flavor, rotation in chunks:
             key = hashlib.sha256(f"{key_base}|{flavor}|{rotation}".encode()).hexdigest()[:24]
             path = cache_dir / f"{key}.parquet"
             if path.exists():
                 frames.append(pd.read_parquet(path))
-                bar.update(len(cfg.lengths) * len(cfg.types_k))
+                bar.update(cells_per_chunk)
                 continue
             frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar, place))
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,21 @@
 """`kvlab check-ggml`: hold a real libggml against kvlab (kvlab.ggml.check says what is compared)."""
 import json
-import sys
 import time
 
+from kvlab.cli.options import UsageError, add_command
 from kvlab.ggml.check import check_bytes, check_split, input_cases, known_drift
 from kvlab.ggml.lib import find_lib_dir, load
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("check-ggml", help="hold a real libggml against kvlab: bytes and split states")
-    p.add_argument("--lib", help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
+    p = add_command(subparsers, "check-ggml", help="hold a real libggml against kvlab: bytes and split states",
+                    description="Compare a real libggml with kvlab: the bytes of every type and path, and the split "
+                                "state of every node of the attention block. Exit 1 when anything differs.")
+    p.add_argument("--lib", metavar="PATH",
+                   help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
     p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
                    help="kvlab's rule set to compare with (default: from the library's split-state layout)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="json: one object with every result")
     p.set_defaults(run=run_check)
 
 
@@ -21,9 +24,8 @@ def run_check(args) -> int:
     try:
         lib_dir = find_lib_dir(args.lib)
         ggml_lib = load(lib_dir)
-    except (OSError, RuntimeError, FileNotFoundError) as e:
-        print(f"kvlab check-ggml: {e}", file=sys.stderr)
-        return 2
+    except (OSError, RuntimeError) as e:   # FileNotFoundError is an OSError
+        raise UsageError(f"--lib: {e}") from None
     cases = input_cases()
     byte_rows = check_bytes(ggml_lib, cases)
     layout, era, results = check_split(lib_dir, args.era)

@@ -5,25 +5,29 @@ from kvlab.accuracy.depth import layer_growth
 from kvlab.accuracy.sweep import SweepConfig, run_sweep
 from kvlab.accuracy.sweep import __doc__ as sweep_doc
 from kvlab.accuracy.table import layers_path, save_table
-from kvlab.cli.options import (add_depth_options, add_sweep_options, config_from_args, sample_from_args,
-                               stack_from_args)
+from kvlab.cli.options import (add_command, add_depth_options, add_sweep_options, check_device, config_from_args,
+                               sample_from_args, stack_from_args, writable_file)
+
+TABLE_SUFFIXES = (".parquet", ".csv")
 
 
 def _run(args) -> int:
     cfg = config_from_args(args)
+    stack = stack_from_args(args)
+    writable_file(args.out, "--out", TABLE_SUFFIXES)
+    check_device(args.device)
+    sample = sample_from_args(args, cfg)
     start = time.perf_counter()
-    table = run_sweep(sample_from_args(args, cfg), cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
-                      device=args.device)
+    table = run_sweep(sample, cfg, cache_dir=args.cache_dir, progress=not args.no_progress, device=args.device)
     print(f"swept {len(table)} cells on {table.attrs['device']} in {time.perf_counter() - start:.1f} s")
     for written in save_table(table, args.out):
         print(f"wrote {written}")
     print(f"{len(table)} rows: {table.type_k.nunique()} K types x {table.type_v.nunique()} V types x "
           f"{table.rotation.nunique()} rotations x {table.flavor.nunique()} flavors x {table.n_ctx.nunique()} lengths")
-    stack = stack_from_args(args)
     if stack:
         start = time.perf_counter()
         depth = layer_growth([(k, v) for k in cfg.types_k for v in cfg.types_v], stack, cfg.rotations, cfg.flavors,
-                             device=args.device, progress=not args.no_progress)
+                             device=args.device, progress=not args.no_progress, cache_dir=args.cache_dir)
         print(f"layer growth: {len(depth)} rows ({stack.n_layers} layers) in {time.perf_counter() - start:.1f} s")
         for written in save_table(depth, layers_path(args.out)):
             print(f"wrote {written}")
@@ -31,10 +35,11 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="error of every K/V type pair x rotation x flavor x context length",
-                              description=sweep_doc.split("\n\n")[0])
+    p = add_command(subparsers, "sweep", help="error of every K/V type pair x rotation x flavor x context length",
+                    description=sweep_doc.split("\n\n")[0])
     add_sweep_options(p, SweepConfig.lengths)
-    add_depth_options(p, 0)
-    p.add_argument("--out", default="kvlab-sweep.parquet",
+    add_depth_options(p, 0, "off by default here because the sweep's stack runs every K x V pair x flavor "
+                            "(486 stacks for all types; kvlab report runs 7 chosen pairs on ref bytes)")
+    p.add_argument("--out", default="kvlab-sweep.parquet", metavar="FILE",
                    help="output table, .parquet or .csv (the layer-growth table goes to <name>.layers<suffix>)")
     p.set_defaults(run=_run)

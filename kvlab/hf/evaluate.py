@@ -11,7 +11,7 @@ Differences from llama.cpp: the base log-probs are kept in float64 (llama.cpp st
 16-bit codes and skips base log-probs below -16 in the KL sum), and the base is computed in
 the same run instead of read from a --kl-divergence-base file.
 
-    kvlab eval --model /models/Qwen2.5-0.5B --text wiki.test.raw --pairs q8_0/q8_0 q4_0/q4_0 q4_0/q8_0
+    kvlab eval --model /models/Qwen2.5-0.5B --text wiki.test.raw --pairs q8_0/q8_0,q4_0/q4_0,q4_0/q8_0
     kvlab eval --tiny --text README.md --pairs all --ctx 128 --chunks 2   # random tiny model, bytes as tokens
 
 From code: `evaluate(model, tokens, pairs, EvalConfig(...))` -> EvalResult; `format_table(result)`.
