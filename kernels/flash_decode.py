@@ -2,17 +2,15 @@
 held only as ggml rows, as ggml-cpu's flash_attn_ext runs it (ggml-cpu/ops.cpp,
 ggml_compute_forward_flash_attn_ext_f16_one_chunk), dequantizing block by block inside the loop.
 
-Per query row (one head of one sequence), in ggml's order:
-  s  = vec_dot(K row, Q converted to K's vec_dot_type) * scale      (float32; Q conversion by the caller)
-  s += mask; a -inf mask skips the row
-  online softmax: M, S in float32, ms = expf(Mold - M) on a new maximum, else vs = expf(s - M);
-  V accumulator: float32 (acc = fma(v, vs, acc), ggml_vec_mad_f32's AVX FMA), or fp16 for an f16 V
-  (every update stored as fp16: ggml_vec_mad_f16 / ggml_vec_scale_f16);
-  out = acc * (1/S)  (0 when S == 0).
-vec_dot is ggml-cpu's generic C (ggml-cpu/quants.c ``ggml_vec_dot_<K>_<vec_dot_type>_generic``,
-vec.cpp): per 32-block an exact integer sum, then a float32 running sum with each type's own order of
-products; f32/f16/bf16 K: float32 products summed in double. The x86 SIMD builds sum the same block
-terms in 8-lane order: the last bits of s can differ from such a build, nothing else.
+Per query row (one head of one sequence), in ggml's order, as the x86-64 AVX512 build computes it
+(kvlab.accuracy.cpu_fa models the same build op by op, checked against libggml; the two agree bit
+for bit, tests/kernels/test_flash_decode.py):
+  s  = vec_dot(K row, Q converted to K's vec_dot_type) * scale      (Q conversion by the caller;
+       `kq_dot` gives the SIMD lane order); s += mask, and a -inf mask entry skips the row;
+  online softmax: ms = expf(Mold - M) on a new maximum, else vs = expf(s - M); S = fma(S, ms, vs);
+  V accumulator: float32, acc = fma(v, vs, acc) (ggml_vec_mad_f32), or an fp16 vector for an f16 V
+  (and an f32 V, which llama.cpp casts to f16, as it casts an f32 K): every update stored as fp16
+  (ggml_vec_mad_f16 / ggml_vec_scale_f16); out = acc * (1/S)  (0 when S == 0).
 
 Types are ggml's enum values (kvlab.types TypeInfo.ggml_type). Arrays are indexed per row, never
 sliced, so the prange loop takes no reference counts.
@@ -99,39 +97,88 @@ def plain_value(raw, b, h, i, c, t):
 
 
 @njit(cache=True, inline="always")
-def kq_dot(k, b, h, i, t, n, qq, qd, qs, qf, r):
-    """ggml's vec_dot of K row k[b, h, i] (n values of type t) with query row r, generic C order.
+def hsum8(a):
+    """hsum_float_8: (a4+a0, a5+a1, a6+a2, a7+a3), then (r0+r2) + (r1+r3)."""
+    r0, r1 = np.float32(a[4] + a[0]), np.float32(a[5] + a[1])
+    r2, r3 = np.float32(a[6] + a[2]), np.float32(a[7] + a[3])
+    return np.float32(np.float32(r0 + r2) + np.float32(r1 + r3))
 
-    qq (R, n) int8, qd/qs (R, n/32) float32: Q as q8_0 (qs unused) or q8_1 blocks (d, s as ggml's fp16);
-    qf (R, n) float32: Q as f32/f16/bf16 values (K of those types)."""
-    if t == F32 or t == F16 or t == BF16:
-        acc = 0.0                                   # ggml_float (double) sum of float32 products
-        for c in range(n):
-            acc += np.float64(plain_value(k, b, h, i, c, t) * qf[r, c])
-        return np.float32(acc)
+
+@njit(cache=True, inline="always")
+def reduce16(a, o):
+    """GCC's _mm512_reduce_add_ps of a[o:o+16]: halves of 8, of 4, then (t0+t2) + (t1+t3)."""
+    t0 = np.float32(np.float32(a[o + 12] + a[o + 4]) + np.float32(a[o + 8] + a[o]))
+    t1 = np.float32(np.float32(a[o + 13] + a[o + 5]) + np.float32(a[o + 9] + a[o + 1]))
+    t2 = np.float32(np.float32(a[o + 14] + a[o + 6]) + np.float32(a[o + 10] + a[o + 2]))
+    t3 = np.float32(np.float32(a[o + 15] + a[o + 7]) + np.float32(a[o + 11] + a[o + 3]))
+    return np.float32(np.float32(t0 + t2) + np.float32(t1 + t3))
+
+
+@njit(cache=True, inline="always")
+def read_f16(raw, b, h, i, c, t):
+    """Value c of an f16 row, or of an f32 row cast to f16 first (llama.cpp's build_attn_mha casts an
+    f32 K/V cache to f16 before flash attention)."""
+    if t == F32:
+        return fp16_to_fp32(fp32_to_fp16(plain_value(raw, b, h, i, c, t)))
+    return plain_value(raw, b, h, i, c, t)
+
+
+@njit(cache=True, inline="always")
+def kq_dot(k, b, h, i, t, n, qq, qd, qs, qf, r, acc):
+    """K's vec_dot (ggml-cpu, x86-64 AVX512 build) of row k[b, h, i] (n values of type t) with query row r.
+
+    Block types: 8 float lanes of 4 consecutive values, acc = fma(d_k * d_q, lane integer sum, acc) per
+    block (iq4_nl: even and odd blocks in two accumulators), hsum_float_8, then q4_1/q5_1's sum(m * s).
+    f16 (and f32, cast): 4 x 16 lanes of fma over steps of 64, (s0+s2) + (s1+s3), the 16-lane reduction.
+    bf16: two vdpbf16ps accumulators (lane l: value 2l+1 then 2l), each reduced, summed in double.
+    qq (R, n) int8, qd/qs (R, n/32) float32: Q as q8_0 / q8_1 (d and s as ggml's fp16); qf (R, n)
+    float32: Q as f16/bf16 values. acc: float32 scratch of 64."""
+    for x in range(64):
+        acc[x] = np.float32(0)
+    if t == F32 or t == F16:
+        for c0 in range(0, n, 64):
+            for x in range(64):
+                acc[x] = fma32(read_f16(k, b, h, i, c0 + x, t), qf[r, c0 + x], acc[x])
+        for lane in range(16):
+            acc[lane] = np.float32(acc[lane] + acc[32 + lane]) + np.float32(acc[16 + lane] + acc[48 + lane])
+        return reduce16(acc, 0)
+    if t == BF16:
+        for c0 in range(0, n, 64):
+            for half in range(2):
+                for lane in range(16):
+                    x = c0 + 32 * half + 2 * lane
+                    a = 16 * half + lane
+                    hi = np.float32(acc[a] + np.float32(plain_value(k, b, h, i, x + 1, t) * qf[r, x + 1]))
+                    acc[a] = np.float32(hi + np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
+        return np.float32(np.float64(reduce16(acc, 0)) + np.float64(reduce16(acc, 16)))
     ts = type_size(t)
-    sumf = np.float32(0)
+    summs = np.float32(0)
     for blk in range(n // QK):
         o = blk * ts
-        sumi = np.int32(0)
-        for j in range(QK):
-            sumi += quant(k, b, h, i, o, j, t) * np.int32(qq[r, blk * QK + j])
-        dk = fp16_to_fp32(_u16(k, b, h, i, o))
-        dq = qd[r, blk]
-        if t == Q4_0:
-            sumf += (np.float32(sumi) * dk) * dq
-        elif has_min(t):
-            sumf += (dk * dq) * np.float32(sumi) + fp16_to_fp32(_u16(k, b, h, i, o + 2)) * qs[r, blk]
-        else:
-            sumf += np.float32(sumi) * (dk * dq)
-    return sumf
+        d = np.float32(fp16_to_fp32(_u16(k, b, h, i, o)) * qd[r, blk])
+        a = 8 * (blk & 1) if t == IQ4_NL else 0
+        for lane in range(8):
+            isum = np.int32(0)
+            for j in range(4 * lane, 4 * lane + 4):
+                isum += quant(k, b, h, i, o, j, t) * np.int32(qq[r, blk * QK + j])
+            acc[a + lane] = fma32(d, np.float32(isum), acc[a + lane])
+        if has_min(t):
+            summs = np.float32(summs + np.float32(fp16_to_fp32(_u16(k, b, h, i, o + 2)) * qs[r, blk]))
+    if t == IQ4_NL:
+        for lane in range(8):
+            acc[lane] = acc[lane] + acc[8 + lane]
+    return np.float32(hsum8(acc) + summs)
 
 
 @njit(cache=True, inline="always")
 def dequantize_row(v, b, h, i, t, out):
-    """out[:] = ggml's to_float of row v[b, h, i] (dequantize_row_<type>, float32)."""
+    """out[:] = ggml's to_float of row v[b, h, i] (dequantize_row_<type>, float32; f32 cast to f16 first)."""
     n = out.shape[0]
-    if t == F32 or t == F16 or t == BF16:
+    if t == F32 or t == F16:
+        for c in range(n):
+            out[c] = read_f16(v, b, h, i, c, t)
+        return
+    if t == BF16:
         for c in range(n):
             out[c] = plain_value(v, b, h, i, c, t)
         return
@@ -163,25 +210,27 @@ def flash_decode(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out):
     group = n_h // n_hkv
     n_kv = k.shape[2]
     use_mask = mask.shape[1] > 0
+    f16_acc = type_v == F16 or type_v == F32      # an f32 V is cast to f16: its accumulator is fp16 too
     for row in prange(n_b * n_h):
         b = row // n_h
         h = row - b * n_h
         hk = h // group
         acc = np.zeros(n_dv, np.float32)
         v32 = np.empty(n_dv, np.float32)
+        scratch = np.empty(64, np.float32)
         big_m = np.float32(-np.inf)
         big_s = np.float32(0)
         for i in range(n_kv):
             mv = mask[b, i] if use_mask else np.float32(0)
             if mv == -np.inf:
                 continue
-            s = kq_dot(k, b, hk, i, type_k, n_dk, qq, qd, qs, qf, row) * scale + mv
+            s = np.float32(kq_dot(k, b, hk, i, type_k, n_dk, qq, qd, qs, qf, row, scratch) * scale) + mv
             ms = np.float32(1)
             vs = np.float32(1)
             if s > big_m:
                 ms = np.float32(np.exp(np.float32(big_m - s)))
                 big_m = s
-                if type_v == F16:
+                if f16_acc:
                     for c in range(n_dv):
                         acc[c] = fp16_to_fp32(fp32_to_fp16(np.float32(acc[c] * ms)))
                 else:
@@ -190,13 +239,13 @@ def flash_decode(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out):
             else:
                 vs = np.float32(np.exp(np.float32(s - big_m)))
             dequantize_row(v, b, hk, i, type_v, v32)
-            if type_v == F16:
+            if f16_acc:
                 for c in range(n_dv):
                     acc[c] = fp16_to_fp32(fp32_to_fp16(fma32(v32[c], vs, acc[c])))
             else:
                 for c in range(n_dv):
                     acc[c] = fma32(v32[c], vs, acc[c])
-            big_s = np.float32(big_s * ms + vs)
+            big_s = fma32(big_s, ms, vs)
         inv = np.float32(0) if big_s == 0 else np.float32(1) / big_s
         for c in range(n_dv):
             out[b, h, c] = acc[c] * inv

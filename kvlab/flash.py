@@ -20,8 +20,9 @@ from kvlab.quant import dequantize, quantize
 from kvlab.rotation import rotate
 from kvlab.types import type_info
 
-# ggml_get_type_traits_cpu(t)->vec_dot_type: the type ggml-cpu converts Q to before K.Q
-CPU_VEC_DOT_TYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0",
+# ggml_get_type_traits_cpu(t)->vec_dot_type: the type ggml-cpu converts Q to before K.Q (an f32 K cache is
+# cast to f16 by llama.cpp's build_attn_mha first)
+CPU_VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0",
                     "q5_0": "q8_0", "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}
 
 
@@ -65,8 +66,8 @@ def cpu_query(q: np.ndarray, type_k: str):
     """
     kind = CPU_VEC_DOT_TYPE[type_k]
     r, d = q.shape
-    if kind in ("f32", "f16", "bf16"):
-        qf = q if kind == "f32" else dequantize(quantize(q, kind, "cpu"))
+    if kind in ("f16", "bf16"):
+        qf = dequantize(quantize(q, kind, "cpu"))
         return np.zeros((r, 0), np.int8), np.zeros((r, 0), np.float32), np.zeros((r, 0), np.float32), qf
     # ggml-cpu's x86 quantize_row_q8_0 and q8_1 write the same d and qs: kvlab's q8_0 "cpu" flavor
     blocks = quantize(q, "q8_0", "cpu").raw.reshape(r, d // 32, 34)          # (R, D/32, block bytes)
