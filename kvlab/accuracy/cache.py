@@ -15,10 +15,10 @@ def default_cache_root() -> Path:
 def source_hash() -> str:
     """A hash of the code results come from: the kernels, kvlab.accuracy and kvlab's top-level modules
     (quant, rotation, types, ...), so an edited kernel never serves results cached before the edit."""
-    import kvlab
-    import kvlab.kernels
-    roots = (Path(kvlab.kernels.__file__).parent, Path(__file__).parent)
-    files = sorted(p for root in roots for p in root.rglob("*.py")) + sorted(Path(kvlab.__file__).parent.glob("*.py"))
+    import kvlab.kernels   # not the kvlab façade: it imports this module (tests/test_layering.py)
+    here = Path(__file__).resolve().parent   # kvlab/accuracy
+    roots = (Path(kvlab.kernels.__file__).parent, here)
+    files = sorted(p for root in roots for p in root.rglob("*.py")) + sorted(here.parent.glob("*.py"))
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + f.read_bytes())
