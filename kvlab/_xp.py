@@ -1,7 +1,18 @@
-"""numpy / torch interop: take either, compute on numpy views, hand back the caller's kind.
+"""Array interop: numpy and torch, on the CPU or a GPU, in one place.
 
-No copies where the input is already a contiguous float32 CPU array or tensor.
+Two jobs:
+- The public entry points (kvlab.quantize, dequantize, rotate, set_rows) take either kind and hand back
+  the caller's kind: ``to_numpy`` gives a C-contiguous numpy view (no copy where the input already is a
+  contiguous CPU array or tensor of the dtype), ``wrap_like`` wraps the numpy result as the caller's kind
+  (sharing memory); GPU arrays go to kvlab.kernels.cuda as device views (``cuda_rows``, ``cuda_empty``).
+- The attention math (kvlab.accuracy) is written once against the array operations numpy and torch share
+  by name (``xp.matmul``, ``xp.exp``, ``x.sum(axis=..., keepdims=...)``, ``x.swapaxes``, Python-float
+  scalars, which keep float32 math float32 in both, NEP 50) and runs on numpy on the CPU or torch on a
+  device: ``namespace``, ``cast``, ``copy_like``, ``to_device``, ``to_host`` and ``resolve_device`` hold the
+  few places where the two differ.
+torch is never imported just to ask whether something is a tensor.
 """
+import importlib.util
 import sys
 
 import numpy as np
@@ -20,6 +31,13 @@ def is_cuda(x) -> bool:
     return hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
 
 
+def _torch_dtype(dtype):
+    import torch
+    return {np.float32: torch.float32, np.uint8: torch.uint8, np.float64: torch.float64}[np.dtype(dtype).type]
+
+
+# ---- the public entry points: numpy views in, the caller's kind out ---------------------------------
+
 def to_numpy(x, dtype, what: str):
     """A C-contiguous numpy view of x (numpy array or CPU torch tensor) of exactly `dtype`."""
     if is_torch(x):
@@ -37,17 +55,12 @@ def to_numpy(x, dtype, what: str):
     return np.ascontiguousarray(x)
 
 
-def like(out: np.ndarray, template):
-    """Return `out` as the same kind (numpy or torch) as `template`, sharing memory."""
+def wrap_like(out: np.ndarray, template):
+    """`out` as the same kind (numpy or torch) as `template`, sharing memory: no copy."""
     if is_torch(template):
         import torch
         return torch.from_numpy(out)
     return out
-
-
-def _torch_dtype(dtype):
-    import torch
-    return {np.float32: torch.float32, np.uint8: torch.uint8, np.float64: torch.float64}[np.dtype(dtype).type]
 
 
 def cuda_rows(x, dtype, what: str):
@@ -73,3 +86,83 @@ def cuda_empty(shape, dtype, template):
         return torch.empty(shape, dtype=_torch_dtype(dtype), device=template.device)
     from numba import cuda
     return cuda.device_array(shape, dtype=dtype)
+
+
+# ---- where the math runs: numpy on the CPU, or torch on a device -----------------------------------
+
+def resolve_device(device="auto"):
+    """None for numpy on the CPU, or the torch.device to run on.
+
+    "auto": the GPU when torch is installed and sees one, else the CPU; "cpu": numpy (Numba
+    kernels); "cuda", "cuda:1": that GPU; a torch.device object runs the torch math there (a
+    torch.device("cpu") runs the GPU code path on the CPU, which is how the tests check it).
+    """
+    if device is None or device == "cpu":
+        return None
+    if not isinstance(device, str):  # a torch.device
+        return device
+    if device == "auto":
+        if importlib.util.find_spec("torch") is None:
+            return None
+        import torch
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU here (use --device cpu or auto)")
+        return torch.device(device)
+    raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def device_label(place) -> str:
+    """How a table names where it was computed: "cpu" (numpy), "cuda:0", or "torch-cpu"."""
+    if place is None:
+        return "cpu"
+    if place.type == "cpu":
+        return "torch-cpu"
+    return f"{place.type}:{place.index or 0}"
+
+
+def place_of(x):
+    """Where x lives, as resolve_device gives it: None for numpy, else its torch.device."""
+    return x.device if is_torch(x) else None
+
+
+def namespace(x):
+    """The module whose functions apply to x: numpy, or torch for a tensor."""
+    if is_torch(x):
+        import torch
+        return torch
+    return np
+
+
+def to_device(a: np.ndarray, place):
+    """A numpy array as it lives on `place` (None: the array itself)."""
+    if place is None:
+        return a
+    import torch
+    return torch.as_tensor(np.ascontiguousarray(a), device=place)
+
+
+def copy_like(a: np.ndarray, x):
+    """A copy of the numpy constant `a` on x's device with x's dtype (numpy stays numpy)."""
+    if is_torch(x):
+        import torch
+        return torch.as_tensor(a, device=x.device).to(x.dtype)
+    return a.astype(x.dtype)
+
+
+def to_host(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if is_torch(x) else np.asarray(x)
+
+
+def cast(x, dtype: str):
+    """x in "float16", "bfloat16" (torch only), "float32" or "float64"."""
+    if is_torch(x):
+        import torch
+        return x.to(getattr(torch, dtype))
+    return x.astype(dtype)
+
+
+def contiguous(x):
+    return x.contiguous() if is_torch(x) else np.ascontiguousarray(x)

@@ -88,7 +88,7 @@ def flash_decode(q, k_raw, v_raw, type_k: str, type_v: str, mask=None, scale: fl
     kvlab.RotationPlan (or None): its k rotates Q, its v un-rotates the output."""
     type_k, type_v = type_info(type_k).name, type_info(type_v).name
     dk, _ = check_inputs(q, k_raw, v_raw, type_k, type_v, mask)
-    scale = np.float32(1.0 / np.sqrt(dk) if scale is None else scale)
+    scale = np.float32(1) / np.sqrt(np.float32(dk)) if scale is None else np.float32(scale)   # 1.0f/sqrtf(D)
     rot_k, rot_v = (rotation.k, rotation.v) if rotation is not None else (None, None)
     if is_cuda(q) or is_cuda(k_raw):
         from kvlab.kernels.cuda import flash_decode as gpu

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, like, to_numpy
+from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, to_numpy, wrap_like
 from kvlab.kernels.scalar import rcp_approx_table
 from kvlab.types import TYPES, flavor_code, type_info
 
@@ -117,7 +117,7 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
         values, data = _kernel_views(info, xs, raw)
         # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
         info.quantize_row(values, data, code, rcp_approx_table())
-    return QTensor(like(raw, x), type, shape, flavor)
+    return QTensor(wrap_like(raw, x), type, shape, flavor)
 
 
 def dequantize(q: QTensor):
@@ -138,7 +138,7 @@ def dequantize(q: QTensor):
     if out.size:
         values, data = _kernel_views(info, out, raw)
         info.dequantize_row(data, values)
-    return like(out, q.raw)
+    return wrap_like(out, q.raw)
 
 
 def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_x=None) -> QTensor:
@@ -146,7 +146,7 @@ def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_
     info = type_info(type)
     _check_row_len((row_len,), info)
     raw = np.zeros((n_rows, info.row_bytes(row_len)), dtype=np.uint8)
-    return QTensor(like(raw, like_x) if like_x is not None else raw, info.name, (n_rows, row_len), flavor)
+    return QTensor(wrap_like(raw, like_x) if like_x is not None else raw, info.name, (n_rows, row_len), flavor)
 
 
 def set_rows(cache: QTensor, row_ids, values) -> QTensor:

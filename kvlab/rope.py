@@ -9,7 +9,7 @@ x lives (numpy, or torch on any device): kvlab.split.sharded, kvlab.tp and kvlab
 """
 import numpy as np
 
-from kvlab import device
+from kvlab import _xp
 
 MODES = ("normal", "neox")
 
@@ -23,9 +23,9 @@ def rope(x, positions, base: float, mode: str = "normal", n_rot: int | None = No
     if n_rot % 2 or n_rot > x.shape[-1]:
         raise ValueError(f"n_rot must be even and at most the head size {x.shape[-1]}, got {n_rot}")
     theta = np.asarray(positions, np.float64)[..., None] * base ** (-np.arange(0, n_rot, 2) / n_rot)  # (..., n_rot/2)
-    x64 = device.cast(x, "float64")
-    cos, sin = device.like(np.cos(theta), x64), device.like(np.sin(theta), x64)
-    xp = device.namespace(x)
+    x64 = _xp.cast(x, "float64")
+    cos, sin = _xp.copy_like(np.cos(theta), x64), _xp.copy_like(np.sin(theta), x64)
+    xp = _xp.namespace(x)
     if mode == "normal":
         a, b = x64[..., 0:n_rot:2], x64[..., 1:n_rot:2]
         turned = xp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)  # (..., n_rot/2, 2)
@@ -35,4 +35,4 @@ def rope(x, positions, base: float, mode: str = "normal", n_rot: int | None = No
         turned = xp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)  # (..., n_rot)
     if n_rot < x.shape[-1]:
         turned = xp.concatenate([turned, x64[..., n_rot:]], axis=-1)
-    return device.cast(turned, str(x.dtype).removeprefix("torch."))
+    return _xp.cast(turned, str(x.dtype).removeprefix("torch."))

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from kvlab._xp import cuda_empty, cuda_rows, is_cuda, like, to_numpy
+from kvlab._xp import cuda_empty, cuda_rows, is_cuda, to_numpy, wrap_like
 from kvlab.types import type_info
 
 
@@ -57,7 +57,7 @@ def rotate(x, n: int):
     out = np.empty(shape, dtype=np.float32)
     if xs.size:
         rotate_rows(xs.reshape(-1, n), out.reshape(-1, n), hadamard_scale(n))  # (n_chunks, n)
-    return like(out, x)
+    return wrap_like(out, x)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ to a higher one. Lazy imports (inside functions) and importlib.import_module("kv
 The layers, lowest first; a module may import modules of its own layer and of the layers below:
   kernels     kvlab.kernels (the top-level kernels/ folder): Numba kernels, no kvlab imports but their own
   types       the type table
-  arrays      kvlab._xp / kvlab.device: numpy / torch interop
+  arrays      kvlab._xp: numpy / torch interop
   core        quant, rotation, flash, rope, shape, _progress: the API boundary and small shared helpers
   split       the meta backend model
   accuracy    error of quantized attention (uses split.cuda: which CUDA FA kernel a pair gets)
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("kvlab.kernels",),
     ("kvlab.types",),
-    ("kvlab._xp", "kvlab.device"),
+    ("kvlab._xp",),
     ("kvlab.quant", "kvlab.rotation", "kvlab.flash", "kvlab.rope", "kvlab.shape", "kvlab._progress"),
     ("kvlab.split",),
     ("kvlab.accuracy",),

@@ -32,13 +32,13 @@ to f16. Without the K bytes, the cpu logits come from Q's q8 values times the de
 float64 (one rounding instead of the vec_dot order, and q8_1's s unrounded).
 
 Metrics (kvlab.accuracy.metrics) compare against exact float64 attention on the unrotated, unquantized input.
-The math below takes numpy arrays or torch tensors (kvlab.device): the sweep runs it on a GPU.
+The math below takes numpy arrays or torch tensors (kvlab._xp): the sweep runs it on a GPU.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab import device
+from kvlab import _xp
 from kvlab.accuracy import cpu_fa
 from kvlab.accuracy.metrics import attention_metrics, tensor_rel_l2
 from kvlab.quant import dequantize, quantize
@@ -122,11 +122,11 @@ def store_bytes(x, type_name: str, flavor: str, rot: int | None):
     """
     n_head_kv, n_kv, d = x.shape
     xr = rotate(x, rot) if rot else x
-    rows = device.contiguous(xr.swapaxes(0, 1)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
+    rows = _xp.contiguous(xr.swapaxes(0, 1)).reshape(n_kv, n_head_kv * d)  # ne = [D*n_head_kv, n_kv]
     qt = quantize(rows, type_name, flavor)
     deq = dequantize(qt).reshape(n_kv, n_head_kv, d)                           # (n_kv, n_head_kv, D)
     raw = qt.raw.reshape(n_kv, n_head_kv, -1)                                  # (n_kv, n_head_kv, row_bytes)
-    return device.contiguous(deq.swapaxes(0, 1)), device.contiguous(raw.swapaxes(0, 1))
+    return _xp.contiguous(deq.swapaxes(0, 1)), _xp.contiguous(raw.swapaxes(0, 1))
 
 
 def unrotate(x, rot: int | None):
@@ -134,19 +134,19 @@ def unrotate(x, rot: int | None):
     if not rot:
         return x
     chunks = x.reshape(*x.shape[:-1], x.shape[-1] // rot, rot)  # (..., D/rot, rot)
-    return (chunks @ device.like(hadamard(rot), x)).reshape(x.shape)
+    return (chunks @ _xp.copy_like(hadamard(rot), x)).reshape(x.shape)
 
 
 # ---- what each backend does to Q -----------------------------------------------------------------
 
 def _fp16(x):
-    return device.cast(device.cast(x, "float16"), "float32")
+    return _xp.cast(_xp.cast(x, "float16"), "float32")
 
 
 def _bf16(x):
     """Round float32 to bfloat16 and back, to nearest even (finite values: ggml's fp32_to_bf16)."""
-    if device.is_torch(x):
-        return device.cast(device.cast(x, "bfloat16"), "float32")
+    if _xp.is_torch(x):
+        return _xp.cast(_xp.cast(x, "bfloat16"), "float32")
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
     return rounded.view(np.float32)
@@ -158,8 +158,8 @@ def q8_blocks(x, rounding: str):
     rounding="cpu": x86 AVX quantize_row_q8_0/q8_1 (id = 127/amax, round half to even, d as fp16);
     rounding="cuda": quantize_q8_1_to_shared (q = roundf(x/d), d = amax/127 kept in float32).
     """
-    xp = device.namespace(x)
-    blocks = device.cast(x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32), "float32")  # (..., D/32, 32)
+    xp = _xp.namespace(x)
+    blocks = _xp.cast(x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32), "float32")  # (..., D/32, 32)
     amax = xp.amax(xp.abs(blocks), axis=-1, keepdims=True)
     d = amax / 127.0  # Python floats keep float32 math in float32 (numpy and torch alike)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -169,20 +169,20 @@ def q8_blocks(x, rounding: str):
         else:
             ratio = xp.where(d > 0, blocks / d, 0.0)
             q = xp.sign(ratio) * xp.floor(xp.abs(ratio) + 0.5)  # roundf: halves away from 0
-    return device.cast(d * q, "float32").reshape(x.shape)
+    return _xp.cast(d * q, "float32").reshape(x.shape)
 
 
 def backend_query(q_rot, type_k: str, backend: str, scale: float):
     """Q as the backend's K.Q dot product sees it, already multiplied by the softmax scale."""
     scale32 = float(np.float32(scale))  # ggml keeps the scale as a float
     if backend == "ref":
-        return device.cast(q_rot, "float64") * scale
+        return _xp.cast(q_rot, "float64") * scale
     if backend == "cpu":
         kind = cpu_fa.VEC_DOT_TYPE[type_k]
         q = {"f32": lambda x: x, "f16": _fp16, "bf16": _bf16}.get(kind, lambda x: q8_blocks(x, "cpu"))(q_rot)
-        return device.cast(q, "float64") * scale32
+        return _xp.cast(q, "float64") * scale32
     scaled = q_rot * scale32  # float32 product
-    return device.cast(scaled if type_k in ("f16", "bf16") else q8_blocks(scaled, "cuda"), "float64")
+    return _xp.cast(scaled if type_k in ("f16", "bf16") else q8_blocks(scaled, "cuda"), "float64")
 
 
 def backend_cache(values, type_name: str, backend: str, read_as: str):
@@ -196,7 +196,7 @@ def backend_cache(values, type_name: str, backend: str, read_as: str):
 # ---- softmax and the V accumulation --------------------------------------------------------------
 
 def softmax_rows(logits):
-    xp = device.namespace(logits)
+    xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -209,16 +209,16 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool):
     (kvlab.accuracy.cpu_fa.online_softmax), cuda a float32 softmax in matmul order.
     """
     if backend == "ref":
-        return softmax_rows(logits)[None] @ device.cast(v_stack, "float64")
-    logits = device.cast(logits, "float32")
+        return softmax_rows(logits)[None] @ _xp.cast(v_stack, "float64")
+    logits = _xp.cast(logits, "float32")
     if backend == "cpu":  # ggml's online softmax token by token (Numba), wherever the arrays live
-        host_logits = np.ascontiguousarray(device.to_host(logits))
-        host_v = device.to_host(v_stack)
+        host_logits = np.ascontiguousarray(_xp.to_host(logits))
+        host_v = _xp.to_host(v_stack)
         out = np.empty((host_v.shape[0],) + host_logits.shape[:2] + (host_v.shape[-1],), np.float32)
         for i in range(host_v.shape[0]):
             cpu_fa.online_softmax(host_logits, np.ascontiguousarray(host_v[i]), v_f16_accumulator, out[i])
-        return device.to_device(out, device.place_of(logits))
-    xp = device.namespace(logits)
+        return _xp.to_device(out, _xp.place_of(logits))
+    xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
     weighted = e[None] @ v_stack  # (n_v, G, R, D) float32 sums of expf(s - M) * v
     return weighted / e.sum(axis=-1, keepdims=True)[None]
@@ -238,8 +238,8 @@ class Exact:
 
 def exact_attention(q, k, v) -> Exact:
     scale = float(1.0 / np.sqrt(q.shape[-1]))
-    k64, v64 = device.cast(k, "float64"), device.cast(v, "float64")
-    logits = device.cast(group_queries(q, k.shape[0]), "float64") @ k64.swapaxes(1, 2) * scale
+    k64, v64 = _xp.cast(k, "float64"), _xp.cast(v, "float64")
+    logits = _xp.cast(group_queries(q, k.shape[0]), "float64") @ k64.swapaxes(1, 2) * scale
     return Exact(logits, softmax_rows(logits) @ v64, k64, v64, scale)
 
 
@@ -250,12 +250,12 @@ def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float, k_raw=
     tiled (`PairPath.kernel == "cpu-tiled"`): ggml's tiled path, Q kept float32.
     """
     if backend == "cpu" and (k_raw is not None or tiled):
-        host = cpu_fa.logits(device.to_host(group_queries(q, k_cache.shape[0])), device.to_host(k_raw),
-                             device.to_host(k_cache), type_k, scale, tiled)
-        return device.cast(device.to_device(host, device.place_of(q)), "float64")
+        host = cpu_fa.logits(_xp.to_host(group_queries(q, k_cache.shape[0])), _xp.to_host(k_raw),
+                             _xp.to_host(k_cache), type_k, scale, tiled)
+        return _xp.cast(_xp.to_device(host, _xp.place_of(q)), "float64")
     qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
-    logits = qb @ device.cast(k_cache, "float64").swapaxes(1, 2)
-    return logits if backend == "ref" else device.cast(device.cast(logits, "float32"), "float64")
+    logits = qb @ _xp.cast(k_cache, "float64").swapaxes(1, 2)
+    return logits if backend == "ref" else _xp.cast(_xp.cast(logits, "float32"), "float64")
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
     exact = exact_attention(q, k, v)
     att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend)
-    out = unrotate(device.cast(att.out_rot, "float64"), plan.v)
+    out = unrotate(_xp.cast(att.out_rot, "float64"), plan.v)
     metrics = attention_metrics(exact.logits, att.logits, exact.out, out, topk)
     metrics["k_rel_l2"] = tensor_rel_l2(unrotate(att.k_cache.astype(np.float64), plan.k), exact.k)
     metrics["v_rel_l2"] = tensor_rel_l2(unrotate(att.v_cache.astype(np.float64), plan.v), exact.v)

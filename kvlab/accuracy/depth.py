@@ -40,7 +40,7 @@ arXiv:2502.15075) measure layer-wise sensitivity and error propagation through t
 models; here the statistics are known and the isolated (local) error is separated from the
 propagated one. The block keeps skip connections and an MLP because pure attention stacks lose
 rank doubly exponentially with depth (Dong, Cordonnier & Loukas 2021, arXiv:2103.03404), which
-would make any depth trend an artefact. Runs on numpy or torch (kvlab.device), CPU or GPU.
+would make any depth trend an artefact. Runs on numpy or torch (kvlab._xp), CPU or GPU.
 """
 from dataclasses import asdict, dataclass, field
 import json
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvlab import device as dev
+from kvlab import _xp
 from kvlab._progress import progress_bar
 from kvlab.accuracy.cache import default_cache_root, frame_key, read_frame, source_hash, write_frame
 from kvlab.accuracy.attention import group_queries, softmax_rows, store, unrotate
@@ -111,15 +111,15 @@ def _layers(cfg: StackConfig, place) -> list:
         rng = np.random.default_rng([h.seed, 10, l])
 
         def gauss(fan_in, fan_out, std=1.0):  # (fan_in, fan_out), variance std**2 / fan_in
-            return dev.to_device(rng.standard_normal((fan_in, fan_out)) * (std / np.sqrt(fan_in)), place)
+            return _xp.to_device(rng.standard_normal((fan_in, fan_out)) * (std / np.sqrt(fan_in)), place)
 
         bias, v_scale = head_structure(h, key=(l,))
         layers.append(_Layer(
             wq=gauss(d, h.n_head * h.head_dim, h.logit_std), wk=gauss(d, h.n_head_kv * h.head_dim),
             wv=gauss(d, h.n_head_kv * h.head_dim), wo=gauss(h.n_head * h.head_dim, d),
             w1=gauss(d, width) if width else None, w2=gauss(width, d) if width else None,
-            q_lean=dev.to_device(query_lean(bias, h)[:, None, :], place),
-            k_bias=dev.to_device(bias[:, None, :], place), v_scale=dev.to_device(v_scale, place)))
+            q_lean=_xp.to_device(query_lean(bias, h)[:, None, :], place),
+            k_bias=_xp.to_device(bias[:, None, :], place), v_scale=_xp.to_device(v_scale, place)))
     return layers
 
 
@@ -132,7 +132,7 @@ def _rms(x) -> float:
 
 
 def _gelu(x):
-    xp = dev.namespace(x)
+    xp = _xp.namespace(x)
     return 0.5 * x * (1.0 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # tanh form, sqrt(2/pi)
 
 
@@ -150,23 +150,23 @@ def _qkv(layer: _Layer, h, cfg: StackConfig):
     q = rope(_heads(x @ layer.wq, heads.n_head) + layer.q_lean, positions, heads.rope_base, "neox")
     k = rope(_heads(x @ layer.wk, heads.n_head_kv) + layer.k_bias, positions, heads.rope_base, "neox")
     v = _heads(x @ layer.wv, heads.n_head_kv) * layer.v_scale
-    return tuple(dev.contiguous(dev.cast(a, "float32")) for a in (q, k, v))
+    return tuple(_xp.contiguous(_xp.cast(a, "float32")) for a in (q, k, v))
 
 
 def _causal_mask(n_tokens: int, group: int, place):
     """(1, group * T, T): query row r (token r % T) sees keys 0..r % T."""
     tril = np.tril(np.ones((n_tokens, n_tokens), dtype=bool))
-    return dev.to_device(np.tile(tril, (group, 1))[None], place)  # (1, group*T, T)
+    return _xp.to_device(np.tile(tril, (group, 1))[None], place)  # (1, group*T, T)
 
 
 def _attention(q, k_cache, v_cache, plan: RotationPlan, mask):
     """Causal attention over a cache in the rotated basis: logits (G, R, T) and output (n_head, T, D), float64."""
-    xp = dev.namespace(q)
+    xp = _xp.namespace(q)
     n_head, t, d = q.shape
     q_rot = rotate(q, plan.k) if plan.k else q
-    logits = dev.cast(group_queries(q_rot, k_cache.shape[0]), "float64") @ dev.cast(k_cache, "float64").swapaxes(1, 2)
+    logits = _xp.cast(group_queries(q_rot, k_cache.shape[0]), "float64") @ _xp.cast(k_cache, "float64").swapaxes(1, 2)
     logits = xp.where(mask, logits * float(1.0 / np.sqrt(d)), -np.inf)
-    out = softmax_rows(logits) @ dev.cast(v_cache, "float64")  # (G, R, D)
+    out = softmax_rows(logits) @ _xp.cast(v_cache, "float64")  # (G, R, D)
     return logits, unrotate(out, plan.v).reshape(n_head, t, d)
 
 
@@ -214,7 +214,7 @@ def exact_stack(cfg: StackConfig, place=None) -> Stack:
     heads = cfg.heads
     layers = _layers(cfg, place)
     mask = _causal_mask(cfg.n_tokens, heads.n_gqa, place)
-    h0 = dev.to_device(np.random.default_rng([heads.seed, 20]).standard_normal((cfg.n_tokens, cfg.d_model)), place)
+    h0 = _xp.to_device(np.random.default_rng([heads.seed, 20]).standard_normal((cfg.n_tokens, cfg.d_model)), place)
     h, exact = h0, []
     for layer in layers:
         q, k, v = _qkv(layer, h, cfg)
@@ -245,8 +245,8 @@ def compare_stack(stack: Stack, cfg: StackConfig, cache):
             "attn_rel_l2": tensor_rel_l2(out, exact.out),
             "attn_local_rel_l2": tensor_rel_l2(own_out, exact.out),
             "kl": float(softmax_kl(exact.logits, logits, stack.mask).mean()),
-            "k_rel_l2": tensor_rel_l2(unrotate(dev.cast(k_cache, "float64"), plan.k), dev.cast(exact.k, "float64")),
-            "v_rel_l2": tensor_rel_l2(unrotate(dev.cast(v_cache, "float64"), plan.v), dev.cast(exact.v, "float64")),
+            "k_rel_l2": tensor_rel_l2(unrotate(_xp.cast(k_cache, "float64"), plan.k), _xp.cast(exact.k, "float64")),
+            "v_rel_l2": tensor_rel_l2(unrotate(_xp.cast(v_cache, "float64"), plan.v), _xp.cast(exact.v, "float64")),
         }
 
 
@@ -271,10 +271,10 @@ def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotation
     pairs = [(type_info(k).name, type_info(v).name) for k, v in pairs]   # any case: Q8_0 is q8_0
     for flavor in flavors:
         flavor_code(flavor)
-    place = dev.resolve_device(device)
+    place = _xp.resolve_device(device)
     settings, vers = json.loads(json.dumps(asdict(cfg))), versions(place)
     folder = (Path(cache_dir) if cache_dir else default_cache_root()) / "depth"
-    key_base = dict(settings=settings, versions=vers, device=dev.device_label(place), sources=source_hash())
+    key_base = dict(settings=settings, versions=vers, device=_xp.device_label(place), sources=source_hash())
     runs = [(k, v, r, f) for k, v in pairs for r in rotations for f in flavors]
     stack, frames = None, []
     with progress_bar(len(runs), "kvlab layer growth", "stack", progress) as bar:
@@ -291,8 +291,8 @@ def layer_growth(pairs=DEFAULT_PAIRS, cfg: StackConfig = StackConfig(), rotation
     table["bits_per_value"] = [(TYPES[k].bits_per_weight + TYPES[v].bits_per_weight) / 2
                                for k, v in zip(table.type_k, table.type_v)]
     table["n_layers"], table["n_tokens"], table["d_model"] = cfg.n_layers, cfg.n_tokens, cfg.d_model
-    table["device"] = dev.device_label(place)
-    table.attrs.update(settings=settings, versions=vers, device=dev.device_label(place),
+    table["device"] = _xp.device_label(place)
+    table.attrs.update(settings=settings, versions=vers, device=_xp.device_label(place),
                        source=f"random pre-norm stack (seed={cfg.heads.seed})")
     return table
 

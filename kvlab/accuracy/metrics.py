@@ -5,26 +5,26 @@
 - ``out_cos``: mean over query rows of the cosine between approx and exact output rows.
 - ``topk_overlap``: mean over query rows of |top-k(exact) & top-k(approx)| / k of the attended keys.
 Arrays have the query rows on all axes but the last (keys for logits, channels for outputs).
-norm, tensor_rel_l2 and softmax_kl take numpy arrays or torch tensors (kvlab.device: the layer-growth
+norm, tensor_rel_l2 and softmax_kl take numpy arrays or torch tensors (kvlab._xp: the layer-growth
 stack measures on its device); the rest runs on the host.
 """
 import numpy as np
 
-from kvlab import device
+from kvlab import _xp
 
 
 def norm(x) -> float:
     """The 2-norm of the whole tensor."""
-    return float(device.namespace(x).linalg.norm(x))
+    return float(_xp.namespace(x).linalg.norm(x))
 
 
 def tensor_rel_l2(approx, exact) -> float:
     scale = norm(exact)
-    return norm(device.cast(approx, "float64") - exact) / scale if scale else 0.0
+    return norm(_xp.cast(approx, "float64") - exact) / scale if scale else 0.0
 
 
 def log_softmax(logits):
-    xp = device.namespace(logits)
+    xp = _xp.namespace(logits)
     shifted = logits - xp.amax(logits, axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -32,7 +32,7 @@ def log_softmax(logits):
 def softmax_kl(exact_logits, approx_logits, mask=None):
     """KL(p || q) per row, p = softmax(exact), q = softmax(approx); keys outside `mask` (a causal mask: -inf
     logits on both sides) are left out."""
-    xp = device.namespace(exact_logits)
+    xp = _xp.namespace(exact_logits)
     log_p, log_q = log_softmax(exact_logits), log_softmax(approx_logits)
     with np.errstate(invalid="ignore"):   # masked keys: 0 * (-inf - -inf), dropped by the where
         terms = xp.exp(log_p) * (log_p - log_q)

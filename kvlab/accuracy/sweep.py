@@ -14,7 +14,7 @@ interrupted run costs only what is missing.
 Device: numpy on the CPU by default, torch on the GPU when one is present (`device="auto"`): the
 cache is written and read by the CUDA kernels (kvlab.quantize on CUDA tensors) and the attention
 math runs in torch on the GPU; only the metrics of each cell (small) come back to the host. The
-same functions (kvlab.accuracy.attention) run on both; see kvlab.device.
+same functions (kvlab.accuracy.attention) run on both; see kvlab._xp.
 """
 from dataclasses import asdict, dataclass, field
 import hashlib
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvlab import device as dev
+from kvlab import _xp
 from kvlab._progress import progress_bar
 from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
                         unrotate)
@@ -67,8 +67,8 @@ def default_cache_dir() -> Path:
 
 def prefix_rel_l2(stored, rot, exact) -> np.ndarray:
     """rel_l2 of stored (unrotated) vs exact over the first n tokens, for every n: (n_kv,) on the host."""
-    diff2 = dev.to_host(((unrotate(dev.cast(stored, "float64"), rot) - exact) ** 2).sum(axis=(0, 2)))  # (n_kv,)
-    norm2 = dev.to_host((exact ** 2).sum(axis=(0, 2)))
+    diff2 = _xp.to_host(((unrotate(_xp.cast(stored, "float64"), rot) - exact) ** 2).sum(axis=(0, 2)))  # (n_kv,)
+    norm2 = _xp.to_host((exact ** 2).sum(axis=(0, 2)))
     return np.sqrt(np.cumsum(diff2) / np.maximum(np.cumsum(norm2), np.finfo(np.float64).tiny))
 
 
@@ -77,15 +77,15 @@ class _VCaches:
 
     def __init__(self, caches: dict):
         self.types = list(caches)
-        xp = dev.namespace(caches[self.types[0]])
+        xp = _xp.namespace(caches[self.types[0]])
         self.stored = xp.stack([caches[t] for t in self.types], axis=2)  # (G, n_kv, n_v, D) float32
         self._forms = {}
 
     def form(self, kind: str) -> np.ndarray:
         """"f32" (as stored), "f64" (for ref), "f16" (converted to f16 by ggml-cuda)."""
         if kind not in self._forms:
-            convert = {"f32": lambda x: x, "f64": lambda x: dev.cast(x, "float64"),
-                       "f16": lambda x: dev.cast(dev.cast(x, "float16"), "float32")}[kind]
+            convert = {"f32": lambda x: x, "f64": lambda x: _xp.cast(x, "float64"),
+                       "f16": lambda x: _xp.cast(_xp.cast(x, "float16"), "float32")}[kind]
             self._forms[kind] = convert(self.stored)
         return self._forms[kind]
 
@@ -94,7 +94,7 @@ class _VCaches:
         v = self.form(kind)[:, :length]  # (G, L, n_v, D)
         g, l, n_v, d = v.shape
         out = attend(logits, v.reshape(g, l, n_v * d)[None], backend, False)[0]  # (G, R, n_v*D)
-        return dev.namespace(out).moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
+        return _xp.namespace(out).moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
 
 
 @dataclass
@@ -106,11 +106,11 @@ class _Exact:
 
 
 def _exact_by_length(sample: KVSample, cfg: SweepConfig, place) -> dict:
-    k, v = dev.to_device(sample.k, place), dev.to_device(sample.v, place)
+    k, v = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
     exact = {}
     for n in cfg.lengths:
-        e = exact_attention(dev.to_device(sample.queries_for(n, cfg.n_q), place), k[:, :n], v[:, :n])
-        exact[n] = _Exact(dev.to_host(e.logits), dev.to_host(e.out), e.scale)
+        e = exact_attention(_xp.to_device(sample.queries_for(n, cfg.n_q), place), k[:, :n], v[:, :n])
+        exact[n] = _Exact(_xp.to_host(e.logits), _xp.to_host(e.out), e.scale)
     return exact
 
 
@@ -118,16 +118,16 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                 place=None):
     head_dim = sample.k.shape[-1]
     plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
-    k_in, v_in = dev.to_device(sample.k, place), dev.to_device(sample.v, place)
+    k_in, v_in = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
     k_caches = {t: store(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}
     v_caches = _VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
-    k64, v64 = dev.cast(k_in, "float64"), dev.cast(v_in, "float64")
+    k64, v64 = _xp.cast(k_in, "float64"), _xp.cast(v_in, "float64")
     k_err = {t: prefix_rel_l2(k_caches[t], plan_of(t).k, k64) for t in cfg.types_k}
     v_err = {t: prefix_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v64) for i, t in enumerate(v_caches.types)}
     rows = []
     for length in cfg.lengths:
         exact = exact_by_len[length]
-        q = dev.to_device(sample.queries_for(length, cfg.n_q), place)
+        q = _xp.to_device(sample.queries_for(length, cfg.n_q), place)
         for type_k in cfg.types_k:
             rot_k = plan_of(type_k).k
             k_cache = k_caches[type_k][:, :length]
@@ -139,7 +139,7 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
             for (backend, read_k, f16_acc), members in groups.items():
                 k_read = backend_cache(k_cache, type_k, backend, read_k)
                 logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale)
-                host_logits = dev.to_host(logits)
+                host_logits = _xp.to_host(logits)
                 if f16_acc:  # the fp16 accumulator runs token by token, one V type at a time
                     outs = {i: attend(logits, v_caches.stored[None, :, :length, i], backend, True)[0]
                             for i, _, _ in members}
@@ -148,7 +148,7 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                     assert all((p.read_v == "f16") == (kind == "f16") for _, _, p in members if backend == "cuda")
                     outs = v_caches.attend_all(logits, backend, kind, length)
                 for i, type_v, path in members:
-                    out = dev.to_host(unrotate(dev.cast(outs[i], "float64"), plan_of(type_v).v))
+                    out = _xp.to_host(unrotate(_xp.cast(outs[i], "float64"), plan_of(type_v).v))
                     m = attention_metrics(exact.logits, host_logits, exact.out, out, cfg.topk)
                     rows.append(dict(
                         type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
@@ -166,14 +166,14 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
     with cfg.n_q = q.shape[1]).
 
     device: "auto" (the GPU when torch sees one, else numpy on the CPU), "cpu", "cuda[:N]" or a
-    torch.device (see kvlab.device.resolve_device).
+    torch.device (see kvlab._xp.resolve_device).
     """
     import pandas as pd
     sample = as_sample(sample)
     if sample.k.shape[1] < max(cfg.lengths):
         raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
-    place = dev.resolve_device(device)
-    where = dev.device_label(place)
+    place = _xp.resolve_device(device)
+    where = _xp.device_label(place)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     settings, vers = cfg.settings(), versions(place)
     key_base = json.dumps({"data": sample.fingerprint(), "settings": settings, "kvlab": vers["kvlab"],

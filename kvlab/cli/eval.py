@@ -71,7 +71,7 @@ def run(args) -> int:
 def _evaluate(args, config, pairs, text) -> int:
     import torch
     from kvlab.hf.evaluate import evaluate, format_table, load_local_model, tiny_llama
-    from kvlab.device import resolve_device
+    from kvlab._xp import resolve_device
     device = resolve_device(args.device) or torch.device("cpu")
     if args.tiny:
         model = tiny_llama().to(device=device, dtype=getattr(torch, args.dtype))

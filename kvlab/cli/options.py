@@ -141,7 +141,7 @@ def add_device_option(parser) -> None:
 
 def check_device(device: str) -> None:
     """The --device value names a place that exists here (resolved before the work, not at its end)."""
-    from kvlab.device import resolve_device
+    from kvlab._xp import resolve_device
     try:
         resolve_device(device)
     except ValueError as e:

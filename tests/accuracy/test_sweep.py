@@ -9,7 +9,7 @@ from kvlab import FLAVORS, TYPES
 from kvlab.accuracy.attention import attention_error
 from kvlab.accuracy.metrics import METRICS
 from kvlab.accuracy.synthetic import SyntheticConfig
-from kvlab.device import resolve_device
+from kvlab._xp import resolve_device
 from kvlab import save_table, synthetic_sample
 from kvlab.accuracy.sweep import SweepConfig, run_sweep
 from kvlab.cli import build_parser
