@@ -224,3 +224,24 @@ def test_captured_sample_ships_with_the_package():
     sample = kvlab.accuracy.sample.captured_sample()
     assert sample.name == "all-MiniLM-L6-v2 layer 0" and sample.k.shape == (12, 512, 32)
     assert sample.q.dtype == np.float32 and np.array_equal(sample.q_positions, np.arange(512))
+
+
+LIGHT_REPORT = """
+import sys
+for name in ("torch", "transformers", "ipywidgets", "IPython", "jupyterlab", "pytest", "numba.cuda"):
+    sys.modules[name] = None   # as if not installed (what `make report` leaves out)
+from kvlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_report_runs_on_the_light_core(tmp_path):
+    """`make report` installs numpy, numba, pandas, pyarrow, plotly and tqdm only: the report, on the
+    captured sample too, must not need torch, transformers or Jupyter."""
+    out = tmp_path / "r.html"
+    res = subprocess.run([sys.executable, "-c", LIGHT_REPORT, "report", "--quick", "--data", "minilm",
+                          "--types", "q4_0,f16", "--flavors", "ref", "--layers", "1", "--layer-tokens", "32",
+                          "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.stat().st_size > 100_000 and "all-MiniLM-L6-v2 layer 0" in out.read_text()
