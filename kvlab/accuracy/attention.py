@@ -13,9 +13,10 @@ Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0
   q4_0/q5_0/q8_0/iq4_nl -> q8_0, q4_1/q5_1 -> q8_1 with its fp16 sum s; x86 AVX rounding), K.Q is
   K's SIMD vec_dot in its summation order, the softmax is ggml's online float32 softmax with expf,
   and V accumulates into float32 -- or, for an f16 V, into an fp16 vector rounded at every update.
-  Given the cache bytes (`store_bytes`), this is bit-exact with ggml-cpu's one_chunk path on x86-64
-  AVX512 (checked by kvlab.ggml.fa / `kvlab check-ggml`); prompt batches of >= 64 tokens over f16
-  K and V take ggml's tiled path, modelled in float32 without its summation order.
+  Prompt batches of >= 64 tokens over f16 K and V take ggml's tiled path (float32 Q, fma chains,
+  softmax per tile of 64 cells with ggml's SIMD expf: `PairPath.kernel == "cpu-tiled"`). Given the
+  cache bytes (`store_bytes`), both paths are bit-exact with ggml-cpu on x86-64 AVX512 (checked
+  against the real op by kvlab.ggml.fa in `kvlab check-ggml` and tests/ggml/test_ggml_fa.py).
 - ``"cuda"`` (ggml-cuda/fattn.cu, fattn-vec.cuh, fattn-common.cuh; the vector kernel that decodes
   one token, as on an H100 for batch <= 2): Q is pre-multiplied by the scale and, for a quantized
   K, quantized to q8_1 per 32 values (d = amax/127 in float32, roundf); for f16/bf16 K it stays
@@ -201,12 +202,13 @@ def softmax_rows(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attend(logits, v_stack, backend: str, v_f16_accumulator: bool):
+def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool = False):
     """Softmax(logits) @ V for several V caches at once.
 
     logits: (G, R, L) (float64 for ref, float32 values otherwise); v_stack: (n_v, G, L, D) float32.
     Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda. cpu is ggml's online softmax
-    (kvlab.accuracy.cpu_fa.online_softmax), cuda a float32 softmax in matmul order.
+    (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`), cuda a float32 softmax in
+    matmul order.
     """
     if backend == "ref":
         return softmax_rows(logits)[None] @ _xp.cast(v_stack, "float64")
@@ -216,7 +218,11 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool):
         host_v = _xp.to_host(v_stack)
         out = np.empty((host_v.shape[0],) + host_logits.shape[:2] + (host_v.shape[-1],), np.float32)
         for i in range(host_v.shape[0]):
-            cpu_fa.online_softmax(host_logits, np.ascontiguousarray(host_v[i]), v_f16_accumulator, out[i])
+            v_i = np.ascontiguousarray(host_v[i])
+            if tiled:
+                cpu_fa.tiled_softmax(host_logits, v_i, out[i])
+            else:
+                cpu_fa.online_softmax(host_logits, v_i, v_f16_accumulator, out[i])
         return _xp.to_device(out, _xp.place_of(logits))
     xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
@@ -250,8 +256,9 @@ def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float, k_raw=
     tiled (`PairPath.kernel == "cpu-tiled"`): ggml's tiled path, Q kept float32.
     """
     if backend == "cpu" and (k_raw is not None or tiled):
-        host = cpu_fa.logits(_xp.to_host(group_queries(q, k_cache.shape[0])), _xp.to_host(k_raw),
-                             _xp.to_host(k_cache), type_k, scale, tiled)
+        raw = None if k_raw is None else _xp.to_host(k_raw)
+        host = cpu_fa.logits(_xp.to_host(group_queries(q, k_cache.shape[0])), raw, _xp.to_host(k_cache),
+                             type_k, scale, tiled)
         return _xp.cast(_xp.to_device(host, _xp.place_of(q)), "float64")
     qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
     logits = qb @ _xp.cast(k_cache, "float64").swapaxes(1, 2)
@@ -298,15 +305,20 @@ class CacheAttention:
 
 def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backend: str) -> CacheAttention:
     """Store K and V as llama.cpp does (rotation `plan`, set_rows in `flavor`) and attend as `backend`."""
+    return stored_attention(q, store_bytes(k, type_k, flavor, plan.k), store_bytes(v, type_v, flavor, plan.v),
+                            type_k, type_v, plan, backend)
+
+
+def stored_attention(q, k_stored, v_stored, type_k: str, type_v: str, plan, backend: str) -> CacheAttention:
+    """`cache_attention` over caches already stored: k_stored, v_stored are `store_bytes` results."""
     path = pair_path(type_k, type_v, backend, q.shape[1])
-    k_cache, k_raw = store_bytes(k, type_k, flavor, plan.k)
-    v_cache, v_raw = store_bytes(v, type_v, flavor, plan.v)
+    (k_cache, k_raw), (v_cache, v_raw) = k_stored, v_stored
     q_rot = rotate(q, plan.k) if plan.k else q
     k_read = backend_cache(k_cache, type_k, path.backend, path.read_k)
     logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, float(1.0 / np.sqrt(q.shape[-1])),
                               k_raw=k_raw if path.backend == "cpu" else None, tiled=path.kernel == "cpu-tiled")
     v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
-    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]
+    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator, tiled=path.kernel == "cpu-tiled")[0]
     return CacheAttention(path, q_rot, k_cache, v_cache, k_raw, v_raw, logits, out_rot)
 
 

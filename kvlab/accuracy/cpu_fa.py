@@ -17,11 +17,15 @@ so the float32 result is bit-exact where the inputs are the same bytes:
     V, into an fp16 vector that every update rounds (ggml_vec_mad_f16 / ggml_vec_scale_f16);
   - the result is acc * (1/S).
 Prompt batches of >= 64 tokens over an f16 K and V (after the cast) take ggml's tiled path instead
-(`TILE_Q`): Q stays float32, K.Q and P.V are f32 GEMMs (V too is accumulated in float32) and the
-softmax runs per tile of 64 cells with ggml's SIMD expf; that path is modelled in float32 with the
-one-chunk softmax and one rounding of K.Q: close, not exact.
+(ggml_compute_forward_flash_attn_ext_tiled, `tiled_attention`): Q stays float32, K.Q is a chain of
+fma over the head dimension (simd_gemm vectorizes over cells, so each sum is sequential), scaled;
+the softmax runs per tile of 64 cells: the tile's maximum rescales the float32 accumulator and S with
+expf, the weights come from ggml_v_expf (AVX512 polynomial) and their sum, per 16 lanes, is added
+in double; P.V is again a sequential fma chain over the cells. Also bit-exact.
 ggml's split-KV decode path (f16 K and V, n_kv >= 512) only differs with more than one thread.
 """
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -263,15 +267,107 @@ def online_softmax(logits, v, f16_acc, out):
             out[g, r, i] = np.float32(acc[i] * inv)
 
 
-def logits(q_rows, k_raw, k_values, type_k: str, scale: float, tiled: bool = False):
-    """s * scale for every query row and cache cell: (G, R, L) float32.
+# ggml_v_expf's constants (vec.h, AVX512): exp(x) = 2^n * p(b), n = round(x / ln 2), b = x - n ln 2
+_ROUND, _LOG2E = np.float32(float.fromhex("0x1.8p23")), np.float32(float.fromhex("0x1.715476p+0"))
+_LN2_HI, _LN2_LO = np.float32(float.fromhex("0x1.62e4p-1")), np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_C = tuple(np.float32(float.fromhex(c)) for c in
+           ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1"))
+_C0, _C1, _C2, _C3, _C4 = _C
 
-    One-chunk path: K's vec_dot on Q in its vec_dot_type (`kq_dot`). Tiled path: float32 Q times K as
-    float32 (ggml's simd_gemm, whose order is not modelled: one rounding here), then the scale."""
+
+@njit(cache=True, inline="always")
+def v_expf(x):
+    """ggml_v_expf (AVX512F) for one lane: fma for every fmadd/fnmadd, scalef as an exact power of 2."""
+    z = fma32(x, _LOG2E, _ROUND)
+    n = np.float32(z - _ROUND)
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    u = np.float32(b * b)
+    j = fma32(fma32(fma32(_C0, b, _C1), u, fma32(_C2, b, _C3)), u, fma32(_C4, b, np.float32(1)))
+    if abs(n) > 192:
+        return np.float32(0) if n <= 0 else np.float32(np.inf)
+    return np.float32(math.ldexp(np.float64(j), int(n)))   # one rounding, as _mm512_scalef_ps
+
+
+@njit(parallel=True, cache=True)
+def kq_chain(k, q, out):
+    """The tiled path's K.Q (simd_gemm vectorizes over cells): one fma chain over the head dimension per
+    cell; k (G, L, D), q (G, R, D), out (G, R, L) float32."""
+    n_g, n_r, n_l = out.shape
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        for t in range(n_l):
+            a = np.float32(0)
+            for i in range(k.shape[2]):
+                a = fma32(q[g, r, i], k[g, t, i], a)
+            out[g, r, t] = a
+
+
+@njit(parallel=True, cache=True)
+def tiled_softmax(logits, v, out):
+    """The softmax and P.V of ggml_compute_forward_flash_attn_ext_tiled: logits (G, R, L) float32 (scaled
+    K.Q), v (G, L, D) float32 holding halves, out (G, R, D) float32; tiles of TILE_Q cells from cell 0.
+
+    Per tile: its maximum rescales acc and S by expf(M_old - M); the weights are ggml_v_expf(s - M),
+    summed 16 lanes at a time in double and added to S; P.V is one fma chain over the tile's cells."""
+    n_g, n_r, n_l = logits.shape
+    n_d = v.shape[2]
+    for gr in prange(n_g * n_r):
+        g, r = gr // n_r, gr % n_r
+        acc = np.zeros(n_d, np.float32)
+        p = np.empty(TILE_Q, np.float32)
+        lanes = np.empty(16, np.float32)
+        m = np.float32(-np.inf)
+        s = np.float32(0)
+        for t0 in range(0, n_l, TILE_Q):
+            n = min(TILE_Q, n_l - t0)
+            m_new = m
+            for t in range(n):
+                m_new = max(m_new, logits[g, r, t0 + t])
+            if m_new > m:
+                ms = np.float32(np.exp(np.float32(m - m_new)))
+                for i in range(n_d):
+                    acc[i] = np.float32(acc[i] * ms)
+                s = np.float32(s * ms)
+            m = m_new
+            total = np.float64(0)
+            for c in range(0, TILE_Q, 16):
+                for lane in range(16):
+                    t = c + lane                               # cells past the cache are masked: weight 0
+                    lanes[lane] = v_expf(np.float32(logits[g, r, t0 + t] - m)) if t < n else np.float32(0)
+                    p[t] = lanes[lane]
+                total += np.float64(_reduce16(lanes))
+            s = np.float32(np.float64(s) + total)
+            for i in range(n_d):
+                a = acc[i]
+                for t in range(n):
+                    a = fma32(p[t], v[g, t0 + t, i], a)
+                acc[i] = a
+        inv = np.float32(np.float32(1) / s) if s != 0 else np.float32(0)
+        for i in range(n_d):
+            out[g, r, i] = np.float32(acc[i] * inv)
+
+
+def logits(q_rows, k_raw, k_values, type_k: str, scale: float, tiled: bool = False):
+    """s * scale for every query row and cache cell, (G, R, L) float32: K's vec_dot on Q in its
+    vec_dot_type (`kq_dot`), or on the tiled path float32 Q against K as float32 (`kq_chain`)."""
+    q_rows = np.ascontiguousarray(q_rows, np.float32)
     if tiled:
-        kq = np.matmul(q_rows.astype(np.float64), _fp16(k_values).swapaxes(1, 2).astype(np.float64))
-        return kq.astype(np.float32) * np.float32(scale)
+        out = np.empty(q_rows.shape[:2] + (k_values.shape[1],), np.float32)
+        kq_chain(_fp16(k_values), q_rows, out)
+        return out * np.float32(scale)
     return kq_dot(q_rows, k_raw, k_values, type_k) * np.float32(scale)
+
+
+def softmax_v(logits, v_values, type_v: str, tiled: bool = False):
+    """Softmax(logits) @ V as ggml-cpu runs it: (G, R, D) float32 from logits (G, R, L) float32 and the
+    dequantized V cache (G, L, D) float32."""
+    v_read = _fp16(v_values) if read_type(type_v) == "f16" else np.ascontiguousarray(v_values, np.float32)
+    out = np.empty(logits.shape[:2] + (v_values.shape[2],), np.float32)
+    if tiled:
+        tiled_softmax(np.ascontiguousarray(logits, np.float32), v_read, out)
+    else:
+        online_softmax(np.ascontiguousarray(logits, np.float32), v_read, read_type(type_v) == "f16", out)
+    return out
 
 
 def flash_attn(q_rows, k_raw, k_values, v_values, type_k: str, type_v: str, scale: float, n_tokens: int):
@@ -280,8 +376,4 @@ def flash_attn(q_rows, k_raw, k_values, v_values, type_k: str, type_v: str, scal
     q_rows: (G, R, D) float32, the (rotated) queries of KV head g, R = group * n_tokens; k_raw:
     (G, L, row_bytes) uint8 cache bytes; k_values / v_values: (G, L, D) float32, the dequantized cache."""
     tiled = takes_tiled_path(type_k, type_v, n_tokens)
-    s = logits(np.asarray(q_rows, np.float32), k_raw, k_values, type_k, scale, tiled)
-    v_read = _fp16(v_values) if type_v == "f32" else np.ascontiguousarray(v_values, np.float32)
-    out = np.empty(q_rows.shape[:2] + (v_values.shape[2],), np.float32)
-    online_softmax(np.ascontiguousarray(s), v_read, read_type(type_v) == "f16" and not tiled, out)
-    return out
+    return softmax_v(logits(q_rows, k_raw, k_values, type_k, scale, tiled), v_values, type_v, tiled)

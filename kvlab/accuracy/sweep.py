@@ -27,7 +27,7 @@ import numpy as np
 from kvlab import _xp
 from kvlab._progress import progress_bar
 from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
-                        unrotate)
+                                      store_bytes, unrotate)
 from kvlab.accuracy.metrics import attention_metrics
 from kvlab.rotation import rotate, rotation_plan
 from kvlab.accuracy.sample import KVSample, as_sample, synthetic_sample
@@ -119,7 +119,8 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
     head_dim = sample.k.shape[-1]
     plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
     k_in, v_in = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
-    k_caches = {t: store(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}
+    k_stored = {t: store_bytes(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}  # (values, bytes)
+    k_caches = {t: values for t, (values, _) in k_stored.items()}
     v_caches = _VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
     k64, v64 = _xp.cast(k_in, "float64"), _xp.cast(v_in, "float64")
     k_err = {t: prefix_rel_l2(k_caches[t], plan_of(t).k, k64) for t in cfg.types_k}
@@ -138,11 +139,13 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                 groups.setdefault((path.backend, path.read_k, path.f16_accumulator), []).append((i, type_v, path))
             for (backend, read_k, f16_acc), members in groups.items():
                 k_read = backend_cache(k_cache, type_k, backend, read_k)
-                logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale)
+                k_raw = k_stored[type_k][1][:, :length] if backend == "cpu" else None   # K's vec_dot reads bytes
+                logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale, k_raw=k_raw)
                 host_logits = _xp.to_host(logits)
                 if f16_acc:  # the fp16 accumulator runs token by token, one V type at a time
-                    outs = {i: attend(logits, v_caches.stored[None, :, :length, i], backend, True)[0]
-                            for i, _, _ in members}
+                    outs = {i: attend(logits, backend_cache(v_caches.stored[None, :, :length, i], type_v, backend,
+                                                            p.read_v), backend, True)[0]
+                            for i, type_v, p in members}
                 else:
                     kind = "f64" if backend == "ref" else ("f16" if members[0][2].read_v == "f16" else "f32")
                     assert all((p.read_v == "f16") == (kind == "f16") for _, _, p in members if backend == "cuda")

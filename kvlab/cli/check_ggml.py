@@ -3,14 +3,18 @@ import json
 import time
 
 from kvlab.cli.options import UsageError, add_command
-from kvlab.ggml.check import check_bytes, check_split, input_cases, known_drift
+from kvlab.ggml.check import (check_bytes, check_fa, check_split, fa_cases, fa_report, fa_text, input_cases,
+                               known_drift)
+from kvlab.ggml.fa import cpu_features
 from kvlab.ggml.lib import find_lib_dir, load
 
 
 def register(subparsers) -> None:
-    p = add_command(subparsers, "check-ggml", help="hold a real libggml against kvlab: bytes and split states",
-                    description="Compare a real libggml with kvlab: the bytes of every type and path, and the split "
-                                "state of every node of the attention block. Exit 1 when anything differs.")
+    p = add_command(subparsers, "check-ggml",
+                    help="hold a real libggml against kvlab: bytes, split states, flash attention",
+                    description="Compare a real libggml with kvlab: the bytes of every type and path, the split "
+                                "state of every node of the attention block, and ggml-cpu's flash attention on "
+                                "every K/V pair. Exit 1 when anything differs.")
     p.add_argument("--lib", metavar="PATH",
                    help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
     p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
@@ -30,6 +34,7 @@ def run_check(args) -> int:
     byte_rows = check_bytes(ggml_lib, cases)
     layout, era, results = check_split(lib_dir, args.era)
     why, drift = known_drift(ggml_lib.version, era)
+    fa = fa_report(check_fa(ggml_lib, fa_cases()), cpu_features(ggml_lib))
     report = {
         "library": str(lib_dir), "version": ggml_lib.version, "split_state_layout": layout, "era": era,
         "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
@@ -37,9 +42,10 @@ def run_check(args) -> int:
                    "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop,
                    "known_drift": why if not r.agrees and r.config.id in drift else ""}
                   for r in results],
+        "flash_attn": fa,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results)
+    different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results) + len(fa["failed"])
     report["ok"] = different == 0
     print(json.dumps(report, indent=1) if args.format == "json" else _text(report))
     return 0 if different == 0 else 1
@@ -66,7 +72,8 @@ def _text(rep: dict) -> str:
     drifted = [r for r in split if r["known_drift"]]
     if drifted:
         out += ["", f"known version drift ({len(drifted)} configurations): {drifted[0]['known_drift']}"]
+    out += [""] + fa_text(rep["flash_attn"])
     out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
-                f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift "
-                f"({rep['seconds']} s)"]
+                f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift, "
+                f"{len(rep['flash_attn']['failed'])} flash-attention runs outside the bound ({rep['seconds']} s)"]
     return "\n".join(out)

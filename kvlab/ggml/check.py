@@ -1,4 +1,4 @@
-"""`kvlab check-ggml`: hold a real libggml against kvlab, bytes and split states.
+"""`kvlab check-ggml`: hold a real libggml against kvlab, bytes, split states and flash attention.
 
     kvlab check-ggml --lib build/bin/libggml-base.so [--era NAME] [--format text|json]
 
@@ -13,6 +13,14 @@
    same block: the graph (names, ops, shapes), every node's state (axis, per-device counts, nr) and
    where each side stops, if it stops. The era defaults to the one the library's struct layout
    belongs to (with nr: pr23792, without: flatten); the init guard is skipped (inference is the question).
+3. Flash attention: ggml's own flash_attn_ext on ggml-cpu (kvlab.ggml.fa), fed with kvlab's cache bytes
+   (cpu flavor, rotation on and off), against kvlab.attention's "cpu" backend on the same bytes, for
+   all 81 K/V pairs (`fa_cases`: decode, a small batch and a tiled batch; the broad matrix is
+   bench/fa_ggml.py). Per pair: values whose bits differ, max |diff|, max ulps, and the difference
+   relative to the pair's quantization error (out_rel_l2). kvlab reproduces both ggml-cpu paths (one
+   chunk, tiled) bit for bit on an x86-64 AVX512 build (kvlab.ggml.fa.MODELLED_ISA); on a library
+   built for other SIMD (AVX2 only: other lanes in the f16/bf16 dot products and in expf) the
+   difference must stay FA_BOUND times below the quantization error.
 
 Exit status 1 on any difference, 2 on bad arguments or a library that cannot be loaded.
 
@@ -231,6 +239,151 @@ def _probe_layout(lib_dir) -> str:
     if not meta.layout:
         raise RuntimeError(f"could not probe the split-state layout of {lib_dir}: {meta.error or meta.abort}")
     return meta.layout
+
+
+# -------------------------------------------------------------------------------- flash attention
+
+FA_LAYOUTS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (4, 1)}   # (n_head, n_head_kv)
+FA_BOUND = 1000        # where not bit-exact: the difference must be this many times below the pair's error
+
+
+@dataclass(frozen=True)
+class FACase:
+    head_dim: int
+    layout: str            # FA_LAYOUTS key
+    n_tokens: int          # queries: the last positions of the context, so at most n_kv of them
+    n_kv: int
+    rotation: bool
+
+    @property
+    def id(self) -> str:
+        return f"d{self.head_dim}/{self.layout}/t{self.n_tokens}/kv{self.n_kv}/rot-{'on' if self.rotation else 'off'}"
+
+
+def fa_cases(quick: bool = True) -> list:
+    """quick: one head size and layout, decode, a small and a tiled batch; else the broad matrix."""
+    if quick:
+        return [FACase(64, "gqa", t, 100, rot) for t in (1, 7, 64) for rot in (True, False)]
+    return [FACase(d, layout, t, n_kv, rot) for d in (64, 128, 256) for layout in FA_LAYOUTS
+            for t in (1, 7, 64) for n_kv in (32, 300, 4096) for rot in (True, False)]
+
+
+@dataclass
+class FARow:
+    type_k: str
+    type_v: str
+    case: str
+    kernel: str            # the ggml-cpu path kvlab models ("cpu": one_chunk, "cpu-tiled")
+    values: int = 0
+    differ: int = 0        # output values whose bits differ
+    max_abs: float = 0.0
+    max_ulp: int = 0
+    diff_rel_l2: float = 0.0      # ||kvlab - ggml|| / ||exact||, on the FA output (rotated basis)
+    unrotated_max_abs: float = 0.0
+    quant_rel_l2: float = 0.0     # out_rel_l2 of the pair: kvlab's output against exact attention
+
+    @property
+    def ratio(self) -> float:
+        """How many times the difference is below the pair's quantization error (inf: bit-exact)."""
+        return self.quant_rel_l2 / self.diff_rel_l2 if self.diff_rel_l2 else float("inf")
+
+    @property
+    def ok(self) -> bool:
+        return self.differ == 0 or self.ratio >= FA_BOUND
+
+
+def _ordered(x):
+    """float32 bits as integers in the order of the floats, so that a difference counts ulps."""
+    i = np.ascontiguousarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def check_fa(lib, cases, pairs=None, seed: int = 0) -> list:
+    """ggml's flash_attn_ext on kvlab's cache bytes (cpu flavor) against the cpu backend, per pair and case."""
+    from kvlab.accuracy.attention import exact_attention, store_bytes, stored_attention, unrotate
+    from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
+    from kvlab.ggml.fa import flash_attn_ext
+    from kvlab.rotation import rotation_plan
+    pairs = pairs or [(k, v) for k in TYPES for v in TYPES]
+    rows = []
+    for case in cases:
+        n_head, n_head_kv = FA_LAYOUTS[case.layout]
+        cfg = SyntheticConfig(n_head=n_head, n_head_kv=n_head_kv, head_dim=case.head_dim, n_q=case.n_tokens,
+                              seed=seed)
+        q, k, v = synthetic_kv(case.n_kv, cfg)
+        exact = exact_attention(q, k, v)
+        norm = _norm(exact.out)
+        stored = {}                                   # (side, type, rotation) -> store_bytes: 9 types, not 81 pairs
+
+        def store(side, x, type_name, rot):
+            if (side, type_name, rot) not in stored:
+                stored[side, type_name, rot] = store_bytes(x, type_name, "cpu", rot)
+            return stored[side, type_name, rot]
+
+        for type_k, type_v in pairs:
+            plan = rotation_plan(type_k, type_v, case.head_dim, case.head_dim, disable=not case.rotation)
+            att = stored_attention(q, store("k", k, type_k, plan.k), store("v", v, type_v, plan.v),
+                                   type_k, type_v, plan, "cpu")
+            ours = att.out_rot.reshape(q.shape)                        # (G, group * n_q, D) -> (n_head, n_q, D)
+            theirs = flash_attn_ext(lib, att.q_rot, att.k_raw, att.v_raw, type_k, type_v)
+            diff = ours.astype(np.float64) - theirs
+            unrot = unrotate(ours.astype(np.float64), plan.v) - unrotate(theirs.astype(np.float64), plan.v)
+            rows.append(FARow(
+                type_k, type_v, case.id, att.path.kernel, values=ours.size,
+                differ=int((ours.view(np.uint32) != theirs.view(np.uint32)).sum()),
+                max_abs=float(np.abs(diff).max()), max_ulp=int(np.abs(_ordered(ours) - _ordered(theirs)).max()),
+                diff_rel_l2=_norm(diff) / norm, unrotated_max_abs=float(np.abs(unrot).max()),
+                quant_rel_l2=_norm(unrotate(att.out_rot.astype(np.float64), plan.v) - exact.out) / norm))
+    return rows
+
+
+def _norm(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.sqrt(np.sum(x * x)))
+
+
+def _finite(x: float):
+    return None if x == float("inf") else x          # JSON has no infinity: null means bit-exact
+
+
+def fa_report(rows, features: dict) -> dict:
+    """The section of `kvlab check-ggml`: totals, per path, per pair (over all cases), what failed."""
+    from kvlab.ggml.fa import MODELLED_ISA
+    inexact = [r for r in rows if r.differ]
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r.type_k, r.type_v), []).append(r)
+    return {
+        "compared": len(rows), "bit_exact": len(rows) - len(inexact), "bound": FA_BOUND,
+        "worst_ratio": _finite(min((r.ratio for r in inexact), default=float("inf"))),
+        "cpu_features": features, "modelled_isa": all(features.get(f) for f in MODELLED_ISA),
+        "cases": sorted({r.case for r in rows}),
+        "paths": {kernel: {"rows": sum(r.kernel == kernel for r in rows),
+                           "bit_exact": sum(r.kernel == kernel and not r.differ for r in rows)}
+                  for kernel in sorted({r.kernel for r in rows})},
+        "pairs": [{"type_k": k, "type_v": v, "cases": len(rs), "bit_exact": sum(not r.differ for r in rs),
+                   "differ": sum(r.differ for r in rs), "values": sum(r.values for r in rs),
+                   "max_abs": max(r.max_abs for r in rs), "max_ulp": max(r.max_ulp for r in rs),
+                   "quant_rel_l2": min(r.quant_rel_l2 for r in rs),
+                   "worst_ratio": _finite(min(r.ratio for r in rs))} for (k, v), rs in pairs.items()],
+        "failed": [f"{r.type_k}/{r.type_v} {r.case}" for r in rows if not r.ok],
+    }
+
+
+def fa_text(fa: dict) -> list:
+    """Text lines of `fa_report`: one line per pair."""
+    isa = "modelled" if fa["modelled_isa"] else "NOT the modelled AVX512 build"
+    worst = ("all bit-exact" if fa["worst_ratio"] is None
+             else f"worst diff {fa['worst_ratio']:.3g}x below quantization error")
+    out = [f"flash attention (ggml-cpu flash_attn_ext vs kvlab backend cpu, same bytes): {fa['bit_exact']} of "
+           f"{fa['compared']} pair x case runs bit-exact, {worst}; library SIMD: {isa}",
+           f"  cases: {', '.join(fa['cases'])}",
+           f"  {'K':<8}{'V':<8}{'exact':>7}{'differ':>9}{'max|diff|':>11}{'ulp':>6}{'quant err':>11}{'ratio':>9}"]
+    for p in fa["pairs"]:
+        ratio = "inf" if p["worst_ratio"] is None else f"{p['worst_ratio']:.3g}"
+        out.append(f"  {p['type_k']:<8}{p['type_v']:<8}{p['bit_exact']:>4}/{p['cases']:<2}{p['differ']:>9}"
+                   f"{p['max_abs']:>11.3g}{p['max_ulp']:>6}{p['quant_rel_l2']:>11.3g}{ratio:>9}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -26,6 +26,10 @@ from kvlab.types import type_info
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 KV_PAD = 256            # llama_kv_cache::get_n_kv: n_pad_cur = max(n_pad, 256)
+# The SIMD build kvlab.accuracy.cpu_fa reproduces bit for bit (ggml_cpu_has_<name>): its f16 and bf16
+# dot products are AVX512 (-F, -BF16) lanes, the tiled path's expf is AVX512's; the quantized dot
+# products are the AVX2 code, which an AVX512 build runs too.
+MODELLED_ISA = ("avx2", "fma", "f16c", "avx512", "avx512_bf16")
 
 
 class _InitParams(ctypes.Structure):      # struct ggml_init_params
@@ -66,6 +70,11 @@ def _bind(lib: GGML):
     return lib._fa_fns
 
 
+def cpu_features(lib: GGML) -> dict:
+    """What the library's ggml-cpu was compiled for: name -> bool, for MODELLED_ISA."""
+    return {name: bool(getattr(lib.cpu, f"ggml_cpu_has_{name}")()) for name in MODELLED_ISA}
+
+
 def padded_n_kv(n_kv: int, n_cells: int | None = None) -> int:
     """The n_kv llama.cpp gives flash attention: n_kv rounded up to 256, at most the cache size."""
     pad = -(-n_kv // KV_PAD) * KV_PAD
@@ -76,7 +85,8 @@ def cache_rows(values, type_name: str) -> np.ndarray:
     """(n_kv, n_head_kv * row_bytes) uint8 from a QTensor or raw bytes of shape (n_head_kv, n_kv, row_bytes)."""
     raw = np.asarray(getattr(values, "raw", values))
     if raw.dtype != np.uint8 or raw.ndim != 3:
-        raise ValueError(f"{type_name} cache: expected uint8 bytes (n_head_kv, n_kv, row_bytes), got {raw.dtype} {raw.shape}")
+        raise ValueError(f"{type_name} cache: expected uint8 bytes (n_head_kv, n_kv, row_bytes), "
+                         f"got {raw.dtype} {raw.shape}")
     return np.ascontiguousarray(raw.swapaxes(0, 1)).reshape(raw.shape[1], -1)  # ne = [D*n_head_kv, n_kv] in bytes
 
 
