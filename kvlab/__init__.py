@@ -16,7 +16,7 @@ from kvlab.quant import QTensor, dequantize, empty_cache, quantize, set_rows
 from kvlab.rotation import RotationPlan, hadamard, rotate, rotation_plan
 from kvlab.accuracy.attention import BACKENDS, attention_error
 from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
-from kvlab.accuracy.sample import KVSample, as_sample, synthetic_sample, load_sample, save_sample
+from kvlab.accuracy.sample import KVSample, as_sample, captured_sample, synthetic_sample, load_sample, save_sample
 from kvlab.accuracy.sweep import SweepConfig, run_sweep, sweep
 from kvlab.accuracy.table import save_table
 from kvlab.accuracy.depth import StackConfig, layer_growth
@@ -27,6 +27,6 @@ __all__ = [
     "FLAVORS", "TYPES", "TypeInfo", "QTensor", "quantize", "dequantize", "set_rows", "empty_cache",
     "hadamard", "rotate", "rotation_plan", "RotationPlan",
     "attention_error", "BACKENDS", "synthetic_kv", "SyntheticConfig", "run_sweep", "sweep", "SweepConfig",
-    "KVSample", "as_sample", "synthetic_sample", "load_sample", "save_sample",
+    "KVSample", "as_sample", "captured_sample", "synthetic_sample", "load_sample", "save_sample",
     "save_table", "layer_growth", "StackConfig",
 ]
