@@ -21,7 +21,8 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="kvlab", description="Quantized KV caches under tensor parallelism, as llama.cpp runs them.",
+    parser = Parser(prog="kvlab", description="Quantized KV caches under tensor parallelism, as llama.cpp runs them "
+                                              "(also: python -m kvlab).",
                     epilog=paragraphs(f"{SPELLING_NOTE} {LIST_NOTE}", EXIT_NOTE))
     parser.add_argument("--version", action="version", version=f"kvlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
