@@ -34,6 +34,8 @@ class EvalConfig:
     flavor: str = "ref"              # which ggml code path writes the quantized bytes
     rotation: bool | None = None     # None = llama.cpp's default gate
     base: str = "f16"                # K and V type of the reference cache, or "dynamic"
+    k_order: str = "model"           # "gguf": K heads in llama.cpp's channel order (GGMLQuantizedCache)
+    attention: str = "model"         # "ggml-cpu"/"ggml-cuda": read the cache as ggml's FA (kvlab.hf.attention)
 
     def __post_init__(self):
         if self.n_ctx < 4:
@@ -44,6 +46,12 @@ class EvalConfig:
             raise ValueError(f"n_chunks must be positive, got {self.n_chunks}")
         if self.base != BASE_DYNAMIC:
             type_info(self.base)
+        if self.k_order not in ("model", "gguf"):
+            raise ValueError(f"k_order must be model or gguf, got {self.k_order!r}")
+        if self.attention not in ("model", "ggml-cpu", "ggml-cuda"):
+            raise ValueError(f"attention must be model, ggml-cpu or ggml-cuda, got {self.attention!r}")
+        if self.attention != "model" and self.base == BASE_DYNAMIC:
+            raise ValueError(f"attention {self.attention} reads a ggml cache: the base cannot be {BASE_DYNAMIC!r}")
 
     @property
     def first(self) -> int:
@@ -159,7 +167,7 @@ def cache_factory(model, type_k: str, type_v: str, config: EvalConfig):
     from kvlab.hf.cache import GGMLQuantizedCache
     if type_k == type_v == BASE_DYNAMIC:
         return lambda: DynamicCache(config=model.config)
-    return lambda: GGMLQuantizedCache(model.config, type_k, type_v, config.flavor, config.rotation)
+    return lambda: GGMLQuantizedCache(model.config, type_k, type_v, config.flavor, config.rotation, config.k_order)
 
 
 def evaluate(model, tokens, pairs, config: EvalConfig = EvalConfig(), bos_id: int | None = None,
@@ -171,17 +179,28 @@ def evaluate(model, tokens, pairs, config: EvalConfig = EvalConfig(), bos_id: in
     """
     import torch
     from tqdm.auto import tqdm
+    from kvlab.hf.attention import use_attention
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     available = tokens.numel() // config.n_ctx
     n_chunks = min(available, config.n_chunks or available)
     if n_chunks == 0:
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one chunk of n_ctx={config.n_ctx}")
     pairs = [tuple(p) for p in pairs]
-    device = next(model.parameters()).device
     base = cache_factory(model, config.base, config.base, config)
     result = EvalResult(config, n_chunks)
     bar = tqdm(total=n_chunks * (1 + len(pairs)), unit="pass", desc="kvlab eval", disable=not progress)
-    for i in range(n_chunks):
+    attention_before = use_attention(model, config.attention)
+    try:
+        _evaluate_chunks(model, tokens, pairs, config, bos_id, base, result, bar)
+    finally:
+        model.set_attn_implementation(attention_before)
+        bar.close()
+    return result
+
+
+def _evaluate_chunks(model, tokens, pairs, config, bos_id, base, result, bar) -> None:
+    device = next(model.parameters()).device
+    for i in range(result.n_chunks):
         chunk = tokens[i * config.n_ctx:(i + 1) * config.n_ctx].clone()   # (n_ctx,)
         targets = chunk[config.first + 1:]                                   # next token of each scored position
         if bos_id is not None:
@@ -198,8 +217,6 @@ def evaluate(model, tokens, pairs, config: EvalConfig = EvalConfig(), bos_id: in
                 result.pairs[(k, v)] = stats
             bar.set_postfix_str(f"{k}/{v}")
             bar.update()
-    bar.close()
-    return result
 
 
 def format_table(result: EvalResult) -> str:
@@ -208,7 +225,8 @@ def format_table(result: EvalResult) -> str:
     c = result.config
     head = (f"base: {c.base}/{c.base} cache, {result.n_chunks} chunk(s) of n_ctx={c.n_ctx}, "
             f"{rows[0]['tokens']} scored tokens, PPL(base) = {rows[0]['ppl_base']:.4f}, flavor={c.flavor}, "
-            f"rotation={'llama.cpp default' if c.rotation is None else c.rotation}")
+            f"rotation={'llama.cpp default' if c.rotation is None else c.rotation}, attention={c.attention}, "
+            f"k_order={c.k_order}")
     cols = f"{'K/V':<14}{'Mean KLD':>22}{'99% KLD':>11}{'Same top %':>18}{'PPL(Q)':>11}{'dPPL':>22}{'RMS dp %':>10}"
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
