@@ -93,7 +93,8 @@ def flash_decode(q, k_raw, v_raw, type_k: str, type_v: str, mask=None, scale: fl
     if is_cuda(q) or is_cuda(k_raw):
         from kvlab.kernels.cuda import flash_decode as gpu
         q32 = q.float() if is_torch(q) else q
-        out = gpu.flash_decode(rotate(q32, rot_k) if rot_k else q32, k_raw, v_raw, type_k, type_v, mask, scale)
+        out = gpu.flash_decode(rotate(q32, rot_k) if rot_k else q32, k_raw, v_raw, type_info(type_k).ggml_type,
+                               type_info(type_v).ggml_type, mask, scale)
         return rotate(out, rot_v) if rot_v else out
     out = _cpu(q, k_raw, v_raw, type_k, type_v, mask, scale, rot_k)
     out = rotate(out, rot_v) if rot_v else out

@@ -199,6 +199,115 @@ class GGMLQuantizedLayer(BaseQuantizedLayer):
         self._map(lambda t: t[indices, ...])
 
 
+class GGMLBytesLayer(GGMLQuantizedLayer):
+    """One layer's cache as ggml rows only (GGMLQuantizedCache(storage="bytes")).
+
+    K and V rows each in one uint8 buffer, (batch, n_kv_heads, capacity, row_bytes), as llama.cpp's
+    per-layer cache (ne = [row bytes, n_ctx]); new rows are written in place (set_rows) and a full
+    buffer doubles (amortised O(1) per row, only the filled rows copied; `max_cache_len` preallocates
+    exactly, as llama.cpp's n_ctx does). `quantized_keys`/`quantized_values` view the filled rows.
+    No float copy of the cache is held: `update` returns zero-byte placeholders (tensors on the "meta"
+    device with the cache's shape), so an attention that does not read the bytes (anything but
+    kvlab.hf.bytes_attention's) fails loudly instead of attending to nothing."""
+
+    def __init__(self, types, max_cache_len: int | None = None):
+        super().__init__(types)
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.head_dims = (key_states.shape[-1], value_states.shape[-1])
+        self.dtype = key_states.dtype
+        capacity = self.max_cache_len or 0
+        self._quantized_keys = self._rows(key_states, self.types.type_k, capacity)
+        self._quantized_values = self._rows(value_states, self.types.type_v, capacity)
+
+    @staticmethod
+    def _rows(states: torch.Tensor, type_name: str, capacity: int) -> torch.Tensor:
+        row_bytes = type_info(type_name).row_bytes(states.shape[-1])
+        return torch.empty(states.shape[:-2] + (capacity, row_bytes), dtype=torch.uint8, device=states.device)
+
+    def _reserve(self, n_rows: int) -> None:
+        """Capacity for n_rows rows: double (at least) when full, copying only the filled rows."""
+        capacity = self._quantized_keys.shape[-2]
+        if n_rows <= capacity:
+            return
+        grown = max(n_rows, 2 * capacity)
+        n = self.cumulative_length
+        for name in ("_quantized_keys", "_quantized_values"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:-2] + (grown, old.shape[-1]))   # (batch, heads, grown, row_bytes)
+            new[..., :n, :] = old[..., :n, :]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """set_rows of the new K/V rows into the buffers; returns (meta) placeholders of the cache's shape."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        forward_kwargs = kwargs.get("kwargs")
+        if isinstance(forward_kwargs, dict):
+            forward_kwargs[LAYER_KWARG] = self
+        n, new = self.cumulative_length, key_states.shape[-2]
+        qk = self._quantize(key_states, self.types.type_k, self.plan.k, reorder=True)
+        qv = self._quantize(value_states, self.types.type_v, self.plan.v, reorder=False)
+        self._reserve(n + new)
+        self._quantized_keys[..., n:n + new, :] = qk.raw.to(self.device)
+        self._quantized_values[..., n:n + new, :] = qv.raw.to(self.device)
+        self.cumulative_length = n + new
+        return self._placeholders()
+
+    def _placeholders(self):
+        shape = self._quantized_keys.shape[:-2] + (self.cumulative_length,)
+        return (torch.empty(shape + (self.head_dims[0],), dtype=self.dtype, device="meta"),
+                torch.empty(shape + (self.head_dims[1],), dtype=self.dtype, device="meta"))
+
+    @property
+    def keys_raw(self) -> torch.Tensor:
+        """(batch, n_kv_heads, seq, row_bytes) uint8: the filled K rows (a view of the buffer)."""
+        return self._quantized_keys[..., :self.cumulative_length, :]
+
+    @property
+    def values_raw(self) -> torch.Tensor:
+        return self._quantized_values[..., :self.cumulative_length, :]
+
+    @property
+    def quantized_keys(self) -> QTensor:
+        raw = self.keys_raw
+        return QTensor.from_raw(raw, self.types.type_k, raw.shape[:-1] + (self.head_dims[0],), self.types.flavor)
+
+    @property
+    def quantized_values(self) -> QTensor:
+        raw = self.values_raw
+        return QTensor.from_raw(raw, self.types.type_v, raw.shape[:-1] + (self.head_dims[1],), self.types.flavor)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (capacity, not only the filled rows)."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._quantized_keys, self._quantized_values))
+
+    def _map(self, fn) -> None:
+        """Apply a batch selection to the buffers."""
+        if self.is_initialized:
+            self._quantized_keys, self._quantized_values = fn(self._quantized_keys), fn(self._quantized_values)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        if self.is_initialized:
+            self.cumulative_length = max(0, self.cumulative_length + tokens_to_remove)
+
+    def offload(self):
+        raise NotImplementedError("GGMLQuantizedCache(storage='bytes') does not offload layers")
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+
 class GGMLQuantizedCache(Cache):
     """A transformers Cache storing K and V in ggml types (f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1).
 
@@ -208,18 +317,31 @@ class GGMLQuantizedCache(Cache):
     k_order: "model" stores K heads in the model's channel order; "gguf" in llama.cpp's for a model
     whose GGUF conversion permutes Q/K for RoPE (Llama, Mistral: `gguf_k_order`), so the blocks
     group the same channels as llama.cpp's cache does (attention is unchanged either way).
+    storage: "floats" also keeps the dequantized K/V for any attention; "bytes" keeps only the ggml rows
+    (GGMLBytesLayer: growing buffers, `max_cache_len` preallocates) and needs the attention that reads
+    them (`kvlab.hf.bytes_attention.use_bytes_attention(model)`).
     Pass it as `model(..., cache=cache, use_cache=True)` or `model.generate(..., cache=cache)`.
     """
 
     def __init__(self, config, type_k: str = "f16", type_v: str = "f16", flavor: str = "ref",
-                 rotation: bool | None = None, k_order: str = "model"):
+                 rotation: bool | None = None, k_order: str = "model", storage: str = "floats",
+                 max_cache_len: int | None = None):
         self.types = CacheTypes(type_k, type_v, flavor, rotation, k_order)
+        if storage not in ("floats", "bytes"):
+            raise ValueError(f"storage must be 'floats' or 'bytes', got {storage!r}")
+        if storage == "floats" and max_cache_len is not None:
+            raise ValueError("max_cache_len preallocates storage='bytes' buffers; 'floats' grows by concatenation")
         layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         unsupported = set(layer_types) - {"full_attention"}
         if unsupported:
             raise ValueError(f"GGMLQuantizedCache supports models whose layers are all full attention; "
                              f"this config has {sorted(unsupported)}")
-        super().__init__(layers=[GGMLQuantizedLayer(self.types) for _ in layer_types])
+        self.storage = storage
+        if storage == "bytes":
+            layers = [GGMLBytesLayer(self.types, max_cache_len) for _ in layer_types]
+        else:
+            layers = [GGMLQuantizedLayer(self.types) for _ in layer_types]
+        super().__init__(layers=layers)
 
     def __repr__(self):
         t = self.types
