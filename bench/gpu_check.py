@@ -94,7 +94,7 @@ def check_quantize(rows, xg, ggml, saved):
     for name, info in TYPES.items():
         for flavor in FLAVORS:
             out = poisoned((rows.shape[0], info.row_bytes(COLS)))
-            kc.quantize(xg, out, name, FLAVORS.index(flavor))
+            kc.quantize(xg, out, info, FLAVORS.index(flavor))
             got = out.cpu().numpy()
             want = cpu_quantize(rows, name, flavor)
             rec = {"check": "quantize", "type": name, "flavor": flavor, "blocks": got.size // info.type_size,
@@ -111,7 +111,7 @@ def check_quantize(rows, xg, ggml, saved):
                                                                              saved[name], info)
             emit(**rec)
         back = poisoned(rows.shape, torch.float32)
-        kc.dequantize(gpu(want), back, name)                     # want: the cuda flavor's bytes
+        kc.dequantize(gpu(want), back, info)                     # want: the cuda flavor's bytes
         ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
         emit(check="dequantize", type=name, values=int(ref.size),
              gpu_vs_cpu_kernel=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
@@ -124,7 +124,7 @@ def check_set_rows(rows, xg):
     for name in ("q4_1", "iq4_nl", "f16"):
         info = TYPES[name]
         cache = torch.zeros((2 * n, info.row_bytes(COLS)), dtype=torch.uint8, device="cuda")
-        kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], name, 2)
+        kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], info, 2)
         want = np.zeros((2 * n, info.row_bytes(COLS)), np.uint8)
         want[ids] = cpu_quantize(rows[:n], name, "cuda")
         emit(check="set_rows", type=name, flavor="cuda", rows=n, gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
@@ -149,12 +149,12 @@ def check_rotation(rows, xg):
                 continue
             flavor = FLAVORS[(k + len(name)) % 3]
             out = poisoned((rows.shape[0], info.row_bytes(COLS)))
-            kc.rotate_quantize(xg, out, name, FLAVORS.index(flavor), n, hadamard_scale(n))
+            kc.rotate_quantize(xg, out, info, FLAVORS.index(flavor), n, hadamard_scale(n))
             want = cpu_quantize(rot, name, flavor)
             emit(check="rotate_quantize", type=name, n=n, flavor=flavor, gpu_vs_cpu=blocks_differ(out.cpu(), want, info))
             if n == 128:
                 back = poisoned(rows.shape, torch.float32)
-                kc.dequantize_unrotate(gpu(want), back, name, n, hadamard_scale(n))
+                kc.dequantize_unrotate(gpu(want), back, info, n, hadamard_scale(n))
                 deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
                 emit(check="dequantize_unrotate", type=name, n=n, gpu_vs_cpu=int(
                     (back.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
@@ -171,10 +171,10 @@ def check_unaligned(rows):
             xg.copy_(gpu(x))
             # per-value types need their values aligned (4 / 2 bytes); block bytes may start anywhere
             out = poisoned((x.shape[0], info.row_bytes(cols)), offset=2 if info.is_quantized else 4)
-            kc.quantize(xg, out, name, 2)
+            kc.quantize(xg, out, info, 2)
             want = cpu_quantize(x, name, "cuda")
             back = poisoned(x.shape, torch.float32, offset=1)
-            kc.dequantize(out, back, name)
+            kc.dequantize(out, back, info)
             ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, x.shape)))
             emit(check="unaligned", type=name, cols=cols, quantize_gpu_vs_cpu=blocks_differ(out.cpu(), want, info),
                  dequantize_gpu_vs_cpu=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))

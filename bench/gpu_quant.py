@@ -86,10 +86,10 @@ def profile_once(x, types):
     for name in types:
         info = TYPES[name]
         out = torch.empty(x.shape[0], info.row_bytes(x.shape[1]), dtype=torch.uint8, device="cuda")
-        kc.quantize(x, out, name, 0)
-        kc.dequantize(out, torch.empty_like(x), name)
+        kc.quantize(x, out, info, 0)
+        kc.dequantize(out, torch.empty_like(x), info)
         if info.is_quantized:
-            kc.rotate_quantize(x, out, name, 0, ROT_N, hadamard_scale(ROT_N))
+            kc.rotate_quantize(x, out, info, 0, ROT_N, hadamard_scale(ROT_N))
     torch.cuda.synchronize()
 
 
@@ -117,19 +117,19 @@ def main(log2_elems, types, compile_torch, once):
         nbytes = 4 * n + out.numel()
         bufs[name] = out, nbytes
         for fl, fname in enumerate(("ref", "cpu", "cuda")):
-            report("quantize", name, f"kvlab_{fname}", lambda: kc.quantize(x, out, name, fl), nbytes)
-        report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, name), nbytes)
+            report("quantize", name, f"kvlab_{fname}", lambda: kc.quantize(x, out, info, fl), nbytes)
+        report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, info), nbytes)
         if not info.is_quantized:
             continue
         for nr in (64, ROT_N, 256):
             report("rotate_quantize", name, "kvlab_fused_ref",
-                   lambda: kc.rotate_quantize(x, out, name, 0, nr, hadamard_scale(nr)), nbytes, n_rot=nr)
+                   lambda: kc.rotate_quantize(x, out, info, 0, nr, hadamard_scale(nr)), nbytes, n_rot=nr)
         report("rotate_quantize", name, "kvlab_fused_cuda",
-               lambda: kc.rotate_quantize(x, out, name, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
+               lambda: kc.rotate_quantize(x, out, info, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
         report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
-               lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, name, 0), nbytes, n_rot=ROT_N)
+               lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, info, 0), nbytes, n_rot=ROT_N)
         report("dequantize_unrotate", name, "kvlab_fused",
-               lambda: kc.dequantize_unrotate(out, back, name, ROT_N, scale), nbytes, n_rot=ROT_N)
+               lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
     report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
     for name in types:
         out, nbytes = bufs[name]

@@ -109,7 +109,7 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
         raw = cuda_empty(shape[:-1] + (info.row_bytes(shape[-1]),), np.uint8, x)
         if raw.size:
             gpu.quantize(cuda_rows(x, np.float32, f"quantize(x, {type!r})"),   # (n_rows, row_len)
-                         cuda_rows(raw, np.uint8, "raw"), type, code)          # (n_rows, row_bytes)
+                         cuda_rows(raw, np.uint8, "raw"), info, code)          # (n_rows, row_bytes)
         return QTensor(raw, type, shape, flavor)
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
     raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
@@ -131,7 +131,7 @@ def dequantize(q: QTensor):
         out = cuda_empty(q.shape, np.float32, q.raw)
         if out.size:
             gpu.dequantize(cuda_rows(q.raw, np.uint8, "dequantize(q.raw)"),    # (n_rows, row_bytes)
-                           cuda_rows(out, np.float32, "out"), q.type)          # (n_rows, row_len)
+                           cuda_rows(out, np.float32, "out"), info)            # (n_rows, row_len)
         return out
     raw = to_numpy(q.raw, np.uint8, "dequantize(q.raw)")
     out = np.empty(q.shape, dtype=np.float32)
@@ -178,7 +178,7 @@ def set_rows(cache: QTensor, row_ids, values) -> QTensor:
             from numba import cuda
             dev_ids = cuda.to_device(ids.astype(np.int64))
         gpu.set_rows(cache.raw, dev_ids, cuda_rows(_as_float32(values), np.float32, "set_rows(values)"),
-                     cache.type, flavor_code(cache.flavor))
+                     cache.info, flavor_code(cache.flavor))
         return cache
     q = quantize(values, cache.type, cache.flavor)
     to_numpy(cache.raw, np.uint8, "set_rows(cache.raw)")[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")

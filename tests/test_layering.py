@@ -40,9 +40,6 @@ FACADES = frozenset({"kvlab", "kvlab.__main__", "kvlab.tp.__main__"})
 EXEMPT = {   # (importer, imported): why
     ("kvlab.accuracy.table", "kvlab"): "versions() reads kvlab.__version__ (the one place it is written, for "
                                        "pyproject too) inside the function, when the package is imported",
-    ("kvlab.kernels.cuda", "kvlab.types"): "KNOWN INVERSION, to remove: the CUDA launcher looks a TypeInfo up by "
-                                           "name (lazily; types imports kernels.cuda.quantizers lazily too); "
-                                           "kvlab.quant could pass the TypeInfo in",
 }
 
 

@@ -4,17 +4,18 @@ Importing this package needs no GPU; the first call of an entry point compiles t
 (cached on disk, ``cache=True``). Arrays are anything with ``__cuda_array_interface__`` (numba
 device arrays, torch CUDA tensors, CuPy), C-contiguous, and are used in place (zero copy):
 
-    quantize(x, out, type_name, flavor_code)      x (rows, cols) float32 -> out (rows, row_bytes) uint8
-    dequantize(raw, out, type_name)               raw (rows, row_bytes) uint8 -> out (rows, cols) float32
-    set_rows(cache, row_ids, values, type_name, flavor_code)
+    quantize(x, out, info, flavor_code)           x (rows, cols) float32 -> out (rows, row_bytes) uint8
+    dequantize(raw, out, info)                    raw (rows, row_bytes) uint8 -> out (rows, cols) float32
+    set_rows(cache, row_ids, values, info, flavor_code)
         cache (n_cache_rows, row_bytes) uint8; values (n, cols) float32; row_ids (n,) int32/int64:
         cache[row_ids[k]] <- quantize(values[k])          (ggml_set_rows, as llama.cpp writes K/V)
-    rotate_quantize(x, out, type_name, flavor_code, n, scale, row_ids=None)
+    rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None)
         quantize(x @ H_n per n-chunk of each row) without writing the rotated floats anywhere;
         with row_ids, out is a cache and rows land as in set_rows
-    dequantize_unrotate(raw, out, type_name, n, scale)    out = dequantize(raw) @ H_n per n-chunk
+    dequantize_unrotate(raw, out, info, n, scale) out = dequantize(raw) @ H_n per n-chunk
     rotate(x, out, n, scale)                      out = x @ H_n per n-chunk, x and out (rows, cols) float32
-row_bytes = kvlab.types row_bytes(cols) (ggml_row_size); n is a power of two dividing cols, at most
+info is the type's kvlab.types.TypeInfo (kvlab.TYPES[name]: the kernels sit below the type table, as
+ggml-cuda below ggml's type_traits), row_bytes = info.row_bytes(cols) (ggml_row_size); n is a power of two dividing cols, at most
 4096 (32 .. 4096 for the fused kernels). 16-byte aligned arrays take the fast paths (torch's and
 numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
@@ -42,9 +43,10 @@ def _dev(a, what, dtype, ndim):
     return d
 
 
-def _info(type_name):
-    from kvlab.types import type_info
-    return type_info(type_name)
+def _check_info(info):
+    # the kernels sit below kvlab.types: the caller looks its TypeInfo up (kvlab.TYPES[name])
+    if not hasattr(info, "gpu_codec"):
+        raise TypeError(f"expected a kvlab.types.TypeInfo (kvlab.TYPES[name]), got {type(info).__name__}")
 
 
 def _flat(d):
@@ -96,32 +98,32 @@ def _value_bits(d, info):
     return d.view(np.uint32 if info.type_size == 4 else np.uint16)      # (rows, cols) value bits
 
 
-def quantize(x, out, type_name, flavor_code):
-    _write(x, out, type_name, flavor_code, None, 0, np.float32(0))
+def quantize(x, out, info, flavor_code):
+    _write(x, out, info, flavor_code, None, 0, np.float32(0))
 
 
-def set_rows(cache, row_ids, values, type_name, flavor_code):
-    _write(values, cache, type_name, flavor_code, row_ids, 0, np.float32(0))
+def set_rows(cache, row_ids, values, info, flavor_code):
+    _write(values, cache, info, flavor_code, row_ids, 0, np.float32(0))
 
 
-def rotate_quantize(x, out, type_name, flavor_code, n, scale, row_ids=None):
+def rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None):
     xd = _dev(x, "x", np.float32, 2)
-    _check_rotation(xd.shape[1], n, type_name)
-    _write(xd, out, type_name, flavor_code, row_ids, n, scale)
+    _check_rotation(xd.shape[1], n, info)
+    _write(xd, out, info, flavor_code, row_ids, n, scale)
 
 
-def _write(x, out, type_name, flavor_code, row_ids, n, scale):
+def _write(x, out, info, flavor_code, row_ids, n, scale):
     """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids)."""
-    info = _info(type_name)
+    _check_info(info)
     k = _k()
     xd = _dev(x, "x", np.float32, 2)
     od = _dev(out, "out", np.uint8, 2)
     rows, cols = xd.shape
     if cols % info.block_size:
-        raise ValueError(f"x: the last dimension ({cols}) must hold whole {type_name} blocks")
+        raise ValueError(f"x: the last dimension ({cols}) must hold whole {info.name} blocks")
     row_bytes = info.row_bytes(cols)
     if od.shape[1] != row_bytes or (row_ids is None and od.shape[0] != rows):
-        raise ValueError(f"out: {tuple(od.shape)} does not fit {type_name} rows of x {tuple(xd.shape)}"
+        raise ValueError(f"out: {tuple(od.shape)} does not fit {info.name} rows of x {tuple(xd.shape)}"
                          f" ({row_bytes} bytes per row)")
     ids = _no_rows() if row_ids is None else _row_ids(row_ids, rows)
     if xd.size == 0:
@@ -142,24 +144,24 @@ def _write(x, out, type_name, flavor_code, row_ids, n, scale):
                                                                     np.float32(scale))
 
 
-def dequantize(raw, out, type_name):
-    _read(raw, out, type_name, 0, np.float32(0))
+def dequantize(raw, out, info):
+    _read(raw, out, info, 0, np.float32(0))
 
 
-def dequantize_unrotate(raw, out, type_name, n, scale):
+def dequantize_unrotate(raw, out, info, n, scale):
     od = _dev(out, "out", np.float32, 2)
-    _check_rotation(od.shape[1], n, type_name)
-    _read(raw, od, type_name, n, scale)
+    _check_rotation(od.shape[1], n, info)
+    _read(raw, od, info, n, scale)
 
 
-def _read(raw, out, type_name, n, scale):
-    info = _info(type_name)
+def _read(raw, out, info, n, scale):
+    _check_info(info)
     k = _k()
     rd = _dev(raw, "raw", np.uint8, 2)
     od = _dev(out, "out", np.float32, 2)
     rows, cols = od.shape
     if cols % info.block_size or rd.shape != (rows, info.row_bytes(cols)):
-        raise ValueError(f"raw: {tuple(rd.shape)} does not hold {type_name} rows of out {tuple(od.shape)}")
+        raise ValueError(f"raw: {tuple(rd.shape)} does not hold {info.name} rows of out {tuple(od.shape)}")
     if od.size == 0:
         return
     if not info.is_quantized:
@@ -173,9 +175,10 @@ def _read(raw, out, type_name, n, scale):
                                                     _aligned(od, 16), n, np.float32(scale))
 
 
-def _check_rotation(cols, n, type_name):
-    if not _info(type_name).is_quantized:
-        raise ValueError(f"fused rotation kernels take a quantized type, got {type_name}")
+def _check_rotation(cols, n, info):
+    _check_info(info)
+    if not info.is_quantized:
+        raise ValueError(f"fused rotation kernels take a quantized type, got {info.name}")
     _check_size(cols, n, 32)
 
 

@@ -36,10 +36,10 @@ def run(inputs) -> dict:
             x = np.ascontiguousarray(inputs[case][1:2])                  # (1, 256): one row
             for code, flavor in enumerate(FLAVORS):
                 raw = cuda.to_device(np.zeros((1, info.row_bytes(256)), np.uint8))
-                kc.quantize(cuda.to_device(x), raw, name, code)
+                kc.quantize(cuda.to_device(x), raw, info, code)
                 out[f"quantize/{name}/{flavor}/{case}"] = raw.copy_to_host()
             deq = cuda.to_device(np.zeros((1, 256), np.float32))
-            kc.dequantize(raw, deq, name)                                # the cuda flavor's bytes
+            kc.dequantize(raw, deq, info)                                # the cuda flavor's bytes
             out[f"dequantize/{name}/{case}"] = deq.copy_to_host()
     for shape, n in ROTATIONS:        # in-row stages only, register columns, shared-memory columns
         a = rotation_input(inputs, shape)
@@ -50,16 +50,16 @@ def run(inputs) -> dict:
         a = rotation_input(inputs, (2, max(256, n)))
         q = kvlab.quantize(kvlab.rotate(a, n), "q4_0", flavor).raw                # (2, row_bytes), host
         cache = cuda.to_device(np.zeros((3, q.shape[1]), np.uint8))
-        kc.rotate_quantize(cuda.to_device(a), cache, "q4_0", FLAVORS.index(flavor), n, hadamard_scale(n),
+        kc.rotate_quantize(cuda.to_device(a), cache, TYPES["q4_0"], FLAVORS.index(flavor), n, hadamard_scale(n),
                            row_ids=cuda.to_device(np.array(FUSED_ROW_IDS, np.int64)))
         out[f"rotate_quantize/{n}/{flavor}"] = cache.copy_to_host()
         back = cuda.to_device(np.zeros(a.shape, np.float32))
-        kc.dequantize_unrotate(cuda.to_device(q), back, "q4_0", n, hadamard_scale(n))
+        kc.dequantize_unrotate(cuda.to_device(q), back, TYPES["q4_0"], n, hadamard_scale(n))
         out[f"dequantize_unrotate/{n}"] = back.copy_to_host()
     for cols in (256, 6):             # whole 16-byte groups, and not (the one-value kernel)
         v = np.ascontiguousarray(inputs["nan"][:2, :cols])
         cache = cuda.to_device(np.zeros((3, 2 * cols), np.uint8))
-        kc.set_rows(cache, cuda.to_device(np.array([1, 2], np.int32)), cuda.to_device(v), "f16", 1)
+        kc.set_rows(cache, cuda.to_device(np.array([1, 2], np.int32)), cuda.to_device(v), TYPES["f16"], 1)
         out[f"set_rows_f16/{cols}"] = cache.copy_to_host()
     # the public API routes device arrays to these kernels
     dev = cuda.to_device(np.ascontiguousarray(inputs["ties_pm"][:2, :64]))       # (2, 64)
