@@ -12,68 +12,65 @@ from kvlab.cli import build_parser, main
 from kvlab.cli.options import HelpFormatter
 
 
-def _bad_invocations(tmp):
-    text = tmp / "text.txt"
-    text.write_text("some text " * 20)
-    not_a_dir = tmp / "file.txt"
-    not_a_dir.write_text("x")
-    empty_dir = tmp / "empty"
-    empty_dir.mkdir()
-    return [
-        ["sweep", "--types", "Q9_9"],
-        ["sweep", "--types", "q4_0,,q8_0"],
-        ["sweep", "-ctk", "q4_0", "-ctv", "q3_k"],
-        ["sweep", "--lengths", "128,abc"],
-        ["sweep", "--lengths", "0"],
-        ["sweep", "--lengths", "2", "--n-q", "4"],
-        ["sweep", "--flavors", "avx"],
-        ["sweep", "--out", str(tmp / "t.xlsx")],
-        ["sweep", "--out", str(empty_dir)],
-        ["sweep", "--data", str(tmp / "missing.npz")],
-        ["sweep", "--data", str(text)],
-        ["sweep", "--data", "minilm"],                      # 512 captured tokens, lengths to 8192
-        ["sweep", "--device", "tpu"],
-        ["sweep", "--layers", "-1"],
-        ["report", "--out", str(empty_dir)],
-        ["report", "--out", str(not_a_dir / "r.html")],
-        ["report", "--table", str(tmp / "t.xlsx")],
-        ["report", "--layer-tokens", "0"],
-        ["report", "--bogus-option"],
-        ["eval", "--tiny", "--text", str(tmp / "missing.txt")],
-        ["eval", "--model", str(empty_dir), "--text", str(text)],
-        ["eval", "--tiny", "--text", str(text), "--pairs", "q4_0/q8_0/f16"],
-        ["eval", "--tiny", "--text", str(text), "--pairs", "q4_0/q3_k"],
-        ["eval", "--tiny", "--text", str(text), "--ctx", "2"],
-        ["eval", "--tiny", "--text", str(text), "--json", str(empty_dir)],
-        ["eval", "--tiny"],
-        ["eval", "--text", str(text)],
-        ["trace", "--fa-quants", "bogus"],
-        ["trace", "-ctk", "q9"],
-        ["trace", "--devices", "0"],
-        ["trace", "--devices", "32"],
-        ["trace", "--n-head", "30", "--n-head-kv", "8"],
-        ["trace", "--era", "bogus"],
-        ["trace", "-ub", "-3"],
-        ["compat", "--devices", "1 2"],
-        ["compat", "--devices", "2,x"],
-        ["compat", "--era", "flatten,nope"],
-        ["check-ggml", "--lib", str(empty_dir)],
-        ["tp", "--pairs", "q4_0/zz"],
-        ["tp", "--cells", "100"],
-        ["tp", "--n-past", "300"],
-        ["tp", "--nproc", "0"],
-        ["tp", "--n-head", "6", "--n-head-kv", "4"],
-        ["nosuchcommand"],
-        [],
-    ]
-
-
+# {tmp}: a folder holding text.txt, file.txt (a file, so nothing can live under it) and empty/ (a directory)
+BAD = [
+    "sweep --types Q9_9",
+    "sweep --types q4_0,,q8_0",
+    "sweep -ctk q4_0 -ctv q3_k",
+    "sweep --lengths 128,abc",
+    "sweep --lengths 0",
+    "sweep --lengths 2 --n-q 4",
+    "sweep --flavors avx",
+    "sweep --out {tmp}/t.xlsx",
+    "sweep --out {tmp}/empty",
+    "sweep --data {tmp}/missing.npz",
+    "sweep --data {tmp}/text.txt",
+    "sweep --data minilm",                       # 512 captured tokens, lengths to 8192
+    "sweep --device tpu",
+    "sweep --layers -1",
+    "report --out {tmp}/empty",
+    "report --out {tmp}/file.txt/r.html",
+    "report --table {tmp}/t.xlsx",
+    "report --layer-tokens 0",
+    "report --bogus-option",
+    "eval --tiny --text {tmp}/missing.txt",
+    "eval --model {tmp}/empty --text {tmp}/text.txt",
+    "eval --model {tmp}/missing --text {tmp}/text.txt",
+    "eval --tiny --text {tmp}/text.txt --pairs q4_0/q8_0/f16",
+    "eval --tiny --text {tmp}/text.txt --pairs q4_0/q3_k",
+    "eval --tiny --text {tmp}/text.txt --ctx 2",
+    "eval --tiny --text {tmp}/text.txt --json {tmp}/empty",
+    "eval --tiny",
+    "eval --text {tmp}/text.txt",
+    "trace --fa-quants bogus",
+    "trace -ctk q9",
+    "trace --devices 0",
+    "trace --devices 32",
+    "trace --n-head 30 --n-head-kv 8",
+    "trace --era bogus",
+    "trace -ub -3",
+    "compat --devices 1;2",
+    "compat --devices 2,x",
+    "compat --era flatten,nope",
+    "check-ggml --lib {tmp}/empty",
+    "tp --pairs q4_0/zz",
+    "tp --cells 100",
+    "tp --n-past 300",
+    "tp --nproc 0",
+    "tp --n-head 6 --n-head-kv 4",
+    "nosuchcommand",
+    "",
+]
 COMMANDS = {"report", "sweep", "trace", "compat", "eval", "check-ggml", "tp"}
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory):
-    return _bad_invocations(tmp_path_factory.mktemp("bad"))
+def tmp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "text.txt").write_text("some text " * 20)
+    (tmp / "file.txt").write_text("x")
+    (tmp / "empty").mkdir()
+    return tmp
 
 
 def _one_error_line(err: str, command: str) -> str:
@@ -84,15 +81,14 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
-def test_every_user_error_is_one_line_with_exit_2_before_any_work(bad, capsys):
-    assert len(bad) == 45
-    for argv in bad:
-        rc = main(argv)
-        out, err = capsys.readouterr()
-        assert rc == 2, (argv, out, err)
-        command = argv[0] if argv and argv[0] in COMMANDS else ""
-        _one_error_line(err, command)
-        assert out == "", (argv, out)   # nothing ran
+@pytest.mark.parametrize("invocation", BAD)
+def test_a_user_error_is_one_line_with_exit_2_before_any_work(invocation, tmp, capsys):
+    argv = invocation.format(tmp=tmp).split()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    _one_error_line(err, argv[0] if argv and argv[0] in COMMANDS else "")
+    assert out == ""   # nothing ran
 
 
 @pytest.mark.parametrize("argv,command", [
@@ -108,7 +104,7 @@ def test_user_errors_in_a_fresh_process(argv, command):
     assert "Q9_9" in line or "--out" in line or "bogus" in line or "two" in line
 
 
-def test_messages_name_what_is_wrong(bad, capsys, tmp_path):
+def test_messages_name_what_is_wrong(capsys, tmp_path):
     cases = {("sweep", "--types", "Q9_9"): "unknown KV type 'Q9_9': expected one of f32, f16",
              ("trace", "--fa-quants", "bogus"): "GGML_CUDA_FA_QUANTS: 'bogus'",
              ("report", "--out", str(tmp_path)): "is a directory",
