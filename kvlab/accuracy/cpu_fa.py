@@ -22,7 +22,8 @@ fma over the head dimension (simd_gemm vectorizes over cells, so each sum is seq
 the softmax runs per tile of 64 cells: the tile's maximum rescales the float32 accumulator and S with
 expf, the weights come from ggml_v_expf (AVX512 polynomial) and their sum, per 16 lanes, is added
 in double; P.V is again a sequential fma chain over the cells. Also bit-exact.
-ggml's split-KV decode path (f16 K and V, n_kv >= 512) only differs with more than one thread.
+A decode over f16 K and V (after the cast) with >= 512 cells in ggml's view takes the split-KV path
+when ggml runs more than one thread (`kv_chunk`): one chunk of cells per thread, merged in order.
 """
 import math
 
@@ -37,6 +38,15 @@ VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_
                 "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}   # f32 K is read as f16 (the cast)
 # dot kinds of kq_dot: 0 = one accumulator, 1 = iq4_nl's two, 2 = with q4_1/q5_1's sum(m * s)
 _DOT_KIND = {"q8_0": 0, "q4_0": 0, "q5_0": 0, "iq4_nl": 1, "q4_1": 2, "q5_1": 2}
+
+
+KV_PAD = 256  # llama_kv_cache::get_n_kv: n_pad_cur = max(n_pad, 256)
+
+
+def padded_n_kv(n_kv: int, n_cells: int | None = None) -> int:
+    """The n_kv llama.cpp gives flash attention: n_kv rounded up to 256, at most the cache size."""
+    pad = -(-n_kv // KV_PAD) * KV_PAD
+    return min(pad, n_cells) if n_cells is not None else pad
 
 
 def read_type(type_name: str) -> str:
@@ -230,41 +240,68 @@ def kq_dot(q_rows, k_raw, k_values, type_k: str):
 # ---- softmax and V -------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def online_softmax(logits, v, f16_acc, out):
+def online_softmax(logits, v, f16_acc, out, chunk=0):
     """The online softmax and V accumulation of one_chunk: logits (G, R, L) float32 (scaled K.Q),
     v (G, L, D) float32 (V as read), out (G, R, D) float32.
 
     A new maximum M rescales the accumulator by expf(M_old - M) (0 the first time), any other logit adds
     expf(s - M) * v with one fma; with f16_acc the accumulator is an fp16 vector and every update
-    (scale or fma) is rounded to fp16, as ggml_vec_scale_f16 / ggml_vec_mad_f16 store it."""
+    (scale or fma) is rounded to fp16, as ggml_vec_scale_f16 / ggml_vec_mad_f16 store it.
+    chunk > 0: ggml's split-KV decode (`kv_chunk`): each chunk of cells runs on its own, then
+    ggml_flash_attn_ext_reduce_partials merges them in order (fma as GCC contracts it)."""
     n_g, n_r, n_l = logits.shape
     n_d = v.shape[2]
+    step = chunk if chunk > 0 else max(n_l, 1)
     for gr in prange(n_g * n_r):
         g, r = gr // n_r, gr % n_r
-        acc = np.zeros(n_d, np.float32)
-        m = np.float32(-np.inf)
-        s = np.float32(0)
-        for t in range(n_l):
-            x = logits[g, r, t]
-            ms = np.float32(1)
-            vs = np.float32(1)
-            if x > m:
-                ms = np.float32(np.exp(np.float32(m - x)))
-                m = x
+        acc = np.empty(n_d, np.float32)
+        total = np.zeros(n_d, np.float32)
+        m_total = np.float32(-np.inf)
+        s_total = np.float32(0)
+        for c0 in range(0, n_l, step):
+            acc[:] = 0
+            m = np.float32(-np.inf)
+            s = np.float32(0)
+            for t in range(c0, min(c0 + step, n_l)):
+                x = logits[g, r, t]
+                ms = np.float32(1)
+                vs = np.float32(1)
+                if x > m:
+                    ms = np.float32(np.exp(np.float32(m - x)))
+                    m = x
+                    for i in range(n_d):
+                        acc[i] = np.float32(acc[i] * ms)
+                        if f16_acc:
+                            acc[i] = fp16_to_fp32(fp32_to_fp16(acc[i]))
+                else:
+                    vs = np.float32(np.exp(np.float32(x - m)))
                 for i in range(n_d):
-                    acc[i] = np.float32(acc[i] * ms)
+                    acc[i] = fma32(v[g, t, i], vs, acc[i])
                     if f16_acc:
                         acc[i] = fp16_to_fp32(fp32_to_fp16(acc[i]))
-            else:
-                vs = np.float32(np.exp(np.float32(x - m)))
-            for i in range(n_d):
-                acc[i] = fma32(v[g, t, i], vs, acc[i])
-                if f16_acc:
-                    acc[i] = fp16_to_fp32(fp32_to_fp16(acc[i]))
-            s = fma32(s, ms, vs)
-        inv = np.float32(np.float32(1) / s) if s != 0 else np.float32(0)
+                s = fma32(s, ms, vs)
+            if chunk <= 0:                     # one chunk: no partials to merge
+                m_total, s_total = m, s
+                total[:] = acc
+            elif s != 0:                       # reduce_partials: chunks with no visible cell are skipped
+                m_new = max(m_total, m)
+                scale_old = np.float32(np.exp(np.float32(m_total - m_new)))
+                scale_new = np.float32(np.exp(np.float32(m - m_new)))
+                for i in range(n_d):
+                    total[i] = fma32(total[i], scale_old, np.float32(acc[i] * scale_new))
+                s_total = fma32(s_total, scale_old, np.float32(s * scale_new))
+                m_total = m_new
+        inv = np.float32(np.float32(1) / s_total) if s_total != 0 else np.float32(0)
         for i in range(n_d):
-            out[g, r, i] = np.float32(acc[i] * inv)
+            out[g, r, i] = np.float32(total[i] * inv)
+
+
+def kv_chunk(type_k: str, type_v: str, n_tokens: int, n_kv_padded: int, n_threads: int) -> int:
+    """Cells per chunk of ggml's split-KV decode (0: not taken): one token, f16 K and V (f32 after the
+    cast), at least 512 cells in the (padded) view, one chunk of ceil(n_kv / n_threads) per thread."""
+    if n_tokens != 1 or n_threads < 2 or n_kv_padded < 512 or not read_type(type_k) == read_type(type_v) == "f16":
+        return 0
+    return -(-n_kv_padded // n_threads)
 
 
 # ggml_v_expf's constants (vec.h, AVX512): exp(x) = 2^n * p(b), n = round(x / ln 2), b = x - n ln 2
@@ -358,22 +395,25 @@ def logits(q_rows, k_raw, k_values, type_k: str, scale: float, tiled: bool = Fal
     return kq_dot(q_rows, k_raw, k_values, type_k) * np.float32(scale)
 
 
-def softmax_v(logits, v_values, type_v: str, tiled: bool = False):
+def softmax_v(logits, v_values, type_v: str, tiled: bool = False, chunk: int = 0):
     """Softmax(logits) @ V as ggml-cpu runs it: (G, R, D) float32 from logits (G, R, L) float32 and the
-    dequantized V cache (G, L, D) float32."""
+    dequantized V cache (G, L, D) float32; chunk: `kv_chunk`."""
     v_read = _fp16(v_values) if read_type(type_v) == "f16" else np.ascontiguousarray(v_values, np.float32)
     out = np.empty(logits.shape[:2] + (v_values.shape[2],), np.float32)
     if tiled:
         tiled_softmax(np.ascontiguousarray(logits, np.float32), v_read, out)
     else:
-        online_softmax(np.ascontiguousarray(logits, np.float32), v_read, read_type(type_v) == "f16", out)
+        online_softmax(np.ascontiguousarray(logits, np.float32), v_read, read_type(type_v) == "f16", out, chunk)
     return out
 
 
-def flash_attn(q_rows, k_raw, k_values, v_values, type_k: str, type_v: str, scale: float, n_tokens: int):
+def flash_attn(q_rows, k_raw, k_values, v_values, type_k: str, type_v: str, scale: float, n_tokens: int,
+               n_kv_padded: int = 0, n_threads: int = 1):
     """ggml-cpu's flash_attn_ext for queries grouped by KV head: (G, R, D) float32.
 
     q_rows: (G, R, D) float32, the (rotated) queries of KV head g, R = group * n_tokens; k_raw:
-    (G, L, row_bytes) uint8 cache bytes; k_values / v_values: (G, L, D) float32, the dequantized cache."""
+    (G, L, row_bytes) uint8 cache bytes; k_values / v_values: (G, L, D) float32, the dequantized cache;
+    n_kv_padded: the cells of ggml's view (default: L as llama.cpp pads it); n_threads: ggml's threads."""
     tiled = takes_tiled_path(type_k, type_v, n_tokens)
-    return softmax_v(logits(q_rows, k_raw, k_values, type_k, scale, tiled), v_values, type_v, tiled)
+    chunk = kv_chunk(type_k, type_v, n_tokens, n_kv_padded or padded_n_kv(k_values.shape[1]), n_threads)
+    return softmax_v(logits(q_rows, k_raw, k_values, type_k, scale, tiled), v_values, type_v, tiled, chunk)

@@ -14,18 +14,18 @@ one stream, flash attention on, V not transposed):
 
 n_kv is padded as llama_kv_cache::get_n_kv pads it (to a multiple of 256, at most the cache size);
 the padded cells hold zero bytes (a fresh llama.cpp cache buffer is cleared) and are masked.
-Computed with ggml_graph_compute_with_ctx on n_threads threads (1 by default: with more threads a
-decode over an f16 cache of n_kv >= 512 takes ggml's split-KV path, which sums in a different order).
+Computed with ggml_graph_compute_with_ctx on n_threads threads (with more than one, a decode over f16
+K and V of >= 512 cells takes ggml's split-KV path: kvlab.accuracy.cpu_fa.kv_chunk).
 """
 import ctypes
 
 import numpy as np
 
+from kvlab.accuracy.cpu_fa import padded_n_kv
 from kvlab.ggml.lib import GGML
 from kvlab.types import type_info
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
-KV_PAD = 256            # llama_kv_cache::get_n_kv: n_pad_cur = max(n_pad, 256)
 # The SIMD build kvlab.accuracy.cpu_fa reproduces bit for bit (ggml_cpu_has_<name>): its f16 and bf16
 # dot products are AVX512 (-F, -BF16) lanes, the tiled path's expf is AVX512's; the quantized dot
 # products are the AVX2 code, which an AVX512 build runs too.
@@ -73,12 +73,6 @@ def _bind(lib: GGML):
 def cpu_features(lib: GGML) -> dict:
     """What the library's ggml-cpu was compiled for: name -> bool, for MODELLED_ISA."""
     return {name: bool(getattr(lib.cpu, f"ggml_cpu_has_{name}")()) for name in MODELLED_ISA}
-
-
-def padded_n_kv(n_kv: int, n_cells: int | None = None) -> int:
-    """The n_kv llama.cpp gives flash attention: n_kv rounded up to 256, at most the cache size."""
-    pad = -(-n_kv // KV_PAD) * KV_PAD
-    return min(pad, n_cells) if n_cells is not None else pad
 
 
 def cache_rows(values, type_name: str) -> np.ndarray:
