@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "kvlab.cli.trace",       # trace, compat
     "kvlab.cli.eval",        # eval
     "kvlab.cli.check_ggml",  # check-ggml
+    "kvlab.cli.check_llama", # check-llama
     "kvlab.cli.tp",          # tp
 )
 

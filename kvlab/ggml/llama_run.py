@@ -84,10 +84,14 @@ class LlamaCpp:
     def __exit__(self, *exc):
         self.close()
 
-    def run(self, tokens, type_k: str = "f16", type_v: str = "f16", rotation: bool = True):
+    def run(self, tokens, type_k: str = "f16", type_v: str = "f16", rotation: bool = True,
+            flash_attn: bool = True, save_to=None):
         """Decode `tokens` (1-D ids) from an empty cache in one batch.
 
         rotation=False sets LLAMA_ATTN_ROT_DISABLE=1 for this context; True leaves llama.cpp's default gate.
+        flash_attn=False stores V transposed (llama.cpp then refuses a quantized V). save_to: a path
+        prefix; the cache is also saved as `<prefix>.ggsq` (llama_state_seq_save_file) and
+        `<prefix>.session` (llama_state_save_file), as llama.cpp's tools write them.
         Returns (logits (n, n_vocab) float32 for every position, llama_state_seq_get_data's bytes of seq 0).
         """
         ll = self.ll
@@ -100,7 +104,7 @@ class LlamaCpp:
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n
         cp.n_seq_max = 1
         cp.n_threads = cp.n_threads_batch = self.n_threads
-        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.type_k = type_info(type_k).ggml_type
         cp.type_v = type_info(type_v).ggml_type
         with _rotation_env(rotation):
@@ -122,6 +126,12 @@ class LlamaCpp:
             written = ll.llama_state_seq_get_data(ctx, buf, size, 0)
             if written != size:
                 raise RuntimeError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
+            if save_to is not None:
+                ids = (ll.llama_token * n)(*(int(t) for t in tokens))
+                if not ll.llama_state_seq_save_file(ctx, f"{save_to}.ggsq".encode(), 0, ids, n):
+                    raise RuntimeError(f"llama_state_seq_save_file could not write {save_to}.ggsq")
+                if not ll.llama_state_save_file(ctx, f"{save_to}.session".encode(), ids, n):
+                    raise RuntimeError(f"llama_state_save_file could not write {save_to}.session")
             return logits, bytes(buf)
         finally:
             ll.llama_batch_free(batch)
