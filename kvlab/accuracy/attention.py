@@ -25,14 +25,20 @@ Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0
   ``q4_0-q4_0;q8_0-q8_0;f16-f16;bf16-bf16``, f32 counting as f16) have a vector kernel; for any
   other pair ggml-cuda converts K and V to f16 and runs the f16-f16 kernel (fattn.cu warns "no
   FlashAttention vector kernel compiled ... converting K and V to f16"), and f32 K/V are always
-  converted to f16. iq4_nl has no CUDA flash-attention kernel at all (best kernel NONE): the op
-  falls back to the CPU backend, so it is modelled as ``"cpu"``. See `cuda_kernel`.
+  converted to f16. iq4_nl has no CUDA flash-attention kernel at all (best kernel NONE), nor has a head
+  size fattn.cu lacks: the op falls back to the CPU backend, so it is modelled as ``"cpu"``. Which
+  kernel a pair gets is kvlab.split.cuda.cuda_flash_attn's answer (the same one `kvlab trace` and
+  `kvlab compat` give), read by `pair_path`.
 Not modelled for cuda (documented, small next to quantization error): summation order and fast-math
 expf; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the softmax probabilities
 to f16. Without the K bytes, the cpu logits come from Q's q8 values times the dequantized K in
 float64 (one rounding instead of the vec_dot order, and q8_1's s unrounded).
 
 Metrics (kvlab.accuracy.metrics) compare against exact float64 attention on the unrotated, unquantized input.
+One pipeline computes every cell: `attend_cache` (one K cache, several V caches, the V types that read
+K alike batched), called by `attention_error` with one V type and by kvlab.accuracy.sweep with all.
+Axes: queries are grouped by the K/V head they read, (n_head_kv, n_rows, ...) with n_rows = n_gqa * n_q
+(query head h reads K/V head h // n_gqa); n_kv is the cache length, D the head size.
 The math below takes numpy arrays or torch tensors (kvlab._xp): the sweep runs it on a GPU.
 """
 from dataclasses import dataclass
@@ -41,15 +47,13 @@ import numpy as np
 
 from kvlab import _xp
 from kvlab.accuracy import cpu_fa
-from kvlab.accuracy.metrics import attention_metrics, tensor_rel_l2
+from kvlab.accuracy.metrics import attention_metrics
 from kvlab.quant import dequantize, quantize
 from kvlab.rotation import hadamard, rotate, rotation_plan
+from kvlab.split.cuda import cuda_flash_attn
 from kvlab.types import flavor_code, type_info
 
 BACKENDS = ("ref", "cpu", "cuda")
-
-CUDA_FA_QUANTS_DEFAULT = frozenset({("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f16", "f16"), ("bf16", "bf16")})
-CUDA_FA_TYPES = frozenset({"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"})
 
 
 def check_backend(backend: str) -> str:
@@ -57,21 +61,6 @@ def check_backend(backend: str) -> str:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)} "
                          "(ref = exact float64, cpu = ggml-cpu flash attention, cuda = ggml-cuda vector kernel)")
     return backend
-
-
-def cuda_kernel(type_k: str, type_v: str) -> tuple:
-    """(kernel, K type read, V type read) of ggml-cuda's flash attention with the default build.
-
-    kernel is "vec" (a compiled K-V vector kernel), "vec-f16" (no kernel for the pair: K and V are
-    converted to f16 first) or "cpu" (no CUDA kernel for the type at all: the op runs on the CPU).
-    """
-    if type_k not in CUDA_FA_TYPES or type_v not in CUDA_FA_TYPES:
-        return "cpu", type_k, type_v
-    as_f16 = {"f32": "f16"}  # the F16 template instance accepts f32 and converts it
-    read_k, read_v = as_f16.get(type_k, type_k), as_f16.get(type_v, type_v)
-    if (read_k, read_v) in CUDA_FA_QUANTS_DEFAULT:
-        return "vec", read_k, read_v
-    return "vec-f16", "f16", "f16"
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -103,9 +92,9 @@ def check_qkv(q, k, v):
 
 
 def group_queries(q, n_head_kv: int):
-    """(n_head, n_q, D) -> (n_head_kv, group * n_q, D): the query heads that share one KV head."""
+    """(n_head, n_q, D) -> (n_head_kv, n_rows, D), n_rows = n_gqa * n_q: the query heads that share one KV head."""
     n_head, n_q, d = q.shape
-    return q.reshape(n_head_kv, (n_head // n_head_kv) * n_q, d)  # head h uses KV head h // group
+    return q.reshape(n_head_kv, (n_head // n_head_kv) * n_q, d)  # head h uses KV head h // n_gqa
 
 
 # ---- the cache -----------------------------------------------------------------------------------
@@ -188,7 +177,7 @@ def backend_query(q_rot, type_k: str, backend: str, scale: float):
 
 def backend_cache(values, type_name: str, backend: str, read_as: str):
     """The cache values the backend reads: f16 where the pair path converts to it (f32 on the CPU,
-    whatever `cuda_kernel` says on CUDA)."""
+    whatever kvlab.split.cuda.cuda_flash_attn says on CUDA)."""
     if backend != "ref" and read_as == "f16" and type_name != "f16":
         return _fp16(values)
     return values
@@ -205,8 +194,8 @@ def softmax_rows(logits):
 def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool = False):
     """Softmax(logits) @ V for several V caches at once.
 
-    logits: (G, R, L) (float64 for ref, float32 values otherwise); v_stack: (n_v, G, L, D) float32.
-    Returns (n_v, G, R, D): float64 for ref, float32 for cpu/cuda. cpu is ggml's online softmax
+    logits: (n_head_kv, n_rows, n_kv) (float64 for ref, float32 values otherwise); v_stack: (n_v, n_head_kv,
+    n_kv, D) float32. Returns (n_v, n_head_kv, n_rows, D): float64 for ref, float32 for cpu/cuda. cpu is ggml's online softmax
     (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`), cuda a float32 softmax in
     matmul order.
     """
@@ -226,7 +215,7 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool =
         return _xp.to_device(out, _xp.place_of(logits))
     xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
-    weighted = e[None] @ v_stack  # (n_v, G, R, D) float32 sums of expf(s - M) * v
+    weighted = e[None] @ v_stack  # (n_v, n_head_kv, n_rows, D) float32 sums of expf(s - M) * v
     return weighted / e.sum(axis=-1, keepdims=True)[None]
 
 
@@ -234,19 +223,27 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool =
 
 @dataclass
 class Exact:
-    """Exact float64 attention on the unrotated, unquantized input, grouped by KV head."""
-    logits: np.ndarray  # (G, R, L)
-    out: np.ndarray     # (G, R, D)
-    k: np.ndarray       # (G, L, D) float64
-    v: np.ndarray       # (G, L, D) float64
+    """Exact float64 attention on the unrotated, unquantized input, grouped by KV head, on the host."""
+    logits: np.ndarray  # (n_head_kv, n_rows, n_kv)
+    out: np.ndarray     # (n_head_kv, n_rows, D)
     scale: float
 
 
 def exact_attention(q, k, v) -> Exact:
+    """q (n_head, n_q, D), k and v (n_head_kv, n_kv, D), numpy or torch on any device."""
     scale = float(1.0 / np.sqrt(q.shape[-1]))
     k64, v64 = _xp.cast(k, "float64"), _xp.cast(v, "float64")
     logits = _xp.cast(group_queries(q, k.shape[0]), "float64") @ k64.swapaxes(1, 2) * scale
-    return Exact(logits, softmax_rows(logits) @ v64, k64, v64, scale)
+    return Exact(_xp.to_host(logits), _xp.to_host(softmax_rows(logits) @ v64), scale)
+
+
+def cache_rel_l2(stored, rot, exact) -> np.ndarray:
+    """rel_l2 of a cache (n_head_kv, n_kv, D) (un-rotated) against the exact K or V over the first n cells, for
+    every n: (n_kv,) on the host (a shorter context is a prefix: the sweep reads every length from one call)."""
+    exact = _xp.cast(exact, "float64")
+    diff2 = _xp.to_host(((unrotate(_xp.cast(stored, "float64"), rot) - exact) ** 2).sum(axis=(0, 2)))  # (n_kv,)
+    norm2 = _xp.to_host((exact ** 2).sum(axis=(0, 2)))
+    return np.sqrt(np.cumsum(diff2) / np.maximum(np.cumsum(norm2), np.finfo(np.float64).tiny))
 
 
 def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float, k_raw=None, tiled: bool = False):
@@ -275,12 +272,13 @@ class PairPath:
     kernel: str          # "exact", "cpu", "cpu-tiled", "vec", "vec-f16"
 
 
-def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1) -> PairPath:
-    """n_tokens: the batch (queries per head); ggml-cpu takes its tiled path for large f16 batches."""
+def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1, head_dim: int = 128) -> PairPath:
+    """n_tokens: the batch (queries per head); ggml-cpu takes its tiled path for large f16 batches.
+    cuda: the default build of ggml-cuda 0.3.36 (kvlab.split.cuda); where it has no kernel, the CPU runs the op."""
     if backend == "cuda":
-        kernel, read_k, read_v = cuda_kernel(type_k, type_v)
-        if kernel != "cpu":
-            return PairPath("cuda", read_k, read_v, False, kernel)
+        fa = cuda_flash_attn(type_k, type_v, head_dim)
+        if fa.runs:
+            return PairPath("cuda", fa.read_k, fa.read_v, False, "vec" if fa.kernel == "vec" else "vec-f16")
         backend = "cpu"
     if backend == "cpu":
         read_k, read_v = cpu_fa.read_type(type_k), cpu_fa.read_type(type_v)   # f32 K/V are cast to f16
@@ -290,17 +288,79 @@ def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1) -> Pair
     return PairPath("ref", type_k, type_v, False, "exact")
 
 
+def v_form(path: PairPath) -> str:
+    """How the pair's kernel reads V: "f64" (exact attention), "f16" (converted to f16), "f32" (as stored)."""
+    return "f64" if path.backend == "ref" else "f16" if path.read_v == "f16" else "f32"
+
+
+class VCaches:
+    """V caches of several types side by side, (n_head_kv, n_kv, n_v, D) float32 in the rotated basis, each
+    converted once into the forms the kernels read (`v_form`) and sliced per context length."""
+
+    def __init__(self, caches: dict):
+        self.types = list(caches)
+        xp = _xp.namespace(caches[self.types[0]])
+        self.stored = xp.stack([caches[t] for t in self.types], axis=2)  # (n_head_kv, n_kv, n_v, D)
+        self._forms = {}
+
+    def form(self, kind: str):
+        if kind not in self._forms:
+            convert = {"f32": lambda x: x, "f64": lambda x: _xp.cast(x, "float64"), "f16": _fp16}[kind]
+            self._forms[kind] = convert(self.stored)
+        return self._forms[kind]
+
+    def attend(self, logits, path: PairPath, indices: list, n_kv: int) -> dict:
+        """softmax @ V over the first n_kv cells for the V types at `indices`, which read V as `path` does:
+        {index: (n_head_kv, n_rows, D)}."""
+        v = self.form(v_form(path))[:, :n_kv]  # (n_head_kv, n_kv, n_v, D)
+        tiled = path.kernel == "cpu-tiled"
+        if path.f16_accumulator or tiled:  # ggml-cpu's fp16 accumulator / tiles: one V cache at a time
+            return {i: attend(logits, v[None, :, :, i], path.backend, path.f16_accumulator, tiled)[0] for i in indices}
+        chosen = v[:, :, indices]  # (n_head_kv, n_kv, n_chosen, D)
+        g, n, c, d = chosen.shape
+        out = attend(logits, chosen.reshape(g, n, c * d)[None], path.backend, False)[0]  # V types side by side:
+        out = out.reshape(g, -1, c, d)                                                    # (n_head_kv, n_rows, c, D)
+        return {i: out[:, :, j] for j, i in enumerate(indices)}
+
+
+def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: str, scale: float) -> list:
+    """Quantized attention of Q (rotated) over the first n_kv cells of one K cache (k_stored: `store_bytes`'s
+    (values, raw)) with every V cache of `v`: [(logits, [(V index, PairPath, out_rot)])], one entry per K.Q
+    product. V types whose pairs read K alike share the product and one batched softmax @ V.
+    logits (n_head_kv, n_rows, n_kv) float64 (float32 values unless ref), out_rot (n_head_kv, n_rows, D)."""
+    k_cache, k_raw = (a[:, :n_kv] for a in k_stored)
+    groups = {}
+    for i, type_v in enumerate(v.types):
+        path = pair_path(type_k, type_v, backend, q_rot.shape[1], q_rot.shape[-1])
+        key = (path.backend, path.read_k, path.kernel == "cpu-tiled", path.f16_accumulator, v_form(path))
+        groups.setdefault(key, []).append((i, path))
+    results = []
+    for (runs_on, read_k, tiled, _, _), members in groups.items():
+        k_read = backend_cache(k_cache, type_k, runs_on, read_k)
+        logits = quantized_logits(q_rot, k_read, read_k, runs_on, scale, k_raw=k_raw if runs_on == "cpu" else None,
+                                  tiled=tiled)
+        outs = v.attend(logits, members[0][1], [i for i, _ in members], n_kv)
+        results.append((logits, [(i, path, outs[i]) for i, path in members]))
+    return results
+
+
+def cell_metrics(exact: Exact, logits, out_rot, rot_v, topk: int) -> dict:
+    """attention_metrics of one cell (k_rel_l2, v_rel_l2 come from `cache_rel_l2`): the output un-rotated."""
+    out = _xp.to_host(unrotate(_xp.cast(out_rot, "float64"), rot_v))
+    return attention_metrics(exact.logits, _xp.to_host(logits), exact.out, out, topk)
+
+
 @dataclass
 class CacheAttention:
     """One backend's attention over the quantized cache, in the rotated basis, with what it read."""
     path: PairPath
     q_rot: np.ndarray     # (n_head, n_q, D) Q as flash attention gets it
-    k_cache: np.ndarray   # (G, L, D) float32, the dequantized cache (rotated basis)
+    k_cache: np.ndarray   # (n_head_kv, n_kv, D) float32, the dequantized cache (rotated basis)
     v_cache: np.ndarray
-    k_raw: np.ndarray     # (G, L, row_bytes) uint8, the bytes set_rows wrote
+    k_raw: np.ndarray     # (n_head_kv, n_kv, row_bytes) uint8, the bytes set_rows wrote
     v_raw: np.ndarray
-    logits: np.ndarray    # (G, R, L) float64 (float32 values unless ref)
-    out_rot: np.ndarray   # (G, R, D): float64 for ref, float32 otherwise (before un-rotating)
+    logits: np.ndarray    # (n_head_kv, n_rows, n_kv) float64 (float32 values unless ref)
+    out_rot: np.ndarray   # (n_head_kv, n_rows, D): float64 for ref, float32 otherwise (before un-rotating)
 
 
 def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backend: str) -> CacheAttention:
@@ -311,14 +371,10 @@ def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backen
 
 def stored_attention(q, k_stored, v_stored, type_k: str, type_v: str, plan, backend: str) -> CacheAttention:
     """`cache_attention` over caches already stored: k_stored, v_stored are `store_bytes` results."""
-    path = pair_path(type_k, type_v, backend, q.shape[1])
     (k_cache, k_raw), (v_cache, v_raw) = k_stored, v_stored
     q_rot = rotate(q, plan.k) if plan.k else q
-    k_read = backend_cache(k_cache, type_k, path.backend, path.read_k)
-    logits = quantized_logits(q_rot, k_read, path.read_k, path.backend, float(1.0 / np.sqrt(q.shape[-1])),
-                              k_raw=k_raw if path.backend == "cpu" else None, tiled=path.kernel == "cpu-tiled")
-    v_read = backend_cache(v_cache, type_v, path.backend, path.read_v)
-    out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator, tiled=path.kernel == "cpu-tiled")[0]
+    [(logits, [(_, path, out_rot)])] = attend_cache(q_rot, k_stored, type_k, VCaches({type_v: v_cache}),
+                                                    k_cache.shape[1], backend, float(1.0 / np.sqrt(q.shape[-1])))
     return CacheAttention(path, q_rot, k_cache, v_cache, k_raw, v_raw, logits, out_rot)
 
 
@@ -337,8 +393,6 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
     exact = exact_attention(q, k, v)
     att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend)
-    out = unrotate(_xp.cast(att.out_rot, "float64"), plan.v)
-    metrics = attention_metrics(exact.logits, att.logits, exact.out, out, topk)
-    metrics["k_rel_l2"] = tensor_rel_l2(unrotate(att.k_cache.astype(np.float64), plan.k), exact.k)
-    metrics["v_rel_l2"] = tensor_rel_l2(unrotate(att.v_cache.astype(np.float64), plan.v), exact.v)
-    return metrics
+    return {**cell_metrics(exact, att.logits, att.out_rot, plan.v, topk),
+            "k_rel_l2": float(cache_rel_l2(att.k_cache, plan.k, k)[-1]),
+            "v_rel_l2": float(cache_rel_l2(att.v_cache, plan.v, v)[-1])}

@@ -7,7 +7,8 @@ kvlab.accuracy.attention). A shorter context is the prefix of the longest one, a
 tokens at its end, so each K/V cache is quantized once per (type, flavor, rotation) and sliced.
 
 Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
-all V types that share the backend's code path. Results are cached on disk per (flavor, rotation)
+all V types that share the backend's code path: kvlab.accuracy.attention.attend_cache, the pipeline
+`attention_error` runs for one cell. Results are cached on disk per (flavor, rotation)
 chunk, keyed by the data, the settings, the device and the kvlab version, so a rerun or an
 interrupted run costs only what is missing.
 
@@ -22,13 +23,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from kvlab import _xp
 from kvlab._progress import progress_bar
-from kvlab.accuracy.attention import (attend, backend_cache, exact_attention, pair_path, quantized_logits, store,
-                                      store_bytes, unrotate)
-from kvlab.accuracy.metrics import attention_metrics
+from kvlab.accuracy.attention import (VCaches, attend_cache, cache_rel_l2, cell_metrics, exact_attention, store,
+                                      store_bytes)
 from kvlab.rotation import rotate, rotation_plan
 from kvlab.accuracy.sample import KVSample, as_sample, synthetic_sample
 from kvlab.accuracy.synthetic import SyntheticConfig
@@ -65,53 +63,11 @@ def default_cache_dir() -> Path:
 
 # ---- one (flavor, rotation) chunk ----------------------------------------------------------------
 
-def prefix_rel_l2(stored, rot, exact) -> np.ndarray:
-    """rel_l2 of stored (unrotated) vs exact over the first n tokens, for every n: (n_kv,) on the host."""
-    diff2 = _xp.to_host(((unrotate(_xp.cast(stored, "float64"), rot) - exact) ** 2).sum(axis=(0, 2)))  # (n_kv,)
-    norm2 = _xp.to_host((exact ** 2).sum(axis=(0, 2)))
-    return np.sqrt(np.cumsum(diff2) / np.maximum(np.cumsum(norm2), np.finfo(np.float64).tiny))
-
-
-class _VCaches:
-    """Every V type's cache side by side, (G, n_kv, n_types, D), in the forms the backends read."""
-
-    def __init__(self, caches: dict):
-        self.types = list(caches)
-        xp = _xp.namespace(caches[self.types[0]])
-        self.stored = xp.stack([caches[t] for t in self.types], axis=2)  # (G, n_kv, n_v, D) float32
-        self._forms = {}
-
-    def form(self, kind: str) -> np.ndarray:
-        """"f32" (as stored), "f64" (for ref), "f16" (converted to f16 by ggml-cuda)."""
-        if kind not in self._forms:
-            convert = {"f32": lambda x: x, "f64": lambda x: _xp.cast(x, "float64"),
-                       "f16": lambda x: _xp.cast(_xp.cast(x, "float16"), "float32")}[kind]
-            self._forms[kind] = convert(self.stored)
-        return self._forms[kind]
-
-    def attend_all(self, logits, backend: str, kind: str, length: int) -> np.ndarray:
-        """softmax @ V for every V type at once: (n_v, G, R, D)."""
-        v = self.form(kind)[:, :length]  # (G, L, n_v, D)
-        g, l, n_v, d = v.shape
-        out = attend(logits, v.reshape(g, l, n_v * d)[None], backend, False)[0]  # (G, R, n_v*D)
-        return _xp.namespace(out).moveaxis(out.reshape(g, -1, n_v, d), 2, 0)  # (n_v, G, R, D)
-
-
-@dataclass
-class _Exact:
-    """Exact attention at one context length: logits and output on the host (for the metrics)."""
-    logits: np.ndarray  # (G, R, L) float64
-    out: np.ndarray     # (G, R, D) float64
-    scale: float
-
-
 def _exact_by_length(sample: KVSample, cfg: SweepConfig, place) -> dict:
+    """Exact attention at every context length (its logits and output on the host, for the metrics)."""
     k, v = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
-    exact = {}
-    for n in cfg.lengths:
-        e = exact_attention(_xp.to_device(sample.queries_for(n, cfg.n_q), place), k[:, :n], v[:, :n])
-        exact[n] = _Exact(_xp.to_host(e.logits), _xp.to_host(e.out), e.scale)
-    return exact
+    return {n: exact_attention(_xp.to_device(sample.queries_for(n, cfg.n_q), place), k[:, :n], v[:, :n])
+            for n in cfg.lengths}
 
 
 def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool, exact_by_len, progress,
@@ -120,39 +76,21 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
     plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
     k_in, v_in = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
     k_stored = {t: store_bytes(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}  # (values, bytes)
-    k_caches = {t: values for t, (values, _) in k_stored.items()}
-    v_caches = _VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
-    k64, v64 = _xp.cast(k_in, "float64"), _xp.cast(v_in, "float64")
-    k_err = {t: prefix_rel_l2(k_caches[t], plan_of(t).k, k64) for t in cfg.types_k}
-    v_err = {t: prefix_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v64) for i, t in enumerate(v_caches.types)}
+    v_caches = VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
+    k_err = {t: cache_rel_l2(k_stored[t][0], plan_of(t).k, k_in) for t in cfg.types_k}
+    v_err = {t: cache_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v_in) for i, t in enumerate(v_caches.types)}
     rows = []
     for length in cfg.lengths:
         exact = exact_by_len[length]
         q = _xp.to_device(sample.queries_for(length, cfg.n_q), place)
         for type_k in cfg.types_k:
             rot_k = plan_of(type_k).k
-            k_cache = k_caches[type_k][:, :length]
             q_rot = rotate(q, rot_k) if rot_k else q
-            groups = {}  # V types that share one K.Q product and one accumulation path
-            for i, type_v in enumerate(v_caches.types):
-                path = pair_path(type_k, type_v, flavor)
-                groups.setdefault((path.backend, path.read_k, path.f16_accumulator), []).append((i, type_v, path))
-            for (backend, read_k, f16_acc), members in groups.items():
-                k_read = backend_cache(k_cache, type_k, backend, read_k)
-                k_raw = k_stored[type_k][1][:, :length] if backend == "cpu" else None   # K's vec_dot reads bytes
-                logits = quantized_logits(q_rot, k_read, read_k, backend, exact.scale, k_raw=k_raw)
-                host_logits = _xp.to_host(logits)
-                if f16_acc:  # the fp16 accumulator runs token by token, one V type at a time
-                    outs = {i: attend(logits, backend_cache(v_caches.stored[None, :, :length, i], type_v, backend,
-                                                            p.read_v), backend, True)[0]
-                            for i, type_v, p in members}
-                else:
-                    kind = "f64" if backend == "ref" else ("f16" if members[0][2].read_v == "f16" else "f32")
-                    assert all((p.read_v == "f16") == (kind == "f16") for _, _, p in members if backend == "cuda")
-                    outs = v_caches.attend_all(logits, backend, kind, length)
-                for i, type_v, path in members:
-                    out = _xp.to_host(unrotate(_xp.cast(outs[i], "float64"), plan_of(type_v).v))
-                    m = attention_metrics(exact.logits, host_logits, exact.out, out, cfg.topk)
+            for logits, cells in attend_cache(q_rot, k_stored[type_k], type_k, v_caches, length, flavor, exact.scale):
+                host_logits = _xp.to_host(logits)  # once per K.Q product
+                for i, path, out_rot in cells:
+                    type_v = v_caches.types[i]
+                    m = cell_metrics(exact, host_logits, out_rot, plan_of(type_v).v, cfg.topk)
                     rows.append(dict(
                         type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
                         kernel=path.kernel, n_ctx=length, rot_k=rot_k or 0, rot_v=plan_of(type_v).v or 0,

@@ -25,6 +25,8 @@ class CudaFA:
     runs: bool
     kernel: str      # "vec" (compiled instance), "f16 conversion", or "none"
     reason: str
+    read_k: str = ""  # the K and V types the kernel reads, where it runs (f32 reads as f16; f16 after a conversion)
+    read_v: str = ""
 
 
 def _compiled_pairs(fa_quants: str, all_quants: bool) -> set:
@@ -66,11 +68,11 @@ def cuda_flash_attn(type_k: str, type_v: str, head_dim: int = 128, era="pr23792"
         if missing:   # only K's type is checked; the vector kernel then finds no instance and aborts
             return CudaFA(False, "none", f"no FA vector kernel for V type {v}: ggml_cuda_flash_attn_ext_vec "
                                          "reaches GGML_ABORT")
-        return CudaFA(True, "vec", "kernel compiled" + (" (GGML_CUDA_FA_ALL_QUANTS)" if all_quants else ""))
+        return CudaFA(True, "vec", "kernel compiled" + (" (GGML_CUDA_FA_ALL_QUANTS)" if all_quants else ""), k, v)
     if missing:
         return CudaFA(False, "none", f"ggml_cuda_fattn_kv_type_supported({missing[0]}) is false: no FA kernel")
     if (k, v) in _compiled_pairs(fa_quants, all_quants):
-        return CudaFA(True, "vec", f"vector kernel {k}-{v} compiled")
+        return CudaFA(True, "vec", f"vector kernel {k}-{v} compiled", k, v)
     return CudaFA(True, "f16 conversion", f"no FlashAttention vector kernel compiled for K/V types {k}-{v}, "
                                           f"converting K and V to f16 instead (slow); add \"{k}-{v}\" to "
-                                          "GGML_CUDA_FA_QUANTS to compile it")
+                                          "GGML_CUDA_FA_QUANTS to compile it", "f16", "f16")

@@ -7,8 +7,7 @@ follow from the quantizers (an 8-bit step is 16x a 4-bit one: squared errors dif
 import numpy as np
 import pytest
 
-from kvlab.accuracy.attention import (attention_error, cuda_kernel, exact_attention,
-                             pair_path, q8_blocks)
+from kvlab.accuracy.attention import attention_error, exact_attention, pair_path, q8_blocks
 from kvlab.accuracy.cpu_fa import online_softmax
 from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
 
@@ -81,11 +80,13 @@ def test_error_grows_with_context_for_low_bit_k(rotation):
 
 
 def test_cuda_kernel_choice_follows_the_default_fa_quants():
-    assert cuda_kernel("q4_0", "q4_0") == ("vec", "q4_0", "q4_0")
-    assert cuda_kernel("f32", "f16") == ("vec", "f16", "f16")       # f32 goes through the F16 instance
-    assert cuda_kernel("q8_0", "q4_0") == ("vec-f16", "f16", "f16")  # not compiled: converted to f16
-    assert cuda_kernel("iq4_nl", "f16")[0] == "cpu"                  # no CUDA FA kernel for iq4_nl
-    assert pair_path("iq4_nl", "f16", "cuda").backend == "cpu"
+    cuda = lambda k, v, head_dim=128: (lambda p: (p.backend, p.kernel, p.read_k, p.read_v))(
+        pair_path(k, v, "cuda", head_dim=head_dim))
+    assert cuda("q4_0", "q4_0") == ("cuda", "vec", "q4_0", "q4_0")
+    assert cuda("f32", "f16") == ("cuda", "vec", "f16", "f16")          # f32 goes through the F16 instance
+    assert cuda("q8_0", "q4_0") == ("cuda", "vec-f16", "f16", "f16")    # not compiled: converted to f16
+    assert cuda("iq4_nl", "f16")[:2] == ("cpu", "cpu")                  # no CUDA FA kernel for iq4_nl: the CPU runs it
+    assert cuda("q8_0", "q8_0", head_dim=160)[:2] == ("cpu", "cpu")     # nor for a head size fattn.cu lacks
 
 
 def test_backends_model_their_precision(qkv):
