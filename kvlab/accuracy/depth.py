@@ -160,13 +160,13 @@ def _causal_mask(n_tokens: int, group: int, place):
 
 
 def _attention(q, k_cache, v_cache, plan: RotationPlan, mask):
-    """Causal attention over a cache in the rotated basis: logits (G, R, T) and output (n_head, T, D), float64."""
+    """Causal attention over a cache in the rotated basis: logits (n_head_kv, n_gqa * T, T) and output (n_head, T, D), float64."""
     xp = _xp.namespace(q)
     n_head, t, d = q.shape
     q_rot = rotate(q, plan.k) if plan.k else q
     logits = _xp.cast(group_queries(q_rot, k_cache.shape[0]), "float64") @ _xp.cast(k_cache, "float64").swapaxes(1, 2)
     logits = xp.where(mask, logits * float(1.0 / np.sqrt(d)), -np.inf)
-    out = softmax_rows(logits) @ _xp.cast(v_cache, "float64")  # (G, R, D)
+    out = softmax_rows(logits) @ _xp.cast(v_cache, "float64")  # (n_head_kv, n_gqa * T, D)
     return logits, unrotate(out, plan.v).reshape(n_head, t, d)
 
 
@@ -195,7 +195,7 @@ class _ExactLayer:
     q: object        # (n_head, T, D) float32, as in _qkv
     k: object        # (n_head_kv, T, D) float32
     v: object        # (n_head_kv, T, D) float32
-    logits: object   # (G, R, T) float64
+    logits: object   # (n_head_kv, n_gqa * T, T) float64
     out: object      # attention output (n_head, T, D) float64
     hidden: object   # residual stream after the layer (T, d_model) float64
 
