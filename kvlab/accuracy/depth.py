@@ -160,7 +160,8 @@ def _causal_mask(n_tokens: int, group: int, place):
 
 
 def _attention(q, k_cache, v_cache, plan: RotationPlan, mask):
-    """Causal attention over a cache in the rotated basis: logits (n_head_kv, n_gqa * T, T) and output (n_head, T, D), float64."""
+    """Causal attention over a cache in the rotated basis, float64: logits (n_head_kv, n_gqa * T, T) and output
+    (n_head, T, D)."""
     xp = _xp.namespace(q)
     n_head, t, d = q.shape
     q_rot = rotate(q, plan.k) if plan.k else q
