@@ -195,9 +195,9 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool =
     """Softmax(logits) @ V for several V caches at once.
 
     logits: (n_head_kv, n_rows, n_kv) (float64 for ref, float32 values otherwise); v_stack: (n_v, n_head_kv,
-    n_kv, D) float32. Returns (n_v, n_head_kv, n_rows, D): float64 for ref, float32 for cpu/cuda. cpu is ggml's online softmax
-    (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`), cuda a float32 softmax in
-    matmul order.
+    n_kv, D) float32. Returns (n_v, n_head_kv, n_rows, D): float64 for ref, float32 for cpu/cuda. cpu is
+    ggml's online softmax (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`), cuda a float32
+    softmax in matmul order.
     """
     if backend == "ref":
         return softmax_rows(logits)[None] @ _xp.cast(v_stack, "float64")

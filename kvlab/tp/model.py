@@ -67,7 +67,8 @@ class TPConfig(HeadShape):
 
     def block(self, n_devices: int, layer: int) -> BlockConfig:
         return BlockConfig(**self.head_fields(), n_devices=n_devices, type_k=self.type_k, type_v=self.type_v,
-                           n_tokens=1, n_kv=self.cells, rotation=self.rotation, era=self.era, layer=layer, n_embd=self.n_embd)
+                           n_tokens=1, n_kv=self.cells, rotation=self.rotation, era=self.era, layer=layer,
+                           n_embd=self.n_embd)
 
 
 # --- which rows each rank owns --------------------------------------------------------------------------
