@@ -147,7 +147,7 @@ def test_sweep_reads_the_k_and_v_lists(tmp_path, capsys):
 def test_every_option_has_help_and_shows_its_default():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == COMMANDS
+    assert COMMANDS <= set(commands)
     for name, sub in commands.items():
         formatter = HelpFormatter(f"kvlab {name}")
         for action in sub._actions:
