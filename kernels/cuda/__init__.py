@@ -140,8 +140,8 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
         return
     width = 16 if remap == 0 and _aligned(od, 16) else 4 if remap % 4 == 0 and _aligned(od, 4) else 1
     k.quantize_kernel(info, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
-                                                                    _aligned(xd, 16), width, ids, remap, n,
-                                                                    np.float32(scale))
+                                                               _aligned(xd, 16), width, ids, remap, n,
+                                                               np.float32(scale))
 
 
 def dequantize(raw, out, info):
@@ -172,7 +172,7 @@ def _read(raw, out, info, n, scale):
             k.value_kernels(info).dequantize_any[_steps(od.size)](_value_bits(rd, info), od)
         return
     k.dequantize_kernel(info)[_tiles(od.size)](_flat(rd), _flat(od), od.size // 32, _aligned(rd, 16),
-                                                    _aligned(od, 16), n, np.float32(scale))
+                                               _aligned(od, 16), n, np.float32(scale))
 
 
 def _check_rotation(cols, n, info):
