@@ -14,20 +14,21 @@ from kvlab.types import TYPES
 _INDEX_TYPES = {"i32": (1, 4), "i64": (1, 8)}
 
 
-def block_size(type_name: str) -> int:
+def _block(type_name: str) -> tuple:
+    """(values, bytes) of one block of a tensor type: a KV-cache type or an index type."""
     if type_name in TYPES:
-        return TYPES[type_name].block_size
+        return TYPES[type_name].block_size, TYPES[type_name].type_size
     if type_name in _INDEX_TYPES:
-        return _INDEX_TYPES[type_name][0]
+        return _INDEX_TYPES[type_name]
     raise ValueError(f"unknown ggml type {type_name!r}: expected one of {', '.join([*TYPES, *_INDEX_TYPES])}")
 
 
+def block_size(type_name: str) -> int:
+    return _block(type_name)[0]
+
+
 def type_size(type_name: str) -> int:
-    if type_name in TYPES:
-        return TYPES[type_name].type_size
-    if type_name in _INDEX_TYPES:
-        return _INDEX_TYPES[type_name][1]
-    raise ValueError(f"type {type_name!r} cannot hold graph data")
+    return _block(type_name)[1]
 
 
 def row_size(type_name: str, n: int) -> int:

@@ -19,13 +19,14 @@ Contractions run one of two ways (TPConfig.exact):
 The process group is kvlab.tp.dist; the check against one process, kvlab.tp.check (`kvlab tp`).
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from kvlab.quant import QTensor, dequantize, empty_cache, set_rows
 from kvlab.rope import rope
-from kvlab.rotation import rotate, rotation_plan
+from kvlab.rotation import rotate
 from kvlab.shape import HeadShape
 from kvlab.split.attention import BlockConfig, build_attention_block
 from kvlab.split.sharded import cut
@@ -57,13 +58,18 @@ class TPConfig(HeadShape):
         if self.cells % FA_PAD:
             raise ValueError(f"cells ({self.cells}) must be a multiple of {FA_PAD} (llama.cpp pads n_kv to it)")
 
+    @cached_property
+    def layer_config(self) -> BlockConfig:
+        """One layer as kvlab.split builds it (its width and rotation are the model's)."""
+        return self.block(1, 0)
+
     @property
     def width(self) -> int:
-        return self.n_embd or self.n_head * self.head_dim
+        return self.layer_config.width
 
     @property
     def plan(self):
-        return rotation_plan(self.type_k, self.type_v, self.head_dim, disable=not self.rotation)
+        return self.layer_config.plan
 
     def block(self, n_devices: int, layer: int) -> BlockConfig:
         return BlockConfig(**self.head_fields(), n_devices=n_devices, type_k=self.type_k, type_v=self.type_v,
