@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from .ops import SIM, device, f16_bits_to_f32, f32_from_bits, rcp_approx, roundf
+from .ops import SIM, device, f16_bits_to_f32, f32_from_bits, ld_u16, rcp_approx, roundf
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30   # enum ggml_type
 TYPE_SIZES = {F32: 4, F16: 2, BF16: 2, Q8_0: 34, Q4_0: 18, IQ4_NL: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24}
@@ -72,14 +72,15 @@ else:
 
 @device
 def u32(a, o):
-    """The little-endian 32-bit word at byte o of a flat uint8 array (ggml_cuda_memcpy_1<4, 2>)."""
-    return (np.uint32(a[o]) | (np.uint32(a[o + 1]) << np.uint32(8)) | (np.uint32(a[o + 2]) << np.uint32(16))
-            | (np.uint32(a[o + 3]) << np.uint32(24)))
+    """The little-endian 32-bit word at byte o (even) of a flat uint8 array, as two 16-bit loads
+    (ggml_cuda_memcpy_1<4, 2>: the blocks of q4_0, q5_0, q8_0 are only 2-byte aligned)."""
+    return np.uint32(ld_u16(a, o)) | (np.uint32(ld_u16(a, o + 2)) << np.uint32(16))
 
 
 @device
 def half(a, o):
-    return f16_bits_to_f32(np.uint16(np.uint16(a[o]) | (np.uint16(a[o + 1]) << np.uint16(8))))
+    """The ggml_half at byte o (even), as float32."""
+    return f16_bits_to_f32(ld_u16(a, o))
 
 
 @device
@@ -88,7 +89,7 @@ def plain(a, o, t):
     if t == F16:
         return half(a, o)
     if t == BF16:
-        return f32_from_bits(np.uint32(np.uint32(a[o]) << np.uint32(16)) | (np.uint32(a[o + 1]) << np.uint32(24)))
+        return f32_from_bits(np.uint32(ld_u16(a, o)) << np.uint32(16))
     return f32_from_bits(u32(a, o))
 
 

@@ -1,0 +1,133 @@
+"""The CUDA flash-decoding kernel (kernels/cuda/flash_decode.py) under the Numba CUDA simulator, on tiny
+shapes, against a float64 statement of ggml-cuda's vector-kernel math (fattn-common.cuh): Q scaled, q8_1
+per 32 values (d = amax/127, roundf(x * rcp(d)), the block's float sum s), each K type's dp4a formula
+(q4_0: d_k (d sum(q q8) - 8 s); q5_0 ... - 16 s; q4_1/q5_1: d_k d sum(q q8) + m_k s; q8_0/iq4_nl: d_k d
+sum(q q8); f16/bf16/f32: the float dot), softmax, V dequantized. The kernel sums in float32 in its own
+order (ggml's), so the comparison has a tolerance far below the pair's quantization error; the q8_1
+rounding of Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
+
+The simulator must be chosen before numba.cuda is first imported, so the kernel runs in a subprocess.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kvlab
+from kvlab.kernels.cuda import sim_ops
+
+pytestmark = pytest.mark.cudasim
+
+D, L, H, HKV = 64, 150, 2, 1         # 150 tokens: two 128-token tiles, the second partial
+PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type; q4_0/q4_0 also masked, in 1 and 3 splits
+SCRIPT = textwrap.dedent(r'''
+    import sys
+    import numpy as np
+    from numba import cuda
+    from kvlab.kernels.cuda.flash_decode import flash_decode
+    from kvlab.types import type_info
+    data = dict(np.load(sys.argv[1]))
+    out = {}
+    for key in [k for k in data if k.startswith("k/")]:
+        pair = key[2:]
+        tk, tv = pair.split("/")
+        mask = data["mask"] if pair == "q4_0/q4_0" else None
+        for splits in ((1, 3) if pair == "q4_0/q4_0" else (2,)):
+            got = flash_decode(cuda.to_device(data["q"]), cuda.to_device(data[key]), cuda.to_device(data["v/" + pair]),
+                               type_info(tk).ggml_type, type_info(tv).ggml_type, mask, np.float32(0.125), splits)
+            out[f"{pair}/{splits}"] = got.copy_to_host()
+    np.savez(sys.argv[2], **out)
+''')
+
+
+def q8_1(x):
+    """quantize_q8_1_to_shared on float32 x (..., D): q (..., D) float64, d and s (..., D/32) float64."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(blocks).max(-1)
+    d = (amax * (np.float32(1) / np.float32(127))).astype(np.float32)
+    r = np.vectorize(sim_ops.rcp_approx, otypes=[np.float32])(d)
+    q = np.where(d[..., None] != 0, np.vectorize(sim_ops.roundf, otypes=[np.float32])(blocks * r[..., None]), 0)
+    s = blocks.astype(np.float64).sum(-1)
+    return q.astype(np.float64), d.astype(np.float64), s
+
+
+def k_fields(kq):
+    """(integer values q as the dp4a sees them, d, m) per block of a quantized K, float64."""
+    t = kq.type
+    raw = np.asarray(kq.raw)
+    size = kq.info.type_size
+    b = raw.reshape(*raw.shape[:-1], -1, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64) if t in ("q4_1", "q5_1") else 0 * d
+    if t == "q8_0":
+        return b[..., 2:].view(np.int8).astype(np.float64), d, m
+    at = {"q4_0": 2, "iq4_nl": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[t]
+    qs = b[..., at:at + 16]
+    q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64)
+    if t in ("q5_0", "q5_1"):
+        qh = sum(b[..., (2 if t == "q5_0" else 4) + i].astype(np.int64) << (8 * i) for i in range(4))
+        q |= ((qh[..., None] >> np.arange(32)) & 1) << 4
+    if t == "iq4_nl":
+        q = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])[q]
+    return q.astype(np.float64), d, m
+
+
+def reference(q, kq, vq, visible=None):
+    """ggml-cuda's math in float64: (B, H, D)."""
+    x = (q * np.float32(0.125)).astype(np.float32)                             # (B, H, D) pre-scaled Q
+    if not kq.info.is_quantized:
+        k = kvlab.dequantize(kq).astype(np.float64)                            # (B, Hkv, L, D)
+        logits = np.einsum("bhd,bld->bhl", x.astype(np.float64), k[:, 0])
+    else:
+        qq, qd, qsum = q8_1(x)                                                 # (B, H, D/32, 32), (B, H, D/32)
+        kint, kd, km = k_fields(kq)                                            # (B, Hkv, L, D/32, 32), (.., D/32)
+        dots = np.einsum("bhnj,blnj->bhln", qq.reshape(*qq.shape[:2], -1, 32), kint[:, 0])   # (B, H, L, D/32)
+        offset = {"q4_0": 8, "q5_0": 16}.get(kq.type, 0)
+        terms = kd[:, 0][:, None] * (qd[:, :, None] * dots - offset * qsum[:, :, None])
+        terms += km[:, 0][:, None] * qsum[:, :, None]
+        logits = terms.sum(-1)                                                 # (B, H, L)
+    if visible is not None:
+        logits = np.where(visible[:, None], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhl,bld->bhd", p, kvlab.dequantize(vq).astype(np.float64)[:, 0])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, H, D)).astype(np.float32)
+    k = (rng.standard_normal((1, HKV, L, D)) * 3).astype(np.float32)
+    v = rng.standard_normal((1, HKV, L, D)).astype(np.float32)
+    visible = rng.random((1, L)) > 0.3
+    qt = {f"{a}/{b}": (kvlab.quantize(k, a), kvlab.quantize(v, b)) for a, b in PAIRS}
+    tmp = tmp_path_factory.mktemp("fd_sim")
+    arrays = {"q": q, "mask": visible}
+    for pair, (kq, vq) in qt.items():
+        arrays["k/" + pair], arrays["v/" + pair] = kq.raw, vq.raw
+    np.savez(tmp / "in.npz", **arrays)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "in.npz"), str(tmp / "out.npz")], check=True, env=env)
+    return q, visible, qt, dict(np.load(tmp / "out.npz"))
+
+
+@pytest.mark.parametrize("pair", [f"{a}/{b}" for a, b in PAIRS])
+def test_matches_ggml_cuda_math(run, pair):
+    q, visible, qt, out = run
+    kq, vq = qt[pair]
+    masked = pair == "q4_0/q4_0"
+    want = reference(q, kq, vq, visible if masked else None)
+    got = out[f"{pair}/1" if masked else f"{pair}/2"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_splits_and_mask(run):
+    """Three splits of the context give the one-split result up to float32 order; masked cells are left out."""
+    q, visible, qt, out = run
+    kq, vq = qt["q4_0/q4_0"]
+    want = reference(q, kq, vq, visible)
+    assert np.abs(out["q4_0/q4_0/3"] - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(out["q4_0/q4_0/3"] - reference(q, kq, vq)).max() > 1e-3    # the mask mattered
