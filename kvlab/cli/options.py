@@ -179,8 +179,10 @@ def readable_file(path, option: str) -> Path:
 # ---- `kvlab sweep` and `kvlab report` ---------------------------------------------------------------
 
 def add_sweep_options(parser, default_lengths) -> None:
-    parser.add_argument("--lengths", type=int_list, default=default_lengths, metavar="N,N",
-                        help="context lengths")
+    parser.add_argument("--lengths", type=int_list, default=None, metavar="N,N",
+                        help=f"context lengths (default: {','.join(map(str, default_lengths))}; with --data, those "
+                             "the sample holds)")
+    parser.set_defaults(default_lengths=default_lengths)
     parser.add_argument("--types", type=type_list, default=tuple(TYPES), metavar="TYPES",
                         help="K and V types, or all")
     add_cache_types(parser, type_list, None, "types, overriding --types for that side (default: --types)", "TYPES")
@@ -197,26 +199,32 @@ def add_sweep_options(parser, default_lengths) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def config_from_args(args) -> SweepConfig:
+def sweep_inputs(args, **override) -> tuple[SweepConfig, KVSample]:
+    """The sweep's configuration (`override`: fields that replace the options', e.g. --quick's) and its K/V,
+    loaded and checked against each other before any work."""
+    data = _load_data(args.data) if args.data else None
+    lengths = args.lengths
+    if lengths is None:   # the default lengths, or those a given sample holds
+        lengths = args.default_lengths if data is None else (
+            tuple(n for n in args.default_lengths if n <= data.k.shape[1]) or (data.k.shape[1],))
     try:
-        return SweepConfig(lengths=args.lengths, n_q=args.n_q, types_k=args.type_k or args.types,
-                           types_v=args.type_v or args.types, flavors=args.flavors,
-                           synthetic=SyntheticConfig(seed=args.seed))
+        cfg = replace(SweepConfig(lengths=lengths, n_q=args.n_q, types_k=args.type_k or args.types,
+                                  types_v=args.type_v or args.types, flavors=args.flavors,
+                                  synthetic=SyntheticConfig(seed=args.seed)), **override)
     except ValueError as e:
         raise UsageError(e) from None
+    if data is None:
+        return cfg, synthetic_sample(cfg.lengths, cfg.n_q, cfg.synthetic)
+    if data.k.shape[1] < max(cfg.lengths):
+        raise UsageError(f"--data {args.data}: {data.k.shape[1]} tokens, but --lengths go to {max(cfg.lengths)}")
+    return cfg, data
 
 
-def sample_from_args(args, cfg: SweepConfig) -> KVSample:
-    """The sweep's K/V, loaded and checked against the lengths before any work."""
-    if not args.data:
-        return synthetic_sample(cfg.lengths, cfg.n_q, cfg.synthetic)
+def _load_data(name: str) -> KVSample:
     try:
-        sample = captured_sample() if args.data == CAPTURED else load_sample(readable_file(args.data, "--data"))
+        return captured_sample() if name == CAPTURED else load_sample(readable_file(name, "--data"))
     except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: {e}") from None
-    if sample.k.shape[1] < max(cfg.lengths):
-        raise UsageError(f"--data {args.data}: {sample.k.shape[1]} tokens, but --lengths go to {max(cfg.lengths)}")
-    return sample
+        raise UsageError(f"--data {name}: {e}") from None
 
 
 def add_depth_options(parser, default_layers: int, why: str) -> None:

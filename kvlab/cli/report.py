@@ -6,8 +6,8 @@ from kvlab.accuracy.depth import DEFAULT_PAIRS as GROWTH_PAIRS
 from kvlab.accuracy.depth import layer_growth
 from kvlab.accuracy.sweep import run_sweep
 from kvlab.accuracy.table import layers_path, save_table
-from kvlab.cli.options import (add_command, add_depth_options, add_sweep_options, check_device, config_from_args,
-                               sample_from_args, stack_from_args, writable_file)
+from kvlab.cli.options import (add_command, add_depth_options, add_sweep_options, check_device, stack_from_args,
+                               sweep_inputs, writable_file)
 from kvlab.cli.sweep import TABLE_SUFFIXES
 from kvlab.viz.report import REPORT_LAYERS, REPORT_LENGTHS, build_report
 from kvlab.viz.report import __doc__ as report_doc
@@ -16,15 +16,12 @@ QUICK_LENGTHS, QUICK_N_Q = (64, 256), 2
 
 
 def _run(args) -> int:
-    cfg = config_from_args(args)
-    if args.quick:
-        cfg = replace(cfg, lengths=QUICK_LENGTHS, n_q=QUICK_N_Q)
-    stack = stack_from_args(args)
     writable_file(args.out, "--out")
     if args.table:
         writable_file(args.table, "--table", TABLE_SUFFIXES)
+    stack = stack_from_args(args)
     check_device(args.device)
-    sample = sample_from_args(args, cfg)
+    cfg, sample = sweep_inputs(args, **(dict(lengths=QUICK_LENGTHS, n_q=QUICK_N_Q) if args.quick else {}))
     start = time.perf_counter()
     print(f"kvlab report: sweeping {len(cfg.types_k)}x{len(cfg.types_v)} K/V pairs x rotation off/on x "
           f"flavors {','.join(cfg.flavors)} x lengths {','.join(map(str, cfg.lengths))}")

@@ -5,18 +5,17 @@ from kvlab.accuracy.depth import layer_growth
 from kvlab.accuracy.sweep import SweepConfig, run_sweep
 from kvlab.accuracy.sweep import __doc__ as sweep_doc
 from kvlab.accuracy.table import layers_path, save_table
-from kvlab.cli.options import (add_command, add_depth_options, add_sweep_options, check_device, config_from_args,
-                               sample_from_args, stack_from_args, writable_file)
+from kvlab.cli.options import (add_command, add_depth_options, add_sweep_options, check_device, stack_from_args,
+                               sweep_inputs, writable_file)
 
 TABLE_SUFFIXES = (".parquet", ".csv")
 
 
 def _run(args) -> int:
-    cfg = config_from_args(args)
-    stack = stack_from_args(args)
     writable_file(args.out, "--out", TABLE_SUFFIXES)
+    stack = stack_from_args(args)
     check_device(args.device)
-    sample = sample_from_args(args, cfg)
+    cfg, sample = sweep_inputs(args)
     start = time.perf_counter()
     table = run_sweep(sample, cfg, cache_dir=args.cache_dir, progress=not args.no_progress, device=args.device)
     print(f"swept {len(table)} cells on {table.attrs['device']} in {time.perf_counter() - start:.1f} s")

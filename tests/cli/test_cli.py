@@ -25,7 +25,7 @@ BAD = [
     "sweep --out {tmp}/empty",
     "sweep --data {tmp}/missing.npz",
     "sweep --data {tmp}/text.txt",
-    "sweep --data minilm",                       # 512 captured tokens, lengths to 8192
+    "sweep --data minilm --lengths 128,1024",    # 512 captured tokens
     "sweep --device tpu",
     "sweep --layers -1",
     "report --out {tmp}/empty",
@@ -109,7 +109,7 @@ def test_messages_name_what_is_wrong(capsys, tmp_path):
              ("trace", "--fa-quants", "bogus"): "GGML_CUDA_FA_QUANTS: 'bogus'",
              ("report", "--out", str(tmp_path)): "is a directory",
              ("eval", "--tiny", "--text", str(tmp_path / "nope.txt")): "--text",
-             ("sweep", "--data", "minilm"): "512 tokens, but --lengths go to 8192"}
+             ("sweep", "--data", "minilm", "--lengths", "1024"): "512 tokens, but --lengths go to 1024"}
     for argv, words in cases.items():
         assert main(list(argv)) == 2
         assert words in capsys.readouterr().err
@@ -157,8 +157,8 @@ def test_every_option_has_help_and_shows_its_default():
             if action.nargs != 0 and action.default is not None:
                 assert "(default: " in formatter._get_help_string(action), (name, action.option_strings)
         assert "Lists are comma separated" in sub.format_help() and "exit status: 0" in sub.format_help()
-    report_help = commands["report"].format_help()
-    assert "(default: 128,512,2048,8192)" in report_help
+    report_help = " ".join(commands["report"].format_help().split())   # unwrapped
+    assert "(default: 128,512,2048,8192; with --data, those the sample holds)" in report_help
     assert "(default: 0)" in commands["sweep"].format_help() and "(default: 8)" in report_help
 
 
@@ -241,3 +241,12 @@ def test_report_runs_on_the_light_core(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.stat().st_size > 100_000 and "all-MiniLM-L6-v2 layer 0" in out.read_text()
+
+
+def test_data_takes_the_default_lengths_it_holds():
+    from kvlab.cli.options import sweep_inputs
+    cfg, sample = sweep_inputs(build_parser().parse_args(["sweep", "--data", "minilm", "--types", "q4_0"]))
+    assert cfg.lengths == (128, 512) and sample.name == "all-MiniLM-L6-v2 layer 0"
+    assert sweep_inputs(build_parser().parse_args(["sweep", "--types", "q4_0"]))[0].lengths == (128, 512, 2048, 8192)
+    cfg, _ = sweep_inputs(build_parser().parse_args(["report", "--data", "minilm"]), lengths=(64, 256), n_q=2)
+    assert (cfg.lengths, cfg.n_q) == ((64, 256), 2)
