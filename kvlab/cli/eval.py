@@ -36,6 +36,12 @@ def register(subparsers) -> None:
     rot.add_argument("--rotation", dest="rotation", action="store_true", default=None,
                      help="force the rotation on (default: llama.cpp's gate)")
     rot.add_argument("--no-rotation", dest="rotation", action="store_false", help="as LLAMA_ATTN_ROT_DISABLE=1")
+    p.add_argument("--attention", default="model", choices=["model", "ggml-cpu", "ggml-cuda"],
+                   help="model: the model's own exact attention on the dequantized cache; ggml-cpu / ggml-cuda: "
+                        "read the cache as ggml's flash attention does (kvlab.hf.attention; slower)")
+    p.add_argument("--k-order", default="model", choices=["model", "gguf"],
+                   help="gguf: store K heads in llama.cpp's channel order for a Llama-family GGUF (Q/K permuted "
+                        "for RoPE), so the blocks match llama.cpp's cache")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     add_device_option(p)
     p.add_argument("--json", metavar="FILE", help="also write the summaries as JSON")
@@ -56,7 +62,7 @@ def run(args) -> int:
         raise UsageError(f"needs torch and transformers ({e}): pip install 'kvlab[hf]'") from None
     try:
         config = EvalConfig(n_ctx=args.ctx, n_batch=args.batch, n_chunks=args.chunks, flavor=args.flavor,
-                            rotation=args.rotation, base=args.base)
+                            rotation=args.rotation, base=args.base, k_order=args.k_order, attention=args.attention)
     except ValueError as e:
         raise UsageError(e) from None
     text = readable_file(args.text, "--text").read_text(encoding="utf-8", errors="replace")
