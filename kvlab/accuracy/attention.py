@@ -14,9 +14,11 @@ Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0
   K's SIMD vec_dot in its summation order, the softmax is ggml's online float32 softmax with expf,
   and V accumulates into float32 -- or, for an f16 V, into an fp16 vector rounded at every update.
   Prompt batches of >= 64 tokens over f16 K and V take ggml's tiled path (float32 Q, fma chains,
-  softmax per tile of 64 cells with ggml's SIMD expf: `PairPath.kernel == "cpu-tiled"`). Given the
-  cache bytes (`store_bytes`), both paths are bit-exact with ggml-cpu on x86-64 AVX512 (checked
-  against the real op by kvlab.ggml.fa in `kvlab check-ggml` and tests/ggml/test_ggml_fa.py).
+  softmax per tile of 64 cells with ggml's SIMD expf: `PairPath.kernel == "cpu-tiled"`); a decode over
+  f16 K and V of >= 512 cells on more than one thread takes the split-KV path (one chunk of cells per
+  thread, merged: "cpu-split-kv", `threads`). Given the cache bytes (`store_bytes`), every path is
+  bit-exact with ggml-cpu on x86-64 AVX512 (checked against the real op by kvlab.ggml.fa in
+  `kvlab check-ggml` and tests/ggml/test_ggml_fa.py).
 - ``"cuda"`` (ggml-cuda/fattn.cu, fattn-vec.cuh, fattn-common.cuh; the vector kernel that decodes
   one token, as on an H100 for batch <= 2): Q is pre-multiplied by the scale and, for a quantized
   K, quantized to q8_1 per 32 values (d = amax/127 in float32, roundf); for f16/bf16 K it stays
@@ -191,13 +193,13 @@ def softmax_rows(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool = False):
+def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool = False, kv_chunk: int = 0):
     """Softmax(logits) @ V for several V caches at once.
 
     logits: (n_head_kv, n_rows, n_kv) (float64 for ref, float32 values otherwise); v_stack: (n_v, n_head_kv,
     n_kv, D) float32. Returns (n_v, n_head_kv, n_rows, D): float64 for ref, float32 for cpu/cuda. cpu is
-    ggml's online softmax (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`), cuda a float32
-    softmax in matmul order.
+    ggml's online softmax (kvlab.accuracy.cpu_fa; tiled: `PairPath.kernel == "cpu-tiled"`; kv_chunk:
+    `PairPath.kv_chunk`, the split-KV decode), cuda a float32 softmax in matmul order.
     """
     if backend == "ref":
         return softmax_rows(logits)[None] @ _xp.cast(v_stack, "float64")
@@ -211,7 +213,7 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool =
             if tiled:
                 cpu_fa.tiled_softmax(host_logits, v_i, out[i])
             else:
-                cpu_fa.online_softmax(host_logits, v_i, v_f16_accumulator, out[i])
+                cpu_fa.online_softmax(host_logits, v_i, v_f16_accumulator, out[i], kv_chunk)
         return _xp.to_device(out, _xp.place_of(logits))
     xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
@@ -269,11 +271,14 @@ class PairPath:
     read_k: str
     read_v: str
     f16_accumulator: bool
-    kernel: str          # "exact", "cpu", "cpu-tiled", "vec", "vec-f16"
+    kernel: str          # "exact", "cpu", "cpu-tiled", "cpu-split-kv", "vec", "vec-f16"
+    kv_chunk: int = 0    # cpu-split-kv: cells per thread
 
 
-def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1, head_dim: int = 128) -> PairPath:
-    """n_tokens: the batch (queries per head); ggml-cpu takes its tiled path for large f16 batches.
+def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1, head_dim: int = 128, n_kv: int = 0,
+              threads: int = 1) -> PairPath:
+    """n_tokens: the batch (queries per head); ggml-cpu takes its tiled path for large f16 batches, and
+    with threads > 1 its split-KV path for an f16 decode over >= 512 cells (n_kv as llama.cpp pads it).
     cuda: the default build of ggml-cuda 0.3.36 (kvlab.split.cuda); where it has no kernel, the CPU runs the op."""
     if backend == "cuda":
         fa = cuda_flash_attn(type_k, type_v, head_dim)
@@ -284,7 +289,8 @@ def pair_path(type_k: str, type_v: str, backend: str, n_tokens: int = 1, head_di
         read_k, read_v = cpu_fa.read_type(type_k), cpu_fa.read_type(type_v)   # f32 K/V are cast to f16
         if cpu_fa.takes_tiled_path(type_k, type_v, n_tokens):
             return PairPath("cpu", read_k, read_v, False, "cpu-tiled")
-        return PairPath("cpu", read_k, read_v, read_v == "f16", "cpu")
+        chunk = cpu_fa.kv_chunk(type_k, type_v, n_tokens, cpu_fa.padded_n_kv(n_kv), threads)
+        return PairPath("cpu", read_k, read_v, read_v == "f16", "cpu-split-kv" if chunk else "cpu", chunk)
     return PairPath("ref", type_k, type_v, False, "exact")
 
 
@@ -315,7 +321,8 @@ class VCaches:
         v = self.form(v_form(path))[:, :n_kv]  # (n_head_kv, n_kv, n_v, D)
         tiled = path.kernel == "cpu-tiled"
         if path.f16_accumulator or tiled:  # ggml-cpu's fp16 accumulator / tiles: one V cache at a time
-            return {i: attend(logits, v[None, :, :, i], path.backend, path.f16_accumulator, tiled)[0] for i in indices}
+            return {i: attend(logits, v[None, :, :, i], path.backend, path.f16_accumulator, tiled, path.kv_chunk)[0]
+                    for i in indices}
         chosen = v[:, :, indices]  # (n_head_kv, n_kv, n_chosen, D)
         g, n, c, d = chosen.shape
         out = attend(logits, chosen.reshape(g, n, c * d)[None], path.backend, False)[0]  # V types side by side:
@@ -323,19 +330,21 @@ class VCaches:
         return {i: out[:, :, j] for j, i in enumerate(indices)}
 
 
-def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: str, scale: float) -> list:
+def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: str, scale: float,
+                 threads: int = 1) -> list:
     """Quantized attention of Q (rotated) over the first n_kv cells of one K cache (k_stored: `store_bytes`'s
     (values, raw)) with every V cache of `v`: [(logits, [(V index, PairPath, out_rot)])], one entry per K.Q
     product. V types whose pairs read K alike share the product and one batched softmax @ V.
-    logits (n_head_kv, n_rows, n_kv) float64 (float32 values unless ref), out_rot (n_head_kv, n_rows, D)."""
+    logits (n_head_kv, n_rows, n_kv) float64 (float32 values unless ref), out_rot (n_head_kv, n_rows, D).
+    threads: ggml-cpu's thread count (`pair_path`)."""
     k_cache, k_raw = (a[:, :n_kv] for a in k_stored)
     groups = {}
     for i, type_v in enumerate(v.types):
-        path = pair_path(type_k, type_v, backend, q_rot.shape[1], q_rot.shape[-1])
-        key = (path.backend, path.read_k, path.kernel == "cpu-tiled", path.f16_accumulator, v_form(path))
+        path = pair_path(type_k, type_v, backend, q_rot.shape[1], q_rot.shape[-1], n_kv, threads)
+        key = (path.backend, path.read_k, path.kernel == "cpu-tiled", path.f16_accumulator, v_form(path), path.kv_chunk)
         groups.setdefault(key, []).append((i, path))
     results = []
-    for (runs_on, read_k, tiled, _, _), members in groups.items():
+    for (runs_on, read_k, tiled, *_), members in groups.items():
         k_read = backend_cache(k_cache, type_k, runs_on, read_k)
         logits = quantized_logits(q_rot, k_read, read_k, runs_on, scale, k_raw=k_raw if runs_on == "cpu" else None,
                                   tiled=tiled)
@@ -363,36 +372,40 @@ class CacheAttention:
     out_rot: np.ndarray   # (n_head_kv, n_rows, D): float64 for ref, float32 otherwise (before un-rotating)
 
 
-def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backend: str) -> CacheAttention:
+def cache_attention(q, k, v, type_k: str, type_v: str, plan, flavor: str, backend: str,
+                    threads: int = 1) -> CacheAttention:
     """Store K and V as llama.cpp does (rotation `plan`, set_rows in `flavor`) and attend as `backend`."""
     return stored_attention(q, store_bytes(k, type_k, flavor, plan.k), store_bytes(v, type_v, flavor, plan.v),
-                            type_k, type_v, plan, backend)
+                            type_k, type_v, plan, backend, threads)
 
 
-def stored_attention(q, k_stored, v_stored, type_k: str, type_v: str, plan, backend: str) -> CacheAttention:
+def stored_attention(q, k_stored, v_stored, type_k: str, type_v: str, plan, backend: str,
+                     threads: int = 1) -> CacheAttention:
     """`cache_attention` over caches already stored: k_stored, v_stored are `store_bytes` results."""
     (k_cache, k_raw), (v_cache, v_raw) = k_stored, v_stored
     q_rot = rotate(q, plan.k) if plan.k else q
     [(logits, [(_, path, out_rot)])] = attend_cache(q_rot, k_stored, type_k, VCaches({type_v: v_cache}),
-                                                    k_cache.shape[1], backend, float(1.0 / np.sqrt(q.shape[-1])))
+                                                    k_cache.shape[1], backend, float(1.0 / np.sqrt(q.shape[-1])),
+                                                    threads)
     return CacheAttention(path, q_rot, k_cache, v_cache, k_raw, v_raw, logits, out_rot)
 
 
 def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation: bool = True,
-                    flavor: str = "ref", backend: str = "ref", topk: int = 8) -> dict:
+                    flavor: str = "ref", backend: str = "ref", topk: int = 8, threads: int = 1) -> dict:
     """Error metrics of llama.cpp's quantized-KV attention against exact float64 attention.
 
     q: (n_head, n_q, head_dim); k, v: (n_head_kv, n_kv, head_dim); float32 numpy or torch; GQA when
     n_head is a multiple of n_head_kv; no mask. `rotation` follows `rotation_plan` (llama.cpp's gate)
     when True and disables it when False. Returns a dict of floats: kl, out_rel_l2, out_cos,
-    logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.accuracy.metrics).
+    logit_rel_l2, k_rel_l2, v_rel_l2, topk_overlap (see kvlab.accuracy.metrics). threads: ggml-cpu's
+    thread count, which decides its split-KV path (an f16 decode over >= 512 cells).
     """
     q, k, v = check_qkv(q, k, v)
     type_k, type_v = type_info(type_k).name, type_info(type_v).name   # any case: Q8_0 is q8_0
     flavor_code(flavor), check_backend(backend)
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
     exact = exact_attention(q, k, v)
-    att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend)
+    att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend, threads)
     return {**cell_metrics(exact, att.logits, att.out_rot, plan.v, topk),
             "k_rel_l2": float(cache_rel_l2(att.k_cache, plan.k, k)[-1]),
             "v_rel_l2": float(cache_rel_l2(att.v_cache, plan.v, v)[-1])}

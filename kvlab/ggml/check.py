@@ -254,16 +254,21 @@ class FACase:
     n_tokens: int          # queries: the last positions of the context, so at most n_kv of them
     n_kv: int
     rotation: bool
+    threads: int = 1       # ggml-cpu's threads: > 1 takes the split-KV path for an f16 decode over >= 512 cells
 
     @property
     def id(self) -> str:
-        return f"d{self.head_dim}/{self.layout}/t{self.n_tokens}/kv{self.n_kv}/rot-{'on' if self.rotation else 'off'}"
+        threads = f"/thr{self.threads}" if self.threads > 1 else ""
+        rot = "on" if self.rotation else "off"
+        return f"d{self.head_dim}/{self.layout}/t{self.n_tokens}/kv{self.n_kv}/rot-{rot}{threads}"
 
 
 def fa_cases(quick: bool = True) -> list:
-    """quick: one head size and layout, decode, a small and a tiled batch; else the broad matrix."""
+    """quick: one head size and layout, decode, a small and a tiled batch, a split-KV decode on 4 threads;
+    else the broad matrix."""
     if quick:
-        return [FACase(64, "gqa", t, 100, rot) for t in (1, 7, 64) for rot in (True, False)]
+        return [FACase(64, "gqa", t, 100, rot) for t in (1, 7, 64) for rot in (True, False)] + [
+            FACase(64, "gqa", 1, 600, True, threads=4)]
     return [FACase(d, layout, t, n_kv, rot) for d in (64, 128, 256) for layout in FA_LAYOUTS
             for t in (1, 7, 64) for n_kv in (32, 300, 4096) for rot in (True, False)]
 
@@ -323,9 +328,9 @@ def check_fa(lib, cases, pairs=None, seed: int = 0) -> list:
         for type_k, type_v in pairs:
             plan = rotation_plan(type_k, type_v, case.head_dim, case.head_dim, disable=not case.rotation)
             att = stored_attention(q, store("k", k, type_k, plan.k), store("v", v, type_v, plan.v),
-                                   type_k, type_v, plan, "cpu")
+                                   type_k, type_v, plan, "cpu", case.threads)
             ours = att.out_rot.reshape(q.shape)                        # (G, group * n_q, D) -> (n_head, n_q, D)
-            theirs = flash_attn_ext(lib, att.q_rot, att.k_raw, att.v_raw, type_k, type_v)
+            theirs = flash_attn_ext(lib, att.q_rot, att.k_raw, att.v_raw, type_k, type_v, n_threads=case.threads)
             diff = ours.astype(np.float64) - theirs
             unrot = unrotate(ours.astype(np.float64), plan.v) - unrotate(theirs.astype(np.float64), plan.v)
             rows.append(FARow(

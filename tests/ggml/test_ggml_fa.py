@@ -42,11 +42,14 @@ def test_all_81_pairs_match_ggml(lib, rows):
     assert all(r.quant_rel_l2 > 0 for r in rows)  # every pair has an error to compare with
 
 
-def test_both_cpu_paths_are_taken(rows):
-    """The tiled path runs for f16 K and V (f32 is cast to f16) from 64 tokens on; all else is one chunk."""
-    tiled = {(r.type_k, r.type_v, r.case) for r in rows if r.kernel == "cpu-tiled"}
+def test_every_cpu_path_is_taken(rows):
+    """f16 K and V (f32 is cast to f16) take the tiled path from 64 tokens on and the split-KV path in a
+    decode over >= 512 cells on several threads; all else is one chunk."""
     floats = [(k, v) for k in ("f32", "f16") for v in ("f32", "f16")]
-    assert tiled == {(k, v, r.case) for r in rows if "/t64/" in r.case for k, v in floats}
+    for kernel, marker in (("cpu-tiled", "/t64/"), ("cpu-split-kv", "/thr4")):
+        taken = {(r.type_k, r.type_v, r.case) for r in rows if r.kernel == kernel}
+        assert taken == {(k, v, r.case) for r in rows if marker in r.case for k, v in floats}
+    assert sum(r.kernel == "cpu" for r in rows) == len(rows) - 8 - 4
 
 
 def test_report_counts_per_pair(lib, rows):
