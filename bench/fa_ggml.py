@@ -1,9 +1,10 @@
 """ggml-cpu's flash_attn_ext against kvlab's cpu backend over the broad matrix, one JSON line per case.
 
     python bench/fa_ggml.py [--lib DIR] [--head-dims 64,128,256] [--layouts mha,gqa,mqa]
-                            [--tokens 1,7,64] [--contexts 32,300,4096] [--seed 0]
+                            [--tokens 1,7,64] [--contexts 32,300,4096] [--threads 1] [--seed 0]
 
-Every case (head_dim x layout x batch x context x rotation on/off) runs all 81 K/V pairs through
+Every case (head_dim x layout x batch x context x rotation on/off x ggml threads; more than one thread
+takes ggml's split-KV path for an f16 decode over >= 512 cells) runs all 81 K/V pairs through
 kvlab.ggml.check.check_fa: the real op on kvlab's cache bytes against kvlab.accuracy's model of it.
 Each line: the case, how many pairs are bit-exact, the largest |diff| and ulp distance, the smallest
 quantization error (out_rel_l2) and the worst ratio quantization error / difference (null: all
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--layouts", type=lambda s: s.split(","), default=list(FA_LAYOUTS))
     ap.add_argument("--tokens", type=ints, default=[1, 7, 64])
     ap.add_argument("--contexts", type=ints, default=[32, 300, 4096])
+    ap.add_argument("--threads", type=ints, default=[1])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     lib = load(find_lib_dir(args.lib))
@@ -38,9 +40,9 @@ def main() -> None:
         for layout in args.layouts:
             for t in args.tokens:
                 for n_kv in args.contexts:
-                    for rotation in (True, False):
+                    for rotation, threads in ((r, n) for r in (True, False) for n in args.threads):
                         t0 = time.perf_counter()
-                        rows = check_fa(lib, [FACase(d, layout, t, n_kv, rotation)], seed=args.seed)
+                        rows = check_fa(lib, [FACase(d, layout, t, n_kv, rotation, threads)], seed=args.seed)
                         all_rows += rows
                         rep = fa_report(rows, {})
                         print(json.dumps({
