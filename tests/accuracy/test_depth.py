@@ -8,7 +8,7 @@ import pytest
 
 from kvlab.accuracy.attention import attention_error, store
 from kvlab.accuracy.depth import DEPTH_METRICS, StackConfig, _attention, exact_stack, layer_growth
-from kvlab.accuracy.table import layers_path
+from kvlab.accuracy.table import layers_path, select
 from kvlab.rotation import rotation_plan
 from kvlab.accuracy.synthetic import SyntheticConfig
 
@@ -22,7 +22,7 @@ def table():
 
 
 def series(table, type_k, type_v, metric, rotation=True):
-    sel = table[(table.type_k == type_k) & (table.type_v == type_v) & (table.rotation == rotation)]
+    sel = select(table, type_k=type_k, type_v=type_v, rotation=rotation)
     return sel.sort_values("depth")[metric].to_numpy()
 
 

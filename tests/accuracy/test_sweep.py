@@ -12,6 +12,7 @@ from kvlab.accuracy.synthetic import SyntheticConfig
 from kvlab._xp import resolve_device
 from kvlab import save_table, synthetic_sample
 from kvlab.accuracy.sweep import SweepConfig, run_sweep
+from kvlab.accuracy.table import select
 from kvlab.cli import build_parser
 
 SMALL = SweepConfig(lengths=(64, 128), n_q=2,
@@ -41,8 +42,7 @@ def test_table_has_every_cell_once(table):
     ("q4_0", "q8_0", True, "ref", 128), ("q5_1", "f16", False, "cpu", 64), ("iq4_nl", "q4_1", True, "cuda", 128),
     ("q8_0", "q4_0", True, "cuda", 64), ("bf16", "f16", True, "cpu", 128), ("f32", "f32", False, "cuda", 128)])
 def test_vectorized_cells_equal_the_one_cell_api(table, sample, type_k, type_v, rotation, flavor, n_ctx):
-    row = table[(table.type_k == type_k) & (table.type_v == type_v) & (table.rotation == rotation)
-                & (table.flavor == flavor) & (table.n_ctx == n_ctx)].iloc[0]
+    row = select(table, type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, n_ctx=n_ctx).iloc[0]
     one = attention_error(sample.queries_for(n_ctx, SMALL.n_q), sample.k[:, :n_ctx], sample.v[:, :n_ctx],
                           type_k, type_v, rotation=rotation, flavor=flavor, backend=flavor)
     for metric in METRICS:
