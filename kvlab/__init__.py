@@ -11,6 +11,7 @@ accepted in any case (`Q8_0` is q8_0). `import kvlab` loads numpy and numba only
 torch, pandas, plotly, ipywidgets and transformers load where they are used, and
 CUDA only when a GPU array is passed.
 """
+from kvlab import _threads  # noqa: F401  numba's threading layer, chosen before any kernel runs
 from kvlab.types import FLAVORS, TYPES, TypeInfo
 from kvlab.quant import QTensor, dequantize, empty_cache, quantize, set_rows
 from kvlab.rotation import RotationPlan, hadamard, rotate, rotation_plan

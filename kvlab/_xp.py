@@ -49,6 +49,8 @@ def to_numpy(x, dtype, what: str):
         return x.contiguous().numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{what}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{what}: a masked array's mask would be ignored; pass x.filled(...) or x.data")
     if x.dtype != dtype:
         hint = f" (use x.astype(np.{np.dtype(dtype).name}))" if x.dtype.kind == "f" else ""
         raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {x.dtype}{hint}")

@@ -15,6 +15,7 @@ the output rotated back with H_v after. Returns (B, H, Dv) float32, where q live
 """
 import numpy as np
 
+from kvlab._threads import kernel_lock
 from kvlab._xp import is_cuda, is_torch
 from kvlab.quant import dequantize, quantize
 from kvlab.rotation import rotate
@@ -119,5 +120,6 @@ def _cpu(q, k_raw, v_raw, type_k, type_v, mask, scale, rot_k):
     qq, qd, qs, qf = cpu_query(q32.reshape(b * h, dk), type_k)
     dv = head_dim(v, type_v, "v_raw")
     out = np.empty((b, h, dv), np.float32)
-    kernel(qq, qd, qs, qf, k, v, type_info(type_k).ggml_type, type_info(type_v).ggml_type, dk, add, scale, out)
+    with kernel_lock():
+        kernel(qq, qd, qs, qf, k, v, type_info(type_k).ggml_type, type_info(type_v).ggml_type, dk, add, scale, out)
     return out

@@ -8,34 +8,38 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvlab._threads import kernel_lock
 from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, to_numpy, wrap_like
 from kvlab.kernels.scalar import rcp_approx_table
 from kvlab.types import TYPES, flavor_code, type_info
 
 
-@dataclass
+@dataclass(frozen=True)
 class QTensor:
-    """A tensor stored in a ggml type: `raw` holds ggml's bytes, one row per leading index."""
-    raw: object          # uint8, (*shape[:-1], row_bytes); numpy array or torch tensor
+    """A tensor stored in a ggml type: `raw` holds ggml's bytes, one row per leading index.
+
+    Frozen and checked on construction: raw is uint8 of shape (*shape[:-1], row_bytes) for `type`, so
+    the kernels, which have no bounds checks, never read or write past it. The entry points check raw
+    again (an array can be resized in place).
+    """
+    raw: object          # uint8, (*shape[:-1], row_bytes); numpy array or torch tensor (CPU or CUDA)
     type: str
-    shape: tuple         # the logical float shape
+    shape: tuple         # the logical float shape, ints
     flavor: str = "ref"  # which ggml code path wrote the bytes
+
+    def __post_init__(self):
+        info = type_info(self.type)
+        flavor_code(self.flavor)
+        shape = int_shape(self.shape, "QTensor")
+        _check_row_len(shape, info)
+        object.__setattr__(self, "type", info.name)   # frozen: the canonical name, ints for the shape
+        object.__setattr__(self, "shape", shape)
+        check_raw(self.raw, info, shape, "QTensor")
 
     @classmethod
     def from_raw(cls, raw, type: str, shape, flavor: str = "ref") -> "QTensor":
         """Wrap bytes written by ggml (e.g. read from a GGUF tensor or a llama.cpp state file)."""
-        info = type_info(type)
-        flavor_code(flavor)
-        shape = tuple(int(s) for s in shape)
-        _check_row_len(shape, info)
-        expected = shape[:-1] + (info.row_bytes(shape[-1]),)
-        if not is_cuda(raw):
-            to_numpy(raw, np.uint8, "QTensor.from_raw(raw)")  # kind and dtype checks
-        got = tuple(raw.shape)
-        if got != expected:
-            raise ValueError(f"QTensor.from_raw: raw has shape {got}, but {type} values of shape {shape} "
-                             f"need {expected} ({info.type_size} bytes per {info.block_size} values)")
-        return cls(raw, info.name, shape, flavor)
+        return cls(raw, type, shape, flavor)
 
     @property
     def info(self):
@@ -55,6 +59,57 @@ class QTensor:
     def __repr__(self):
         where = "cuda" if self.is_cuda else "cpu"
         return f"QTensor(type={self.type}, shape={self.shape}, flavor={self.flavor}, {self.nbytes} bytes, {where})"
+
+
+def int_shape(shape, what: str) -> tuple:
+    """shape as a tuple of non-negative Python ints: a float (even 64.0) or a bool is refused, not truncated."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{what}: shape must be a sequence of integers, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)):
+            raise TypeError(f"{what}: shape must hold integers, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"{what}: shape must not be negative, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _dtype_and_shape(raw, what: str):
+    """(dtype name, shape) of the real buffer: numpy array, torch tensor or CUDA array."""
+    if isinstance(raw, np.ma.MaskedArray):
+        raise TypeError(f"{what}: raw is a masked array; ggml bytes have no mask")
+    if is_torch(raw):
+        return str(raw.dtype).removeprefix("torch."), tuple(raw.shape)
+    if isinstance(raw, np.ndarray) or hasattr(raw, "copy_to_host"):   # numpy, numba device arrays
+        return np.dtype(raw.dtype).name, tuple(raw.shape)
+    if hasattr(raw, "__cuda_array_interface__"):
+        iface = raw.__cuda_array_interface__
+        return np.dtype(iface["typestr"]).name, tuple(iface["shape"])
+    raise TypeError(f"{what}: raw must be a uint8 numpy array or torch tensor, got {type(raw).__name__}")
+
+
+def check_raw(raw, info, shape: tuple, what: str) -> None:
+    """raw really holds the bytes of `shape` values of type `info`: uint8, (*shape[:-1], row_bytes)."""
+    dtype, got = _dtype_and_shape(raw, what)
+    if dtype != "uint8":
+        raise TypeError(f"{what}: raw must be uint8 (ggml's bytes), got {dtype}")
+    expected = shape[:-1] + (info.row_bytes(shape[-1]),)
+    if got != expected:
+        raise ValueError(f"{what}: raw has shape {got}, but {info.name} values of shape {shape} "
+                         f"need {expected} ({info.type_size} bytes per {info.block_size} values)")
+
+
+def check_head_dim(head_dim: int, type_names, what: str) -> None:
+    """Each head's row holds whole blocks of every type: a block straddling two heads is a layout llama.cpp
+    refuses (its per-head views of the cache assert ggml_row_size's `ne % block_size == 0`)."""
+    if isinstance(head_dim, (bool, np.bool_)) or not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
+        raise ValueError(f"{what}: head_dim must be a positive integer, got {head_dim!r}")
+    for name in type_names:
+        info = type_info(name)
+        if head_dim % info.block_size:
+            raise ValueError(f"{what}: head_dim {head_dim} is not a multiple of {info.name}'s block size "
+                             f"{info.block_size} (a block would straddle two heads; llama.cpp refuses this)")
 
 
 def _check_row_len(shape, info) -> None:
@@ -116,7 +171,8 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     if xs.size:
         values, data = _kernel_views(info, xs, raw)
         # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
-        info.quantize_row(values, data, code, rcp_approx_table())
+        with kernel_lock():
+            info.quantize_row(values, data, code, rcp_approx_table())
     return QTensor(wrap_like(raw, x), type, shape, flavor)
 
 
@@ -126,6 +182,7 @@ def dequantize(q: QTensor):
         raise TypeError(f"dequantize: expected a QTensor (from kvlab.quantize or QTensor.from_raw), "
                         f"got {type(q).__name__}")
     info = q.info
+    check_raw(q.raw, info, q.shape, "dequantize(q)")   # the buffer as it is now, not as it was wrapped
     if q.is_cuda:
         from kvlab.kernels import cuda as gpu
         out = cuda_empty(q.shape, np.float32, q.raw)
@@ -137,49 +194,91 @@ def dequantize(q: QTensor):
     out = np.empty(q.shape, dtype=np.float32)
     if out.size:
         values, data = _kernel_views(info, out, raw)
-        info.dequantize_row(data, values)
+        with kernel_lock():
+            info.dequantize_row(data, values)
     return wrap_like(out, q.raw)
 
 
 def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_x=None) -> QTensor:
     """A zero-filled cache of n_rows rows (ggml ne = [row_len, n_rows]), as llama.cpp allocates it."""
     info = type_info(type)
+    n_rows, row_len = int_shape((n_rows, row_len), "empty_cache")
     _check_row_len((row_len,), info)
     raw = np.zeros((n_rows, info.row_bytes(row_len)), dtype=np.uint8)
     return QTensor(wrap_like(raw, like_x) if like_x is not None else raw, info.name, (n_rows, row_len), flavor)
 
 
+def _row_ids(row_ids, n_rows: int) -> np.ndarray:
+    """row_ids as a host int64 array, each id in [0, n_rows) and written once."""
+    ids = np.asarray(row_ids.cpu() if is_torch(row_ids) else row_ids)
+    if ids.ndim == 1 and ids.size == 0:
+        return ids.astype(np.int64)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TypeError(f"set_rows: row_ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= n_rows:
+        raise ValueError(f"set_rows: row ids must lie in [0, {n_rows}), got [{ids.min()}, {ids.max()}]")
+    if np.unique(ids).size != ids.size:
+        # ggml writes rows in parallel: which of two writes to one row lands is undefined there
+        raise ValueError("set_rows: row ids must be distinct (a row written twice has no defined value)")
+    return ids.astype(np.int64)
+
+
+def _host_view(raw) -> np.ndarray:
+    """A numpy array sharing raw's memory, strided or not (never a copy): set_rows writes through it."""
+    view = raw.detach().numpy() if is_torch(raw) else raw
+    if not view.flags.writeable:
+        raise ValueError("set_rows: the cache's raw bytes are read-only")
+    return view
+
+
+def _check_gpu_cache(raw) -> None:
+    """The CUDA kernels write a C-contiguous (n_rows, row_bytes) cache in place; a strided one is refused."""
+    if is_torch(raw):
+        contiguous = raw.is_contiguous()
+    else:
+        from numba import cuda
+        contiguous = (raw if hasattr(raw, "copy_to_host") else cuda.as_cuda_array(raw)).is_c_contiguous()
+    if len(raw.shape) != 2 or not contiguous:
+        raise ValueError("set_rows: a GPU cache must be a C-contiguous 2-D (n_rows, row_bytes) array, as "
+                         "llama.cpp's per-layer cache (a strided view would be written into a copy)")
+
+
 def set_rows(cache: QTensor, row_ids, values) -> QTensor:
     """ggml_set_rows: quantize values[i] into row row_ids[i] of the cache, in the cache's type and flavor.
 
-    cache: (..., n_rows, row_len) (ggml ne = [row_len, n_rows, ...]); values: (..., n, row_len) float32;
-    row_ids: (n,) integers in [0, n_rows). Returns the cache, written in place.
+    cache: (..., n_rows, row_len) (ggml ne = [row_len, n_rows, ...]); values: (..., n, row_len) float32
+    (or f16/bf16/f64, converted first); row_ids: (n,) distinct integers in [0, n_rows). Returns the
+    cache, written in place: into the caller's buffer even when it is a strided view (a head slice of
+    a bigger cache, a Fortran-order array); on the GPU a strided cache is refused.
     """
     if not isinstance(cache, QTensor):
         raise TypeError(f"set_rows: expected a QTensor cache, got {type(cache).__name__}")
-    ids = np.asarray(row_ids.cpu() if is_torch(row_ids) else row_ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise TypeError(f"set_rows: row_ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+    if not (isinstance(values, np.ndarray) or is_torch(values) or is_cuda(values)):
+        raise TypeError(f"set_rows: values must be a numpy array or torch tensor, got {type(values).__name__}")
+    check_raw(cache.raw, cache.info, cache.shape, "set_rows(cache)")
+    if len(cache.shape) < 2:
+        raise ValueError(f"set_rows: the cache needs a row dimension, got shape {cache.shape}")
+    if is_cuda(values) != cache.is_cuda:
+        where = lambda gpu: "on the GPU" if gpu else "on the CPU"
+        raise TypeError(f"set_rows: values are {where(is_cuda(values))} but the cache is {where(cache.is_cuda)}")
     n_rows, row_len = cache.shape[-2], cache.shape[-1]
+    ids = _row_ids(row_ids, n_rows)
     vshape = tuple(values.shape)
-    if vshape[-1] != row_len or vshape[-2] != ids.size or vshape[:-2] != cache.shape[:-2]:
+    if len(vshape) < 2 or vshape[-1] != row_len or vshape[-2] != ids.size or vshape[:-2] != cache.shape[:-2]:
         raise ValueError(f"set_rows: values of shape {vshape} do not fit {ids.size} rows of a cache of "
                          f"shape {cache.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
-        raise ValueError(f"set_rows: row ids must lie in [0, {n_rows}), got [{ids.min()}, {ids.max()}]")
     if cache.is_cuda:
-        if cache.raw.ndim != 2:
-            raise ValueError("set_rows: a GPU cache must be 2-D (n_rows, row_bytes), as llama.cpp's per-layer cache")
+        _check_gpu_cache(cache.raw)
         from kvlab.kernels import cuda as gpu
         if is_torch(cache.raw):
             import torch
-            dev_ids = torch.as_tensor(ids.astype(np.int64), device=cache.raw.device)
+            dev_ids = torch.as_tensor(ids, device=cache.raw.device)
         else:
             from numba import cuda
-            dev_ids = cuda.to_device(ids.astype(np.int64))
+            dev_ids = cuda.to_device(ids)
         gpu.set_rows(cache.raw, dev_ids, cuda_rows(_as_float32(values), np.float32, "set_rows(values)"),
                      cache.info, flavor_code(cache.flavor))
         return cache
     q = quantize(values, cache.type, cache.flavor)
-    to_numpy(cache.raw, np.uint8, "set_rows(cache.raw)")[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")
+    _host_view(cache.raw)[..., ids, :] = to_numpy(q.raw, np.uint8, "q.raw")
     return cache

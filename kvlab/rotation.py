@@ -9,12 +9,13 @@ import os
 
 import numpy as np
 
+from kvlab._threads import kernel_lock
 from kvlab._xp import cuda_empty, cuda_rows, is_cuda, to_numpy, wrap_like
 from kvlab.types import type_info
 
 
 def _check_size(n) -> int:
-    if not isinstance(n, (int, np.integer)) or n < 1 or (int(n) & (int(n) - 1)):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1 or (int(n) & (int(n) - 1)):
         raise ValueError(f"rotation size must be a power of two (64, 128, 256, ...), got {n!r}")
     return int(n)
 
@@ -56,7 +57,8 @@ def rotate(x, n: int):
     xs = to_numpy(x, np.float32, "rotate(x)")
     out = np.empty(shape, dtype=np.float32)
     if xs.size:
-        rotate_rows(xs.reshape(-1, n), out.reshape(-1, n), hadamard_scale(n))  # (n_chunks, n)
+        with kernel_lock():
+            rotate_rows(xs.reshape(-1, n), out.reshape(-1, n), hadamard_scale(n))  # (n_chunks, n)
     return wrap_like(out, x)
 
 

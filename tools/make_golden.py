@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlab._io import atomic_path, write_text
 from kvlab.ggml import lib as ggml
 from kvlab.types import TYPES
 
@@ -70,7 +71,8 @@ def main(argv=None):
     for type_name in TYPES:
         arrays, undefined = golden_for_type(lib, inputs, type_name)
         path = args.golden / f"ggml_{type_name}.npz"
-        np.savez_compressed(path, **arrays)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, **arrays)
         n_blocks = sum(x.size // TYPES[type_name].block_size for x in inputs.values())
         files[path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                             "cases": len(inputs), "blocks": n_blocks, "undefined_bytes": undefined}
@@ -87,7 +89,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(),
         "files": files,
     }
-    (args.golden / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(args.golden / "MANIFEST.json", json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -75,12 +75,16 @@ def _no_rows():
     return _NO_ROWS[0]
 
 
-def _row_ids(row_ids, n_rows):
+def _row_ids(row_ids, n_rows, n_cache_rows):
     ids = _dev(row_ids, "row_ids", None, 1)
     if ids.dtype not in (np.int32, np.int64):
         raise TypeError(f"row_ids: expected int32 or int64, got {ids.dtype}")
     if ids.shape[0] != n_rows:
         raise ValueError(f"row_ids: {ids.shape[0]} ids for {n_rows} rows")
+    host = ids.copy_to_host()   # the kernels store through the ids unchecked: check them here
+    if host.size and (host.min() < 0 or host.max() >= n_cache_rows):
+        raise ValueError(f"row_ids: ids must lie in [0, {n_cache_rows}) (the cache's rows), "
+                         f"got [{host.min()}, {host.max()}]")
     return ids
 
 
@@ -115,6 +119,8 @@ def rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None):
 def _write(x, out, info, flavor_code, row_ids, n, scale):
     """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids)."""
     _check_info(info)
+    if flavor_code not in (0, 1, 2) or isinstance(flavor_code, bool):
+        raise ValueError(f"flavor_code: expected 0 (ref), 1 (cpu) or 2 (cuda), got {flavor_code!r}")
     k = _k()
     xd = _dev(x, "x", np.float32, 2)
     od = _dev(out, "out", np.uint8, 2)
@@ -125,7 +131,7 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
     if od.shape[1] != row_bytes or (row_ids is None and od.shape[0] != rows):
         raise ValueError(f"out: {tuple(od.shape)} does not fit {info.name} rows of x {tuple(xd.shape)}"
                          f" ({row_bytes} bytes per row)")
-    ids = _no_rows() if row_ids is None else _row_ids(row_ids, rows)
+    ids = _no_rows() if row_ids is None else _row_ids(row_ids, rows, od.shape[0])
     if xd.size == 0:
         return
     remap = 0 if row_ids is None else row_bytes

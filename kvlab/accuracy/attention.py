@@ -48,9 +48,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvlab import _xp
+from kvlab._threads import kernel_lock
 from kvlab.accuracy import cpu_fa
 from kvlab.accuracy.metrics import attention_metrics
-from kvlab.quant import dequantize, quantize
+from kvlab.quant import check_head_dim, dequantize, quantize
 from kvlab.rotation import hadamard, rotate, rotation_plan
 from kvlab.split.cuda import cuda_flash_attn
 from kvlab.types import flavor_code, type_info
@@ -73,11 +74,19 @@ def as_heads(x, name: str, ndim: int = 3) -> np.ndarray:
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: a masked array's mask would be ignored; pass x.filled(...) or x.data")
     if x.dtype != np.float32:
         raise TypeError(f"{name}: expected float32, got {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name}: expected shape (n_head, n_tokens, head_dim), got {x.shape}")
     return np.ascontiguousarray(x)
+
+
+def check_topk(topk) -> int:
+    if isinstance(topk, (bool, np.bool_)) or not isinstance(topk, (int, np.integer)) or topk < 1:
+        raise ValueError(f"topk must be a positive integer (keys per query row), got {topk!r}")
+    return int(topk)
 
 
 def check_qkv(q, k, v):
@@ -208,12 +217,13 @@ def attend(logits, v_stack, backend: str, v_f16_accumulator: bool, tiled: bool =
         host_logits = np.ascontiguousarray(_xp.to_host(logits))
         host_v = _xp.to_host(v_stack)
         out = np.empty((host_v.shape[0],) + host_logits.shape[:2] + (host_v.shape[-1],), np.float32)
-        for i in range(host_v.shape[0]):
-            v_i = np.ascontiguousarray(host_v[i])
-            if tiled:
-                cpu_fa.tiled_softmax(host_logits, v_i, out[i])
-            else:
-                cpu_fa.online_softmax(host_logits, v_i, v_f16_accumulator, out[i], kv_chunk)
+        with kernel_lock():
+            for i in range(host_v.shape[0]):
+                v_i = np.ascontiguousarray(host_v[i])
+                if tiled:
+                    cpu_fa.tiled_softmax(host_logits, v_i, out[i])
+                else:
+                    cpu_fa.online_softmax(host_logits, v_i, v_f16_accumulator, out[i], kv_chunk)
         return _xp.to_device(out, _xp.place_of(logits))
     xp = _xp.namespace(logits)
     e = xp.exp(logits - xp.amax(logits, axis=-1, keepdims=True))  # float32, expf(s - M)
@@ -256,8 +266,9 @@ def quantized_logits(q, k_cache, type_k: str, backend: str, scale: float, k_raw=
     """
     if backend == "cpu" and (k_raw is not None or tiled):
         raw = None if k_raw is None else _xp.to_host(k_raw)
-        host = cpu_fa.logits(_xp.to_host(group_queries(q, k_cache.shape[0])), raw, _xp.to_host(k_cache),
-                             type_k, scale, tiled)
+        with kernel_lock():
+            host = cpu_fa.logits(_xp.to_host(group_queries(q, k_cache.shape[0])), raw, _xp.to_host(k_cache),
+                                 type_k, scale, tiled)
         return _xp.cast(_xp.to_device(host, _xp.place_of(q)), "float64")
     qb = backend_query(group_queries(q, k_cache.shape[0]), type_k, backend, scale)
     logits = qb @ _xp.cast(k_cache, "float64").swapaxes(1, 2)
@@ -402,7 +413,8 @@ def attention_error(q, k, v, type_k: str = "f16", type_v: str = "f16", rotation:
     """
     q, k, v = check_qkv(q, k, v)
     type_k, type_v = type_info(type_k).name, type_info(type_v).name   # any case: Q8_0 is q8_0
-    flavor_code(flavor), check_backend(backend)
+    flavor_code(flavor), check_backend(backend), check_topk(topk)
+    check_head_dim(k.shape[-1], (type_k, type_v), "attention_error")
     plan = rotation_plan(type_k, type_v, k.shape[-1], v.shape[-1], disable=not rotation)
     exact = exact_attention(q, k, v)
     att = cache_attention(q, k, v, type_k, type_v, plan, flavor, backend, threads)

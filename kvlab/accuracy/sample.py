@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlab._io import atomic_path
 from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv, synthetic_queries
 
 
@@ -26,9 +27,12 @@ class KVSample:
         return self.q[:, index]
 
     def fingerprint(self) -> str:
+        """The sample's identity: its name and each array's shape, dtype and bytes."""
         h = hashlib.sha256(self.name.encode())
         for a in (self.q, self.q_positions, self.k, self.v):
-            h.update(np.ascontiguousarray(a).tobytes())
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.shape} {a.dtype.str}".encode())
+            h.update(a.tobytes())
         return h.hexdigest()[:16]
 
 
@@ -40,6 +44,8 @@ def as_sample(data) -> KVSample:
     if not (isinstance(data, tuple) and len(data) == 3):
         raise TypeError(f"expected a KVSample or a (q, k, v) tuple as kvlab.synthetic_kv returns, "
                         f"got {type(data).__name__}")
+    if any(isinstance(a, np.ma.MaskedArray) for a in data):
+        raise TypeError("a masked array's mask would be ignored; pass x.filled(...) or x.data")
     q, k, v = (np.asarray(a, dtype=np.float32) for a in data)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[1] > k.shape[1]:
         raise ValueError(f"expected q (n_head, n_q, D) and k, v (n_head_kv, n_kv, D) with n_q <= n_kv, "
@@ -67,8 +73,11 @@ def captured_sample() -> KVSample:
 
 
 def save_sample(sample, path) -> Path:
+    """Write the sample as .npz (the suffix is added, as numpy does), atomically; returns the path written."""
     path = Path(path)
-    np.savez_compressed(path, name=sample.name, q=sample.q, q_positions=sample.q_positions, k=sample.k, v=sample.v)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, name=sample.name, q=sample.q, q_positions=sample.q_positions, k=sample.k, v=sample.v)
     return path
 
 

@@ -8,9 +8,10 @@ tokens at its end, so each K/V cache is quantized once per (type, flavor, rotati
 
 Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
 all V types that share the backend's code path: kvlab.accuracy.attention.attend_cache, the pipeline
-`attention_error` runs for one cell. Results are cached on disk per (flavor, rotation)
-chunk, keyed by the data, the settings, the device and the kvlab version, so a rerun or an
-interrupted run costs only what is missing.
+`attention_error` runs for one cell. Results are cached on disk per (flavor, rotation) chunk, keyed by
+the data, the settings, the device, the library versions and a hash of the code (kvlab.accuracy.cache),
+so a rerun or an interrupted run costs only what is missing. Entries are written to a temporary file
+and renamed; one that cannot be read or has the wrong rows is recomputed, never trusted.
 
 Device: numpy on the CPU by default, torch on the GPU when one is present (`device="auto"`): the
 cache is written and read by the CUDA kernels (kvlab.quantize on CUDA tensors) and the attention
@@ -18,15 +19,16 @@ math runs in torch on the GPU; only the metrics of each cell (small) come back t
 same functions (kvlab.accuracy.attention) run on both; see kvlab._xp.
 """
 from dataclasses import asdict, dataclass, field
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from kvlab import _xp
 from kvlab._progress import progress_bar
-from kvlab.accuracy.attention import (VCaches, attend_cache, cache_rel_l2, cell_metrics, exact_attention, store,
-                                      store_bytes)
+from kvlab.accuracy.attention import (VCaches, attend_cache, cache_rel_l2, cell_metrics, check_topk, exact_attention,
+                                      store, store_bytes)
+from kvlab.accuracy.cache import default_cache_root, frame_key, read_frame, source_hash, write_frame
+from kvlab.accuracy.metrics import METRICS
+from kvlab.quant import check_head_dim, int_shape
 from kvlab.rotation import rotate, rotation_plan
 from kvlab.accuracy.sample import KVSample, as_sample, synthetic_sample
 from kvlab.accuracy.synthetic import SyntheticConfig
@@ -50,15 +52,27 @@ class SweepConfig:
             object.__setattr__(self, side, tuple(type_info(t).name for t in getattr(self, side)))
         for f in self.flavors:
             flavor_code(f)
-        if not self.lengths or min(self.lengths) < self.n_q or self.n_q < 1:
+        for name in ("types_k", "types_v", "rotations", "flavors", "lengths"):
+            if not getattr(self, name):
+                raise ValueError(f"SweepConfig: {name} is empty: a sweep of no cells")
+        if not all(isinstance(r, bool) for r in self.rotations):
+            raise ValueError(f"SweepConfig: rotations must be True/False, got {self.rotations}")
+        int_shape(self.lengths, "SweepConfig lengths")
+        int_shape((self.n_q,), "SweepConfig n_q")
+        if min(self.lengths) < self.n_q or self.n_q < 1:
             raise ValueError(f"lengths must be >= n_q >= 1, got lengths={self.lengths}, n_q={self.n_q}")
+        check_topk(self.topk)
+        check_head_dim(self.synthetic.head_dim, self.types_k + self.types_v, "SweepConfig")
 
     def settings(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab")) / "sweep"
+    return default_cache_root() / "sweep"
+
+
+CACHE_COLUMNS = ("type_k", "type_v", "rotation", "flavor", "n_ctx", *METRICS)   # what a cached chunk must hold
 
 
 # ---- one (flavor, rotation) chunk ----------------------------------------------------------------
@@ -111,29 +125,28 @@ def run_sweep(sample: KVSample, cfg: SweepConfig = SweepConfig(), cache_dir=None
     """
     import pandas as pd
     sample = as_sample(sample)
+    check_head_dim(sample.k.shape[-1], cfg.types_k + cfg.types_v, "run_sweep")
     if sample.k.shape[1] < max(cfg.lengths):
         raise ValueError(f"{sample.name}: {sample.k.shape[1]} tokens, but lengths go to {max(cfg.lengths)}")
     place = _xp.resolve_device(device)
     where = _xp.device_label(place)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     settings, vers = cfg.settings(), versions(place)
-    key_base = json.dumps({"data": sample.fingerprint(), "settings": settings, "kvlab": vers["kvlab"],
-                           "device": where}, sort_keys=True)
     exact_by_len = _exact_by_length(sample, cfg, place)
     chunks = [(f, r) for f in cfg.flavors for r in cfg.rotations]
     cells_per_chunk = len(cfg.lengths) * len(cfg.types_k) * len(cfg.types_v)
     frames = []
     with progress_bar(len(chunks) * cells_per_chunk, "kvlab sweep", "cell", progress) as bar:
         for flavor, rotation in chunks:
-            key = hashlib.sha256(f"{key_base}|{flavor}|{rotation}".encode()).hexdigest()[:24]
+            key = frame_key(data=sample.fingerprint(), settings=settings, flavor=flavor, rotation=rotation,
+                            device=where, versions=vers, sources=source_hash())
             path = cache_dir / f"{key}.parquet"
-            if path.exists():
-                frames.append(pd.read_parquet(path))
+            frame = read_frame(path, cells_per_chunk, CACHE_COLUMNS)
+            if frame is not None:
                 bar.update(cells_per_chunk)
-                continue
-            frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar, place))
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            frame.to_parquet(path, index=False)
+            else:
+                frame = pd.DataFrame(_chunk_rows(sample, cfg, flavor, rotation, exact_by_len, bar, place))
+                write_frame(frame, path)
             frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     n_head, _, head_dim = sample.q.shape

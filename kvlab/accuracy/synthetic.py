@@ -31,6 +31,11 @@ class SyntheticConfig(HeadShape):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.n_q < 1:
+            raise ValueError(f"n_q must be at least 1, got {self.n_q}")
+        if not (self.rope_base > 0 and self.v_dof > 0 and self.logit_std >= 0 and np.isfinite(self.outlier_scale)):
+            raise ValueError(f"rope_base and v_dof must be > 0, logit_std >= 0 and outlier_scale finite, got "
+                             f"{self.rope_base}, {self.v_dof}, {self.logit_std}, {self.outlier_scale}")
         if self.head_dim % 32 or self.head_dim < 64:
             raise ValueError(f"head_dim must be a multiple of 32 and at least 64, got {self.head_dim}")
         if not 0 <= self.n_outliers <= self.head_dim // 4:

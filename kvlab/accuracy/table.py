@@ -5,6 +5,8 @@ import platform
 
 import numpy as np
 
+from kvlab._io import atomic_path, write_text
+
 
 def versions(place=None) -> dict:
     import numba
@@ -63,15 +65,15 @@ def growth_word(ratio: float) -> str:
 def save_table(table, path) -> list:
     """Write the table as parquet (.parquet) or CSV (.csv), plus <path>.json with settings and versions."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        table.to_parquet(path, index=False)
-    elif path.suffix == ".csv":
-        table.to_csv(path, index=False)
-    else:
+    if path.suffix not in (".parquet", ".csv"):
         raise ValueError(f"save_table: expected a .parquet or .csv path, got {path}")
-    meta = path.with_suffix(path.suffix + ".json")
-    meta.write_text(json.dumps(table.attrs, indent=2, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:   # a failed write leaves the previous table as it was
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+    meta = write_text(path.with_suffix(path.suffix + ".json"), json.dumps(table.attrs, indent=2, default=str))
     return [path, meta]
 
 

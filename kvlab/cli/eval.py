@@ -4,6 +4,7 @@ from itertools import product
 import json
 from pathlib import Path
 
+from kvlab._io import write_text
 from kvlab.cli.options import (UsageError, add_cache_types, add_command, add_device_option, check_device, flavor,
                                pair_list, positive_int, readable_file, type_list, writable_file)
 
@@ -88,13 +89,6 @@ def _evaluate(args, config, pairs, text) -> int:
     result = evaluate(model, tokens, pairs, config, bos_id=bos_id, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
-        _write_json(args.json, {"config": asdict(config), "n_chunks": result.n_chunks, "pairs": result.summaries()})
+        write_text(args.json, json.dumps({"config": asdict(config), "n_chunks": result.n_chunks,
+                                          "pairs": result.summaries()}, indent=1))
     return 0
-
-
-def _write_json(path, obj) -> None:
-    """Written to a temporary name beside it and renamed, so a failed write leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

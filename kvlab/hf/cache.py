@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
 
-from kvlab.quant import QTensor, dequantize, quantize
+from kvlab.quant import QTensor, check_head_dim, dequantize, quantize
 from kvlab.rotation import rotate, rotation_plan
 from kvlab.types import flavor_code, type_info
 
@@ -141,6 +141,9 @@ class GGMLQuantizedLayer(BaseQuantizedLayer):
         y = rotate(y, rotation) if rotation else y
         return y[..., self.k_order[1]] if reorder and self.k_order is not None else y
 
+    # torch.compile cannot trace the Numba kernels (dynamo walks into numba's compiler and fails): the
+    # cache update runs eagerly, as a graph break, and the rest of the model compiles around it.
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new rows in the cache's types (set_rows), return all K and V as attention reads them."""
         if not self.is_initialized:
@@ -163,15 +166,21 @@ class GGMLQuantizedLayer(BaseQuantizedLayer):
         self.values = torch.cat([self.values, new_v], dim=-2)
         return self.keys, self.values
 
+    def _check_written(self, what: str) -> None:
+        if not self.is_initialized:
+            raise ValueError(f"{what}: this layer holds no rows yet (it is filled by the model's first forward)")
+
     @property
     def quantized_keys(self) -> QTensor:
         """The K cache's ggml bytes (rotated when plan.k is set, channels in k_order), one row per (batch, head, token)."""
+        self._check_written("quantized_keys")
         return QTensor.from_raw(self._quantized_keys, self.types.type_k,
                                 self._quantized_keys.shape[:-1] + (self.keys.shape[-1],), self.types.flavor)
 
     @property
     def quantized_values(self) -> QTensor:
         """The V cache's ggml bytes (rotated when plan.v is set), one row per (batch, head, token)."""
+        self._check_written("quantized_values")
         return QTensor.from_raw(self._quantized_values, self.types.type_v,
                                 self._quantized_values.shape[:-1] + (self.values.shape[-1],), self.types.flavor)
 
@@ -331,7 +340,10 @@ class GGMLQuantizedCache(Cache):
             raise ValueError(f"storage must be 'floats' or 'bytes', got {storage!r}")
         if storage == "floats" and max_cache_len is not None:
             raise ValueError("max_cache_len preallocates storage='bytes' buffers; 'floats' grows by concatenation")
-        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        text_config = config.get_text_config(decoder=True)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        check_head_dim(head_dim, (type_k, type_v), "GGMLQuantizedCache")   # as llama.cpp refuses it at load
+        layer_types, _ = get_layer_types_and_kwargs(text_config)
         unsupported = set(layer_types) - {"full_attention"}
         if unsupported:
             raise ValueError(f"GGMLQuantizedCache supports models whose layers are all full attention; "

@@ -8,11 +8,11 @@ flavors disagree. A summary computed from the tables, published numbers as conte
 The default data is the synthetic generator (kvlab.accuracy.synthetic), so the report needs no download.
 """
 import html
-import os
 from pathlib import Path
 
 import numpy as np
 
+from kvlab._io import write_text
 from kvlab.accuracy.depth import DEFAULT_PAIRS as GROWTH_PAIRS
 from kvlab.accuracy.table import context_growth, growth_word, select
 
@@ -254,16 +254,6 @@ def accuracy_items(table, depth_table, pareto_fig) -> list:
     return items
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name beside path, then rename: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_report(table, out_path, depth_table=None) -> Path:
     from kvlab.viz import plots
     from kvlab.viz.report_tp import tp_section
@@ -282,5 +272,5 @@ def build_report(table, out_path, depth_table=None) -> Path:
     ]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, render_html(table, sections, table.attrs.get("elapsed_s", 0.0)))
+    write_text(out_path, render_html(table, sections, table.attrs.get("elapsed_s", 0.0)))
     return out_path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlab._io import atomic_path
 from kvlab.types import TYPES
 
 
@@ -27,7 +28,8 @@ def split(raw_path: str, out_dir: str) -> None:
             offset += n
         if offset != data.size:
             raise ValueError(f"{name}: {data.size} bytes from the GPU, {offset} expected")
-        np.savez_compressed(Path(out_dir) / f"cuda_{name}.npz", **{f"{c}.cuda": b for c, b in per_case})
+        with atomic_path(Path(out_dir) / f"cuda_{name}.npz") as tmp:
+            np.savez_compressed(tmp, **{f"{c}.cuda": b for c, b in per_case})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""kvlab._io: every file kvlab writes is whole or absent: a temporary file beside it, renamed (issue 16)."""
+import json
+import pathlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kvlab
+from kvlab import _io
+from kvlab.accuracy.sample import as_sample
+
+@pytest.fixture(scope="module")
+def sample():
+    return as_sample(kvlab.synthetic_kv(64, kvlab.SyntheticConfig(n_q=2, n_head=4, n_head_kv=2, head_dim=64)))
+
+
+def _half_written_then_fail(self, path, *args, **kwargs):
+    """A writer that dies mid-way (a full disk, a killed run): half a file, then an error."""
+    with open(path, "wb") as f:
+        f.write(b"PAR1 half a file")
+    raise OSError(28, "No space left on device")
+
+
+def _no_temporaries(directory):
+    return [p.name for p in directory.iterdir() if ".tmp" in p.name] == []
+
+
+def test_atomic_path_replaces_whole_or_keeps_the_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    _io.write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with _io.atomic_path(target) as tmp:
+            tmp.write_text("new, half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and _no_temporaries(tmp_path)
+    _io.write_text(target, "new")
+    assert target.read_text() == "new" and _no_temporaries(tmp_path)
+
+
+def test_a_failed_save_table_leaves_the_previous_table(tmp_path, monkeypatch):
+    table = pd.DataFrame({"kl": [0.1, 0.2]})
+    table.attrs["settings"] = {"a": 1}
+    path = tmp_path / "t.parquet"
+    kvlab.save_table(table, path)
+    before, meta_before = path.read_bytes(), (tmp_path / "t.parquet.json").read_text()
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", _half_written_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        kvlab.save_table(pd.DataFrame({"kl": [9.0]}), path)
+    assert path.read_bytes() == before and (tmp_path / "t.parquet.json").read_text() == meta_before
+    assert _no_temporaries(tmp_path)
+    assert pd.read_parquet(path)["kl"].tolist() == [0.1, 0.2]
+
+
+def _fail_text_midway(monkeypatch):
+    """Path.write_text that writes half the text, then hits a full disk."""
+    def write_half(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_text", write_half)
+
+
+def test_a_failed_report_write_leaves_the_previous_report(tmp_path, monkeypatch, sample):
+    from kvlab.viz.report import build_report
+    cfg = kvlab.SweepConfig(lengths=(64,), n_q=2, types_k=("q8_0", "f16"), types_v=("q8_0", "f16"),
+                            rotations=(False,), flavors=("ref",))
+    table = kvlab.run_sweep(sample, cfg, cache_dir=tmp_path / "cache", progress=False)
+    out = tmp_path / "r.html"
+    out.write_text("<html>previous</html>")
+    _fail_text_midway(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        build_report(table, out)
+    assert out.read_text() == "<html>previous</html>" and _no_temporaries(tmp_path)
+
+
+def test_a_failed_eval_json_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    from kvlab.cli import build_parser
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    out = tmp_path / "kld.json"
+    out.write_text('{"previous": true}')
+    args = build_parser().parse_args(["eval", "--tiny", "--text", str(text), "--ctx", "32", "--chunks", "1",
+                                      "--quiet", "--pairs", "q8_0/q8_0", "--json", str(out), "--device", "cpu"])
+    _fail_text_midway(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        args.run(args)
+    assert json.loads(out.read_text()) == {"previous": True} and _no_temporaries(tmp_path)
+
+
+def test_save_sample_is_atomic_and_names_the_file_it_wrote(tmp_path, sample, monkeypatch):
+    written = kvlab.save_sample(sample, tmp_path / "s")
+    assert written == tmp_path / "s.npz" and written.exists()
+    assert kvlab.load_sample(written).fingerprint() != ""
+    before = written.read_bytes()
+    monkeypatch.setattr(np, "savez_compressed", lambda path, **kw: _half_written_then_fail(None, path))
+    with pytest.raises(OSError):
+        kvlab.save_sample(sample, written)
+    assert written.read_bytes() == before and _no_temporaries(tmp_path)
