@@ -342,12 +342,13 @@ class VCaches:
 
 
 def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: str, scale: float,
-                 threads: int = 1) -> list:
+                 threads: int = 1, keep=None) -> list:
     """Quantized attention of Q (rotated) over the first n_kv cells of one K cache (k_stored: `store_bytes`'s
     (values, raw)) with every V cache of `v`: [(logits, [(V index, PairPath, out_rot)])], one entry per K.Q
     product. V types whose pairs read K alike share the product and one batched softmax @ V.
     logits (n_head_kv, n_rows, n_kv) float64 (float32 values unless ref), out_rot (n_head_kv, n_rows, D).
-    threads: ggml-cpu's thread count (`pair_path`)."""
+    threads: ggml-cpu's thread count (`pair_path`). keep: None, or a bool mask broadcasting against the logits
+    (False: the cell gets -inf, as from ggml's KQ mask)."""
     k_cache, k_raw = (a[:, :n_kv] for a in k_stored)
     groups = {}
     for i, type_v in enumerate(v.types):
@@ -359,6 +360,8 @@ def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: s
         k_read = backend_cache(k_cache, type_k, runs_on, read_k)
         logits = quantized_logits(q_rot, k_read, read_k, runs_on, scale, k_raw=k_raw if runs_on == "cpu" else None,
                                   tiled=tiled)
+        if keep is not None:
+            logits = _xp.namespace(logits).where(keep, logits, -np.inf)
         outs = v.attend(logits, members[0][1], [i for i, _ in members], n_kv)
         results.append((logits, [(i, path, outs[i]) for i, path in members]))
     return results

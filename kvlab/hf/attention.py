@@ -18,7 +18,7 @@ sdpa: it is a numerics model, for measuring, not for serving.
 import numpy as np
 import torch
 
-from kvlab.accuracy.attention import attend, backend_cache, pair_path, quantized_logits, unrotate
+from kvlab.accuracy.attention import VCaches, attend_cache, unrotate
 from kvlab.hf.cache import LAYER_KWARG, GGMLQuantizedLayer
 from kvlab.quant import dequantize
 
@@ -46,17 +46,13 @@ def ggml_attention(module, query, key, value, attention_mask, scaling=None, drop
     q_rot = layer.to_cache_basis(query, plan.k, reorder=True).cpu().numpy()  # (b, n_head, n_q, D)
     n_head_kv, n_kv = k_cache.shape[1], k_cache.shape[2]
     keep = _keep(attention_mask, b, n_q, n_kv)                  # (b, n_q, L) bool
-    path = pair_path(types.type_k, types.type_v, backend, n_q)
     out = np.empty((b, n_head, n_q, d), np.float32)
     for i in range(b):
-        k_read = backend_cache(k_cache[i], types.type_k, path.backend, path.read_k)
-        logits = quantized_logits(q_rot[i], k_read, path.read_k, path.backend, scale,  # (G, group * n_q, L)
-                                  k_raw=k_raw[i] if path.backend == "cpu" else None, tiled=path.kernel == "cpu-tiled")
-        by_query = logits.reshape(n_head_kv, n_head // n_head_kv, n_q, n_kv)          # (G, group, n_q, L)
-        logits = np.where(keep[i], by_query, -np.inf).reshape(logits.shape)
-        v_read = backend_cache(v_cache[i], types.type_v, path.backend, path.read_v)
-        out_rot = attend(logits, v_read[None], path.backend, path.f16_accumulator)[0]  # (G, group * n_q, D)
-        out[i] = unrotate(np.asarray(out_rot, np.float32), plan.v).reshape(n_head, n_q, d)
+        keep_rows = np.tile(keep[i], (n_head // n_head_kv, 1))   # (n_gqa * n_q, L): query row r is query r % n_q
+        v_caches = VCaches({types.type_v: v_cache[i]})
+        [(_, [(_, _, out_rot)])] = attend_cache(q_rot[i], (k_cache[i], k_raw[i]), types.type_k, v_caches, n_kv,
+                                                backend, scale, keep=keep_rows)
+        out[i] = unrotate(np.asarray(out_rot, np.float32), plan.v).reshape(n_head, n_q, d)  # from (G, n_gqa * n_q, D)
     return torch.from_numpy(out).transpose(1, 2).to(device=query.device, dtype=query.dtype), None
 
 
