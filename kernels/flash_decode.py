@@ -19,9 +19,10 @@ import numpy as np
 from numba import njit, prange
 
 from .fp import bf16_to_fp32, f32_from_bits, fma32, fp16_to_fp32, fp32_to_fp16
+from .iq4_nl import KVALUES
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30   # enum ggml_type
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int32)
+KVALUES_IQ4NL = KVALUES.astype(np.int32)
 QK = 32
 
 
