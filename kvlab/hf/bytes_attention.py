@@ -62,7 +62,10 @@ def _prompt_attention(layer, query, attention_mask, scale):
     k_q, v_q = layer.quantized_keys, layer.quantized_values
     n_head_kv = k_q.shape[1]
     group = n_head // n_head_kv
-    if attention_mask is None:   # sdpa_mask skipped a purely causal mask: the queries are the last n_q rows
+    causal = attention_mask is None and n_q == n_kv      # sdpa's own causal mask (no (n_q, L) tensor)
+    if causal:
+        keep = None
+    elif attention_mask is None:   # sdpa_mask skipped a purely causal mask: the queries are the last n_q rows
         rows = torch.arange(n_kv - n_q, n_kv, device=query.device)[:, None]
         keep = (torch.arange(n_kv, device=query.device)[None] <= rows)[None, None]   # (1, 1, n_q, L)
     else:
@@ -74,7 +77,7 @@ def _prompt_attention(layer, query, attention_mask, scale):
         q = query[:, h * group:(h + 1) * group]                              # (b, group, n_q, Dk)
         o = torch.nn.functional.scaled_dot_product_attention(
             q, k.expand(b, group, n_kv, k.shape[-1]), v.expand(b, group, n_kv, v.shape[-1]),
-            attn_mask=keep, scale=scale)                                     # (b, group, n_q, Dv)
+            attn_mask=keep, is_causal=causal, scale=scale)                   # (b, group, n_q, Dv)
         out[:, :, h * group:(h + 1) * group] = o.transpose(1, 2)
     return out
 

@@ -208,13 +208,16 @@ class GGMLQuantizedLayer(BaseQuantizedLayer):
         self._map(lambda t: t[indices, ...])
 
 
+KV_PAGE = 256   # rows: llama_kv_cache::get_n_kv pads the cache view to a multiple of 256
+
+
 class GGMLBytesLayer(GGMLQuantizedLayer):
     """One layer's cache as ggml rows only (GGMLQuantizedCache(storage="bytes")).
 
     K and V rows each in one uint8 buffer, (batch, n_kv_heads, capacity, row_bytes), as llama.cpp's
-    per-layer cache (ne = [row bytes, n_ctx]); new rows are written in place (set_rows) and a full
-    buffer doubles (amortised O(1) per row, only the filled rows copied; `max_cache_len` preallocates
-    exactly, as llama.cpp's n_ctx does). `quantized_keys`/`quantized_values` view the filled rows.
+    per-layer cache (ne = [row bytes, n_ctx]); new rows are written in place (set_rows); the buffer starts
+    at whole 256-row pages and doubles when full (amortised O(1) per row, only the filled rows copied);
+    `max_cache_len` preallocates exactly, as llama.cpp's n_ctx does. `quantized_keys`/`quantized_values` view the filled rows.
     No float copy of the cache is held: `update` returns zero-byte placeholders (tensors on the "meta"
     device with the cache's shape), so an attention that does not read the bytes (anything but
     kvlab.hf.bytes_attention's) fails loudly instead of attending to nothing."""
@@ -239,11 +242,12 @@ class GGMLBytesLayer(GGMLQuantizedLayer):
         return torch.empty(states.shape[:-2] + (capacity, row_bytes), dtype=torch.uint8, device=states.device)
 
     def _reserve(self, n_rows: int) -> None:
-        """Capacity for n_rows rows: double (at least) when full, copying only the filled rows."""
+        """Capacity for n_rows rows: the first allocation rounded up to whole 256-row pages (llama.cpp pads
+        n_kv to 256), then doubling when full, copying only the filled rows."""
         capacity = self._quantized_keys.shape[-2]
         if n_rows <= capacity:
             return
-        grown = max(n_rows, 2 * capacity)
+        grown = max(-(-n_rows // KV_PAGE) * KV_PAGE, 2 * capacity)
         n = self.cumulative_length
         for name in ("_quantized_keys", "_quantized_values"):
             old = getattr(self, name)

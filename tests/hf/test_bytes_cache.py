@@ -42,17 +42,18 @@ def test_holds_only_the_rows_in_a_doubling_buffer(model, ids):
     finally:
         use_bytes_attention(model)
     layer = cache.layers[0]
-    assert layer._quantized_keys.shape[-2] == PROMPT                  # the first allocation fits the prompt
-    forward(model, ids[:, PROMPT:PROMPT + 1], cache)
-    assert layer._quantized_keys.shape[-2] == 2 * PROMPT              # full: doubled
-    forward(model, ids[:, PROMPT + 1:], cache)
-    assert layer._quantized_keys.shape[-2] == 2 * PROMPT and cache.get_seq_length() == PROMPT + 2
+    assert layer._quantized_keys.shape[-2] == 256                     # the first allocation: one 256-row page
+    forward(model, ids[:, PROMPT:], cache)
+    assert layer._quantized_keys.shape[-2] == 256 and cache.get_seq_length() == PROMPT + 2
     for bl, fl in zip(cache.layers, floats.layers):
         assert bl.keys.numel() == 0 and bl.values.numel() == 0       # no float copy of the cache
         assert torch.equal(bl.keys_raw[..., :PROMPT, :], fl.quantized_keys.raw)    # the same ggml bytes
         assert torch.equal(bl.values_raw[..., :PROMPT, :], fl.quantized_values.raw)
         b, h = bl.keys_raw.shape[:2]
-        assert bl.nbytes == b * h * 2 * PROMPT * (36 + 68)              # q4_0 and q8_0 rows of 64 values
+        assert bl.nbytes == b * h * 256 * (36 + 68)                     # q4_0 and q8_0 rows of 64 values
+    rows = layer.keys_raw.clone()
+    layer.update(torch.randn(2, 2, 250, 64), torch.randn(2, 2, 250, 64))   # 264 rows: full, doubled
+    assert layer._quantized_keys.shape[-2] == 512 and torch.equal(layer.keys_raw[..., :PROMPT + 2, :], rows)
 
 
 def test_max_cache_len_preallocates_exactly(model, ids):
