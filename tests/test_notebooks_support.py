@@ -1,4 +1,7 @@
-"""kvlab.viz.blocks_view (a block's bytes as fields) and kvlab.viz.widgets (what the notebooks draw)."""
+"""kvlab.viz.blocks_view (a block's bytes as fields), kvlab.viz.widgets and the tables the notebooks show, and
+the stored notebooks themselves."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -265,3 +268,30 @@ def test_load_measured(tmp_path):
     frame = load_measured(path)
     assert len(frame) == 1
     assert plots.measured_figure(frame).data[0].name == "q8_0/q4_0, 2 GPU"
+
+
+# ---------------------------------------------------------------- the stored notebooks open clean
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_notebook_opens_clean(path):
+    """No widget reprs, errors, progress bars or to_string() tables in what JupyterLab shows on opening
+    (tools/refresh_notebooks.py stores them this way)."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    assert "widgets" not in nb.metadata
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        assert "to_string()" not in cell.source, cell.source
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", out
+            assert not (out.output_type == "stream" and out.name == "stderr"), out.text[:200]
+            data = out.get("data", {})
+            assert "application/vnd.jupyter.widget-view+json" not in data
+            assert not str(data.get("text/plain", "")).startswith("VBox("), data["text/plain"][:80]
+    html_tables = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+                   if "<table" in str(out.get("data", {}).get("text/html", ""))]
+    assert html_tables, "every notebook shows its tables as HTML"

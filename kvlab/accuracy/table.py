@@ -58,8 +58,8 @@ def context_growth(table, type_k: str, type_v: str, metric: str = "kl", rotation
 
 
 def growth_word(ratio: float) -> str:
-    """How a report or notebook names a change by `ratio` (later / earlier): within 25% is "about the same"."""
-    return "grows" if ratio > 1.25 else "falls" if ratio < 0.8 else "stays about the same"
+    """How a report or notebook names a change by `ratio` (later / earlier): within 10% is "about the same"."""
+    return "grows" if ratio > 1.1 else "falls" if ratio < 0.9 else "stays about the same"
 
 
 def save_table(table, path) -> list:

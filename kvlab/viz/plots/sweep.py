@@ -30,8 +30,8 @@ def varies_with_v(values) -> bool:
 
 
 def _float_mask(ks, vs):
-    """True where neither side is quantized; a collapsed V axis counts as quantized (K decides)."""
-    return np.array([[v != ANY_V and not quantized_pair(k, v) for v in vs] for k in ks])
+    """True where neither side is quantized; on a collapsed V axis K alone decides."""
+    return np.array([[not TYPES[k].is_quantized if v == ANY_V else not quantized_pair(k, v) for v in vs] for k in ks])
 
 
 def _heatmap(fig, col, z, text, hover, ks, vs, colorscale, zmin, zmax, colorbar):
@@ -271,9 +271,10 @@ def error_grid_figure(table, metric: str = "kl", flavor: str = "ref", n_ctx=None
              "Viridis" if is_log_metric(metric) else "Viridis_r", float(fitted.min()), float(fitted.max()),
              _colorbar(fig, 1, title))
     _float_cells(fig, 1, ks, vs, mask, text, hover)
-    fig.update_layout(title=f"{label}: {flavor}, context {n_ctx}, rotation {'on' if rotation else 'off'}"
-                            f"{'' if len(vs) > 1 else ' (V does not change it)'}", height=480,
-                      width=None if len(vs) > 1 else 520, margin={"t": 60})
+    if len(vs) == 1:
+        fig.update_xaxes(title_text="V type: any (V does not change it)")
+    fig.update_layout(title=f"{label}: {flavor}, context {n_ctx}, rotation {'on' if rotation else 'off'}", height=480,
+                      width=None if len(vs) > 1 else 640, margin={"t": 60})
     return fig
 
 
@@ -285,11 +286,12 @@ def sources_figure(tables: dict, metric: str = "kl"):
     for i, (name, t) in enumerate(tables.items()):
         n_ctx = int(t.n_ctx.max())
         sel = select(t[t.type_k == t.type_v], flavor="ref", n_ctx=n_ctx, rotation=True)
-        sel = sel.set_index("type_k").loc[[x for x in TYPES if x in set(sel.type_k)]]
-        fig.add_trace(go.Bar(x=sel.index, y=np.maximum(sel[metric], TINY), name=f"{name} (context {n_ctx})",
-                             marker_color=color(i)))
+        sel = sel.set_index("type_k").loc[[x for x in type_order(sel.type_k)]]
+        if is_log_metric(metric):
+            sel = sel[sel[metric] > LOSSLESS]   # f32/f32 is lossless: no place on a log axis
+        fig.add_trace(go.Bar(x=sel.index, y=sel[metric], name=f"{name} (context {n_ctx})", marker_color=color(i)))
     fig.update_layout(barmode="group", yaxis_type="log" if is_log_metric(metric) else "linear",
                       yaxis_title=f"{label}{', log scale' if is_log_metric(metric) else ''}", height=400,
-                      title=f"{label} with K = V type, per data source", margin={"t": 50},
+                      title=f"{label} with K = V type, per data source (f32/f32: lossless, not drawn)", margin={"t": 50},
                       legend={"title": "data source"})
     return fig
