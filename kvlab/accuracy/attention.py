@@ -145,12 +145,8 @@ def _fp16(x):
 
 
 def _bf16(x):
-    """Round float32 to bfloat16 and back, to nearest even (finite values: ggml's fp32_to_bf16)."""
-    if _xp.is_torch(x):
-        return _xp.cast(_xp.cast(x, "bfloat16"), "float32")
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
+    """Round float32 to bfloat16 and back as ggml's fp32_to_bf16 does: the bf16 cache type's own kernels."""
+    return dequantize(quantize(_xp.contiguous(x), "bf16"))
 
 
 def q8_blocks(x, rounding: str):
