@@ -13,24 +13,26 @@ so the float32 result is bit-exact where the inputs are the same bytes:
     f16 keeps 4 x 16 lanes of fma, bf16 2 x 16 lanes of vdpbf16ps, both reduced as GCC's
     _mm512_reduce_add_ps does;
   - the logit is s * scale (float32), the softmax is online with glibc's expf, a new maximum rescales
-    the accumulator; V is accumulated with fma into float32 (v_to_float for quantized V) or, for an f16
+    the accumulator, S = fma(S, ms, vs) (GCC contracts S*ms + vs); V is accumulated with fma into float32 (v_to_float for quantized V) or, for an f16
     V, into an fp16 vector that every update rounds (ggml_vec_mad_f16 / ggml_vec_scale_f16);
   - the result is acc * (1/S).
 Prompt batches of >= 64 tokens over an f16 K and V (after the cast) take ggml's tiled path instead
-(ggml_compute_forward_flash_attn_ext_tiled, `tiled_attention`): Q stays float32, K.Q is a chain of
+(ggml_compute_forward_flash_attn_ext_tiled, `kq_chain`, `tiled_softmax`): Q stays float32, K.Q is a chain of
 fma over the head dimension (simd_gemm vectorizes over cells, so each sum is sequential), scaled;
 the softmax runs per tile of 64 cells: the tile's maximum rescales the float32 accumulator and S with
 expf, the weights come from ggml_v_expf (AVX512 polynomial) and their sum, per 16 lanes, is added
 in double; P.V is again a sequential fma chain over the cells. Also bit-exact.
 A decode over f16 K and V (after the cast) with >= 512 cells in ggml's view takes the split-KV path
 when ggml runs more than one thread (`kv_chunk`): one chunk of cells per thread, merged in order.
+Where this was checked: kvlab.ggml.fa runs the real op (ggml-python 0.0.45's ggml 0.15.3 and
+llama-cpp-python 0.3.36's ggml 0.25.3, both built -march=native on an AVX512 Zen 4).
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
-from kvlab.kernels.fp import bf16_to_fp32, fma32, fp16_to_fp32, fp32_to_fp16
+from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from kvlab.kernels.iq4_nl import KVALUES
 
 TILE_Q = 64   # GGML_FA_TILE_Q (ggml-cpu/common.h): prompt batches of this many tokens take the tiled path
@@ -38,8 +40,6 @@ VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_
                 "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}   # f32 K is read as f16 (the cast)
 # dot kinds of kq_dot: 0 = one accumulator, 1 = iq4_nl's two, 2 = with q4_1/q5_1's sum(m * s)
 _DOT_KIND = {"q8_0": 0, "q4_0": 0, "q5_0": 0, "iq4_nl": 1, "q4_1": 2, "q5_1": 2}
-
-
 KV_PAD = 256  # llama_kv_cache::get_n_kv: n_pad_cur = max(n_pad, 256)
 
 
