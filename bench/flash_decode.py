@@ -1,0 +1,262 @@
+"""Flash decoding over ggml bytes (kvlab.flash): GPU kernel bandwidth, HF decode speed, CPU decode speed.
+One JSON line per figure; a figure that fails prints a line with "error" and the others still run.
+
+    python bench/flash_decode.py                 # everything the machine can run (GPU parts need CUDA)
+    python bench/flash_decode.py --parts cpu     # kernel, hf, cpu: any subset, comma separated
+
+kernel (GPU): one layer of a Llama-3-8B-like attention (32 query heads, 8 KV heads, head_dim 128, batch 1)
+    at contexts 4k..32k for the default GGML_CUDA_FA_QUANTS pairs (+ every type at 32k): median time of
+    kvlab.kernels.cuda.flash_decode (partials + combine; L2 flushed before each call, CUDA events),
+    K+V bytes read / time against the same run's torch copy_ bandwidth ((read + written) / time of a
+    1 GiB copy). Goal (issue 18): >= 0.80 at 32k. First-call compile time reported on its own.
+hf (GPU): a 1B-class random Llama (Llama-3.2-1B's shape) in bf16, a 32k-token context prefilled in 4k
+    chunks, then greedy decode steps timed: tokens/s with GGMLQuantizedCache(storage="bytes") q4_0/q4_0
+    and the kvlab_ggml_bytes attention vs DynamicCache with sdpa. Goal: bytes >= DynamicCache.
+cpu: a small random Llama (4 layers, 8 heads, 2 KV heads, head_dim 64) in float32 on the CPU, 2k context,
+    decode tokens/s with the bytes storage vs today's floats storage (sdpa on the dequantized copy), same
+    pair. Goal: bytes within 1.5x of floats (ratio floats_tps / bytes_tps <= 1.5).
+"""
+import argparse
+import json
+import statistics
+import time
+import traceback
+
+PAIRS_GPU = ("q4_0/q4_0", "q8_0/q8_0", "f16/f16", "bf16/bf16")
+ALL_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def guarded(base: dict, fn) -> None:
+    """Run one figure; print its row, or the row with the error."""
+    try:
+        row = fn()
+        emit({**base, **row})
+    except Exception as e:  # noqa: BLE001 - one failing figure must not stop the others
+        emit({**base, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)[-800:]})
+
+
+# ---- kernel --------------------------------------------------------------------------------------
+def copy_bandwidth(torch, dev) -> float:
+    """(bytes read + written) / s of a 1 GiB torch copy_, median of 10."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=dev).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(11):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[1:])
+
+
+def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, repeat: int = 20) -> dict:
+    import kvlab
+    from kvlab.kernels.cuda import flash_decode as fd
+    type_k, type_v = pair.split("/")
+    ik, iv = kvlab.types.type_info(type_k), kvlab.types.type_info(type_v)
+    b, h, hkv, d = 1, 32, 8, 128
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, h, d, device=dev, generator=gen)
+    k = torch.randn(b, hkv, n_kv, d, device=dev, generator=gen)
+    v = torch.randn(b, hkv, n_kv, d, device=dev, generator=gen)
+    k_raw, v_raw = kvlab.quantize(k, type_k).raw, kvlab.quantize(v, type_v).raw
+    del k, v
+    scale = 1.0 / d ** 0.5
+
+    def call():
+        return fd.flash_decode(q, k_raw, v_raw, ik.ggml_type, iv.ggml_type, None, scale)
+
+    t0 = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        flush()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        call()
+        e.record()
+        e.synchronize()
+        times.append(a.elapsed_time(e) / 1e3)
+    t = statistics.median(times)
+    read = k_raw.numel() + v_raw.numel()
+    # correctness on the device: against exact attention on the dequantized cache
+    out = call()
+    kd = kvlab.dequantize(kvlab.QTensor.from_raw(k_raw, type_k, (b, hkv, n_kv, d))).double()
+    vd = kvlab.dequantize(kvlab.QTensor.from_raw(v_raw, type_v, (b, hkv, n_kv, d))).double()
+    qg = q.double().reshape(b, hkv, h // hkv, d)
+    p = torch.softmax(qg @ kd.transpose(-1, -2) * scale, dim=-1)
+    exact = (p @ vd).reshape(b, h, d)
+    err = float((out.double() - exact).norm() / exact.norm())
+    return {"seconds": t, "first_call_seconds": first, "kv_bytes": read, "read_GBps": read / t / 1e9,
+            "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
+            "splits": fd.n_splits(b * h, n_kv, torch.cuda.get_device_properties(dev).multi_processor_count),
+            "rel_l2_vs_exact_on_cache": err}
+
+
+def run_kernel(args) -> None:
+    import torch
+    dev = torch.device("cuda")
+    flush_buf = torch.empty(1 << 26, dtype=torch.float32, device=dev)   # 256 MiB > the H200's 60 MB L2
+
+    def flush():
+        flush_buf.zero_()
+
+    base = {"figure": "flash_decode_kernel", "device": torch.cuda.get_device_name(dev), "n_head": 32,
+            "n_head_kv": 8, "head_dim": 128, "batch": 1}
+    copy_bw = None
+    try:
+        copy_bw = copy_bandwidth(torch, dev)
+        emit({**base, "figure": "copy_bandwidth", "copy_GBps": copy_bw / 1e9})
+    except Exception as e:  # noqa: BLE001
+        emit({**base, "figure": "copy_bandwidth", "error": f"{type(e).__name__}: {e}"})
+        return
+    cases = [(p, n) for p in PAIRS_GPU for n in (4096, 8192, 16384, 32768)]
+    cases += [(f"{t}/{t}", 32768) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
+    for pair, n_kv in cases:
+        guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
+                lambda: kernel_figure(torch, dev, pair, n_kv, copy_bw, flush))
+
+
+# ---- HF decode -----------------------------------------------------------------------------------
+def decode_tps(model, cache, torch, dev, context: int, steps: int, chunk: int) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=gen).to(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, context, chunk):
+            out = model(ids[:, s:s + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize() if dev.type == "cuda" else None
+        prefill = time.perf_counter() - t0
+        token = out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            times.append(time.perf_counter() - t)
+    warm = times[2:] if len(times) > 4 else times
+    return {"prefill_seconds": prefill, "decode_step_seconds": statistics.median(warm),
+            "tokens_per_s": 1.0 / statistics.median(warm), "first_step_seconds": times[0]}
+
+
+def llama(torch, dev, dtype, **shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=65536, **shape)
+    return LlamaForCausalLM(config).to(device=dev, dtype=dtype).eval()
+
+
+def run_hf(args) -> None:
+    import torch
+    from transformers import DynamicCache
+    from kvlab.hf.bytes_attention import use_bytes_attention
+    from kvlab.hf.cache import GGMLQuantizedCache
+    dev = torch.device("cuda")
+    base = {"figure": "hf_decode", "device": torch.cuda.get_device_name(dev), "model": "random Llama-3.2-1B shape",
+            "dtype": "bfloat16", "context": args.context}
+    try:
+        model = llama(torch, dev, torch.bfloat16, vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+    except Exception as e:  # noqa: BLE001
+        emit({**base, "error": f"{type(e).__name__}: {e}"})
+        return
+    results = {}
+
+    def dynamic():
+        model.set_attn_implementation("sdpa")
+        r = decode_tps(model, DynamicCache(config=model.config), torch, dev, args.context, args.steps, 4096)
+        results["dynamic"] = r["tokens_per_s"]
+        return {"cache": "DynamicCache", "attention": "sdpa", **r}
+
+    def bytes_only():
+        use_bytes_attention(model)
+        cache = GGMLQuantizedCache(model.config, "q4_0", "q4_0", storage="bytes", max_cache_len=args.context + 64)
+        r = decode_tps(model, cache, torch, dev, args.context, args.steps, 4096)
+        results["bytes"] = r["tokens_per_s"]
+        return {"cache": "GGMLQuantizedCache(storage='bytes')", "pair": "q4_0/q4_0",
+                "attention": "kvlab_ggml_bytes", **r}
+
+    guarded(base, dynamic)
+    torch.cuda.empty_cache()
+    guarded(base, bytes_only)
+    if len(results) == 2:
+        emit({**base, "figure": "hf_decode_ratio", "bytes_over_dynamic_tps": results["bytes"] / results["dynamic"],
+              "goal": ">= 1.0", "met": results["bytes"] >= results["dynamic"]})
+
+
+# ---- CPU decode ----------------------------------------------------------------------------------
+def run_cpu(args) -> None:
+    import torch
+    from kvlab.hf.bytes_attention import use_bytes_attention
+    from kvlab.hf.cache import GGMLQuantizedCache
+    dev = torch.device("cpu")
+    base = {"figure": "cpu_decode", "model": "random Llama, 4 layers, 8 heads, 2 KV heads, head_dim 64",
+            "dtype": "float32", "context": args.cpu_context, "pair": args.cpu_pair,
+            "threads": torch.get_num_threads()}
+    model = llama(torch, dev, torch.float32, vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    type_k, type_v = args.cpu_pair.split("/")
+    results = {}
+
+    def floats():
+        model.set_attn_implementation("sdpa")
+        r = decode_tps(model, GGMLQuantizedCache(model.config, type_k, type_v), torch, dev, args.cpu_context,
+                       args.steps, 512)
+        results["floats"] = r["tokens_per_s"]
+        return {"storage": "floats", "attention": "sdpa", **r}
+
+    def bytes_only():
+        use_bytes_attention(model)
+        r = decode_tps(model, GGMLQuantizedCache(model.config, type_k, type_v, storage="bytes"), torch, dev,
+                       args.cpu_context, args.steps, 512)
+        results["bytes"] = r["tokens_per_s"]
+        return {"storage": "bytes", "attention": "kvlab_ggml_bytes", **r}
+
+    guarded(base, floats)
+    guarded(base, bytes_only)
+    if len(results) == 2:
+        ratio = results["floats"] / results["bytes"]
+        emit({**base, "figure": "cpu_decode_ratio", "floats_over_bytes_time": ratio, "goal": "<= 1.5",
+              "met": ratio <= 1.5})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="kernel,hf,cpu")
+    parser.add_argument("--context", type=int, default=32768, help="HF decode context (GPU)")
+    parser.add_argument("--steps", type=int, default=24, help="decode steps timed")
+    parser.add_argument("--cpu-context", type=int, default=2048)
+    parser.add_argument("--cpu-pair", default="q4_0/q4_0")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    gpu = False
+    try:
+        import torch
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    for part, fn, needs_gpu in (("kernel", run_kernel, True), ("hf", run_hf, True), ("cpu", run_cpu, False)):
+        if part not in parts:
+            continue
+        if needs_gpu and not gpu:
+            emit({"figure": part, "skipped": "no CUDA device"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn(args)
+        except Exception as e:  # noqa: BLE001
+            emit({"figure": part, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)[-800:]})
+        emit({"figure": "part_seconds", "part": part, "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    main()
