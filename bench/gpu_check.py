@@ -31,9 +31,8 @@ import kvlab  # noqa: E402
 import kvlab.kernels.cuda as kc  # noqa: E402
 from kvlab.kernels import hadamard  # noqa: E402
 from kvlab.rotation import hadamard_scale  # noqa: E402
-from kvlab.types import TYPES  # noqa: E402
+from kvlab.types import FLAVORS, TYPES  # noqa: E402
 
-FLAVORS = ("ref", "cpu", "cuda")
 COLS = 4096
 POISON = 0xAB
 

@@ -22,7 +22,7 @@ import torch_quant  # noqa: E402
 
 import kvlab.kernels.cuda as kc  # noqa: E402
 from kvlab.rotation import hadamard, hadamard_scale  # noqa: E402
-from kvlab.types import TYPES  # noqa: E402
+from kvlab.types import FLAVORS, TYPES  # noqa: E402
 
 ROT_N = 128          # llama.cpp's K rotation for a head of 128
 
@@ -116,7 +116,7 @@ def main(log2_elems, types, compile_torch, once):
         back = torch.empty_like(x)
         nbytes = 4 * n + out.numel()
         bufs[name] = out, nbytes
-        for fl, fname in enumerate(("ref", "cpu", "cuda")):
+        for fl, fname in enumerate(FLAVORS):
             report("quantize", name, f"kvlab_{fname}", lambda: kc.quantize(x, out, info, fl), nbytes)
         report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, info), nbytes)
         if not info.is_quantized:
