@@ -5,6 +5,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import kvlab
 from kvlab import _io
@@ -62,7 +63,8 @@ def _fail_text_midway(monkeypatch):
 
 
 def test_a_failed_report_write_leaves_the_previous_report(tmp_path, monkeypatch, sample):
-    from kvlab.viz.report import build_report
+    from kvlab.viz import report, report_tp
+    monkeypatch.setattr(report_tp, "tp_section", lambda plots: [])   # its figures cost seconds, written the same way
     cfg = kvlab.SweepConfig(lengths=(64,), n_q=2, types_k=("q8_0", "f16"), types_v=("q8_0", "f16"),
                             rotations=(False,), flavors=("ref",))
     table = kvlab.run_sweep(sample, cfg, cache_dir=tmp_path / "cache", progress=False)
@@ -70,18 +72,31 @@ def test_a_failed_report_write_leaves_the_previous_report(tmp_path, monkeypatch,
     out.write_text("<html>previous</html>")
     _fail_text_midway(monkeypatch)
     with pytest.raises(OSError, match="No space"):
-        build_report(table, out)
+        report.build_report(table, out)
     assert out.read_text() == "<html>previous</html>" and _no_temporaries(tmp_path)
 
 
 def test_a_failed_eval_json_write_leaves_the_previous_file(tmp_path, monkeypatch):
     from kvlab.cli import build_parser
+    from kvlab.hf import evaluate
+
+    class Result:   # what evaluate returns, as far as the JSON goes: the model run is tests/hf's business
+        n_chunks = 1
+
+        def summaries(self):
+            return [{"type_k": "q8_0", "type_v": "q8_0", "mean_kld": 0.0}]
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: Result())
+    monkeypatch.setattr(evaluate, "format_table", lambda result: "")
+    monkeypatch.setattr(evaluate, "tiny_llama", torch.nn.Identity)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     out = tmp_path / "kld.json"
     out.write_text('{"previous": true}')
     args = build_parser().parse_args(["eval", "--tiny", "--text", str(text), "--ctx", "32", "--chunks", "1",
                                       "--quiet", "--pairs", "q8_0/q8_0", "--json", str(out), "--device", "cpu"])
+    assert args.run(args) == 0
+    assert json.loads(out.read_text())["pairs"] == Result().summaries()
+    out.write_text('{"previous": true}')
     _fail_text_midway(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         args.run(args)
