@@ -117,11 +117,3 @@ def test_public_rotate_and_set_rows_on_device_arrays_equal_host_calls(sim, golde
     cache = kvlab.empty_cache(4, 64, "q4_1", "cuda")
     kvlab.set_rows(cache, np.array([3, 1]), h)
     assert_same_bits(sim["api/set_rows"], cache.raw, 20, "kvlab.set_rows")
-
-
-def test_entry_points_take_a_type_info_not_a_name():
-    """The kernels sit below the type table: a caller passes kvlab.TYPES[name], and a name is refused
-    before anything loads numba.cuda."""
-    import kvlab.kernels.cuda as kc
-    with pytest.raises(TypeError, match=r"expected a kvlab.types.TypeInfo \(kvlab.TYPES\[name\]\), got str"):
-        kc.quantize(np.zeros((1, 32), np.float32), np.zeros((1, 18), np.uint8), "q4_0", 0)
