@@ -80,7 +80,8 @@ def test_license_typing_and_no_paths_outside_the_repository():
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["license"] == {"text": "MIT"}
-    assert (ROOT / "kvlab" / "py.typed").exists() and "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["kvlab"]
+    assert (ROOT / "kvlab" / "py.typed").exists()
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["kvlab"]
     for doc in (ROOT / "README.md", ROOT / "docs" / "DESIGN.md"):
         text = doc.read_text()
         assert "../" not in text and "/work/" not in text, doc

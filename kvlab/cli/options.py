@@ -188,7 +188,8 @@ def add_sweep_options(parser, default_lengths) -> None:
     add_cache_types(parser, type_list, None, "types, overriding --types for that side (default: --types)", "TYPES")
     parser.add_argument("--flavors", type=flavor_list, default=FLAVORS, metavar="FLAVORS",
                         help="which ggml code paths write and read the cache (ref, cpu, cuda)")
-    parser.add_argument("--n-q", type=positive_int, default=4, metavar="N", help="query tokens at the end of each context")
+    parser.add_argument("--n-q", type=positive_int, default=4, metavar="N",
+                        help="query tokens at the end of each context")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic K/V and of the layer stack")
     parser.add_argument("--data", metavar="NPZ",
                         help="K/V to sweep instead of the synthetic ones: an .npz with q, k, v (kvlab.save_sample), "
