@@ -5,13 +5,11 @@ import torch
 
 import kvlab
 
-GOLDEN = np.load(pytest.importorskip("pathlib").Path(__file__).parent / "golden" / "hadamard.npz")
-
 
 @pytest.mark.parametrize("n", [64, 128, 256, 512])
-def test_hadamard_bytes_equal_ggml_gen_hadamard(n):
+def test_hadamard_bytes_equal_ggml_gen_hadamard(n, golden):
     # golden made by compiling llama.cpp's own ggml_gen_hadamard (tools/make_hadamard_golden.sh)
-    assert kvlab.hadamard(n).tobytes() == GOLDEN[str(n)].tobytes()
+    assert kvlab.hadamard(n).tobytes() == golden("hadamard.npz")[str(n)].tobytes()
 
 
 @pytest.mark.parametrize("n", [64, 128, 256])
