@@ -255,6 +255,7 @@ class GGMLBytesLayer(GGMLQuantizedLayer):
             new[..., :n, :] = old[..., :n, :]
             setattr(self, name, new)
 
+    @torch.compiler.disable   # as GGMLQuantizedLayer.update: the Numba kernels are a graph break
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """set_rows of the new K/V rows into the buffers; returns (meta) placeholders of the cache's shape."""
         if not self.is_initialized:
@@ -287,11 +288,13 @@ class GGMLBytesLayer(GGMLQuantizedLayer):
 
     @property
     def quantized_keys(self) -> QTensor:
+        self._check_written("quantized_keys")
         raw = self.keys_raw
         return QTensor.from_raw(raw, self.types.type_k, raw.shape[:-1] + (self.head_dims[0],), self.types.flavor)
 
     @property
     def quantized_values(self) -> QTensor:
+        self._check_written("quantized_values")
         raw = self.values_raw
         return QTensor.from_raw(raw, self.types.type_v, raw.shape[:-1] + (self.head_dims[1],), self.types.flavor)
 

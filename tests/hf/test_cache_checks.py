@@ -11,11 +11,12 @@ def test_hf_cache_refuses_the_head_dim_at_construction():
                          intermediate_size=64, vocab_size=32)          # head_dim 48
     with pytest.raises(ValueError, match="GGMLQuantizedCache: head_dim 48 is not a multiple of q4_0's block size"):
         GGMLQuantizedCache(config, "q4_0", "f16")
-    cache = GGMLQuantizedCache(config, "f16", "bf16")
-    with pytest.raises(ValueError, match="holds no rows yet"):
-        cache.layers[0].quantized_keys
-    with pytest.raises(ValueError, match="holds no rows yet"):
-        cache.layers[0].quantized_values
+    for storage in ("floats", "bytes"):
+        cache = GGMLQuantizedCache(config, "f16", "bf16", storage=storage)
+        with pytest.raises(ValueError, match="holds no rows yet"):
+            cache.layers[0].quantized_keys
+        with pytest.raises(ValueError, match="holds no rows yet"):
+            cache.layers[0].quantized_values
 
 
 def test_a_compiled_forward_runs_through_the_cache():
@@ -38,3 +39,7 @@ def test_a_compiled_forward_runs_through_the_cache():
     got = torch.compile(attend, backend="eager")(compiled_cache)
     assert torch.equal(got, eager)
     assert compiled_cache.layers[0].quantized_keys.raw.shape == (1, config.num_key_value_heads, 8, d // 32 * 18)
+    bytes_cache = GGMLQuantizedCache(config, "q4_0", "q8_0", storage="bytes")   # its own update: also a graph break
+    torch.compile(lambda c: c.layers[0].update(k, v)[0].shape, backend="eager")(bytes_cache)
+    assert bytes_cache.layers[0].quantized_keys.raw.numpy().tobytes() == \
+        compiled_cache.layers[0].quantized_keys.raw.numpy().tobytes()
