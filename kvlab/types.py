@@ -44,6 +44,10 @@ class TypeInfo:
         """ggml_row_size: bytes of a row of n values (n a multiple of block_size)."""
         return n // self.block_size * self.type_size
 
+    def __reduce__(self):
+        # pickled by name (to another process, say): the table's entry comes back, its kernels with it
+        return type_info, (self.name,)
+
 
 TYPES = {t.name: t for t in (
     TypeInfo("f32", 0, 1, 4, False, "float32",
