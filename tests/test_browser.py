@@ -61,12 +61,20 @@ COUNTS = """(() => ({
   errors: Array.from(document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
           .map(e => e.textContent).filter(t => /Error|Traceback/.test(t)),
 }))()"""
-PICK = """(() => {
-  const select = Array.from(document.querySelectorAll('.jupyter-widgets .widget-dropdown'))
-      .find(d => d.textContent.trim().startsWith('%s')).querySelector('select');
+PICK = """(() => {   // label, which of the dropdowns with that label (0 = first, -1 = last), option
+  const all = Array.from(document.querySelectorAll('.jupyter-widgets .widget-dropdown'))
+      .filter(d => d.textContent.trim().startsWith('%s'));
+  const select = all.at(%d).querySelector('select');
   select.value = Array.from(select.options).find(o => o.textContent === '%s').value;
   select.dispatchEvent(new Event('change', {bubbles: true}));
   select.closest('.jupyter-widgets').scrollIntoView();
+  return true;
+})()"""
+FLOW_TITLES = """Array.from(document.querySelectorAll('.js-plotly-plot .gtitle'))
+  .map(t => t.textContent).filter(t => t.startsWith('Split of each tensor'))"""
+SCROLL_TO_LAST_FLOW = """(() => {
+  const plots = Array.from(document.querySelectorAll('.jupyter-widgets .widget-output .js-plotly-plot'));
+  plots[plots.length - 1].scrollIntoView();
   return true;
 })()"""
 EXPLORER_COLORBAR = """(() => {   // the colourbar title of the figure drawn right below the last widget row
@@ -126,7 +134,7 @@ def notebook_in_lab(tmp_path: Path, notebook: str, deadline: Deadline):
 
 def run_all(tools, deadline: Deadline, plots: int, dropdowns: int) -> tuple:
     """Run every cell; (number of code cells, the page's counts) once the figures and widgets are drawn."""
-    tools.js("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    tools.js("window.jupyterapp.commands.execute('notebook:run-all-cells'), true")   # not awaited: nb04 runs minutes
     n_cells = deadline.wait_for("every cell to run", lambda: tools.js(ALL_RUN), every=0.5)
     counts = deadline.wait_for("the figures and widgets to render", lambda: (
         lambda c: c if c["plots"] >= plots and c["dropdowns"] >= dropdowns else None)(tools.js(COUNTS)))
@@ -153,10 +161,16 @@ def test_notebook_03_renders_in_jupyterlab(tmp_path):
         assert counts["sliders"] >= 1   # the signature figure's node slider
 
         # a widget change goes through the live kernel and comes back redrawn
-        tools.js(PICK % ("era", "pr23792"))
+        tools.js(PICK % ("era", 0, "pr23792"))
         deadline.wait_for("the explorer to redraw for pr23792", lambda: any(
             "every node has a split state" in t for t in tools.js(COUNTS)["explain"]))
         screenshot(tools, "browser_03_split_axis_flow.png")
+        # the signature figure redrawn for 3 devices (the second "devices" dropdown: the boxes explorer)
+        tools.js(PICK % ("devices", -1, "3"))
+        deadline.wait_for("the split-flow figure to redraw for 3 devices", lambda: any(
+            "3 devices" in t for t in tools.js(FLOW_TITLES)))
+        tools.js(SCROLL_TO_LAST_FLOW)
+        screenshot(tools, "browser_03_split_flow_3_devices.png")
         assert tools.console_errors() == []
         assert n_cells >= 8
 
@@ -164,8 +178,8 @@ def test_notebook_03_renders_in_jupyterlab(tmp_path):
 def test_notebook_04_metric_dropdown_redraws_on_its_scale(tmp_path):
     deadline = Deadline(DEADLINE_04_S)
     with notebook_in_lab(tmp_path, "04_error_growth.ipynb", deadline) as tools:
-        run_all(tools, deadline, plots=5, dropdowns=4)
-        tools.js(PICK % ("metric", "out_cos"))
+        run_all(tools, deadline, plots=6, dropdowns=3)   # the explorer: metric, context, flavor
+        tools.js(PICK % ("metric", 0, "out_cos"))
         title = deadline.wait_for("the heatmap to redraw for out_cos", lambda: (
             lambda t: t if t and "cosine" in t else None)(tools.js(EXPLORER_COLORBAR)))
         assert "log10" not in title   # a similarity is drawn on a linear scale

@@ -12,7 +12,7 @@ from kvlab.split.eras import ERAS
 from kvlab.split.tables import trace_block
 from kvlab.viz.plots.style import DEVICE_COLORS
 
-ROW_H, BOX_H, BOX_W, GAP, X0 = 10.0, 3.2, 17.0, 2.5, 18.0
+ROW_H, BOX_H, BOX_W, GAP, X0 = 10.0, 3.2, 16.5, 2.5, 20.0
 MAX_PIECES = 64           # more pieces than this are drawn as a band with the pattern written out
 DIVERGED = "#e6550d"      # frame of an era whose state differs from the others at this node
 ABORT, UNREACHED, WHOLE = "#d62728", "#f2f2f2", "#d9d9d9"
@@ -149,11 +149,12 @@ def split_flow_figure(eras=tuple(ERAS), start=None, **config):
     fig.update_layout(
         shapes=frames[active][0], annotations=frames[active][1], height=170 + 110 * len(eras),
         title=f"Split of each tensor, {n_devices} devices, K {cfg.type_k} / V {cfg.type_v}, head_dim {cfg.head_dim}, "
-              f"{cfg.n_head} q / {cfg.n_head_kv} kv heads, batch {cfg.n_tokens}; orange frame: the era that differs",
+              f"{cfg.n_head} q / {cfg.n_head_kv} kv heads, batch {cfg.n_tokens}<br><sup>orange frame: the era that "
+              f"differs; drag the slider to walk the graph node by node</sup>",
         xaxis={"visible": False, "range": [0, X0 + 4 * BOX_W + 3 * GAP + 2], "fixedrange": True},
         yaxis={"visible": False, "range": [-1, height_units + 3], "fixedrange": True},
-        plot_bgcolor="white", margin={"t": 60, "b": 10, "l": 10, "r": 10},
-        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
+        plot_bgcolor="white", margin={"t": 80, "b": 10, "l": 10, "r": 10},
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 0.99, "yanchor": "top"},
         sliders=[{"active": active, "currentvalue": {"visible": False}, "pad": {"t": 5},
                   "font": {"size": 9}, "len": 1.0,
                   "steps": [{"label": f"{i + 1}{'*' if i == first else ''}", "method": "relayout",
