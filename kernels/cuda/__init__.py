@@ -15,9 +15,9 @@ device arrays, torch CUDA tensors, CuPy), C-contiguous, and are used in place (z
     dequantize_unrotate(raw, out, info, n, scale) out = dequantize(raw) @ H_n per n-chunk
     rotate(x, out, n, scale)                      out = x @ H_n per n-chunk, x and out (rows, cols) float32
 info is the type's kvlab.types.TypeInfo (kvlab.TYPES[name]: the kernels sit below the type table, as
-ggml-cuda below ggml's type_traits), row_bytes = info.row_bytes(cols) (ggml_row_size); n is a power of two dividing cols, at most
-4096 (32 .. 4096 for the fused kernels). 16-byte aligned arrays take the fast paths (torch's and
-numba's allocations are); others are handled, slower.
+ggml-cuda below ggml's type_traits), row_bytes = info.row_bytes(cols) (ggml_row_size); n is a power of
+two dividing cols, at most 4096 (32 .. 4096 for the fused kernels). 16-byte aligned arrays take the fast
+paths (torch's and numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
 (kvlab.rotation.hadamard_scale(n)).
 """

@@ -7,9 +7,9 @@ touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type
 lut, kv)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
 buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared tables
 lut and kv (BEST_INDEX_LUT and the iq4_nl levels; only iq4_nl reads them) so that one kernel template
-calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every block struct starts on
-an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and bytes (qs, qh) are
-gathered in 32-bit words in registers first (``words``, a local array too).
+calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every
+block struct starts on an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and
+bytes (qs, qh) are gathered in 32-bit words in registers first (``words``, a local array too).
 The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
 does: ``ref``/``cpu`` as ggml-quants.c (and x86's q8_0), ``cuda`` as ggml-cuda's cpy-utils.cuh
 under -use_fast_math (tools/cuda_golden/PTX_NOTES.md). The CPU kernels
