@@ -127,6 +127,8 @@ def run_kernel(args) -> None:
         return
     cases = [(p, n) for p in PAIRS_GPU for n in (4096, 8192, 16384, 32768)]
     cases += [(f"{t}/{t}", 32768) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
+    if args.kernel_pairs:
+        cases = [(p, n) for p, n in cases if p in args.kernel_pairs.split(",")]
     for pair, n_kv in cases:
         batch = max(1, (1 << 29) // (8 * n_kv * 128 * 2))     # >= 512 MiB of K+V at f16: well past the L2
         guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
@@ -244,6 +246,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed")
     parser.add_argument("--cpu-context", type=int, default=2048)
     parser.add_argument("--cpu-pair", default="q4_0/q4_0")
+    parser.add_argument("--kernel-pairs", default="", help="only these K/V pairs in the kernel part")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     gpu = False

@@ -105,13 +105,38 @@ def ubyte(w, b):
     return int32((w >> np.uint32(8 * b)) & np.uint32(0xFF))
 
 
-@device
-def dp4a(v, u, signed_v):
-    """__dp4a(v, u, 0): the sum of 4 byte products (u signed; v signed or not)."""
-    s = int32(0)
-    for b in range(4):
-        s += (sbyte(v, b) if signed_v else ubyte(v, b)) * sbyte(u, b)
-    return s
+if SIM:
+    @device
+    def dp4a(v, u, signed_v):
+        """__dp4a(v, u, 0): the sum of the 4 byte products of two words (u signed; v signed or not)."""
+        s = int32(0)
+        for b in range(4):
+            s += (sbyte(v, b) if signed_v else ubyte(v, b)) * sbyte(u, b)
+        return s
+else:
+    from llvmlite import ir
+    from numba.cuda import types as nb_types
+    from numba.cuda.extending import intrinsic
+
+    def _dp4a_asm(text):
+        @intrinsic
+        def dp4a_op(typingctx, v, u):
+            def codegen(context, builder, signature, args):
+                i32 = ir.IntType(32)
+                fty = ir.FunctionType(i32, [i32, i32])
+                return builder.call(ir.InlineAsm(fty, text, "=r,r,r"), args)
+            return nb_types.int32(nb_types.uint32, nb_types.int32), codegen
+        return dp4a_op
+
+    _dp4a_us = _dp4a_asm("dp4a.u32.s32 $0, $1, $2, 0;")
+    _dp4a_ss = _dp4a_asm("dp4a.s32.s32 $0, $1, $2, 0;")
+
+    @device
+    def dp4a(v, u, signed_v):
+        """__dp4a(v, u, 0): one dp4a instruction (v's bytes signed or not, u's signed)."""
+        if signed_v:
+            return _dp4a_ss(np.uint32(v), int32(u))
+        return _dp4a_us(np.uint32(v), int32(u))
 
 
 @device
