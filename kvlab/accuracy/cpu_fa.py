@@ -34,6 +34,7 @@ from numba import njit, prange
 
 from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from kvlab.kernels.iq4_nl import KVALUES
+from kvlab.quant import dequantize, quantize
 
 TILE_Q = 64   # GGML_FA_TILE_Q (ggml-cpu/common.h): prompt batches of this many tokens take the tiled path
 VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0", "q5_0": "q8_0",
@@ -66,10 +67,8 @@ def _fp16(x):
 
 
 def _bf16(x):
-    """Round float32 to bfloat16 (nearest even) and back: ggml_cpu_fp32_to_bf16 on finite values."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
+    """Round float32 to bfloat16 and back as ggml-cpu's from_float does: the bf16 cache type's own kernel."""
+    return dequantize(quantize(np.ascontiguousarray(x, dtype=np.float32), "bf16", "cpu"))
 
 
 def quantize_q8(x, with_sum: bool):

@@ -306,6 +306,7 @@ def _ordered(x):
 def check_fa(lib, cases, pairs=None, seed: int = 0) -> list:
     """ggml's flash_attn_ext on kvlab's cache bytes (cpu flavor) against the cpu backend, per pair and case."""
     from kvlab.accuracy.attention import exact_attention, store_bytes, stored_attention, unrotate
+    from kvlab.accuracy.metrics import norm
     from kvlab.accuracy.synthetic import SyntheticConfig, synthetic_kv
     from kvlab.ggml.fa import flash_attn_ext
     from kvlab.rotation import rotation_plan
@@ -317,7 +318,7 @@ def check_fa(lib, cases, pairs=None, seed: int = 0) -> list:
                               seed=seed)
         q, k, v = synthetic_kv(case.n_kv, cfg)
         exact = exact_attention(q, k, v)
-        norm = _norm(exact.out)
+        out_norm = norm(exact.out)
         stored = {}                                   # (side, type, rotation) -> store_bytes: 9 types, not 81 pairs
 
         def store(side, x, type_name, rot):
@@ -337,14 +338,9 @@ def check_fa(lib, cases, pairs=None, seed: int = 0) -> list:
                 type_k, type_v, case.id, att.path.kernel, values=ours.size,
                 differ=int((ours.view(np.uint32) != theirs.view(np.uint32)).sum()),
                 max_abs=float(np.abs(diff).max()), max_ulp=int(np.abs(_ordered(ours) - _ordered(theirs)).max()),
-                diff_rel_l2=_norm(diff) / norm, unrotated_max_abs=float(np.abs(unrot).max()),
-                quant_rel_l2=_norm(unrotate(att.out_rot.astype(np.float64), plan.v) - exact.out) / norm))
+                diff_rel_l2=norm(diff) / out_norm, unrotated_max_abs=float(np.abs(unrot).max()),
+                quant_rel_l2=norm(unrotate(att.out_rot.astype(np.float64), plan.v) - exact.out) / out_norm))
     return rows
-
-
-def _norm(x) -> float:
-    x = np.asarray(x, np.float64)
-    return float(np.sqrt(np.sum(x * x)))
 
 
 def _finite(x: float):
