@@ -6,12 +6,13 @@ An explorer's output only exists in a live kernel, and a stored widget view open
 (`VBox(children=(HTML(...`) in JupyterLab: widget outputs, the widget state, and stderr (progress
 bars) are dropped; everything else is kept. tests/test_notebooks_support.py checks the stored files.
 """
-import os
 import sys
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from kvlab._io import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -27,10 +28,11 @@ class WidgetlessClient(NotebookClient):
 
 
 def clean(nb) -> None:
-    """Keep what opens cleanly: no cell that shows a widget keeps outputs, no stderr, no widget state."""
+    """Keep what opens cleanly: no cell that shows a widget keeps outputs, no stderr, no widget state, no timings."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        cell.metadata.pop("execution", None)   # timestamps: a diff on every run
         if any(WIDGET_VIEW in o.get("data", {}) for o in cell.outputs):
             cell.outputs = []
         cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
@@ -45,9 +47,8 @@ def refresh(path: Path) -> None:
     if errors:
         raise SystemExit(f"{path.name}: {errors[0].ename}: {errors[0].evalue}")
     clean(nb)
-    tmp = path.with_name(f".{path.name}.tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nbformat.write(nb, tmp)
     print(f"refreshed {path.relative_to(ROOT)}")
 
 
