@@ -182,7 +182,7 @@ def run_model(spec: ModelSpec, config: CheckConfig, gguf_dir: Path, progress=Non
     import torch
     from kvlab.ggml.llama_run import LlamaCpp
     from kvlab.ggml.state import read_state
-    from kvlab.hf.attention import use_attention
+    from kvlab.hf.attention import attention_as
     from kvlab.hf.cache import GGMLQuantizedCache
     from kvlab.hf.evaluate import token_stats
     from kvlab.hf.gguf import write_llama_gguf
@@ -195,7 +195,6 @@ def run_model(spec: ModelSpec, config: CheckConfig, gguf_dir: Path, progress=Non
     runs = [(k, v, rot) for k, v in config.pairs for rot in config.rotations
             if rot or TYPES[k].is_quantized or TYPES[v].is_quantized]  # off = on without a quantized type
     results = {r: PairResult(spec.name, r[2], r[0], r[1]) for r in runs}
-    own_attention = model.config._attn_implementation
     with LlamaCpp(path, n_threads=config.n_threads) as llama:
         for chunk_ids in tokens:
             chunk = torch.as_tensor(chunk_ids, dtype=torch.long)
@@ -203,17 +202,17 @@ def run_model(spec: ModelSpec, config: CheckConfig, gguf_dir: Path, progress=Non
             ll_base = torch.from_numpy(llama.run(chunk_ids, "f16", "f16")[0][first:-1])
             kv_base = {}
             for att in ATTENTIONS:
-                use_attention(model, att)
-                kv_base[att] = _kvlab_logits(model, chunk, lambda: GGMLQuantizedCache(
-                    model.config, "f16", "f16", "cpu", True, "gguf"), first)[0]
+                with attention_as(model, att):
+                    kv_base[att] = _kvlab_logits(model, chunk, lambda: GGMLQuantizedCache(
+                        model.config, "f16", "f16", "cpu", True, "gguf"), first)[0]
             for k, v, rot in runs:
                 res = results[(k, v, rot)]
                 ll_logits, state_bytes = llama.run(chunk_ids, k, v, rotation=rot)
                 res.llama.add(token_stats(ll_base, torch.from_numpy(ll_logits[first:-1]), targets))
                 for att in ATTENTIONS:
-                    use_attention(model, att)
-                    logits, cache = _kvlab_logits(model, chunk, lambda: GGMLQuantizedCache(
-                        model.config, k, v, "cpu", rot, "gguf"), first)
+                    with attention_as(model, att):
+                        logits, cache = _kvlab_logits(model, chunk, lambda: GGMLQuantizedCache(
+                            model.config, k, v, "cpu", rot, "gguf"), first)
                     res.kvlab[att].add(token_stats(kv_base[att], logits, targets))
                 state = read_state(state_bytes)  # the ggml-cpu run's cache: the closer one beyond layer 0
                 if not np.array_equal(state.positions, np.arange(config.n_ctx)):
@@ -222,7 +221,6 @@ def run_model(spec: ModelSpec, config: CheckConfig, gguf_dir: Path, progress=Non
                                [identical_blocks(lay.v, cl.quantized_values) for lay, cl in zip(state.layers, cache.layers)])
                 if progress:
                     progress(spec.name, k, v, rot)
-    model.set_attn_implementation(own_attention)
     return list(results.values())
 
 

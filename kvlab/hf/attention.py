@@ -6,15 +6,17 @@ to q8_0/q8_1 by the CPU's vec_dot), an fp16 accumulator for an f16 V, the output
 This module registers that math -- kvlab.accuracy.attention's "cpu"/"cuda" backends, the same
 functions `attention_error` uses -- through transformers' AttentionInterface:
 
-    from kvlab.hf.attention import use_attention
-    use_attention(model, "ggml-cpu")          # returns the model's own, to switch back
-    model(ids, cache=GGMLQuantizedCache(model.config, "q8_0", "q8_0", flavor="cpu"), use_cache=True)
+    from kvlab.hf.attention import attention_as
+    with attention_as(model, "ggml-cpu"):     # "model": the model's own; restored on leaving
+        model(ids, cache=GGMLQuantizedCache(model.config, "q8_0", "q8_0", flavor="cpu"), use_cache=True)
 
 It needs the cache's bytes, so it works only with a GGMLQuantizedCache (the cache's layer hands itself
 over in the forward's keyword arguments, see GGMLQuantizedLayer.update). Masks: causal (sdpa-style
 boolean masks; masked keys are skipped, as ggml skips -inf mask entries). CPU, float32, slow next to
 sdpa: it is a numerics model, for measuring, not for serving.
 """
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -81,14 +83,16 @@ def _register() -> None:
 _register()
 
 
-def use_attention(model, attention: str) -> str:
-    """Switch `model` to an attention by kvlab's name: "ggml-cpu", "ggml-cuda", or "model" (leave it as is).
-
-    Returns the implementation it had; `model.set_attn_implementation(that)` switches back."""
+@contextmanager
+def attention_as(model, attention: str):
+    """Run `model` with an attention by kvlab's name inside the block: "ggml-cpu", "ggml-cuda", or "model"
+    (the implementation it had when the block was entered); the model gets that one back on leaving."""
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
     before = model.config._attn_implementation
-    name = ATTENTIONS[attention]
-    if name is not None:
-        model.set_attn_implementation(name)
-    return before
+    if ATTENTIONS[attention] is not None:
+        model.set_attn_implementation(ATTENTIONS[attention])
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)

@@ -179,7 +179,7 @@ def evaluate(model, tokens, pairs, config: EvalConfig = EvalConfig(), bos_id: in
     """
     import torch
     from tqdm.auto import tqdm
-    from kvlab.hf.attention import use_attention
+    from kvlab.hf.attention import attention_as
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     available = tokens.numel() // config.n_ctx
     n_chunks = min(available, config.n_chunks or available)
@@ -189,11 +189,10 @@ def evaluate(model, tokens, pairs, config: EvalConfig = EvalConfig(), bos_id: in
     base = cache_factory(model, config.base, config.base, config)
     result = EvalResult(config, n_chunks)
     bar = tqdm(total=n_chunks * (1 + len(pairs)), unit="pass", desc="kvlab eval", disable=not progress)
-    attention_before = use_attention(model, config.attention)
     try:
-        _evaluate_chunks(model, tokens, pairs, config, bos_id, base, result, bar)
+        with attention_as(model, config.attention):
+            _evaluate_chunks(model, tokens, pairs, config, bos_id, base, result, bar)
     finally:
-        model.set_attn_implementation(attention_before)
         bar.close()
     return result
 

@@ -91,3 +91,13 @@ def test_cli_usage_errors_are_one_line(capsys, argv, message):
     assert main(["check-llama", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvlab check-llama: error:") and message in err and "\n" not in err
+
+
+def test_the_two_kvlab_attentions_really_differ_where_ggml_casts():
+    """llama.cpp casts an f32 cache to f16 for flash attention: against its f16 base the KLD is exactly 0,
+    and so is kvlab's with ggml-cpu attention; the model's own attention reads the f32 values (KLD > 0)."""
+    config = CheckConfig(models=(ModelSpec(64, n_layer=2),), pairs=(("f32", "f32"),), rotations=(True,),
+                         n_ctx=32, n_chunks=1)
+    (row,) = run_check(config)["rows"]
+    assert row["llama_kld"] == 0.0 and row["kvlab_ggml_cpu_kld"] == 0.0 and row["ratio_ggml_cpu"] == 1.0
+    assert row["kvlab_model_kld"] > 0.0

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvlab.hf.attention import ggml_attention, use_attention
+from kvlab.hf.attention import attention_as, ggml_attention
 from kvlab.hf.cache import LAYER_KWARG, GGMLQuantizedCache, gguf_k_order
 from kvlab.hf.evaluate import EvalConfig, evaluate, tiny_llama
 from kvlab.quant import quantize
@@ -73,15 +73,12 @@ def test_quantized_keys_in_gguf_order_are_the_rotated_permuted_rows():
 
 def test_ggml_attention_needs_the_ggml_cache():
     model = tiny_llama()
-    before = use_attention(model, "ggml-cpu")
-    try:
-        with pytest.raises(ValueError, match="GGMLQuantizedCache"):
-            with torch.no_grad():
-                model(torch.zeros(1, 4, dtype=torch.long))   # no cache: nothing to read
-    finally:
-        model.set_attn_implementation(before)
+    with pytest.raises(ValueError, match="GGMLQuantizedCache"):
+        with attention_as(model, "ggml-cpu"), torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long))   # no cache: nothing to read
     with pytest.raises(ValueError, match="unknown attention"):
-        use_attention(model, "flash")
+        with attention_as(model, "flash"):
+            pass
     with pytest.raises(ValueError, match="base cannot be 'dynamic'"):
         EvalConfig(attention="ggml-cpu", base="dynamic")
 
@@ -95,3 +92,16 @@ def test_evaluate_with_ggml_attention_puts_the_model_attention_back():
     assert model.config._attn_implementation == own
     (row,) = result.summaries()
     assert row["tokens"] == 2 * 15 and row["mean_kld"] > 0
+
+
+def test_attention_as_nests_and_model_means_the_one_it_had():
+    model = tiny_llama()
+    own = model.config._attn_implementation
+    with attention_as(model, "ggml-cpu"):
+        assert model.config._attn_implementation == "kvlab_ggml_cpu"
+        with attention_as(model, "model"):
+            assert model.config._attn_implementation == "kvlab_ggml_cpu"   # the one it had on entering
+        with attention_as(model, "ggml-cuda"):
+            assert model.config._attn_implementation == "kvlab_ggml_cuda"
+        assert model.config._attn_implementation == "kvlab_ggml_cpu"
+    assert model.config._attn_implementation == own
