@@ -27,7 +27,7 @@ def test_report_is_one_offline_file_with_every_section(html_file):
                     "Error vs depth", "Error compounds through the layers", "arXiv:2502.04420",
                     "Tensor parallelism", "Why it broke", "What PR #23225 and PR #23792 changed",
                     "Which pairs run now", "MQA with the rotation still aborts after PR #23792",
-                    "The split of each tensor", "Settings and versions"):
+                    "The split of each tensor", "Where the split rules stop a graph", "Settings and versions"):
         assert section in text, section
     assert "could be retrieved here" not in text   # no authoring notes
     assert "{'settings'" not in text                # settings as a table, not a dict repr

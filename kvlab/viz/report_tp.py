@@ -54,6 +54,20 @@ def _mqa_finding(frame) -> str:
     return text + _pre(str(tr.error) if tr.error is not None else "no split error")
 
 
+def stops_table(frame) -> str:
+    """Per era (rows) and head layout (columns), rotation on, first device count: the node and rule that stop
+    the most pairs, with how many (HTML)."""
+    import pandas as pd
+    sel = frame[frame.rotation & (frame.devices == DEVICES[0]) & (frame.split != "")]
+    cells = {}
+    for (era, layout), part in sel.groupby(["era", "layout"], sort=False):
+        rule, n = part.split.value_counts().index[0], int(part.split.value_counts().iloc[0])
+        cells.setdefault(layout, {})[era] = f"{n} pairs: {rule}"
+    table = pd.DataFrame(cells).reindex(index=list(dict.fromkeys(frame.era)), columns=list(HEAD_LAYOUTS)).fillna("-")
+    with pd.option_context("display.max_colwidth", None):
+        return table.to_html(classes="kvlab-table", border=0)
+
+
 def tp_section(plots) -> list:
     """The section as a list of HTML strings and (title, figure) pairs, in reading order."""
     import pandas as pd
@@ -103,5 +117,7 @@ def tp_section(plots) -> list:
          plots.compat_counts_figure(frame[frame.rotation])),
         (f"Every K/V pair on the GQA model, {DEVICES[0]} devices, rotation on (hover a cell for the rule or kernel)",
          plots.compat_figure(gqa)),
+        f"<p>Where the split rules stop a graph (guard removed), per era and head layout, {DEVICES[0]} devices, "
+        "rotation on: the node and the C rule that stop the most pairs (\"-\": none stops).</p>" + stops_table(frame),
         _mqa_finding(frame),
     ]
