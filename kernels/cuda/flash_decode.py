@@ -183,33 +183,47 @@ def kq_word(k, o, j, t, qw, qd, qs):
 
 
 @device
-def v_value(v, o, c, t):
-    """Value c of a V row starting at byte o (dequantize_V_<t>, float32)."""
-    if t == F32:
-        return plain(v, o + 4 * c, t)
-    if t == F16 or t == BF16:
-        return plain(v, o + 2 * c, t)
+def v_plain(v, o, c, t):
+    """Value c of an f32/f16/bf16 V row starting at byte o (dequantize_V_f16/bf16; f32 read as is)."""
+    return plain(v, o + (4 if t == F32 else 2) * c, t)
+
+
+@device
+def v_value(w, e, d, m, t):
+    """Value e (0..3) of a quad of quants packed in w, as float32."""
+    if t == Q8_0:
+        return d * np.float32(sbyte(w, e))
+    q = ubyte(w, e)
+    if t == Q4_0:
+        return d * np.float32(q - 8)
+    if t == Q5_0:
+        return d * np.float32(q - 16)
+    if t == IQ4_NL:
+        return d * np.float32(KVALUES[q])
+    return d * np.float32(q) + m                            # q4_1, q5_1
+
+
+@device
+def v_quad(v, o, c, t):
+    """Values c..c+3 (c a multiple of 4) of a quantized V row starting at byte o, one word of quants and
+    the block's scale read once (dequantize_V_<t> with ne = 4)."""
     ib = c // 32
     j = c % 32
+    m = ZERO
     if t == Q8_0:
         b = o + ib * 34
-        x = int32(v[b + 2 + j])
-        return half(v, b) * np.float32(x - 256 if x > 127 else x)
-    plain_nibbles = t == Q4_0 or t == IQ4_NL
-    b = o + ib * (18 if plain_nibbles else 20 if t == Q4_1 else 22 if t == Q5_0 else 24)
-    qs_at = b + (2 if plain_nibbles else 4 if t == Q4_1 else 6 if t == Q5_0 else 8)
-    q = int32(v[qs_at + j % 16])
-    q = (q >> 4) if j >= 16 else (q & 0x0F)
-    if t == Q5_0 or t == Q5_1:
-        qh = u32(v, b + (2 if t == Q5_0 else 4))
-        q |= int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-    if t == Q4_0:
-        return half(v, b) * np.float32(q - 8)
-    if t == Q5_0:
-        return half(v, b) * np.float32(q - 16)
-    if t == IQ4_NL:
-        return half(v, b) * np.float32(KVALUES[q])
-    return half(v, b) * np.float32(q) + half(v, b + 2)     # q4_1, q5_1
+        w = u32(v, b + 2 + j)
+    else:
+        plain_nibbles = t == Q4_0 or t == IQ4_NL
+        b = o + ib * (18 if plain_nibbles else 20 if t == Q4_1 else 22 if t == Q5_0 else 24)
+        qs_at = b + (2 if plain_nibbles else 4 if t == Q4_1 else 6 if t == Q5_0 else 8)
+        w = (u32(v, qs_at + j % 16) >> np.uint32(4 if j >= 16 else 0)) & np.uint32(0x0F0F0F0F)
+        if t == Q5_0 or t == Q5_1:
+            w |= q5_high(u32(v, b + (2 if t == Q5_0 else 4)), j)
+        if t == Q4_1 or t == Q5_1:
+            m = half(v, b + 2)
+    d = half(v, b)
+    return v_value(w, 0, d, m, t), v_value(w, 1, d, m, t), v_value(w, 2, d, m, t), v_value(w, 3, d, m, t)
 
 
 @functools.cache
@@ -339,8 +353,15 @@ def partials_kernel(type_k: int, type_v: int, d: int):
                     o = b * vst[0] + hk * vst[1] + tok * vst[2]
                     for step in range(d // v_step):
                         c = step * v_step + (lane % tv) * rv
-                        for e in range(rv):
-                            acc[step * rv + e] += v_value(v, o, c + e, type_v) * p_tok
+                        if plain_v:
+                            for e in range(rv):
+                                acc[step * rv + e] += v_plain(v, o, c + e, type_v) * p_tok
+                        else:
+                            x0, x1, x2, x3 = v_quad(v, o, c, type_v)
+                            acc[step * rv] += x0 * p_tok
+                            acc[step * rv + 1] += x1 * p_tok
+                            acc[step * rv + 2] += x2 * p_tok
+                            acc[step * rv + 3] += x3 * p_tok
             cuda.syncthreads()
             tile += splits * NTHREADS
 
