@@ -80,7 +80,8 @@ def split_graph_figure(block, tr):
     from kvlab.split.tables import block_outcome
     status = block_outcome(block, tr) + ("" if tr.ok else f" at {failed!r}")
     cfg = block.config
-    fig.update_layout(title=f"{cfg.era}: K {cfg.type_k} / V {cfg.type_v} on {cfg.n_devices} devices: {status}",
+    fig.update_layout(title={"text": f"{cfg.era}: K {cfg.type_k} / V {cfg.type_v} on {cfg.n_devices} devices: {status}",
+                             "x": 0.01},   # left: clear of the modebar
                       xaxis={"visible": False}, yaxis={"visible": False, "autorange": "reversed"}, height=420, margin={"t": 50, "b": 10},
                       plot_bgcolor="white", legend={"title": "split state"})
     return fig
