@@ -3,7 +3,8 @@
 The kernels take any (rows, cols) float32 array and write (rows, 2 * cols) bytes, so a whole
 ggml row can be passed as one row: the cpu flavor depends on where a value sits in its row.
 
-Flavors differ only for NaN (every other float32 rounds to nearest even in all three):
+Flavors differ only for NaN (every other float32 rounds to nearest even in all three, so all three
+convert with F16C's instruction, ``f16c_fp32_to_fp16``, and ref and cuda replace its NaN):
 - ref  ``GGML_FP32_TO_FP16`` (software): NaN -> 0x7E00 | sign, payload dropped.
 - cpu  ``ggml_cpu_fp32_to_fp16`` on x86 F16C: ``vcvtps2ph`` on chunks of 16/8/4 values, which keeps
   the sign and the top 9 payload bits and sets the quiet bit (0x7E00 | sign | mantissa >> 13); the
@@ -12,23 +13,39 @@ Flavors differ only for NaN (every other float32 rounds to nearest even in all t
 Dequantize is exact for every half (``ggml_compute_fp16_to_fp32``; NaN payload kept).
 """
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import CPU, CUDA
-from .fp import f32_bits, fp16_to_fp32, fp32_to_fp16
-from .scalar import cuda_fp32_to_fp16
+from .fp import fp16_to_fp32, fp32_to_fp16
 
 _SIMD_WIDTH = 4  # the narrowest F16C chunk ggml_cpu_fp32_to_fp16 uses before its scalar tail
 
 
-@njit(cache=True)
-def f16c_fp32_to_fp16(f):
-    """x86 vcvtps2ph with round-to-nearest-even, NaN payload kept."""
-    u = f32_bits(f)
-    sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
-    nan = np.uint16(sign | np.uint32(0x7E00) | ((u & np.uint32(0x007FFFFF)) >> np.uint32(13)))
-    # a select, not an early return, so that the row loop vectorizes
-    return nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else fp32_to_fp16(f)
+@intrinsic
+def f16c_fp32_to_fp16(typingctx, f):
+    """x86's vcvtps2ph with round to nearest even (ggml-cpu's row body), as the uint16 half bits.
+
+    LLVM's ``fptrunc`` to half: with F16C (every x86-64 CPU since 2012) LLVM emits vcvtps2ph itself,
+    16 lanes per instruction in a vectorized loop, so the bytes are the instruction's on every input,
+    NaN included, with no NaN path of kvlab's own (a software formula that keeps F16C's NaN payloads
+    ran at a third of ggml's speed). Without F16C LLVM calls the compiler runtime's __truncsfhf2,
+    which rounds the same and keeps NaN the same way. tests/kernels/test_f16_bf16_bits.py
+    holds it against ggml's from_float over a dense sample of all float32 bit patterns."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def nan_as(h, nan):
+    """The half h, or nan where h is a NaN: ref and cuda round every other value as F16C does, so they
+    take its fast conversion and replace only the NaN rule (a select, so that the loop vectorizes)."""
+    return nan if (h & np.uint16(0x7FFF)) > np.uint16(0x7C00) else h
 
 
 @njit(parallel=True, cache=True)
@@ -46,10 +63,11 @@ def quantize_row_f16(x, out, flavor, rcp_table=None):
                 halves[r, c] = fp32_to_fp16(x[r, c])  # ggml's scalar tail
         elif flavor == CUDA:
             for c in range(n_cols):
-                halves[r, c] = cuda_fp32_to_fp16(x[r, c])
+                halves[r, c] = nan_as(f16c_fp32_to_fp16(x[r, c]), np.uint16(0x7FFF))
         else:
             for c in range(n_cols):
-                halves[r, c] = fp32_to_fp16(x[r, c])
+                h = f16c_fp32_to_fp16(x[r, c])
+                halves[r, c] = nan_as(h, h & np.uint16(0xFE00))  # sign | 0x7E00, as fp32_to_fp16
 
 
 @njit(parallel=True, cache=True)
