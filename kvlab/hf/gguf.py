@@ -11,11 +11,11 @@ holds each head in that order: its quantization blocks group other channels than
 No tokenizer: `tokenizer.ggml.model = "no_vocab"` with the vocabulary size; llama.cpp then takes
 token ids only (its low-level API), which is all kvlab's comparisons need.
 """
-import os
 from pathlib import Path
 
 import numpy as np
 
+from kvlab._io import atomic_path
 from kvlab.hf.cache import gguf_k_order
 
 TENSOR_NAMES = {  # transformers LlamaForCausalLM name -> GGUF name (gguf-py's TENSOR_NAMES for LLAMA)
@@ -77,9 +77,7 @@ def write_llama_gguf(model, path) -> Path:
     check_llama(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name("kvlab check model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -100,13 +98,9 @@ def write_llama_gguf(model, path) -> Path:
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             w = rope_permute(w, head_dim)
         writer.add_tensor(gguf_name(name), np.ascontiguousarray(w))
-    try:
-        writer.write_header_to_file()
+    with atomic_path(path) as tmp:
+        writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
