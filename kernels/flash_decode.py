@@ -136,22 +136,29 @@ def kq_dot(k, b, h, i, t, n, qq, qd, qs, qf, r, acc):
     float32: Q as f16/bf16 values. acc: float32 scratch of 64."""
     for x in range(64):
         acc[x] = np.float32(0)
+    n_steps = n - n % 64     # the values past the last whole step: ggml's leftover loop, in double
     if t == F32 or t == F16:
-        for c0 in range(0, n, 64):
+        for c0 in range(0, n_steps, 64):
             for x in range(64):
                 acc[x] = fma32(read_f16(k, b, h, i, c0 + x, t), qf[r, c0 + x], acc[x])
         for lane in range(16):
             acc[lane] = np.float32(acc[lane] + acc[32 + lane]) + np.float32(acc[16 + lane] + acc[48 + lane])
-        return reduce16(acc, 0)
+        total = np.float64(reduce16(acc, 0))
+        for x in range(n_steps, n):
+            total += np.float64(np.float32(read_f16(k, b, h, i, x, t) * qf[r, x]))
+        return np.float32(total)
     if t == BF16:
-        for c0 in range(0, n, 64):
+        for c0 in range(0, n_steps, 64):
             for half in range(2):
                 for lane in range(16):
                     x = c0 + 32 * half + 2 * lane
                     a = 16 * half + lane
                     hi = np.float32(acc[a] + np.float32(plain_value(k, b, h, i, x + 1, t) * qf[r, x + 1]))
                     acc[a] = np.float32(hi + np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
-        return np.float32(np.float64(reduce16(acc, 0)) + np.float64(reduce16(acc, 16)))
+        total = np.float64(reduce16(acc, 0)) + np.float64(reduce16(acc, 16))
+        for x in range(n_steps, n):
+            total += np.float64(np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
+        return np.float32(total)
     ts = type_size(t)
     summs = np.float32(0)
     for blk in range(n // QK):

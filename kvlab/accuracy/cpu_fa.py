@@ -180,43 +180,52 @@ def kq_dot_blocks(kq, kd, km, qq, qd, qs, kind, out):
 @njit(parallel=True, cache=True)
 def kq_dot_f16(k, q, out):
     """ggml_vec_dot_f16 (AVX512, no FP16): k (G, L, D), q (G, R, D) float32 holding halves; 4 x 16 lanes
-    of fma over steps of 64, then (s0 + s2) + (s1 + s3) and the 16-lane reduction."""
+    of fma over steps of 64, then (s0 + s2) + (s1 + s3) and the 16-lane reduction; the values past the
+    last whole step (head_dim % 64) are added one by one in double, as its leftover loop does."""
     n_g, n_r, n_l = out.shape
     n_d = k.shape[2]
+    n_steps = n_d - n_d % 64
     for gr in prange(n_g * n_r):
         g, r = gr // n_r, gr % n_r
         acc = np.empty((4, 16), np.float32)
         for t in range(n_l):
             acc[:] = 0
-            for i in range(0, n_d, 64):
+            for i in range(0, n_steps, 64):
                 for j in range(4):
                     for lane in range(16):
                         x = i + 16 * j + lane
                         acc[j, lane] = fma32(k[g, t, x], q[g, r, x], acc[j, lane])
             for lane in range(16):
                 acc[0, lane] = np.float32(acc[0, lane] + acc[2, lane]) + np.float32(acc[1, lane] + acc[3, lane])
-            out[g, r, t] = _reduce16(acc[0])
+            total = np.float64(_reduce16(acc[0]))
+            for x in range(n_steps, n_d):
+                total += np.float64(np.float32(k[g, t, x] * q[g, r, x]))
+            out[g, r, t] = np.float32(total)
 
 
 @njit(parallel=True, cache=True)
 def kq_dot_bf16(k, q, out):
     """ggml_vec_dot_bf16 (AVX512-BF16): k (G, L, D), q (G, R, D) float32 holding bfloats; two vdpbf16ps
     accumulators over steps of 64 (lane l: values 2l+1 then 2l, products exact), each reduced, summed
-    in double."""
+    in double; the values past the last whole step (head_dim % 64) follow one by one in double."""
     n_g, n_r, n_l = out.shape
     n_d = k.shape[2]
+    n_steps = n_d - n_d % 64
     for gr in prange(n_g * n_r):
         g, r = gr // n_r, gr % n_r
         acc = np.empty((2, 16), np.float32)
         for t in range(n_l):
             acc[:] = 0
-            for i in range(0, n_d, 64):
+            for i in range(0, n_steps, 64):
                 for c in range(2):
                     for lane in range(16):
                         x = i + 32 * c + 2 * lane
                         hi = np.float32(acc[c, lane] + np.float32(k[g, t, x + 1] * q[g, r, x + 1]))
                         acc[c, lane] = np.float32(hi + np.float32(k[g, t, x] * q[g, r, x]))
-            out[g, r, t] = np.float32(np.float64(_reduce16(acc[0])) + np.float64(_reduce16(acc[1])))
+            total = np.float64(_reduce16(acc[0])) + np.float64(_reduce16(acc[1]))
+            for x in range(n_steps, n_d):
+                total += np.float64(np.float32(k[g, t, x] * q[g, r, x]))
+            out[g, r, t] = np.float32(total)
 
 
 def kq_dot(q_rows, k_raw, k_values, type_k: str):

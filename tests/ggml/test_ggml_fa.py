@@ -113,6 +113,22 @@ def test_the_comparison_sees_each_rounding_point(lib, type_k, type_v):
         assert not np.array_equal(attend(rough, vc[None], "cpu", False)[0], want)
 
 
+@pytest.mark.parametrize("head_dim", [32, 80, 96])
+@pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("bf16", "q8_0"), ("f32", "bf16"), ("q8_0", "f16")])
+def test_head_dims_past_whole_simd_steps(lib, head_dim, type_k, type_v):
+    """f16/bf16 dot products step 64 values; the rest goes through ggml's leftover loop (in double)."""
+    if head_dim % 32 and (kvlab.TYPES[type_k].is_quantized or kvlab.TYPES[type_v].is_quantized):
+        pytest.skip("block types need whole blocks per head")
+    k, v = _kv(d=head_dim)
+    q = np.random.default_rng(7).standard_normal((4, 2, head_dim)).astype(np.float32)
+    (kc, kr), (vc, vr) = _cache(k, v, type_k, type_v)
+    want = flash_attn_ext(lib, q, kr, vr, type_k, type_v).reshape(2, 4, head_dim)   # (n_head_kv, gqa * T, D)
+    logits = quantized_logits(q, kc, type_k, "cpu", float(np.float32(1) / np.sqrt(np.float32(head_dim))),
+                              k_raw=kr)
+    got = attend(logits, vc[None], "cpu", cpu_fa.read_type(type_v) == "f16")[0]
+    assert np.isfinite(got).all() and np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0", "q5_0", "iq4_nl"])
 def test_block_integers_give_the_dequantized_values(type_name):
     x = np.random.default_rng(7).standard_normal((3, 128)).astype(np.float32)
