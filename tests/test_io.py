@@ -9,22 +9,11 @@ import torch
 
 import kvlab
 from kvlab import _io
-from kvlab.accuracy.sample import as_sample
+from tests.io_tools import half_written_then_fail, no_temporaries, small_sample
 
 @pytest.fixture(scope="module")
 def sample():
-    return as_sample(kvlab.synthetic_kv(64, kvlab.SyntheticConfig(n_q=2, n_head=4, n_head_kv=2, head_dim=64)))
-
-
-def _half_written_then_fail(self, path, *args, **kwargs):
-    """A writer that dies mid-way (a full disk, a killed run): half a file, then an error."""
-    with open(path, "wb") as f:
-        f.write(b"PAR1 half a file")
-    raise OSError(28, "No space left on device")
-
-
-def _no_temporaries(directory):
-    return [p.name for p in directory.iterdir() if ".tmp" in p.name] == []
+    return small_sample()
 
 
 def test_atomic_path_replaces_whole_or_keeps_the_old_file(tmp_path):
@@ -34,9 +23,9 @@ def test_atomic_path_replaces_whole_or_keeps_the_old_file(tmp_path):
         with _io.atomic_path(target) as tmp:
             tmp.write_text("new, half")
             raise RuntimeError("killed")
-    assert target.read_text() == "old" and _no_temporaries(tmp_path)
+    assert target.read_text() == "old" and no_temporaries(tmp_path)
     _io.write_text(target, "new")
-    assert target.read_text() == "new" and _no_temporaries(tmp_path)
+    assert target.read_text() == "new" and no_temporaries(tmp_path)
 
 
 def test_a_failed_save_table_leaves_the_previous_table(tmp_path, monkeypatch):
@@ -45,11 +34,11 @@ def test_a_failed_save_table_leaves_the_previous_table(tmp_path, monkeypatch):
     path = tmp_path / "t.parquet"
     kvlab.save_table(table, path)
     before, meta_before = path.read_bytes(), (tmp_path / "t.parquet.json").read_text()
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", _half_written_then_fail)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_written_then_fail)
     with pytest.raises(OSError, match="No space"):
         kvlab.save_table(pd.DataFrame({"kl": [9.0]}), path)
     assert path.read_bytes() == before and (tmp_path / "t.parquet.json").read_text() == meta_before
-    assert _no_temporaries(tmp_path)
+    assert no_temporaries(tmp_path)
     assert pd.read_parquet(path)["kl"].tolist() == [0.1, 0.2]
 
 
@@ -73,7 +62,7 @@ def test_a_failed_report_write_leaves_the_previous_report(tmp_path, monkeypatch,
     _fail_text_midway(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         report.build_report(table, out)
-    assert out.read_text() == "<html>previous</html>" and _no_temporaries(tmp_path)
+    assert out.read_text() == "<html>previous</html>" and no_temporaries(tmp_path)
 
 
 def test_a_failed_eval_json_write_leaves_the_previous_file(tmp_path, monkeypatch):
@@ -100,7 +89,7 @@ def test_a_failed_eval_json_write_leaves_the_previous_file(tmp_path, monkeypatch
     _fail_text_midway(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         args.run(args)
-    assert json.loads(out.read_text()) == {"previous": True} and _no_temporaries(tmp_path)
+    assert json.loads(out.read_text()) == {"previous": True} and no_temporaries(tmp_path)
 
 
 def test_save_sample_is_atomic_and_names_the_file_it_wrote(tmp_path, sample, monkeypatch):
@@ -108,7 +97,7 @@ def test_save_sample_is_atomic_and_names_the_file_it_wrote(tmp_path, sample, mon
     assert written == tmp_path / "s.npz" and written.exists()
     assert kvlab.load_sample(written).fingerprint() != ""
     before = written.read_bytes()
-    monkeypatch.setattr(np, "savez_compressed", lambda path, **kw: _half_written_then_fail(None, path))
+    monkeypatch.setattr(np, "savez_compressed", lambda path, **kw: half_written_then_fail(None, path))
     with pytest.raises(OSError):
         kvlab.save_sample(sample, written)
-    assert written.read_bytes() == before and _no_temporaries(tmp_path)
+    assert written.read_bytes() == before and no_temporaries(tmp_path)

@@ -34,6 +34,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from kvlab.kernels.flash_decode import hsum8, reduce16   # ggml's horizontal sums, one copy
 from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from kvlab.kernels.iq4_nl import KVALUES
 from kvlab.quant import dequantize, quantize
@@ -130,25 +131,6 @@ def decode_blocks(raw, type_name: str):
 
 # ---- K.Q -----------------------------------------------------------------------------------------
 
-@njit(cache=True, inline="always")
-def _hsum8(a):
-    """hsum_float_8: (a4+a0, a5+a1, a6+a2, a7+a3), then (r0+r2) + (r1+r3)."""
-    r0, r1 = np.float32(a[4] + a[0]), np.float32(a[5] + a[1])
-    r2, r3 = np.float32(a[6] + a[2]), np.float32(a[7] + a[3])
-    return np.float32(np.float32(r0 + r2) + np.float32(r1 + r3))
-
-
-@njit(cache=True, inline="always")
-def _reduce16(a):
-    """GCC's _mm512_reduce_add_ps: halves of 8, of 4, then (t0+t2) + (t1+t3)."""
-    t = np.empty(8, np.float32)
-    for i in range(8):
-        t[i] = a[i + 8] + a[i]
-    u0, u1 = np.float32(t[4] + t[0]), np.float32(t[5] + t[1])
-    u2, u3 = np.float32(t[6] + t[2]), np.float32(t[7] + t[3])
-    return np.float32(np.float32(u0 + u2) + np.float32(u1 + u3))
-
-
 @njit(parallel=True, cache=True)
 def kq_dot_blocks(kq, kd, km, qq, qd, qs, kind, out):
     """Block-quantized K.Q: kq (G, L, nb, 32) int32, kd/km (G, L, nb); qq (G, R, nb, 32), qd/qs (G, R, nb);
@@ -174,7 +156,7 @@ def kq_dot_blocks(kq, kd, km, qq, qd, qs, kind, out):
             if kind == 1:
                 for lane in range(8):
                     acc[0, lane] = acc[0, lane] + acc[1, lane]
-            out[g, r, t] = np.float32(_hsum8(acc[0]) + summs)
+            out[g, r, t] = np.float32(hsum8(acc[0]) + summs)
 
 
 @njit(parallel=True, cache=True)
@@ -197,7 +179,7 @@ def kq_dot_f16(k, q, out):
                         acc[j, lane] = fma32(k[g, t, x], q[g, r, x], acc[j, lane])
             for lane in range(16):
                 acc[0, lane] = np.float32(acc[0, lane] + acc[2, lane]) + np.float32(acc[1, lane] + acc[3, lane])
-            total = np.float64(_reduce16(acc[0]))
+            total = np.float64(reduce16(acc[0], 0))
             for x in range(n_steps, n_d):
                 total += np.float64(np.float32(k[g, t, x] * q[g, r, x]))
             out[g, r, t] = np.float32(total)
@@ -222,7 +204,7 @@ def kq_dot_bf16(k, q, out):
                         x = i + 32 * c + 2 * lane
                         hi = np.float32(acc[c, lane] + np.float32(k[g, t, x + 1] * q[g, r, x + 1]))
                         acc[c, lane] = np.float32(hi + np.float32(k[g, t, x] * q[g, r, x]))
-            total = np.float64(_reduce16(acc[0])) + np.float64(_reduce16(acc[1]))
+            total = np.float64(reduce16(acc[0], 0)) + np.float64(reduce16(acc[1], 0))
             for x in range(n_steps, n_d):
                 total += np.float64(np.float32(k[g, t, x] * q[g, r, x]))
             out[g, r, t] = np.float32(total)
@@ -382,7 +364,7 @@ def tiled_softmax(logits, v, out):
                     t = c + lane                               # cells past the cache are masked: weight 0
                     lanes[lane] = v_expf(np.float32(logits[g, r, t0 + t] - m)) if t < n else np.float32(0)
                     p[t] = lanes[lane]
-                total += np.float64(_reduce16(lanes))
+                total += np.float64(reduce16(lanes, 0))
             s = np.float32(np.float64(s) + total)
             for i in range(n_d):
                 a = acc[i]

@@ -6,7 +6,7 @@ import pytest
 
 import kvlab
 from kvlab.accuracy import sweep as sweep_mod
-from kvlab.accuracy.sample import as_sample
+from tests.io_tools import half_written_then_fail, no_temporaries, small_sample
 
 CFG = kvlab.SweepConfig(lengths=(64,), n_q=2, types_k=("q4_0", "f16"), types_v=("q8_0",), rotations=(False,),
                         flavors=("ref",))
@@ -14,18 +14,7 @@ CFG = kvlab.SweepConfig(lengths=(64,), n_q=2, types_k=("q4_0", "f16"), types_v=(
 
 @pytest.fixture(scope="module")
 def sample():
-    return as_sample(kvlab.synthetic_kv(64, kvlab.SyntheticConfig(n_q=2, n_head=4, n_head_kv=2, head_dim=64)))
-
-
-def _half_written_then_fail(self, path, *args, **kwargs):
-    """A writer that dies mid-way (a full disk, a killed run): half a file, then an error."""
-    with open(path, "wb") as f:
-        f.write(b"PAR1 half a file")
-    raise OSError(28, "No space left on device")
-
-
-def _no_temporaries(directory):
-    return [p.name for p in directory.iterdir() if ".tmp" in p.name] == []
+    return small_sample()
 
 
 def _entries(cache_dir):
@@ -58,10 +47,10 @@ def test_a_cache_entry_of_the_wrong_size_is_recomputed(sample, tmp_path, bad):
 
 def test_a_failed_cache_write_leaves_no_entry_and_the_next_run_recomputes(sample, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(pd.DataFrame, "to_parquet", _half_written_then_fail)
+        m.setattr(pd.DataFrame, "to_parquet", half_written_then_fail)
         with pytest.raises(OSError):
             kvlab.run_sweep(sample, CFG, cache_dir=tmp_path, progress=False)
-    assert _entries(tmp_path) == [] and _no_temporaries(tmp_path)
+    assert _entries(tmp_path) == [] and no_temporaries(tmp_path)
     table = kvlab.run_sweep(sample, CFG, cache_dir=tmp_path, progress=False)
     assert len(table) == 2 and len(_entries(tmp_path)) == 1
 
