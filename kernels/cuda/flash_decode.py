@@ -33,8 +33,11 @@ from numba import cuda, float32, int32
 
 from .ops import SIM, device, f16_bits_to_f32, f32_from_bits, ld_u16, rcp_approx, roundf
 
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30   # enum ggml_type
-TYPE_SIZES = {F32: 4, F16: 2, BF16: 2, Q8_0: 34, Q4_0: 18, IQ4_NL: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24}
+from ..flash_decode import BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0   # enum ggml_type, one copy
+from ..flash_decode import type_size
+from ..iq4_nl import KVALUES as _LEVELS
+
+TYPE_SIZES = {t: type_size(t) for t in (F32, F16, BF16, Q8_0, Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1)}
 PLAIN = (F32, F16, BF16)
 NTHREADS = 128
 WARP = 32
@@ -44,7 +47,7 @@ HALF_NEG_FLT_MAX = np.float32(-3.4028234663852886e38 / 2)  # -FLT_MAX/2.0f, the 
 INV_127 = np.float32(1.0) / np.float32(127.0)
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+KVALUES = tuple(int(v) for v in _LEVELS)    # a tuple: a compile-time constant of the kernel
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
 
 if SIM:

@@ -18,6 +18,7 @@ import pytest
 
 import kvlab
 from kvlab.kernels.cuda import sim_ops
+from kvlab.kernels.iq4_nl import KVALUES
 
 pytestmark = pytest.mark.cudasim
 
@@ -71,7 +72,7 @@ def k_fields(kq):
         qh = sum(b[..., (2 if t == "q5_0" else 4) + i].astype(np.int64) << (8 * i) for i in range(4))
         q |= ((qh[..., None] >> np.arange(32)) & 1) << 4
     if t == "iq4_nl":
-        q = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])[q]
+        q = KVALUES.astype(np.int64)[q]
     return q.astype(np.float64), d, m
 
 
