@@ -37,11 +37,11 @@ from numba import njit, prange
 from kvlab.kernels.flash_decode import hsum8, reduce16   # ggml's horizontal sums, one copy
 from kvlab.kernels.fp import fma32, fp16_to_fp32, fp32_to_fp16
 from kvlab.kernels.iq4_nl import KVALUES
+from kvlab.flash import CPU_VEC_DOT_TYPE as VEC_DOT_TYPE   # f32 K is read as f16 (the cast)
 from kvlab.quant import dequantize, quantize
+from kvlab.types import type_info
 
 TILE_Q = 64   # GGML_FA_TILE_Q (ggml-cpu/common.h): prompt batches of this many tokens take the tiled path
-VEC_DOT_TYPE = {"f32": "f16", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q8_0", "q5_0": "q8_0",
-                "iq4_nl": "q8_0", "q4_1": "q8_1", "q5_1": "q8_1"}   # f32 K is read as f16 (the cast)
 # dot kinds of kq_dot: 0 = one accumulator, 1 = iq4_nl's two, 2 = with q4_1/q5_1's sum(m * s)
 _DOT_KIND = {"q8_0": 0, "q4_0": 0, "q5_0": 0, "iq4_nl": 1, "q4_1": 2, "q5_1": 2}
 KV_PAD = 256  # llama_kv_cache::get_n_kv: n_pad_cur = max(n_pad, 256)
@@ -109,7 +109,7 @@ def decode_blocks(raw, type_name: str):
     """The integers, scale and min of each block of a quantized row: (q (..., nb, 32), d, m) as the
     AVX2 dot products unpack them (q4_0/q5_0 offset to signed, iq4_nl through its table)."""
     raw = np.asarray(raw, np.uint8)
-    size = {"q8_0": 34, "q4_0": 18, "q5_0": 22, "iq4_nl": 18, "q4_1": 20, "q5_1": 24}[type_name]
+    size = type_info(type_name).type_size
     b = raw.reshape(*raw.shape[:-1], raw.shape[-1] // size, size)  # (..., nb, type_size)
     d, m = _half(b, 0), np.zeros(b.shape[:-1], np.float32)
     if type_name == "q8_0":
