@@ -8,11 +8,14 @@ differ, outputs poisoned before each GPU run so an unwritten byte shows:
                 here by nvcc when .vendor_cuda/ holds ggml's sources (all n_blocks), and the bytes
                 saved in .cuda_large/large_{a,b,c}.npz (their first 2^18 blocks, same inputs)
   dequantize    GPU vs CPU kernels (float32 bits)
-  set_rows      rows to shuffled cache rows, GPU vs the CPU quantize of the same rows
+  set_rows      rows to shuffled cache rows, GPU vs the CPU quantize of the same rows (ids checked in
+                every CUDA block, and by the separate check kernel past kernels.IDS_CHECKED_IN_KERNEL ids);
+                a call with one id out of range: bytes changed (must be 0) and whether it raised
   rotate_quantize / dequantize_unrotate / rotate    vs kernels/hadamard.py's rotate_rows + CPU kernels
   unaligned     arrays off 16-byte alignment and rows of 4k+2 values (the slow paths)
-    python bench/gpu_check.py [n_blocks]      (default 2^20)
+    python bench/gpu_check.py [n_blocks] [--types q4_1,iq4_nl] [--flavors ref,cuda]   (default 2^20, all)
 """
+import argparse
 import json
 import os
 import subprocess
@@ -29,6 +32,7 @@ from large_inputs import large_inputs  # noqa: E402
 
 import kvlab  # noqa: E402
 import kvlab.kernels.cuda as kc  # noqa: E402
+from kvlab.kernels.cuda import kernels  # noqa: E402
 from kvlab.kernels import hadamard  # noqa: E402
 from kvlab.rotation import hadamard_scale  # noqa: E402
 from kvlab.types import FLAVORS, TYPES  # noqa: E402
@@ -84,16 +88,24 @@ def poisoned(shape, dtype=torch.uint8, offset=0):
     return buf[offset:].view(shape)
 
 
+def twice(out, fn):
+    """fn() writing out, then out poisoned again and fn() once more: the second call takes the direct
+    launch that the first (numba's dispatcher) left behind (kvlab.kernels.cuda), and is the one checked."""
+    fn()
+    out.fill_(POISON if out.dtype == torch.uint8 else float("nan"))
+    fn()
+
+
 def cpu_quantize(rows, name, flavor):
     return np.asarray(kvlab.quantize(rows, name, flavor).raw)
 
 
-def check_quantize(rows, xg, ggml, saved):
+def check_quantize(rows, xg, ggml, saved, types, flavors):
     n_saved = 0
-    for name, info in TYPES.items():
-        for flavor in FLAVORS:
+    for name, info in types.items():
+        for flavor in flavors:
             out = poisoned((rows.shape[0], info.row_bytes(COLS)))
-            kc.quantize(xg, out, info, FLAVORS.index(flavor))
+            twice(out, lambda: kc.quantize(xg, out, info, FLAVORS.index(flavor)))
             got = out.cpu().numpy()
             want = cpu_quantize(rows, name, flavor)
             rec = {"check": "quantize", "type": name, "flavor": flavor, "blocks": got.size // info.type_size,
@@ -110,23 +122,35 @@ def check_quantize(rows, xg, ggml, saved):
                                                                              saved[name], info)
             emit(**rec)
         back = poisoned(rows.shape, torch.float32)
-        kc.dequantize(gpu(want), back, info)                     # want: the cuda flavor's bytes
+        raw = gpu(want)                                          # want: the cuda flavor's bytes
+        twice(back, lambda: kc.dequantize(raw, back, info))
         ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
         emit(check="dequantize", type=name, values=int(ref.size),
              gpu_vs_cpu_kernel=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
 
 
-def check_set_rows(rows, xg):
+def check_set_rows(rows, xg, types):
     rng = np.random.default_rng(1)
-    n = 512
-    ids = rng.permutation(2 * n)[:n]                       # n distinct rows of a 2n-row cache
-    for name in ("q4_1", "iq4_nl", "f16"):
+    for name in [t for t in ("q4_1", "iq4_nl", "f16") if t in types]:
         info = TYPES[name]
-        cache = torch.zeros((2 * n, info.row_bytes(COLS)), dtype=torch.uint8, device="cuda")
-        kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], info, 2)
-        want = np.zeros((2 * n, info.row_bytes(COLS)), np.uint8)
-        want[ids] = cpu_quantize(rows[:n], name, "cuda")
-        emit(check="set_rows", type=name, flavor="cuda", rows=n, gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
+        for n in sorted({min(512, rows.shape[0]), min(2 * kernels.IDS_CHECKED_IN_KERNEL, rows.shape[0])}):
+            ids = rng.permutation(2 * n)[:n]                       # n distinct rows of a 2n-row cache
+            cache = torch.zeros((2 * n, info.row_bytes(COLS)), dtype=torch.uint8, device="cuda")
+            kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], info, 2)
+            want = np.zeros((2 * n, info.row_bytes(COLS)), np.uint8)
+            want[ids] = cpu_quantize(rows[:n], name, "cuda")
+            emit(check="set_rows", type=name, flavor="cuda", rows=n, gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
+            ids[n // 2] = 2 * n                                    # one id past the cache
+            before = cache.clone()
+            try:
+                kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], info, 2)
+                torch.cuda.synchronize()
+                kc.raise_refused()
+                raised = False
+            except ValueError:
+                raised = True
+            emit(check="set_rows_refused", type=name, rows=n, raised=raised,
+                 bytes_changed=int((cache != before).sum()))
 
 
 def rotated(rows, n):
@@ -135,64 +159,72 @@ def rotated(rows, n):
     return rot.reshape(rows.shape)
 
 
-def check_rotation(rows, xg):
+def check_rotation(rows, xg, types, flavors):
     for n in (1, 16, 64, 256, 4096):
         out = poisoned(rows.shape, torch.float32)
-        kc.rotate(xg, out, n, hadamard_scale(n))
+        twice(out, lambda: kc.rotate(xg, out, n, hadamard_scale(n)))
         emit(check="rotate", n=n, values=int(rows.size),
              gpu_vs_cpu=int((out.cpu().numpy().view(np.uint32) != rotated(rows, n).view(np.uint32)).sum()))
     for k, n in enumerate((64, 128, 256, 1024)):
         rot = rotated(rows, n)
-        for name, info in TYPES.items():
+        for name, info in types.items():
             if not info.is_quantized:
                 continue
             flavor = FLAVORS[(k + len(name)) % 3]
+            if flavor not in flavors:
+                continue
             out = poisoned((rows.shape[0], info.row_bytes(COLS)))
-            kc.rotate_quantize(xg, out, info, FLAVORS.index(flavor), n, hadamard_scale(n))
+            twice(out, lambda: kc.rotate_quantize(xg, out, info, FLAVORS.index(flavor), n, hadamard_scale(n)))
             want = cpu_quantize(rot, name, flavor)
             emit(check="rotate_quantize", type=name, n=n, flavor=flavor, gpu_vs_cpu=blocks_differ(out.cpu(), want, info))
             if n == 128:
                 back = poisoned(rows.shape, torch.float32)
-                kc.dequantize_unrotate(gpu(want), back, info, n, hadamard_scale(n))
+                raw = gpu(want)
+                twice(back, lambda: kc.dequantize_unrotate(raw, back, info, n, hadamard_scale(n)))
                 deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
                 emit(check="dequantize_unrotate", type=name, n=n, gpu_vs_cpu=int(
                     (back.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
 
 
-def check_unaligned(rows):
+def check_unaligned(rows, types):
     """x one float and out a few bytes off 16-byte alignment; rows of 4094 values (no quad path)."""
     for cols in (COLS, COLS - 2):
         x = np.ascontiguousarray(rows[:64, :cols])
-        for name, info in TYPES.items():
+        for name, info in types.items():
             if cols % info.block_size:
                 continue
             xg = poisoned(x.shape, torch.float32, offset=1)
             xg.copy_(gpu(x))
             # per-value types need their values aligned (4 / 2 bytes); block bytes may start anywhere
             out = poisoned((x.shape[0], info.row_bytes(cols)), offset=2 if info.is_quantized else 4)
-            kc.quantize(xg, out, info, 2)
+            twice(out, lambda: kc.quantize(xg, out, info, 2))
             want = cpu_quantize(x, name, "cuda")
             back = poisoned(x.shape, torch.float32, offset=1)
-            kc.dequantize(out, back, info)
+            twice(back, lambda: kc.dequantize(out, back, info))
             ref = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, x.shape)))
             emit(check="unaligned", type=name, cols=cols, quantize_gpu_vs_cpu=blocks_differ(out.cpu(), want, info),
                  dequantize_gpu_vs_cpu=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
 
 
-def main(n_blocks):
+def main(n_blocks, types, flavors):
     x = large_inputs(n_blocks)                                      # (n_blocks, 32)
     rows = x.reshape(-1, COLS)                                      # (n_blocks / 128, 4096): ggml rows
     t0 = time.time()
     ggml = ggml_cuda_harness(x)
     emit(check="ggml_cuda_harness", built=ggml is not None, seconds=round(time.time() - t0, 1))
     xg = gpu(rows)
-    check_quantize(rows, xg, ggml, saved_ggml_cuda())
-    check_set_rows(rows, xg)
-    check_rotation(rows, xg)
-    check_unaligned(rows)
+    check_quantize(rows, xg, ggml, saved_ggml_cuda(), types, flavors)
+    check_set_rows(rows, xg, types)
+    check_rotation(rows, xg, types, flavors)
+    check_unaligned(rows, types)
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("n_blocks", type=int, nargs="?", default=1 << 20)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--flavors", default=",".join(FLAVORS))
+    a = ap.parse_args()
     t0 = time.time()
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 20)
+    main(a.n_blocks, {name: TYPES[name] for name in a.types.split(",")}, a.flavors.split(","))
     emit(check="done", seconds=round(time.time() - t0, 1))

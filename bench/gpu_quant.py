@@ -6,7 +6,12 @@ bandwidth (copy_GBps, bytes read + written, timed the same way); host_us is the 
 call (argument checks and launches), which overlaps GPU work when calls are queued back to back. Per type and op: kvlab's kernels, torch eager and torch.compile
 of the same block math (bench/torch_quant.py), and for rotate+quantize the llama.cpp way: a dense
 x @ H_n matmul, then quantize. Compile (or cache load) time is reported apart, as first_call_s.
-    python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--no-compile] [--once]
+First, per type, a decode step's set_rows (op "set_rows_decode": one token of 8 KV heads x 128 into a
+4096-row cache, the cuda flavor) against torch's copy_ of the same floats into a float32 row, end to
+end: microseconds per call with calls queued back to back (one sync at the end: the host's rate) and
+with a sync after every call (latency), and host_us.
+    python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--flavors ref,cuda] [--no-compile] [--once]
+                              [--decode-only]
 """
 import argparse
 import json
@@ -60,6 +65,46 @@ def host_us(fn, calls=20):
     return round(elapsed / calls * 1e6, 1)
 
 
+def per_call_us(fn, calls=2000, sync_each=False):
+    """Wall microseconds per call of `calls` calls, synchronized after each or once at the end."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / calls * 1e6, 2)
+
+
+DECODE_COLS = 8 * 128        # one token of 8 KV heads x head_dim 128
+DECODE_CACHE_ROWS = 4096
+
+
+def decode_set_rows(types):
+    """set_rows of one decode token into a cache, against torch's copy_ of the same floats."""
+    torch.manual_seed(0)
+    values = torch.randn(1, DECODE_COLS, device="cuda")                       # (1 token, 8 * 128)
+    row = torch.tensor([DECODE_CACHE_ROWS // 2], device="cuda")
+    plain = torch.empty(DECODE_CACHE_ROWS, DECODE_COLS, device="cuda")
+    slot = plain[DECODE_CACHE_ROWS // 2:DECODE_CACHE_ROWS // 2 + 1]           # (1, 8 * 128)
+    copy = lambda: slot.copy_(values)                                          # noqa: E731
+    peer = {"torch_copy_us_queued": per_call_us(copy), "torch_copy_us_synced": per_call_us(copy, sync_each=True),
+            "torch_copy_host_us": host_us(copy, 200)}
+    for name in types:
+        info = TYPES[name]
+        cache = torch.zeros(DECODE_CACHE_ROWS, info.row_bytes(DECODE_COLS), dtype=torch.uint8, device="cuda")
+        fn = lambda: kc.set_rows(cache, row, values, info, 2)                  # noqa: E731
+        first = first_call(fn)
+        rec = {"op": "set_rows_decode", "type": name, "impl": "kvlab_cuda", "cols": DECODE_COLS,
+               "us_queued": per_call_us(fn), "us_synced": per_call_us(fn, sync_each=True),
+               "host_us": host_us(fn, 200), **peer, "first_call_s": first}
+        rec["ratio_queued"] = round(rec["us_queued"] / peer["torch_copy_us_queued"], 2)
+        rec["ratio_synced"] = round(rec["us_synced"] / peer["torch_copy_us_synced"], 2)
+        print(json.dumps(rec), flush=True)
+
+
 def first_call(fn):
     """Seconds of the first call (compile, or load from numba's / inductor's cache)."""
     t0 = time.perf_counter()
@@ -93,13 +138,16 @@ def profile_once(x, types):
     torch.cuda.synchronize()
 
 
-def main(log2_elems, types, compile_torch, once):
+def main(log2_elems, types, compile_torch, once, decode_only, flavors):
     n = 1 << log2_elems
     cols = 4096
     torch.manual_seed(0)
     x = torch.randn(n // cols, cols, device="cuda")                 # (rows, 4096)
     if once:
         return profile_once(x, types)
+    decode_set_rows(types)
+    if decode_only:
+        return
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = timed(lambda: dst.copy_(src))
@@ -117,15 +165,18 @@ def main(log2_elems, types, compile_torch, once):
         nbytes = 4 * n + out.numel()
         bufs[name] = out, nbytes
         for fl, fname in enumerate(FLAVORS):
+            if fname not in flavors:
+                continue
             report("quantize", name, f"kvlab_{fname}", lambda: kc.quantize(x, out, info, fl), nbytes)
         report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, info), nbytes)
         if not info.is_quantized:
             continue
-        for nr in (64, ROT_N, 256):
+        for nr in (64, ROT_N, 256) if "ref" in flavors else ():
             report("rotate_quantize", name, "kvlab_fused_ref",
                    lambda: kc.rotate_quantize(x, out, info, 0, nr, hadamard_scale(nr)), nbytes, n_rot=nr)
-        report("rotate_quantize", name, "kvlab_fused_cuda",
-               lambda: kc.rotate_quantize(x, out, info, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
+        if "cuda" in flavors:
+            report("rotate_quantize", name, "kvlab_fused_cuda",
+                   lambda: kc.rotate_quantize(x, out, info, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
         report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
                lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, info, 0), nbytes, n_rot=ROT_N)
         report("dequantize_unrotate", name, "kvlab_fused",
@@ -152,5 +203,7 @@ if __name__ == "__main__":
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--once", action="store_true", help="run each kvlab kernel once, untimed (for ncu)")
+    ap.add_argument("--flavors", default=",".join(FLAVORS), help="the flavors of kvlab's quantize lines")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode-shaped set_rows lines")
     a = ap.parse_args()
-    main(a.log2_elems, a.types.split(","), not a.no_compile, a.once)
+    main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","))

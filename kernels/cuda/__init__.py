@@ -20,8 +20,27 @@ two dividing cols, at most 4096 (32 .. 4096 for the fused kernels). 16-byte alig
 paths (torch's and numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
 (kvlab.rotation.hadamard_scale(n)).
+
+Calls are asynchronous on the default stream and never wait for the GPU. The arguments are checked on
+the host from ``__cuda_array_interface__`` (shape, dtype, contiguity, alignment); set_rows' ids, which
+live on the GPU, are checked there, before anything is written: a call with an id outside the cache's
+rows writes nothing and raises ValueError in the first call after the GPU has run it
+(``raise_refused()`` asks at any time; after a synchronize it is certain).
+Launches: the first call of a shape goes through numba's dispatcher (compile or cache load, typing);
+it leaves the compiled function and its packed parameters behind, keyed by everything but the array
+addresses, and later calls of that key fill in the addresses and launch directly (cuLaunchKernel):
+microseconds of host time. The simulator (NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and
+so does every call with KVLAB_CUDA_DIRECT=0 in the environment (to compare the two).
 """
+import ctypes
+import math
+import os
+from typing import NamedTuple
+
 import numpy as np
+
+_TYPESTR = {np.dtype(t).str: np.dtype(t) for t in (np.float32, np.uint8, np.int32, np.int64, np.uint16,
+                                                   np.uint32, np.float16, np.float64, np.int8, np.int16)}
 
 
 def _k():
@@ -29,18 +48,43 @@ def _k():
     return kernels
 
 
-def _dev(a, what, dtype, ndim):
-    from numba import cuda
-    if hasattr(a, "copy_to_host"):          # already a numba device array (or the simulator's)
-        d = a
-    elif hasattr(a, "__cuda_array_interface__"):
-        d = cuda.as_cuda_array(a)
+class _View(NamedTuple):
+    """A C-contiguous device array as the kernels need it: its address, shape and dtype; source is the
+    object itself (the dispatcher's path and the simulator take it)."""
+    ptr: int
+    shape: tuple
+    dtype: np.dtype
+    source: object
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+
+def _view(a, what, dtype, ndim):
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is not None:
+        shape = tuple(iface["shape"])
+        dt = _TYPESTR.get(iface["typestr"]) or np.dtype(iface["typestr"])
+        strides = iface.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, dt.itemsize)
+        ptr = iface["data"][0]
+    elif hasattr(a, "copy_to_host"):          # the simulator's device arrays have no interface
+        shape, dt, contiguous, ptr = tuple(a.shape), a.dtype, a.is_c_contiguous(), 0
     else:
         raise TypeError(f"{what}: expected a CUDA array (__cuda_array_interface__), got {type(a).__name__}")
-    if (dtype is not None and d.dtype != np.dtype(dtype)) or d.ndim != ndim or not d.is_c_contiguous():
-        raise ValueError(f"{what}: expected a C-contiguous {ndim}-D {np.dtype(dtype or d.dtype)} array, "
-                         f"got {d.ndim}-D {d.dtype}{'' if d.is_c_contiguous() else ' (not contiguous)'}")
-    return d
+    if (dtype is not None and dt != dtype) or len(shape) != ndim or not contiguous:
+        raise ValueError(f"{what}: expected a C-contiguous {ndim}-D {np.dtype(dtype or dt)} array, "
+                         f"got {len(shape)}-D {dt}{'' if contiguous else ' (not contiguous)'}")
+    return _View(ptr, shape, dt, a)
+
+
+def _c_strides(shape, itemsize):
+    strides = []
+    for n in reversed(shape):
+        strides.append(itemsize)
+        itemsize *= n
+    return tuple(reversed(strides))
 
 
 def _check_info(info):
@@ -49,136 +93,264 @@ def _check_info(info):
         raise TypeError(f"expected a kvlab.types.TypeInfo (kvlab.TYPES[name]), got {type(info).__name__}")
 
 
-def _flat(d):
-    return d.reshape(d.size)                 # (rows * cols,)
-
-
-def _aligned(d, width):
+def _aligned(v, width):
     """The array's first byte sits on a multiple of width (the simulator's numpy arrays: always)."""
-    iface = getattr(d, "__cuda_array_interface__", None)
-    return iface is None or iface["data"][0] % width == 0
+    return v.ptr % width == 0
 
 
-def _check_value_alignment(d, info, what):
-    if not _aligned(d, info.type_size):
+def _check_value_alignment(v, info, what):
+    if not _aligned(v, info.type_size):
         raise ValueError(f"{what}: {info.name} values must start on a {info.type_size}-byte boundary")
 
 
-_NO_ROWS = []
+# ---- launching -------------------------------------------------------------------------------------
+class _Flat(NamedTuple):
+    """A kernel argument: the view's elements as a flat 1-D array (the kernels' x, y, out)."""
+    view: _View
 
 
-def _no_rows():
-    """A 1-element device array standing for 'no row_ids' (made once: a copy per call costs ~0.1 ms)."""
-    if not _NO_ROWS:
+class _Full(NamedTuple):
+    """A kernel argument: the view as it is (N-D), optionally reinterpreted as another dtype."""
+    view: _View
+    dtype: object = None
+
+
+def _numba_array(arg):
+    from numba import cuda
+    v = arg.view
+    d = v.source if hasattr(v.source, "copy_to_host") else cuda.as_cuda_array(v.source)
+    if isinstance(arg, _Flat):
+        return d.reshape(d.size)                                   # (elements,)
+    return d if arg.dtype is None else d.view(arg.dtype)
+
+
+def _launch(kernel, grid, block, args):
+    """kernel[grid, block](*args), arrays given as _Flat/_Full views. Off the simulator, the first call
+    of a key (kernel, grid, and the arguments but the arrays' addresses) takes numba's dispatcher and
+    keeps a _DirectLaunch; the next ones launch through it."""
+    if _k().SIM or not _DIRECT_LAUNCH:
+        kernel[grid, block](*[_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args])
+        return
+    ptrs = []
+    key = [kernel, grid, block]
+    for a in args:
+        if isinstance(a, (_Flat, _Full)):
+            ptrs.append(a.view.ptr)
+            key.append((a.view.shape, a.view.dtype, a.dtype if isinstance(a, _Full) else 0))
+        else:
+            key.append(a)
+    key = tuple(key)
+    direct = _DIRECT.get(key)
+    if direct is not None:
+        direct(ptrs)
+        return
+    numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
+    kernel[grid, block](*numba_args)                 # compiles or loads, binds the module
+    if len(_DIRECT) >= _DIRECT_KEYS:                 # many shapes (a prefill of every length): start over
+        _DIRECT.clear()
+    _DIRECT[key] = _DirectLaunch(kernel, grid, block, numba_args)
+
+
+_DIRECT = {}
+_DIRECT_KEYS = 4096
+_DIRECT_LAUNCH = os.environ.get("KVLAB_CUDA_DIRECT", "1") != "0"
+
+
+class _DirectLaunch:
+    """One compiled kernel with its parameters packed as numba passes them (an array is meminfo, parent,
+    nitems, itemsize, data, shape.., strides.., each pointer-sized; scalars as their C type), launched
+    by cuLaunchKernel; a call sets the arrays' data pointers, the only parameters that vary."""
+
+    def __init__(self, kernel, grid, block, numba_args):
+        from cuda.bindings import driver
+        from numba.cuda import types
+        overload = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in numba_args)]
+        err, self.func = driver.cuKernelGetFunction(overload._codelibrary.get_cufunc().handle)
+        _check(err, "cuKernelGetFunction")
+        self.launch = driver.cuLaunchKernel
+        self.dims = _dim3(grid) + _dim3(block)
+        self.values, self.ptrs = [], []
+        for ty, a in zip(overload.argument_types, numba_args):
+            if isinstance(ty, types.Array):
+                fields = [0, 0, a.size, a.dtype.itemsize, 0, *a.shape, *a.strides]
+                cells = [ctypes.c_ssize_t(f) for f in fields]
+                self.ptrs.append(cells[4])
+                self.values += cells
+            elif ty == types.boolean:
+                self.values.append(ctypes.c_bool(a))
+            elif ty == types.float32:
+                self.values.append(ctypes.c_float(a))
+            elif isinstance(ty, types.Integer):
+                self.values.append(getattr(ctypes, f"c_{ty}")(a))
+            else:
+                raise TypeError(f"no direct launch for a {ty} argument")
+        self.params = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
+        self.params_ptr = ctypes.addressof(self.params)
+
+    def __call__(self, ptrs):
+        for cell, p in zip(self.ptrs, ptrs):
+            cell.value = p
+        # the driver copies the parameters at the call: the cells may change right after
+        _check(self.launch(self.func, *self.dims, 0, 0, self.params_ptr, 0)[0], "cuLaunchKernel")
+
+
+def _dim3(d):
+    d = (d,) if isinstance(d, int) else tuple(d)
+    return d + (1,) * (3 - len(d))
+
+
+def _check(err, what):
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err!r}")
+
+
+# ---- set_rows' ids: checked on the GPU ---------------------------------------------------------------
+_STATE = {}
+
+
+def _state(name):
+    """Device words made once: 'zero_ids' (1 id, for calls without row_ids), 'flag' (check_rows_kernel's
+    verdict for the next launch), 'refused' (mapped host memory: set by a kernel that refused its ids)."""
+    if not _STATE:
         from numba import cuda
-        _NO_ROWS.append(cuda.to_device(np.zeros(1, np.int64)))
-    return _NO_ROWS[0]
+        _STATE["zero_ids"] = _view(cuda.to_device(np.zeros(1, np.int64)), "ids", None, 1)
+        _STATE["flag"] = _view(cuda.to_device(np.zeros(1, np.int32)), "flag", None, 1)
+        refused = cuda.mapped_array(1, np.int32)
+        refused[0] = 0
+        _STATE["refused_host"] = refused
+        _STATE["refused"] = _view(refused, "refused", None, 1)
+    return _STATE[name]
+
+
+def raise_refused():
+    """Raise the ValueError of a set_rows whose ids the GPU refused (it wrote nothing), once; a read of
+    host memory, no sync: a call still queued on the GPU is not seen yet."""
+    if _STATE and _STATE["refused_host"][0]:
+        _STATE["refused_host"][0] = 0
+        raise ValueError("set_rows: row_ids held an id outside [0, cache rows); that call wrote nothing "
+                         "(checked on the GPU, reported at the first call after it ran)")
 
 
 def _row_ids(row_ids, n_rows, n_cache_rows):
-    ids = _dev(row_ids, "row_ids", None, 1)
+    """(ids view, n_check, n_cache_rows, flag, refused): the ids' check arguments every writing kernel
+    takes (rows_refused in kernels.py); more than kernels.IDS_CHECKED_IN_KERNEL ids are checked by a
+    launch before."""
+    if row_ids is None:
+        return _Flat(_state("zero_ids")), 0, 1, _Flat(_state("flag")), _Flat(_state("refused"))
+    ids = _view(row_ids, "row_ids", None, 1)
     if ids.dtype not in (np.int32, np.int64):
         raise TypeError(f"row_ids: expected int32 or int64, got {ids.dtype}")
     if ids.shape[0] != n_rows:
         raise ValueError(f"row_ids: {ids.shape[0]} ids for {n_rows} rows")
-    host = ids.copy_to_host()   # the kernels store through the ids unchecked: check them here
-    if host.size and (host.min() < 0 or host.max() >= n_cache_rows):
-        raise ValueError(f"row_ids: ids must lie in [0, {n_cache_rows}) (the cache's rows), "
-                         f"got [{host.min()}, {host.max()}]")
-    return ids
+    n_check = n_rows
+    k = _k()
+    if n_rows > k.IDS_CHECKED_IN_KERNEL:
+        _launch(k.check_rows_kernel, 1, k.CHECK_TPB, [_Flat(ids), n_cache_rows, _Flat(_state("flag"))])
+        n_check = -1
+    return _Flat(ids), n_check, n_cache_rows, _Flat(_state("flag")), _Flat(_state("refused"))
 
 
+# ---- the entry points --------------------------------------------------------------------------------
 def _tiles(n_values):
     k = _k()
-    return (max(1, -(-n_values // (k.TPB * 32))), k.TPB)
+    return max(1, -(-n_values // (k.TPB * 32))), k.TPB
 
 
 def _steps(n_steps):
     k = _k()
-    return (max(1, min(1 << 16, -(-n_steps // k.VALUE_TPB))), k.VALUE_TPB)
+    return max(1, min(1 << 16, -(-n_steps // k.VALUE_TPB))), k.VALUE_TPB
 
 
-def _value_bits(d, info):
-    return d.view(np.uint32 if info.type_size == 4 else np.uint16)      # (rows, cols) value bits
+def _value_bits(info):
+    return np.uint32 if info.type_size == 4 else np.uint16      # (rows, cols) value bits
 
 
 def quantize(x, out, info, flavor_code):
-    _write(x, out, info, flavor_code, None, 0, np.float32(0))
+    _write(x, out, info, flavor_code, None, None, 0)
 
 
 def set_rows(cache, row_ids, values, info, flavor_code):
-    _write(values, cache, info, flavor_code, row_ids, 0, np.float32(0))
+    _write(values, cache, info, flavor_code, row_ids, None, 0)
 
 
 def rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None):
-    xd = _dev(x, "x", np.float32, 2)
-    _check_rotation(xd.shape[1], n, info)
-    _write(xd, out, info, flavor_code, row_ids, n, scale)
+    _write(x, out, info, flavor_code, row_ids, n, scale)
 
 
 def _write(x, out, info, flavor_code, row_ids, n, scale):
-    """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids)."""
+    """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids);
+    n None: no rotation."""
+    raise_refused()
     _check_info(info)
     if flavor_code not in (0, 1, 2) or isinstance(flavor_code, bool):
         raise ValueError(f"flavor_code: expected 0 (ref), 1 (cpu) or 2 (cuda), got {flavor_code!r}")
     k = _k()
-    xd = _dev(x, "x", np.float32, 2)
-    od = _dev(out, "out", np.uint8, 2)
-    rows, cols = xd.shape
+    xv = _view(x, "x", np.float32, 2)
+    ov = _view(out, "out", np.uint8, 2)
+    rows, cols = xv.shape
     if cols % info.block_size:
         raise ValueError(f"x: the last dimension ({cols}) must hold whole {info.name} blocks")
+    if n is not None:
+        _check_rotation(cols, n, info)
     row_bytes = info.row_bytes(cols)
-    if od.shape[1] != row_bytes or (row_ids is None and od.shape[0] != rows):
-        raise ValueError(f"out: {tuple(od.shape)} does not fit {info.name} rows of x {tuple(xd.shape)}"
+    if ov.shape[1] != row_bytes or (row_ids is None and ov.shape[0] != rows):
+        raise ValueError(f"out: {tuple(ov.shape)} does not fit {info.name} rows of x {tuple(xv.shape)}"
                          f" ({row_bytes} bytes per row)")
-    ids = _no_rows() if row_ids is None else _row_ids(row_ids, rows, od.shape[0])
-    if xd.size == 0:
+    if not info.is_quantized:
+        _check_value_alignment(ov, info, "out")
+    if xv.size == 0:
         return
+    check = _row_ids(row_ids, rows, ov.shape[0])
     remap = 0 if row_ids is None else row_bytes
     if not info.is_quantized:
-        _check_value_alignment(od, info, "out")
-        if cols % 4 == 0 and _aligned(xd, 16) and _aligned(od, 16):
-            k.value_kernels(info).quantize[_steps(xd.size // 4)](
-                _flat(xd), _flat(od), flavor_code, xd.size // 4, cols, ids, row_ids is not None)
+        kernels = k.value_kernels(info)
+        if cols % 4 == 0 and _aligned(xv, 16) and _aligned(ov, 16):
+            _launch(kernels.quantize, *_steps(xv.size // 4),
+                    [_Flat(xv), _Flat(ov), flavor_code, xv.size // 4, cols, remap > 0, *check])
         else:
-            k.value_kernels(info).quantize_any[_steps(xd.size)](xd, _value_bits(od, info), flavor_code,
-                                                                ids, row_ids is not None)
-        return
-    width = 16 if remap == 0 and _aligned(od, 16) else 4 if remap % 4 == 0 and _aligned(od, 4) else 1
-    k.quantize_kernel(info, int(flavor_code))[_tiles(xd.size)](_flat(xd), _flat(od), xd.size // 32,
-                                                               _aligned(xd, 16), width, ids, remap, n,
-                                                               np.float32(scale))
+            _launch(kernels.quantize_any, *_steps(xv.size),
+                    [_Full(xv), _Full(ov, _value_bits(info)), flavor_code, remap > 0, *check])
+    else:
+        width = 16 if remap == 0 and _aligned(ov, 16) else 4 if remap % 4 == 0 and _aligned(ov, 4) else 1
+        _launch(k.quantize_kernel(info, int(flavor_code)), *_tiles(xv.size),
+                [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, n or 0, np.float32(scale), *check])
+    if row_ids is not None:
+        raise_refused()          # the simulator has run it already; a GPU seldom has
 
 
 def dequantize(raw, out, info):
-    _read(raw, out, info, 0, np.float32(0))
+    _read(raw, out, info, None, 0)
 
 
 def dequantize_unrotate(raw, out, info, n, scale):
-    od = _dev(out, "out", np.float32, 2)
-    _check_rotation(od.shape[1], n, info)
-    _read(raw, od, info, n, scale)
+    _read(raw, out, info, n, scale)
 
 
 def _read(raw, out, info, n, scale):
+    """dequantize / dequantize_unrotate (n None: no rotation)."""
+    raise_refused()
     _check_info(info)
     k = _k()
-    rd = _dev(raw, "raw", np.uint8, 2)
-    od = _dev(out, "out", np.float32, 2)
-    rows, cols = od.shape
-    if cols % info.block_size or rd.shape != (rows, info.row_bytes(cols)):
-        raise ValueError(f"raw: {tuple(rd.shape)} does not hold {info.name} rows of out {tuple(od.shape)}")
-    if od.size == 0:
+    rv = _view(raw, "raw", np.uint8, 2)
+    ov = _view(out, "out", np.float32, 2)
+    rows, cols = ov.shape
+    if n is not None:
+        _check_rotation(cols, n, info)
+    if cols % info.block_size or rv.shape != (rows, info.row_bytes(cols)):
+        raise ValueError(f"raw: {tuple(rv.shape)} does not hold {info.name} rows of out {tuple(ov.shape)}")
+    if not info.is_quantized:
+        _check_value_alignment(rv, info, "raw")
+    if ov.size == 0:
         return
     if not info.is_quantized:
-        _check_value_alignment(rd, info, "raw")
-        if cols % 4 == 0 and _aligned(rd, 16) and _aligned(od, 16):
-            k.value_kernels(info).dequantize[_steps(od.size // 4)](_flat(rd), _flat(od), od.size // 4)
+        kernels = k.value_kernels(info)
+        if cols % 4 == 0 and _aligned(rv, 16) and _aligned(ov, 16):
+            _launch(kernels.dequantize, *_steps(ov.size // 4), [_Flat(rv), _Flat(ov), ov.size // 4])
         else:
-            k.value_kernels(info).dequantize_any[_steps(od.size)](_value_bits(rd, info), od)
+            _launch(kernels.dequantize_any, *_steps(ov.size), [_Full(rv, _value_bits(info)), _Full(ov)])
         return
-    k.dequantize_kernel(info)[_tiles(od.size)](_flat(rd), _flat(od), od.size // 32, _aligned(rd, 16),
-                                               _aligned(od, 16), n, np.float32(scale))
+    _launch(k.dequantize_kernel(info), *_tiles(ov.size),
+            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), n or 0, np.float32(scale)])
 
 
 def _check_rotation(cols, n, info):
@@ -197,11 +369,12 @@ def _check_size(cols, n, smallest):
 
 def rotate(x, out, n, scale):
     """out = x @ H_n on every n-chunk of each row (H_n[0, 0] == scale); x, out (rows, cols) float32."""
-    xd = _dev(x, "x", np.float32, 2)
-    od = _dev(out, "out", np.float32, 2)
-    if od.shape != xd.shape:
-        raise ValueError(f"out: shape {tuple(od.shape)} differs from x's {tuple(xd.shape)}")
-    _check_size(xd.shape[1], n, 1)
-    if xd.size:
-        _k().rotate_kernel[_tiles(xd.size)](_flat(xd), _flat(od), xd.size, _aligned(xd, 16) and _aligned(od, 16),
-                                            n, np.float32(scale))
+    raise_refused()
+    xv = _view(x, "x", np.float32, 2)
+    ov = _view(out, "out", np.float32, 2)
+    if ov.shape != xv.shape:
+        raise ValueError(f"out: shape {tuple(ov.shape)} differs from x's {tuple(xv.shape)}")
+    _check_size(xv.shape[1], n, 1)
+    if xv.size:
+        _launch(_k().rotate_kernel, *_tiles(xv.size),
+                [_Flat(xv), _Flat(ov), xv.size, _aligned(xv, 16) and _aligned(ov, 16), n, np.float32(scale)])

@@ -118,7 +118,8 @@ scale_row = unrolled(_scale, 32, 2)         # scale_row(row, scale)
 def rotate_row(tile, row, n, scale, tpb):
     """row (thread t's 32 values) <- its part of chunk @ H_n for every n-chunk of the tile's values
     (H_n[0, 0] == scale); every thread calls it, with the tile's rows stale or not: for n > 32 the
-    rows go through the tile (overwritten), with barriers."""
+    rows go through the tile (overwritten), with barriers. On return thread t may write tile row t
+    (the only row it read last) with no barrier; other rows only after one."""
     fwht_row(row, n, scale)
     if n > 32:
         t = np.uint32(cuda.threadIdx.x)
@@ -132,4 +133,3 @@ def rotate_row(tile, row, n, scale, tpb):
             _columns_in_shared(tile, n >> 5, tpb)
             read_row(tile, t, row)
             scale_row(row, scale)
-        cuda.syncthreads()            # the tile is free again (the caller may write rows into it)

@@ -12,6 +12,8 @@ Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every
 2-3, rows past the end too (zeros, never stored): no divergence around the barriers.
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
+Every kernel that writes through set_rows' ids first asks rows_refused: the ids are checked on the
+GPU, before any byte is written, so that the host never waits for them.
 
 Kernels per type are templates instantiated with the type's device functions (its DeviceCodec, from
 kvlab.types' TypeInfo.gpu_codec()), as set-rows.cu instantiates its kernel with
@@ -26,12 +28,12 @@ import types
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, uint8, uint32
+from numba import cuda, float32, uint8
 
 from .. import FLAVORS
 from .fwht import rotate_row
 from .ops import SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4, st_u32, st_u32x2, st_u32x4
-from .quantizers import BEST_INDEX_LUT, KVALUES
+from .quantizers import BEST_INDEX_TABLE, KVALUES
 from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
 
 
@@ -131,25 +133,67 @@ def load_table(table, values):
         table[i] = values[i]
 
 
+# ---- set_rows' ids, checked before anything is written ---------------------------------------------
+CHECK_TPB = 32 if SIM else 1024
+IDS_CHECKED_IN_KERNEL = 4 if SIM else 1024      # up to this many ids every CUDA block checks them all
+
+
+@device
+def _ids_outside(row_ids, n_ids, n_cache_rows):
+    """Some id in row_ids[0:n_ids] lies outside [0, n_cache_rows): the block's answer, to every thread."""
+    bad = 0
+    for k in range(cuda.threadIdx.x, n_ids, cuda.blockDim.x):
+        r = row_ids[k]
+        if r < 0 or r >= n_cache_rows:
+            bad = 1
+    return cuda.syncthreads_or(bad) != 0
+
+
+@device
+def rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
+    """Every writing kernel asks this first, every thread of every CUDA block: n_check >= 0, check the
+    first n_check ids here (every block all of them: the same answer everywhere, so a refused call
+    writes nothing at all); n_check < 0, check_rows_kernel ran before and left its answer in flag[0].
+    A refusal sets refused[0] (host memory, read by the host without a sync). No ids: n_check 0."""
+    if n_check == 0:
+        return False
+    if n_check > 0:
+        bad = _ids_outside(row_ids, n_check, n_cache_rows)
+    else:
+        bad = flag[0] != 0
+    if bad and cuda.threadIdx.x == 0:
+        refused[0] = 1
+    return bad
+
+
+@cuda.jit(cache=True)
+def check_rows_kernel(row_ids, n_cache_rows, flag):
+    """One block of CHECK_TPB threads: flag[0] <- some id outside [0, n_cache_rows) (for set_rows with
+    more ids than every CUDA block should read)."""
+    bad = _ids_outside(row_ids, row_ids.shape[0], n_cache_rows)
+    if cuda.threadIdx.x == 0:
+        flag[0] = 1 if bad else 0
+
+
 # ---- the block-type kernels --------------------------------------------------------------------
-def _quantize(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
+def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check, n_cache_rows, flag, refused):
     """Template (QUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, FLAVOR, TABLES): see quantize_kernel."""
+    if rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
+        return                            # the whole block: no barrier below waits for it
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821 (instance constants)
-    lut = cuda.shared.array(32, uint32)
-    kv = cuda.shared.array(16, float32)
+    table = cuda.shared.array(BEST_INDEX_TABLE.size, float32, alignment=ALIGN)
     first = np.int64(cuda.blockIdx.x) * TPB
     r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (quantizers.py)
     if TABLES:                            # noqa: F821  a constant: numba drops the branch for other types
-        load_table(lut, BEST_INDEX_LUT)
-        load_table(kv, KVALUES)
+        load_table(table, BEST_INDEX_TABLE)
     load_tile(tile, x, first * 32, n_blocks * 32, vec)
     cuda.syncthreads()
     row = cuda.local.array(32, float32)
     read_row(tile, r, row)
     if n > 0:
         rotate_row(tile, row, n, scale, TPB)
-    QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, lut, kv)  # noqa: F821
+    QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, table)  # noqa: F821
     cuda.syncthreads()
     store_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE,  # noqa: F821
                 width, row_ids, row_bytes)
@@ -157,10 +201,11 @@ def _quantize(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale):
 
 @functools.cache
 def quantize_kernel(info, flavor):
-    """kernel(x, y, n_blocks, vec, width, row_ids, row_bytes, n, scale) for a block type (a TypeInfo):
-    x flat float32 (n_blocks * 32), y flat uint8; row_bytes > 0: source row k goes to row row_ids[k]
-    of y; n > 0: quantize x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time
-    constant too: a kernel then holds only its flavor's per-value code, not the other flavors' selects."""
+    """kernel(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check, n_cache_rows, flag,
+    refused) for a block type (a TypeInfo): x flat float32 (n_blocks * 32), y flat uint8; row_bytes > 0:
+    source row k goes to row row_ids[k] of y, once rows_refused has passed the ids; n > 0: quantize
+    x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time constant too: a kernel then
+    holds only its flavor's per-value code, not the other flavors' selects."""
     codec = info.gpu_codec()
     return _instantiate(_quantize, f"quantize_{info.name}_{FLAVORS[flavor]}", TILE_JIT,
                         QUANTIZE_BLOCK=codec.quantize, TYPE_SIZE=info.type_size,
@@ -232,9 +277,11 @@ def _high(w):
     return np.uint16(w >> np.uint32(16))
 
 
-def _value_quantize(x, y, flavor, n_quads, cols, row_ids, has_rows):
+def _value_quantize(x, y, flavor, n_quads, cols, has_rows, row_ids, n_check, n_cache_rows, flag, refused):
     """Template: x flat float32, y flat uint8; rows of cols values (cols % 4 == 0: every row's values
     are then in ggml-cpu's F16C chunks)."""
+    if rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
+        return
     for q in range(cuda.grid(1), n_quads, cuda.gridsize(1)):
         e = np.int64(q) * 4
         d = e
@@ -265,8 +312,10 @@ def _value_dequantize(y, out, n_quads):
                      BITS_VALUE(_low(w[1])), BITS_VALUE(_high(w[1])))            # noqa: F821
 
 
-def _value_quantize_any(x, y, flavor, row_ids, has_rows):
+def _value_quantize_any(x, y, flavor, has_rows, row_ids, n_check, n_cache_rows, flag, refused):
     """Template, one value per step: x (rows, cols) float32 -> y (dest_rows, cols) of value bits."""
+    if rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
+        return
     n = x.shape[0] * x.shape[1]
     cols = x.shape[1]
     simd_end = cols - cols % 4          # ggml-cpu's F16C chunks end here; the tail is scalar code
@@ -288,9 +337,9 @@ def _value_dequantize_any(y, out):
 
 
 class ValueKernels(NamedTuple):
-    quantize: object        # (x, y, flavor, n_quads, cols, row_ids, has_rows), 4 values a step
+    quantize: object        # (x, y, flavor, n_quads, cols, has_rows, *ids check), 4 values a step
     dequantize: object      # (y, out, n_quads)
-    quantize_any: object    # (x, y, flavor, row_ids, has_rows), one value a step
+    quantize_any: object    # (x, y, flavor, has_rows, *ids check), one value a step
     dequantize_any: object  # (y, out)
 
 

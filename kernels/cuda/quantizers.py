@@ -4,10 +4,10 @@ kvlab.types' TypeInfo.gpu_codec() returns and kernels.py instantiates its kernel
 
 A block's 32 float32 are in registers: ``row``, a 32-element local array that only constant indices
 touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type>(row, y, o, flavor,
-lut, kv)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
-buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared tables
-lut and kv (BEST_INDEX_LUT and the iq4_nl levels; only iq4_nl reads them) so that one kernel template
-calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every
+table)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
+buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared table
+BEST_INDEX_TABLE and every dequantizer the iq4_nl levels KVALUES (only iq4_nl reads them) so that one
+kernel template calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every
 block struct starts on an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and
 bytes (qs, qh) are gathered in 32-bit words in registers first (``words``, a local array too).
 The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
@@ -23,9 +23,9 @@ from numba import cuda
 from .. import CPU, CUDA, REF
 from ..fp import bf16_bits as cpu_bf16_bits
 from ..iq4_nl import KVALUES_F32 as KVALUES
-from .ops import (add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32,
-                  fma_ftz, fmax, fmin, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx, round_even, roundf,
-                  st_u16, sub, sub_ftz)
+from .ops import (add, add_ftz, add_rm, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits,
+                  fma_ftz, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_f32x4, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32,
+                  rcp_approx, round_even, roundf, st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
 QK = 32
@@ -45,20 +45,29 @@ _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
 
 
-def _best_index_lut():
-    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
-    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
-    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
-    in u): entry = (points below the bucket) | (the point inside, or 1023 for none) << 8."""
-    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
-    lut = np.zeros(32, np.uint32)
+def _best_index_table():
+    """best_index's table, 4 float32 per bucket b = floor((y + 256) / 16) of y = 2x in [-256, 256):
+    the levels below the bucket (as the bits of an int), the decision point 2m inside it (+inf for
+    none), KVALUES at those two indices. Doubling is exact and every decision point m = (KVALUES[k] +
+    KVALUES[k + 1]) / 2 is a multiple of 1/2, so 2m is an integer, and y >= 2m iff floor(y) >= 2m; the
+    points are >= 23 apart, so a bucket holds at most one."""
+    points = KVALUES[:-1] + KVALUES[1:]                                   # 2m, increasing
+    table = np.zeros((32, 4), np.float32)
     for b in range(32):
-        inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
-        lut[b] = int((points <= 16 * b).sum()) | (int(inside[0]) if inside.size else 1023) << 8
-    return lut
+        low = 16 * b - 256
+        below = int((points <= low).sum())
+        inside = points[(points > low) & (points < low + 16)]
+        table[b, 0] = np.array(below, np.uint32).view(np.float32)
+        table[b, 1] = inside[0] if inside.size else np.inf
+        table[b, 2] = KVALUES[below]
+        table[b, 3] = KVALUES[min(below + 1, 15)]
+    return table.reshape(-1)                                              # (128,)
 
 
-BEST_INDEX_LUT = _best_index_lut()
+BEST_INDEX_TABLE = _best_index_table()
+# add.rm(y, _BUCKET_MAGIC) = 1.5 * 2^27 + 16 b: floats there are 16 apart, so rounding toward -inf
+# floors (y + 256) / 16, and the low 5 bits of the result's bits are b (1.5 * 2^27's are zero)
+_BUCKET_MAGIC = F(1.5 * 2.0 ** 27 + 256.0)
 
 # Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
 # was most of the instructions per value (ncu: the quantizers were SM-bound); o comes unsigned.
@@ -153,25 +162,43 @@ def recip(d, flavor):
     return div(_ONE, d) if d != _ZERO else _ZERO
 
 
+_CHAINS = 4                                  # signed_absmax's independent runs of QK / _CHAINS values
+
+
 @device
 def _signed_absmax_step(row, acc, flavor, j):
+    """Run j // 8 of the search: acc[2c], acc[2c + 1] = (amax, vmax) of values 8c .. j."""
     v = row[j]
     a = ftz(abs(v)) if flavor == CUDA else abs(v)
-    if a > acc[0]:
-        acc[0] = a
-        acc[1] = v
+    c = 2 * (j // (QK // _CHAINS))
+    if a > acc[c]:
+        acc[c] = a
+        acc[c + 1] = v
 
 
 _signed_absmax = unrolled(_signed_absmax_step, QK, 3)
 
 
 @device
+def _merge_run(acc, c):
+    if acc[2 * c] > acc[0]:                  # strict: on a tie the earlier run's value stays
+        acc[0] = acc[2 * c]
+        acc[1] = acc[2 * c + 1]
+
+
+_merge_runs = unrolled(_merge_run, _CHAINS, 1, start=1)
+_zero_runs = unrolled(_fill_word, 2 * _CHAINS, 2)
+
+
+@device
 def signed_absmax(row, flavor):
-    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
-    acc = cuda.local.array(2, np.float32)
-    acc[0] = _ZERO
-    acc[1] = _ZERO
+    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins). Four runs
+    of 8 values side by side (a dependency chain a quarter as long), merged in order: the serial loop's
+    answer, since a later run's value wins only when strictly larger."""
+    acc = cuda.local.array(2 * _CHAINS, np.float32)
+    _zero_runs(acc, _ZERO)
     _signed_absmax(row, acc, flavor)
+    _merge_runs(acc)
     return acc[0], acc[1]
 
 
@@ -224,7 +251,7 @@ _q8_bytes = unrolled(_q8_byte, QK, 4)
 
 
 @device
-def quantize_q8_0(row, y, o, flavor, lut, kv):
+def quantize_q8_0(row, y, o, flavor, table):
     if flavor == CPU:
         amax = _avx_absmax(row)
         d = div(amax, F(127.0))
@@ -283,7 +310,7 @@ _q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
 
 
 @device
-def quantize_q4_0(row, y, o, flavor, lut, kv):
+def quantize_q4_0(row, y, o, flavor, table):
     idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -331,7 +358,7 @@ _q5_0_pairs = unrolled(_q5_0_pair, 16, 4)
 
 
 @device
-def quantize_q5_0(row, y, o, flavor, lut, kv):
+def quantize_q5_0(row, y, o, flavor, table):
     idv = _sym_scale(row, y, o, flavor, F(-16.0), F(-0.0625))
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -359,41 +386,85 @@ def dequantize_q5_0(y, o, row, kv):
 
 # ---- q4_1 / q5_1: d = (max - min) / 15 (31), (x - min)*id + 0.5 -------------------------------
 @device
-def _min_max_step(row, acc, flavor, j):
-    """acc = (lo, hi, ftz(lo), ftz(hi)): setp.*.ftz compares flushed values and keeps v."""
-    v = row[j]
-    if flavor == CUDA:
-        fv = ftz(v)
-        if fv < acc[2]:
-            acc[0] = v
-            acc[2] = fv
-        if fv > acc[3]:
-            acc[1] = v
-            acc[3] = fv
+def _lo(a, b, flavor):
+    return fmin_ftz(a, b) if flavor == CUDA else fmin(a, b)
+
+
+@device
+def _hi(a, b, flavor):
+    return fmax_ftz(a, b) if flavor == CUDA else fmax(a, b)
+
+
+def _min_max_tree_source():
+    """min_max_tree(row, flavor): (min, max) of the 32 values by a tree of min/max.f32 (flushed
+    compares for cuda), NaN dropped (NaN only when all are); any order gives the same but for the sign
+    of a zero result."""
+    lines = [f"lo{k}, hi{k} = _lo(row[{2 * k}], row[{2 * k + 1}], flavor), _hi(row[{2 * k}], row[{2 * k + 1}], flavor)"
+             for k in range(QK // 2)]
+    w = QK // 4
+    while w:
+        lines += [f"lo{k}, hi{k} = _lo(lo{k}, lo{k + w}, flavor), _hi(hi{k}, hi{k + w}, flavor)" for k in range(w)]
+        w //= 2
+    return "def min_max_tree(row, flavor):\n" + "".join(f"    {line}\n" for line in lines) + "    return lo0, hi0\n"
+
+
+def _compile_min_max_tree():
+    scope = {"_lo": _lo, "_hi": _hi}
+    exec(_min_max_tree_source(), scope)
+    return device(scope["min_max_tree"])
+
+
+min_max_tree = _compile_min_max_tree()
+
+
+@device
+def _zero_class(v, flavor):
+    return (ftz(v) if flavor == CUDA else v) == _ZERO
+
+
+@device
+def _first_zero_step(row, acc, flavor, j):
+    v = row[QK - 1 - j]                   # backwards: the first one is written last
+    if _zero_class(v, flavor):
+        acc[0] = v
+
+
+_first_zero = unrolled(_first_zero_step, QK, 3)
+
+
+@device
+def first_zero(row, flavor):
+    """The first value that compares equal to 0 (its sign, which the min/max tree loses)."""
+    acc = cuda.local.array(1, np.float32)
+    acc[0] = _ZERO
+    _first_zero(row, acc, flavor)
+    return acc[0]
+
+
+@device
+def min_max(row, flavor, from_first):
+    """ggml's `if (v < min) min = v; if (v > max) max = v;` from FLT_MAX / -FLT_MAX, or from row[0]
+    over the rest (from_first): the first of equal values kept, NaN never taken, setp.ftz comparing
+    flushed values for cuda. The tree gives the same min and max except when one is 0: then it is the
+    first value equal to 0 (the serial loop meets no smaller one before it). From a NaN row[0] the loop
+    never moves."""
+    lo, hi = min_max_tree(row, flavor)
+    if from_first:
+        if row[0] != row[0]:
+            return row[0], row[0]
     else:
-        if v < acc[0]:
-            acc[0] = v
-        if v > acc[1]:
-            acc[1] = v
-
-
-_min_max_all = unrolled(_min_max_step, QK, 3)
-_min_max_rest = unrolled(_min_max_step, QK, 3, start=1)
+        lo = _lo(lo, _FLT_MAX, flavor)        # all NaN, or all +inf: FLT_MAX stays
+        hi = _hi(hi, -_FLT_MAX, flavor)
+    if _zero_class(lo, flavor):
+        lo = first_zero(row, flavor)
+    if _zero_class(hi, flavor):
+        hi = first_zero(row, flavor)
+    return lo, hi
 
 
 @device
 def _affine_scale(row, y, o, flavor, levels, inv_levels, from_first):
-    acc = cuda.local.array(4, np.float32)
-    acc[0] = row[0] if from_first else _FLT_MAX
-    acc[1] = row[0] if from_first else -_FLT_MAX
-    acc[2] = ftz(acc[0])
-    acc[3] = ftz(acc[1])
-    if from_first:
-        _min_max_rest(row, acc, flavor)
-    else:
-        _min_max_all(row, acc, flavor)
-    lo = acc[0]
-    hi = acc[1]
+    lo, hi = min_max(row, flavor, from_first)
     d = mul_ftz(sub_ftz(hi, lo), inv_levels) if flavor == CUDA else div(sub(hi, lo), levels)
     st_u16(y, o, half_bits(d, flavor))
     st_u16(y, o + 2, half_bits(lo, flavor))
@@ -418,7 +489,7 @@ _q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
 
 
 @device
-def quantize_q4_1(row, y, o, flavor, lut, kv):
+def quantize_q4_1(row, y, o, flavor, table):
     lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -461,7 +532,7 @@ _q5_1_pairs = unrolled(_q5_1_pair, 16, 5)
 
 
 @device
-def quantize_q5_1(row, y, o, flavor, lut, kv):
+def quantize_q5_1(row, y, o, flavor, table):
     lo, idv = _affine_scale(row, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -489,19 +560,20 @@ def dequantize_q5_1(y, o, row, kv):
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def best_index(y, lut, clamp):
-    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the nearest level, a tie
-    going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the
-    exact midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked
-    against ggml's search on all 2^32 floats); every m is a multiple of 1/2, so floor(2x) decides, and
-    lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so any lookups of a warp are one
-    access) counts them. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
-    a number in [-256, 255] (an infinite one would index past the table)."""
+def best_level(y, table, clamp):
+    """(q, KVALUES[q]) for best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the
+    nearest level, a tie going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically
+    and are equal at the exact midpoint m = (lo + hi) / 2, so q is the number of midpoints with
+    !(x < m) (checked against ggml's search on all 2^32 floats); table (BEST_INDEX_TABLE in shared
+    memory) holds per 16-wide bucket of y the count below it and the one midpoint inside: one 16-byte
+    load, one compare. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
+    a number in [-256, 256) or the caller drops the result (a NaN then reads some bucket, in bounds)."""
     if clamp:
         y = fmax(fmin(y, F(255.0)), F(-256.0))
-    u = np.uint32(floor_i32(y) + np.int32(256))
-    e = lut[u >> np.uint32(4)]
-    return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
+    b = f32_bits(add_rm(y, _BUCKET_MAGIC)) & np.uint32(31)
+    e = ld_f32x4(table, b << np.uint32(2))
+    up = y >= e[1]
+    return np.int32(f32_bits(e[0])) + (np.int32(1) if up else np.int32(0)), e[3] if up else e[2]
 
 
 @device
@@ -513,50 +585,47 @@ def _twice_x(v, s, flavor, clamp):
 
 
 @device
-def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
+def _iq4_ref_value(row, words, acc, idv, table, clamp, j):
     """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
     v = row[j]
-    q = best_index(_twice_x(v, idv, REF, clamp), lut, clamp)
-    k = kv[q]
+    q, k = best_level(_twice_x(v, idv, REF, clamp), table, clamp)
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
     acc[1] = add(acc[1], mul(wk, k))
     words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
 
 
-_iq4_ref_values = unrolled(_iq4_ref_value, QK, 7)
+_iq4_ref_values = unrolled(_iq4_ref_value, QK, 6)
 
 
 @device
-def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
+def _iq4_cuda_pair(row, words, acc, idv, table, clamp, j):
     """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
     v0 = row[j]
     v1 = row[j + 16]
-    q0 = best_index(_twice_x(v0, idv, CUDA, clamp), lut, clamp)
-    q1 = best_index(_twice_x(v1, idv, CUDA, clamp), lut, clamp)
+    q0, k0 = best_level(_twice_x(v0, idv, CUDA, clamp), table, clamp)
+    q1, k1 = best_level(_twice_x(v1, idv, CUDA, clamp), table, clamp)
     set_byte(words, j, q0 | (q1 << 4))
-    k0 = kv[q0]
-    k1 = kv[q1]
     t0 = mul_ftz(mul_ftz(v0, v0), k0)
     t1 = mul_ftz(mul_ftz(v1, v1), k1)
     acc[0] = add_ftz(acc[0], fma_ftz(v0, t0, mul_ftz(v1, t1)))
     acc[1] = add_ftz(acc[1], fma_ftz(t0, k0, mul_ftz(t1, k1)))
 
 
-_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 7)
+_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 6)
 
 
 @device
-def _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, clamp):
+def _iq4_indices_and_sums(row, words, acc, idv, table, flavor, clamp):
     """words[0:4] <- the packed indices, acc <- (sum of w q x, sum of w q^2); idv is 1/d with clamp,
     2/d without."""
     fill_words_4(words, np.uint32(0))
     acc[0] = _ZERO
     acc[1] = _ZERO
     if flavor == CUDA:
-        _iq4_cuda_pairs(row, words, acc, idv, lut, kv, clamp)
+        _iq4_cuda_pairs(row, words, acc, idv, table, clamp)
     else:
-        _iq4_ref_values(row, words, acc, idv, lut, kv, clamp)
+        _iq4_ref_values(row, words, acc, idv, table, clamp)
 
 
 @device
@@ -565,8 +634,8 @@ def _finite(v):
 
 
 @device
-def quantize_iq4_nl(row, y, o, flavor, lut, kv):
-    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory.
+def quantize_iq4_nl(row, y, o, flavor, table):
+    """table: BEST_INDEX_TABLE in shared memory.
     With a finite 2/d every x = v / d is within 127 (1 + 1e-6) or NaN (v NaN, or v infinite and
     1/d = 0), so best_index runs on (2/d) v without its clamps; a NaN anywhere makes the sums NaN, and
     such blocks run again with them (NaN must index 15): three instructions a value fewer for the rest."""
@@ -581,9 +650,9 @@ def quantize_iq4_nl(row, y, o, flavor, lut, kv):
     idv2 = add(idv, idv)
     fast = _finite(idv2)
     if fast:
-        _iq4_indices_and_sums(row, words, acc, idv2, lut, kv, flavor, False)
+        _iq4_indices_and_sums(row, words, acc, idv2, table, flavor, False)
     if not (fast and _finite(acc[0]) and _finite(acc[1])):
-        _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, True)
+        _iq4_indices_and_sums(row, words, acc, idv, table, flavor, True)
     if flavor == CUDA:
         if acc[1] > _ZERO:
             d = mul_ftz(acc[0], rcp_approx(acc[1]))
@@ -645,10 +714,10 @@ def bf16_to_f32(h):
 
 # ---- the codecs: what kernels.py instantiates its kernels with, per type ------------------------
 class DeviceCodec(NamedTuple):
-    """A type's device functions. Block types: quantize(row, y, o, flavor, lut, kv) and
+    """A type's device functions. Block types: quantize(row, y, o, flavor, table) and
     dequantize(y, o, row, kv) on one 32-value block; f32/f16/bf16: quantize(v, flavor, in_simd_chunk)
     -> the value's bits (uint32 / uint16) and dequantize(bits) -> float32. tables: the kernel stages
-    BEST_INDEX_LUT and KVALUES in shared memory for it."""
+    BEST_INDEX_TABLE (quantize) or KVALUES (dequantize) in shared memory for it."""
     quantize: Callable
     dequantize: Callable
     tables: bool = False

@@ -5,7 +5,8 @@
 test_cuda_sim.py runs this once per session (the simulator must be chosen before numba.cuda is first
 imported, so it runs in its own process) and compares each output with the CPU kernels and with
 ggml-cuda's bytes, one test per output. Keys: quantize/<type>/<flavor>/<case>, dequantize/<type>/<case>,
-rotate/<n>, rotate_quantize/<n>/<flavor>, dequantize_unrotate/<n>, set_rows_f16/<cols>, api/<what>.
+rotate/<n>, rotate_quantize/<n>/<flavor>, dequantize_unrotate/<n>, set_rows_f16/<cols>,
+set_rows_ids[_raised]/<n_ids>/<bad>, api/<what>.
 Shapes are tiny: the simulator runs every GPU thread as a Python thread.
 """
 import os
@@ -21,6 +22,7 @@ CASES = ("normal", "ties_pm", "subnormal_mixed", "nan", "inf", "zeros")
 ROTATIONS = (((2, 256), 1), ((2, 256), 4), ((2, 256), 64), ((2, 256), 256), ((2, 512), 512))   # (shape, n)
 FUSED = ((64, "ref"), (256, "cuda"), (512, "cpu"))                                                 # (n, flavor)
 FUSED_ROW_IDS = (2, 0)                      # rotate_quantize writes rows 0, 1 of x to these rows of a 3-row cache
+SET_ROWS_IDS = (2, 6)                       # ids per set_rows: checked in every CUDA block / by a kernel first
 
 
 def rotation_input(inputs, shape):
@@ -61,6 +63,20 @@ def run(inputs) -> dict:
         cache = cuda.to_device(np.zeros((3, 2 * cols), np.uint8))
         kc.set_rows(cache, cuda.to_device(np.array([1, 2], np.int32)), cuda.to_device(v), TYPES["f16"], 1)
         out[f"set_rows_f16/{cols}"] = cache.copy_to_host()
+    for n_ids in SET_ROWS_IDS:        # every CUDA block checks the ids / check_rows_kernel does first
+        v = np.ascontiguousarray(inputs["normal"][:n_ids, :32])                 # (n_ids, 32): q8_0 rows
+        for bad in (False, True):
+            ids = np.arange(n_ids)[::-1].copy()
+            if bad:
+                ids[n_ids // 2] = n_ids                                          # past the cache's rows
+            cache = cuda.to_device(np.full((n_ids, 34), 0xAB, np.uint8))
+            try:
+                kc.set_rows(cache, cuda.to_device(ids), cuda.to_device(v), TYPES["q8_0"], 0)
+                raised = False
+            except ValueError:
+                raised = True
+            out[f"set_rows_ids/{n_ids}/{bad}"] = cache.copy_to_host()
+            out[f"set_rows_ids_raised/{n_ids}/{bad}"] = np.array(raised)
     # the public API routes device arrays to these kernels
     dev = cuda.to_device(np.ascontiguousarray(inputs["ties_pm"][:2, :64]))       # (2, 64)
     for name in ("q4_1", "f16"):

@@ -103,6 +103,17 @@ def test_set_rows_f16_equals_cpu(cols, sim, golden_inputs):
     assert_same_bits(sim[f"set_rows_f16/{cols}"], want, 2, f"set_rows f16 cols={cols}")
 
 
+@pytest.mark.parametrize("n_ids", sim_run.SET_ROWS_IDS)
+def test_set_rows_checks_ids_on_the_gpu(n_ids, sim, golden_inputs):
+    """In range: the rows land (ids reversed); one id past the cache: not a byte written, ValueError."""
+    v = np.ascontiguousarray(golden_inputs["normal"][:n_ids, :32])
+    assert not sim[f"set_rows_ids_raised/{n_ids}/False"]
+    assert_same_bits(sim[f"set_rows_ids/{n_ids}/False"], kvlab.quantize(v, "q8_0", "ref").raw[::-1], 34,
+                     f"set_rows of {n_ids} ids")
+    assert sim[f"set_rows_ids_raised/{n_ids}/True"]
+    assert (sim[f"set_rows_ids/{n_ids}/True"] == 0xAB).all(), "a refused set_rows wrote bytes"
+
+
 @pytest.mark.parametrize("name", ["q4_1", "f16"])
 def test_public_api_on_device_arrays_equals_host_calls(name, sim, golden_inputs):
     h = np.ascontiguousarray(golden_inputs["ties_pm"][:2, :64])
