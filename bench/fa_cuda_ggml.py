@@ -172,6 +172,7 @@ def rotated(x: np.ndarray, rot, device):
 def warm_pair(pair: str, head_dims, splits: int) -> float:
     """Compile kvlab's kernels of one pair (numba's cache keeps them for the run), seconds."""
     import torch
+    import kvlab.kernels.cuda.kernels  # noqa: F401  loads numba-cuda's array overloads (np.row_stack alias, numpy 2.5)
     from kvlab.kernels.cuda import flash_decode as fd
     from kvlab.types import type_info
     t0 = time.perf_counter()
