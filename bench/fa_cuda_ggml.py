@@ -271,6 +271,7 @@ def main() -> None:
     if proc is not None and proc.wait() != 0:
         sys.exit(f"fattn_build.sh failed ({proc.returncode})")
     build_s = None if t_build is None else time.perf_counter() - t_build
+    print(f"kvlab kernels compiled in {warm_s:.1f} s, ggml-cuda's built in {build_s} s", file=sys.stderr, flush=True)
 
     import torch
     from kvlab.accuracy.attention import exact_attention
