@@ -139,7 +139,8 @@ def check_set_rows(rows, xg, types):
             kc.set_rows(cache, torch.as_tensor(ids, device="cuda"), xg[:n], info, 2)
             want = np.zeros((2 * n, info.row_bytes(COLS)), np.uint8)
             want[ids] = cpu_quantize(rows[:n], name, "cuda")
-            emit(check="set_rows", type=name, flavor="cuda", rows=n, gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
+            emit(check="set_rows", type=name, flavor="cuda", rows=n,
+                 gpu_vs_cpu_kernel=blocks_differ(cache.cpu(), want, info))
             ids[n // 2] = 2 * n                                    # one id past the cache
             before = cache.clone()
             try:

@@ -141,14 +141,17 @@ def _launch(kernel, grid, block, args):
             key.append(a)
     key = tuple(key)
     direct = _DIRECT.get(key)
-    if direct is not None:
+    if direct:
         direct(ptrs)
         return
     numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
     kernel[grid, block](*numba_args)                 # compiles or loads, binds the module
-    if len(_DIRECT) >= _DIRECT_KEYS:                 # many shapes (a prefill of every length): start over
-        _DIRECT.clear()
-    _DIRECT[key] = _DirectLaunch(kernel, grid, block, numba_args)
+    if direct is None:
+        if len(_DIRECT) >= _DIRECT_KEYS:             # many shapes (a prefill of every length): start over
+            _DIRECT.clear()
+        overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in numba_args))
+        # None: the dispatcher converted an argument to an overload of other types; it keeps this key
+        _DIRECT[key] = False if overload is None else _DirectLaunch(overload, grid, block, numba_args)
 
 
 _DIRECT = {}
@@ -161,10 +164,9 @@ class _DirectLaunch:
     nitems, itemsize, data, shape.., strides.., each pointer-sized; scalars as their C type), launched
     by cuLaunchKernel; a call sets the arrays' data pointers, the only parameters that vary."""
 
-    def __init__(self, kernel, grid, block, numba_args):
+    def __init__(self, overload, grid, block, numba_args):
         from cuda.bindings import driver
         from numba.cuda import types
-        overload = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in numba_args)]
         err, self.func = driver.cuKernelGetFunction(overload._codelibrary.get_cufunc().handle)
         _check(err, "cuKernelGetFunction")
         self.launch = driver.cuLaunchKernel
@@ -306,14 +308,15 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
         kernels = k.value_kernels(info)
         if cols % 4 == 0 and _aligned(xv, 16) and _aligned(ov, 16):
             _launch(kernels.quantize, *_steps(xv.size // 4),
-                    [_Flat(xv), _Flat(ov), flavor_code, xv.size // 4, cols, remap > 0, *check])
+                    [_Flat(xv), _Flat(ov), int(flavor_code), xv.size // 4, cols, remap > 0, *check])
         else:
             _launch(kernels.quantize_any, *_steps(xv.size),
-                    [_Full(xv), _Full(ov, _value_bits(info)), flavor_code, remap > 0, *check])
+                    [_Full(xv), _Full(ov, _value_bits(info)), int(flavor_code), remap > 0, *check])
     else:
         width = 16 if remap == 0 and _aligned(ov, 16) else 4 if remap % 4 == 0 and _aligned(ov, 4) else 1
         _launch(k.quantize_kernel(info, int(flavor_code)), *_tiles(xv.size),
-                [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, n or 0, np.float32(scale), *check])
+                [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
+                 np.float32(scale), *check])
     if row_ids is not None:
         raise_refused()          # the simulator has run it already; a GPU seldom has
 
@@ -350,7 +353,7 @@ def _read(raw, out, info, n, scale):
             _launch(kernels.dequantize_any, *_steps(ov.size), [_Full(rv, _value_bits(info)), _Full(ov)])
         return
     _launch(k.dequantize_kernel(info), *_tiles(ov.size),
-            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), n or 0, np.float32(scale)])
+            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale)])
 
 
 def _check_rotation(cols, n, info):
@@ -377,4 +380,4 @@ def rotate(x, out, n, scale):
     _check_size(xv.shape[1], n, 1)
     if xv.size:
         _launch(_k().rotate_kernel, *_tiles(xv.size),
-                [_Flat(xv), _Flat(ov), xv.size, _aligned(xv, 16) and _aligned(ov, 16), n, np.float32(scale)])
+                [_Flat(xv), _Flat(ov), xv.size, _aligned(xv, 16) and _aligned(ov, 16), int(n), np.float32(scale)])
