@@ -49,24 +49,29 @@ class RoundingLayer(DynamicLayer):
         return super().update(rounded(key_states), rounded(value_states), *args, **kwargs)
 
 
-def test_f32_cache_reproduces_dynamic_cache_exactly(model, prompt):
+@pytest.mark.parametrize("storage", ["bytes", "floats"])
+def test_f32_cache_reproduces_dynamic_cache_exactly(model, prompt, storage):
+    """Under the model's own attention (sdpa): the bytes storage dequantizes every row at each call, the floats
+    storage keeps them; both give DynamicCache's logits bit for bit."""
     expected = run_steps(model, prompt, DynamicCache(config=model.config))
-    got = run_steps(model, prompt, GGMLQuantizedCache(model.config, "f32", "f32"))
+    got = run_steps(model, prompt, GGMLQuantizedCache(model.config, "f32", "f32", storage=storage))
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
     out_dyn = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
-    out = model.generate(prompt, cache=GGMLQuantizedCache(model.config, "f32", "f32"), max_new_tokens=NEW_TOKENS,
+    out = model.generate(prompt, cache=GGMLQuantizedCache(model.config, "f32", "f32", storage=storage),
+                         max_new_tokens=NEW_TOKENS,
                          do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, out_dyn.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, out_dyn.logits))
 
 
+@pytest.mark.parametrize("storage", ["bytes", "floats"])
 @pytest.mark.parametrize("type_name,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_cache_is_the_dynamic_cache_rounded_to_half(model, prompt, type_name, dtype):
+def test_half_cache_is_the_dynamic_cache_rounded_to_half(model, prompt, type_name, dtype, storage):
     rounded = Cache(layers=[RoundingLayer(dtype) for _ in range(model.config.num_hidden_layers)])
     expected = run_steps(model, prompt, rounded)
-    got = run_steps(model, prompt, GGMLQuantizedCache(model.config, type_name, type_name))
+    got = run_steps(model, prompt, GGMLQuantizedCache(model.config, type_name, type_name, storage=storage))
     unrounded = run_steps(model, prompt, DynamicCache(config=model.config))
     for e, g, u in zip(expected, got, unrounded):
         assert torch.equal(e, g)
@@ -76,7 +81,7 @@ def test_half_cache_is_the_dynamic_cache_rounded_to_half(model, prompt, type_nam
 @pytest.mark.parametrize("rotation", [True, False])
 def test_stored_bytes_are_ggml_rows_of_the_rotated_keys(model, prompt, rotation):
     exact, cache = DynamicCache(config=model.config), GGMLQuantizedCache(model.config, "q4_0", "q5_1",
-                                                                         rotation=rotation)
+                                                                         rotation=rotation, storage="floats")
     with torch.no_grad():
         model(prompt, cache=exact, use_cache=True)
         model(prompt, cache=cache, use_cache=True)
@@ -111,7 +116,7 @@ def test_generate_runs_with_all_81_pairs(model, prompt):
 
 
 def test_crop_and_reorder_keep_bytes_and_values_together(model, prompt):
-    cache = GGMLQuantizedCache(model.config, "q8_0", "iq4_nl")
+    cache = GGMLQuantizedCache(model.config, "q8_0", "iq4_nl", storage="floats")
     with torch.no_grad():
         model(prompt, cache=cache, use_cache=True)
     layer = cache.layers[1]

@@ -33,7 +33,11 @@ Backends: what flash_attn_ext does with the other operands (vendored llama.cpp 0
   `kvlab compat` give), read by `pair_path`.
 Not modelled for cuda (documented, small next to quantization error): summation order and fast-math
 expf; the tensor-core (MMA) kernel of prompt processing, which rounds Q and the softmax probabilities
-to f16. Without the K bytes, the cpu logits come from Q's q8 values times the dequantized K in
+to f16.
+Kernels: given the bytes (`VCaches(..., raws)`, as the sweep and `attention_error` pass them), the attention
+outputs come from the flash-decoding kernels of kvlab.flash where `kernel_runs` says so: ggml-cpu's one-chunk
+decode path on the CPU (bit-identical to the online softmax below), ggml-cuda's vector kernel on a GPU
+(its numerics, its summation order and expf included); each query row is a decode step of its own. Without the K bytes, the cpu logits come from Q's q8 values times the dequantized K in
 float64 (one rounding instead of the vec_dot order, and q8_1's s unrounded).
 
 Metrics (kvlab.accuracy.metrics) compare against exact float64 attention on the unrotated, unquantized input.
@@ -308,12 +312,15 @@ def v_form(path: PairPath) -> str:
 
 class VCaches:
     """V caches of several types side by side, (n_head_kv, n_kv, n_v, D) float32 in the rotated basis, each
-    converted once into the forms the kernels read (`v_form`) and sliced per context length."""
+    converted once into the forms the kernels read (`v_form`) and sliced per context length.
+    raws: {type: (n_head_kv, n_kv, row_bytes) uint8}, the bytes behind each cache (`store_bytes`), which the
+    flash-decoding kernels read (`kernel_runs`); without them every backend runs on the values."""
 
-    def __init__(self, caches: dict):
+    def __init__(self, caches: dict, raws: dict | None = None):
         self.types = list(caches)
         xp = _xp.namespace(caches[self.types[0]])
         self.stored = xp.stack([caches[t] for t in self.types], axis=2)  # (n_head_kv, n_kv, n_v, D)
+        self.raws = [raws[t] for t in self.types] if raws else None
         self._forms = {}
 
     def form(self, kind: str):
@@ -358,9 +365,54 @@ def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: s
                                   tiled=tiled)
         if keep is not None:
             logits = _xp.namespace(logits).where(keep, logits, -np.inf)
-        outs = v.attend(logits, members[0][1], [i for i, _ in members], n_kv)
+        path = members[0][1]
+        if keep is None and v.raws is not None and kernel_runs(path, q_rot):
+            k_bytes = read_bytes(k_cache, k_raw, type_k, path.read_k)
+            outs = {i: kernel_attention(q_rot, k_bytes, path.read_k,
+                                        read_bytes(v.stored[:, :n_kv, i], v.raws[i][:, :n_kv], v.types[i], p.read_v),
+                                        p.read_v, scale)
+                    for i, p in members}
+        else:
+            outs = v.attend(logits, path, [i for i, _ in members], n_kv)
         results.append((logits, [(i, path, outs[i]) for i, path in members]))
     return results
+
+
+# ---- the flash-decoding kernels (kvlab.flash) ----------------------------------------------------
+
+def kernel_runs(path: PairPath, q) -> bool:
+    """Whether a flash-decoding kernel computes this path's output (the logits for the metrics still come from
+    `quantized_logits`): ggml-cpu's one-chunk decode path (kvlab.kernels.flash_decode, bit-exact with
+    flash_attn_ext, as cpu_fa's online softmax), and ggml-cuda's vector kernel where the arrays live on a GPU
+    (kvlab.kernels.cuda.flash_decode: ggml-cuda's numerics in its own summation order; on the host the cuda
+    backend stays the float32 model above)."""
+    if path.kernel == "cpu":
+        return True
+    return path.backend == "cuda" and _xp.is_cuda(q) and q.shape[-1] % 64 == 0
+
+
+def read_bytes(values, raw, type_name: str, read_as: str):
+    """The rows a kernel reads: the stored bytes, or f16 rows where the path converts the cache to f16 first
+    (ggml-cuda for the pairs it has no vector kernel for; exact for f32, a rounding of the dequantized values
+    otherwise, as ggml's to-f16 conversion)."""
+    return raw if read_as == type_name else quantize(_xp.contiguous(values), read_as).raw
+
+
+def kernel_attention(q_rot, k_raw, type_k: str, v_raw, type_v: str, scale: float):
+    """out_rot (n_head_kv, n_rows, Dv) float32: every query row a decode step of its own over all cells of
+    k_raw/v_raw (n_head_kv, n_kv, row_bytes), by kvlab.flash.flash_decode (the CPU kernel for host arrays,
+    the CUDA one for GPU arrays)."""
+    from kvlab.flash import flash_decode
+    n_head_kv = k_raw.shape[0]
+    q = group_queries(q_rot, n_head_kv)                           # (n_head_kv, n_rows, D)
+    rows, d = q.shape[1], q.shape[2]
+    q = _xp.contiguous(_xp.cast(q, "float32")).reshape(1, n_head_kv * rows, d)   # query h' reads KV head h' // rows
+    if not _xp.is_cuda(q):
+        q, k_raw, v_raw = (np.ascontiguousarray(_xp.to_host(a)) for a in (q, k_raw, v_raw))
+    out = flash_decode(q, k_raw[None], v_raw[None], type_k, type_v, scale=scale)    # (1, n_head_kv * rows, Dv)
+    if not _xp.is_cuda(out):
+        out = _xp.to_device(out, _xp.place_of(q_rot))
+    return out.reshape(n_head_kv, rows, -1)                                          # (n_head_kv, n_rows, Dv)
 
 
 def cell_metrics(exact: Exact, logits, out_rot, rot_v, topk: int) -> dict:
@@ -394,7 +446,7 @@ def stored_attention(q, k_stored, v_stored, type_k: str, type_v: str, plan, back
     """`cache_attention` over caches already stored: k_stored, v_stored are `store_bytes` results."""
     (k_cache, k_raw), (v_cache, v_raw) = k_stored, v_stored
     q_rot = rotate(q, plan.k) if plan.k else q
-    [(logits, [(_, path, out_rot)])] = attend_cache(q_rot, k_stored, type_k, VCaches({type_v: v_cache}),
+    [(logits, [(_, path, out_rot)])] = attend_cache(q_rot, k_stored, type_k, VCaches({type_v: v_cache}, {type_v: v_raw}),
                                                     k_cache.shape[1], backend, float(1.0 / np.sqrt(q.shape[-1])),
                                                     threads)
     return CacheAttention(path, q_rot, k_cache, v_cache, k_raw, v_raw, logits, out_rot)

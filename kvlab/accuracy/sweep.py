@@ -25,7 +25,7 @@ from pathlib import Path
 from kvlab import _xp
 from kvlab._progress import progress_bar
 from kvlab.accuracy.attention import (VCaches, attend_cache, cache_rel_l2, cell_metrics, check_topk, exact_attention,
-                                      store, store_bytes)
+                                      store_bytes)
 from kvlab.accuracy.cache import default_cache_root, frame_key, read_frame, source_hash, write_frame
 from kvlab.accuracy.metrics import METRICS
 from kvlab.quant import check_head_dim, int_shape
@@ -90,7 +90,8 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
     plan_of = lambda t: rotation_plan(t, t, head_dim, disable=not rotation)  # .k for K, .v for V
     k_in, v_in = _xp.to_device(sample.k, place), _xp.to_device(sample.v, place)
     k_stored = {t: store_bytes(k_in, t, flavor, plan_of(t).k) for t in cfg.types_k}  # (values, bytes)
-    v_caches = VCaches({t: store(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v})
+    v_stored = {t: store_bytes(v_in, t, flavor, plan_of(t).v) for t in cfg.types_v}        # (values, bytes)
+    v_caches = VCaches({t: s[0] for t, s in v_stored.items()}, {t: s[1] for t, s in v_stored.items()})
     k_err = {t: cache_rel_l2(k_stored[t][0], plan_of(t).k, k_in) for t in cfg.types_k}
     v_err = {t: cache_rel_l2(v_caches.stored[:, :, i], plan_of(t).v, v_in) for i, t in enumerate(v_caches.types)}
     rows = []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kvlab.accuracy.attention import VCaches, attend_cache, unrotate
-from kvlab.hf.cache import LAYER_KWARG, GGMLQuantizedLayer
+from kvlab.hf.cache import LAYER_KWARG, READS_ROWS, GGMLQuantizedLayer
 from kvlab.quant import dequantize
 
 ATTENTIONS = {"model": None, "ggml-cpu": "kvlab_ggml_cpu", "ggml-cuda": "kvlab_ggml_cuda"}
@@ -78,6 +78,7 @@ def _register() -> None:
         name = ATTENTIONS[f"ggml-{backend}"]
         AttentionInterface.register(name, lambda *a, _b=backend, **kw: ggml_attention(*a, backend=_b, **kw))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        READS_ROWS.add(name)
 
 
 _register()

@@ -3,7 +3,7 @@
     from kvlab.hf import GGMLQuantizedCache
     from kvlab.hf.bytes_attention import use_bytes_attention
     use_bytes_attention(model)                      # the "kvlab_ggml_bytes" attention below
-    cache = GGMLQuantizedCache(model.config, "q4_0", "q4_0", storage="bytes")
+    cache = GGMLQuantizedCache(model.config, "q4_0", "q4_0")     # storage="bytes", the default
     model.generate(ids, cache=cache, max_new_tokens=20)
 
 Attention ("kvlab_ggml_bytes", registered with transformers' AttentionInterface):
@@ -18,7 +18,7 @@ Attention ("kvlab_ggml_bytes", registered with transformers' AttentionInterface)
 import torch
 
 from kvlab.flash import flash_decode
-from kvlab.hf.cache import LAYER_KWARG, GGMLBytesLayer
+from kvlab.hf.cache import LAYER_KWARG, READS_ROWS, GGMLBytesLayer
 from kvlab.quant import QTensor
 from kvlab.rotation import rotate
 
@@ -94,6 +94,7 @@ def _register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     AttentionInterface.register(ATTENTION_NAME, bytes_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    READS_ROWS.add(ATTENTION_NAME)
 
 
 _register()

@@ -49,8 +49,13 @@ from kvlab.types import flavor_code, type_info
 
 
 K_ORDERS = ("model", "gguf")
+STORAGES = ("bytes", "floats")
 # The name under which a layer hands itself to the attention function (kvlab.hf.attention).
 LAYER_KWARG = "kvlab_cache_layer"
+# transformers attention implementations (AttentionInterface names) that read a layer's stored rows through
+# LAYER_KWARG themselves (kvlab.hf.bytes_attention, kvlab.hf.attention register theirs): a bytes-only layer
+# hands them placeholders instead of dequantizing the whole cache for them.
+READS_ROWS: set[str] = set()
 
 
 def gguf_k_order(head_dim: int) -> np.ndarray:
@@ -218,15 +223,20 @@ class GGMLBytesLayer(GGMLQuantizedLayer):
     per-layer cache (ne = [row bytes, n_ctx]); new rows are written in place (set_rows); the buffer starts
     at whole 256-row pages and doubles when full (amortised O(1) per row, only the filled rows copied);
     `max_cache_len` preallocates exactly, as llama.cpp's n_ctx does. `quantized_keys`/`quantized_values` view the filled rows.
-    No float copy of the cache is held: `update` returns zero-byte placeholders (tensors on the "meta"
-    device with the cache's shape), so an attention that does not read the bytes (anything but
-    kvlab.hf.bytes_attention's) fails loudly instead of attending to nothing."""
+    No float copy of the cache is held. What `update` returns depends on the model's attention (read from
+    `config._attn_implementation` at every call, so switching it later works):
+      - one that reads the rows itself (READS_ROWS: kvlab.hf.bytes_attention's flash decoding, kvlab.hf.attention's
+        ggml models): zero-byte placeholders, tensors on the "meta" device with the cache's shape;
+      - any other (eager, sdpa, ...): every filled row dequantized into the model's dtype, made for this call
+        and dropped after it (transformers' QuantizedCache reads its cache the same way), the values the
+        floats storage would hold."""
 
-    def __init__(self, types, max_cache_len: int | None = None):
+    def __init__(self, types, max_cache_len: int | None = None, config=None):
         super().__init__(types)
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be a positive int or None, got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
+        self.config = config
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -270,7 +280,18 @@ class GGMLBytesLayer(GGMLQuantizedLayer):
         self._quantized_keys[..., n:n + new, :] = qk.raw.to(self.device)
         self._quantized_values[..., n:n + new, :] = qv.raw.to(self.device)
         self.cumulative_length = n + new
-        return self._placeholders()
+        if getattr(self.config, "_attn_implementation", None) in READS_ROWS:
+            return self._placeholders()
+        return self._read_all()
+
+    def _read_all(self):
+        """Every filled row as the model's attention reads it: dequantized, rotated back, in the model's
+        dtype, (batch, n_kv_heads, seq, head_dim) each; not kept."""
+        k, v = self.quantized_keys, self.quantized_values
+        k = QTensor.from_raw(k.raw.contiguous(), k.type, k.shape, k.flavor)
+        v = QTensor.from_raw(v.raw.contiguous(), v.type, v.shape, v.flavor)
+        return (self._dequantize(k, self.plan.k, reorder=True).to(self.dtype),
+                self._dequantize(v, self.plan.v, reorder=False).to(self.dtype))
 
     def _placeholders(self):
         shape = self._quantized_keys.shape[:-2] + (self.cumulative_length,)
@@ -333,18 +354,20 @@ class GGMLQuantizedCache(Cache):
     k_order: "model" stores K heads in the model's channel order; "gguf" in llama.cpp's for a model
     whose GGUF conversion permutes Q/K for RoPE (Llama, Mistral: `gguf_k_order`), so the blocks
     group the same channels as llama.cpp's cache does (attention is unchanged either way).
-    storage: "floats" also keeps the dequantized K/V for any attention; "bytes" keeps only the ggml rows
-    (GGMLBytesLayer: growing buffers, `max_cache_len` preallocates) and needs the attention that reads
-    them (`kvlab.hf.bytes_attention.use_bytes_attention(model)`).
+    storage: "bytes" (the default) keeps only the ggml rows (GGMLBytesLayer: growing buffers,
+    `max_cache_len` preallocates); the attention that reads them directly is the fast one
+    (`kvlab.hf.bytes_attention.use_bytes_attention(model)`: flash decoding over the bytes), any other
+    attention gets the rows dequantized at each call. "floats" also keeps the dequantized K/V beside the
+    bytes (GGMLQuantizedLayer: 1.1-2x the memory of DynamicCache, no dequantizing per step).
     Pass it as `model(..., cache=cache, use_cache=True)` or `model.generate(..., cache=cache)`.
     """
 
     def __init__(self, config, type_k: str = "f16", type_v: str = "f16", flavor: str = "ref",
-                 rotation: bool | None = None, k_order: str = "model", storage: str = "floats",
+                 rotation: bool | None = None, k_order: str = "model", storage: str = "bytes",
                  max_cache_len: int | None = None):
         self.types = CacheTypes(type_k, type_v, flavor, rotation, k_order)
-        if storage not in ("floats", "bytes"):
-            raise ValueError(f"storage must be 'floats' or 'bytes', got {storage!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(repr(s) for s in STORAGES)}, got {storage!r}")
         if storage == "floats" and max_cache_len is not None:
             raise ValueError("max_cache_len preallocates storage='bytes' buffers; 'floats' grows by concatenation")
         text_config = config.get_text_config(decoder=True)
@@ -357,7 +380,7 @@ class GGMLQuantizedCache(Cache):
                              f"this config has {sorted(unsupported)}")
         self.storage = storage
         if storage == "bytes":
-            layers = [GGMLBytesLayer(self.types, max_cache_len) for _ in layer_types]
+            layers = [GGMLBytesLayer(self.types, max_cache_len, config) for _ in layer_types]
         else:
             layers = [GGMLQuantizedLayer(self.types) for _ in layer_types]
         super().__init__(layers=layers)
@@ -365,4 +388,4 @@ class GGMLQuantizedCache(Cache):
     def __repr__(self):
         t = self.types
         return (f"GGMLQuantizedCache(type_k={t.type_k}, type_v={t.type_v}, flavor={t.flavor}, "
-                f"rotation={t.rotation}, k_order={t.k_order}, layers={len(self.layers)})")
+                f"rotation={t.rotation}, k_order={t.k_order}, storage={self.storage}, layers={len(self.layers)})")

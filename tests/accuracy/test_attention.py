@@ -130,3 +130,31 @@ def test_bad_shapes_are_named(qkv):
         attention_error(q[:3], k, v)
     with pytest.raises(ValueError, match="same"):
         attention_error(q, k, v[:, :5])
+
+
+@pytest.mark.parametrize("type_k", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+def test_cpu_backend_kernel_outputs_are_the_online_softmax_bit_for_bit(type_k):
+    """Given the V bytes, the cpu backend's outputs come from the flash-decoding kernel (kvlab.flash); without
+    them, from cpu_fa's model of ggml's online softmax: the same bits for every V type (fp16 accumulator of
+    f16/f32 V included), GQA 2 with 3 query rows a head, rotation on."""
+    from kvlab.accuracy.attention import VCaches, attend_cache, kernel_runs, store_bytes
+    from kvlab.rotation import rotate, rotation_plan
+    from kvlab.types import TYPES
+    q, k, v = synthetic_kv(48, SyntheticConfig(n_head=4, n_head_kv=2, head_dim=64, n_q=3, seed=2))
+    plan_k = rotation_plan(type_k, type_k, 64).k
+    k_stored = store_bytes(k, type_k, "cpu", plan_k)
+    v_stored = {t: store_bytes(v, t, "cpu", rotation_plan(t, t, 64).v) for t in TYPES}
+    values = {t: s[0] for t, s in v_stored.items()}
+    q_rot = rotate(q, plan_k) if plan_k else q
+    kernel = attend_cache(q_rot, k_stored, type_k, VCaches(values, {t: s[1] for t, s in v_stored.items()}), 48,
+                          "cpu", 0.125)
+    model = attend_cache(q_rot, k_stored, type_k, VCaches(values), 48, "cpu", 0.125)
+    outs = {}
+    for results in (kernel, model):
+        for logits, cells in results:
+            for i, path, out in cells:
+                assert kernel_runs(path, q_rot)
+                outs.setdefault(i, []).append(np.asarray(out, np.float32))
+    assert len(outs) == len(TYPES)
+    for i, (a, b) in outs.items():
+        assert a.shape == (2, 6, 64) and np.array_equal(a.view(np.uint32), b.view(np.uint32)), list(TYPES)[i]

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 import kvlab  # noqa: E402
 from kvlab.accuracy import cpu_fa  # noqa: E402
 from kvlab.hf import evaluate  # noqa: E402
-from kvlab.hf.bytes_attention import ATTENTION_NAME, bytes_attention, use_bytes_attention  # noqa: E402
+from kvlab.hf.bytes_attention import bytes_attention, use_bytes_attention  # noqa: E402
 from kvlab.hf.cache import LAYER_KWARG, GGMLQuantizedCache  # noqa: E402
 
 PROMPT = 12
@@ -35,7 +35,7 @@ def forward(model, ids, cache):
 def test_holds_only_the_rows_in_a_doubling_buffer(model, ids):
     cache = GGMLQuantizedCache(model.config, "q4_0", "q8_0", storage="bytes")
     forward(model, ids[:, :PROMPT], cache)
-    floats = GGMLQuantizedCache(model.config, "q4_0", "q8_0")
+    floats = GGMLQuantizedCache(model.config, "q4_0", "q8_0", storage="floats")
     model.set_attn_implementation("sdpa")
     try:
         forward(model, ids[:, :PROMPT], floats)
@@ -73,7 +73,7 @@ def test_prompt_equals_the_floats_storage(model, ids, pair):
     got = forward(model, ids, GGMLQuantizedCache(model.config, type_k, type_v, storage="bytes"))
     model.set_attn_implementation("sdpa")
     try:
-        want = forward(model, ids, GGMLQuantizedCache(model.config, type_k, type_v))
+        want = forward(model, ids, GGMLQuantizedCache(model.config, type_k, type_v, storage="floats"))
     finally:
         use_bytes_attention(model)
     assert torch.equal(got, want)
@@ -132,21 +132,31 @@ def test_reorder_crop_and_select_act_on_the_rows(model, ids):
     assert torch.equal(layer.keys_raw, rows[1:, :, :PROMPT - 3])
 
 
-def test_other_attentions_cannot_read_it(model, ids):
+def test_the_default_storage_serves_any_attention(model, ids):
+    """storage="bytes" is the default. Under sdpa each call gets every row dequantized (made for that call,
+    not kept): the logits of the floats storage bit for bit, no float copy held; switching the model to the
+    bytes attention afterwards gives it placeholders (the config is read at every call)."""
+    cache = GGMLQuantizedCache(model.config, "q4_0", "q5_1")
+    assert cache.storage == "bytes"
     model.set_attn_implementation("sdpa")
     try:
-        with pytest.raises((RuntimeError, NotImplementedError)):
-            forward(model, ids, GGMLQuantizedCache(model.config, "q4_0", "q4_0", storage="bytes"))
+        got = [forward(model, ids[:, :PROMPT], cache), forward(model, ids[:, PROMPT:PROMPT + 1], cache)]
+        floats = GGMLQuantizedCache(model.config, "q4_0", "q5_1", storage="floats")
+        want = [forward(model, ids[:, :PROMPT], floats), forward(model, ids[:, PROMPT:PROMPT + 1], floats)]
     finally:
         use_bytes_attention(model)
-    assert model.config._attn_implementation == ATTENTION_NAME
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    layer = cache.layers[0]
+    assert layer.keys.numel() == 0 and layer.values.numel() == 0
+    keys, values = layer.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    assert keys.device.type == "meta" and keys.shape == (2, 2, PROMPT + 2, 64) and values.device.type == "meta"
 
 
 def test_bad_arguments(model):
     with pytest.raises(ValueError, match="storage"):
         GGMLQuantizedCache(model.config, storage="float")
     with pytest.raises(ValueError, match="max_cache_len"):
-        GGMLQuantizedCache(model.config, max_cache_len=8)
+        GGMLQuantizedCache(model.config, storage="floats", max_cache_len=8)
     with pytest.raises(ValueError, match="max_cache_len"):
         GGMLQuantizedCache(model.config, storage="bytes", max_cache_len=0)
     with pytest.raises(ValueError, match="GGMLQuantizedCache"):

@@ -43,7 +43,7 @@ def test_gguf_k_order_stores_permuted_heads_and_attends_the_same():
     ids = torch.arange(40).view(1, -1) % 256
     caches = {}
     for order in ("model", "gguf"):
-        caches[order] = GGMLQuantizedCache(model.config, "f32", "f32", "ref", None, order)
+        caches[order] = GGMLQuantizedCache(model.config, "f32", "f32", "ref", None, order, storage="floats")
         with torch.no_grad():
             caches[order].logits = model(ids, cache=caches[order], use_cache=True).logits
     assert torch.equal(caches["model"].logits, caches["gguf"].logits)   # a gather: same floats, same attention
