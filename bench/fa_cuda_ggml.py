@@ -13,8 +13,9 @@ rotates a quantized cache (kvlab.rotation.rotation_plan); the last MASKED_TAIL c
 (-inf), as llama.cpp masks the padding of its cache. Per case (pair x head size x context x GQA), on
 the rotated-basis outputs, three comparisons:
   same_splits     kvlab with ggml's own split count (launch_fattn's parallel_blocks) vs ggml: the
-                  kernels' numerics with the summation order held equal;
-  kvlab_splits    both at kvlab's default split count (kvlab.kernels.cuda.flash_decode.n_splits);
+                  number of partial results held equal (which tiles a split reads, and the order
+                  inside a block, are each kernel's own);
+  kvlab_splits    both at the split count kvlab's flash_decode picks by itself;
   as_shipped      each at its own split count, what a user gets;
 and ggml_vs_itself: ggml at kvlab's split count against ggml at its own (the order effect alone).
 Each gives `equal` (output values with identical bits, of `values`), max_ulp, max_abs and diff_rel_l2
@@ -170,8 +171,9 @@ def rotated(x: np.ndarray, rot, device):
 
 
 # ---- kvlab's kernels: compiled in parallel before the run -------------------------------------------
-def warm_pair(pair: str, head_dims, splits: int) -> float:
-    """Compile kvlab's kernels of one pair (numba's cache keeps them for the run), seconds."""
+def warm(pair: str, d: int, gqas) -> float:
+    """Compile kvlab's kernels of one pair and head size for every GQA ratio (one KV head, tiny context,
+    two splits: partials and combine); numba's on-disk cache keeps them for the run. Seconds."""
     import torch
     import kvlab.kernels.cuda.kernels  # noqa: F401  loads numba-cuda's array overloads (np.row_stack alias, numpy 2.5)
     from kvlab.kernels.cuda import flash_decode as fd
@@ -179,24 +181,32 @@ def warm_pair(pair: str, head_dims, splits: int) -> float:
     t0 = time.perf_counter()
     tk, tv = (type_info(t) for t in pair.split("/"))
     dev = torch.device("cuda")
-    for d in head_dims:
-        q = torch.zeros((1, 1, d), device=dev)
-        k = torch.zeros((1, 1, 256, tk.row_bytes(d)), dtype=torch.uint8, device=dev)
-        v = torch.zeros((1, 1, 256, tv.row_bytes(d)), dtype=torch.uint8, device=dev)
-        fd.flash_decode(q, k, v, tk.ggml_type, tv.ggml_type, torch.ones((1, 256), dtype=torch.bool, device=dev),
-                        1.0, splits=splits)
+    k = torch.zeros((1, 1, 256, tk.row_bytes(d)), dtype=torch.uint8, device=dev)
+    v = torch.zeros((1, 1, 256, tv.row_bytes(d)), dtype=torch.uint8, device=dev)
+    mask = torch.ones((1, 256), dtype=torch.bool, device=dev)
+    for gqa in gqas:
+        fd.flash_decode(torch.zeros((1, gqa, d), device=dev), k, v, tk.ggml_type, tv.ggml_type, mask, 1.0, splits=2)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def warm_kvlab(pairs, head_dims) -> float:
-    """The partials kernels of each pair in a process of its own (numba compiles on one core), then the
-    combine kernels here; seconds."""
+def warm_kvlab(pairs, head_dims, gqas) -> float:
+    """Every (pair, head size) in a process of its own, as many at once as there are cores (numba compiles
+    on one core; different processes compile different kernels, but for the shared combine kernels); seconds."""
     t0 = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(len(pairs)) as pool:
-        pool.starmap(warm_pair, [(p, head_dims, 1) for p in pairs])
-    warm_pair(pairs[0], head_dims, 2)
+    tasks = [(p, d, gqas) for p in pairs for d in head_dims]
+    with multiprocessing.get_context("spawn").Pool(min(len(tasks), os.cpu_count() or 1)) as pool:
+        pool.starmap(warm, tasks)
     return time.perf_counter() - t0
+
+
+def kvlab_splits(h: int, gqa: int, d: int, n_kv: int, n_sm: int) -> int:
+    """The split count kvlab's flash_decode picks by itself for one sequence (its module's planner:
+    `plan` over blocks of cols_per_block query heads; before that rewrite, `n_splits` over rows)."""
+    from kvlab.kernels.cuda import flash_decode as fd
+    if hasattr(fd, "plan"):
+        return fd.plan(h // fd.cols_per_block(gqa, d), n_kv, n_sm)[0]
+    return fd.n_splits(h, n_kv, n_sm)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -214,7 +224,6 @@ def outputs(ggml: GgmlVec, q, k_raw, v_raw, mask, scale: float, g_splits: int, k
 
 def run_case(ggml: GgmlVec, pair: str, d: int, n_kv: int, gqa: int, data: dict, exact, n_sm: int) -> dict:
     import torch
-    from kvlab.kernels.cuda import flash_decode as fd
     from kvlab.rotation import rotation_plan
     plan = rotation_plan(ggml.type_k.name, ggml.type_v.name, d, d, disable=False)
     k_raw = ggml.set_rows(data["k", plan.k][:, :n_kv], 0)             # (1, Hkv, n_kv, row_bytes)
@@ -222,7 +231,7 @@ def run_case(ggml: GgmlVec, pair: str, d: int, n_kv: int, gqa: int, data: dict, 
     q = rotated(data["q", gqa, n_kv][:, 0], plan.k, k_raw.device)[None]   # (1, H, D)
     h = q.shape[1]
     mask = torch.arange(n_kv, device=q.device)[None] < n_kv - MASKED_TAIL  # (1, n_kv)
-    g_splits, k_splits = ggml.splits(d, h, n_kv), fd.n_splits(h, n_kv, n_sm)
+    g_splits, k_splits = ggml.splits(d, h, n_kv), kvlab_splits(h, gqa, d, n_kv, n_sm)
     o = outputs(ggml, q, k_raw, v_raw, mask, float(exact.scale), g_splits, k_splits)
     exact_out = exact.out.reshape(h, d)                                # (Hkv, gqa, D) -> (H, D)
     exact_norm = float(np.linalg.norm(exact_out))
@@ -268,7 +277,7 @@ def main() -> None:
     t_start = time.perf_counter()
     lib_dir = Path(args.lib_dir or args.build)
     proc, t_build = (None, None) if args.lib_dir else build(lib_dir)
-    warm_s = warm_kvlab(args.pairs, args.head_dims)
+    warm_s = warm_kvlab(args.pairs, args.head_dims, args.gqa)
     if proc is not None and proc.wait() != 0:
         sys.exit(f"fattn_build.sh failed ({proc.returncode})")
     build_s = None if t_build is None else time.perf_counter() - t_build
