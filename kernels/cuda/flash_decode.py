@@ -1,37 +1,58 @@
-"""Flash decoding over ggml bytes on the GPU (Numba CUDA), laid out and rounded as ggml-cuda's vector
-kernel (ggml-cuda/fattn-vec.cuh flash_attn_ext_vec with ncols = 1, fattn-common.cuh), for all 9 types.
+"""Flash decoding over ggml bytes on the GPU (Numba CUDA), with ggml-cuda's vector-kernel numerics
+(ggml-cuda/fattn-vec.cuh flash_attn_ext_vec, fattn-common.cuh), for all 9 types.
 
-One CUDA block of 128 threads (4 warps) per (query row, split); split y reads the 128-token tiles
-y, y + splits, ... of the context (split-K), and a combine kernel merges the splits
-(flash_attn_combine_results). In a block, as in ggml:
-  - Q is multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
+Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
+  - one CUDA block of 128 threads per (sequence, KV head, G query heads of its GQA group, split):
+    G = every query head of the group (ratio 1..8), fewer for large heads (G * D <= 1024), as
+    ggml's vector kernel runs ncols query columns per block. Split y reads the 128-token tiles
+    [y * tps, (y + 1) * tps) of the context (split-K), a combine kernel merges the splits
+    (flash_attn_combine_results); splits are chosen to give ~16 blocks per SM.
+  - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
-    shuffles, d = amax * (1/127), q = roundf(x * rcp(d))); for f16/bf16/f32 K it stays float32.
-  - each warp is an independent online-softmax stream over its 32 tokens of every tile: K.Q of a
-    token by TK lanes (quantized K: one q8_1 word of 4 values a lane, TK = min(D/4, 32), the
-    per-type dp4a formulas of vec_dot_fattn_vec_KQ_*; plain K: 8 lanes of 8 values), summed by xor
-    shuffles; the tile's maximum + FATTN_KQ_MAX_OFFSET; p = expf(s - max); float32 V accumulators,
-    4 values a lane (quantized V, TV = min(D/4, 32) lanes a token) or 8 (plain V, 8 lanes a token);
-  - the 4 warps are merged through shared memory in ggml's order; with one split the block divides
-    by the sum, otherwise it writes (max, sum) beside its partial output.
+    shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
+    it stays float32.
+  - per tile, (a) scores: thread t owns token t of the tile and computes K.Q for all G heads from its
+    K row (4- or 16-byte loads, 64 values at a time), Q read from shared memory (broadcast);
+    (b) softmax: the tile's maximum per head over the block (+ FATTN_KQ_MAX_OFFSET), the running
+    maximum rescales; p = expf(s - max); (c) V: each warp takes its 32 tokens, lanes own columns
+    (8 values of a 4-bit block word or of 16 bytes of f16/bf16, 4 of q8_0 or f32), loads 8 tokens'
+    bytes before use, and accumulates p * V in float32 for all G heads; each V value is dequantized
+    once (d * (q - 8) etc. exactly as dequantize_V).
+  - the end: per-thread sums and the warps' accumulators are added up in shared memory; with one
+    split the block divides by the sum, otherwise it writes (max, sum) beside its partial output.
 Compiled with fastmath (ftz, contraction, approximate expf/division), as ggml-cuda is with
--use_fast_math. Differences from ggml-cuda, named: ggml compiles vector kernels only for the
-GGML_CUDA_FA_QUANTS pairs (default q4_0-q4_0, q8_0-q8_0, f16-f16, bf16-bf16) and converts K and V
-of any other pair, and f32, to f16 first; iq4_nl has no CUDA kernel at all. Here every pair runs
-natively (iq4_nl K as q8_0's formula with the kvalues table; f32 K/V read as float32). The number of
-splits is kvlab's choice (ggml picks it from occupancy), which changes only the summation order;
-fastmath contraction is NVVM's choice for this code, not verified against ggml-cuda's PTX.
+-use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the same values).
+
+Differences from ggml-cuda, named:
+  - the summation order: K.Q of f16/bf16/f32 K summed by one thread over the row (ggml: 8 lanes
+    and xor shuffles); the softmax maximum taken per 128-token tile of the block (ggml: per warp),
+    the denominator summed per thread over its tokens and added at the end; V accumulated per lane
+    over its tokens, then across lanes and warps; the number of splits is kvlab's choice.
+  - K.Q of a quantized block: the integer dp4a sums of its 8 words added first, then the block's
+    float term d_k * (d_q * sumi - 8 s) (q4_0; -16 s for q5_0; d_k d_q sumi + m_k s for q4_1/q5_1;
+    d_k d_q sumi for q8_0/iq4_nl), as ggml's vecdotq.cuh (mmvq) writes a block; ggml's vector kernel
+    adds one float term per 4-value word (the same formula with s/8 per word). The integer sum is
+    exact, so this differs only by the float rounding of the 8 terms (a few ulp of the logit).
+  - ggml compiles vector kernels only for the GGML_CUDA_FA_QUANTS pairs (default q4_0-q4_0,
+    q8_0-q8_0, f16-f16, bf16-bf16) and converts K and V of any other pair, and f32, to f16 first;
+    iq4_nl has no CUDA kernel at all. Here every pair runs natively (iq4_nl K as q8_0's formula
+    with the kvalues table; f32 K/V read as float32).
+  - fastmath contraction is NVVM's choice for this code, not verified against ggml-cuda's PTX.
 
 Under the Numba CUDA simulator the shuffles go through shared memory (same values) and expf is the
 correctly rounded float32 exp (the hardware's ex2.approx differs in the last bits).
 """
 import functools
 import math
+import types
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32
 
-from .ops import SIM, device, f16_bits_to_f32, f32_from_bits, ld_u16, rcp_approx, roundf
+from .kernels import _instantiate
+from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
+from .ops import rcp_approx, roundf
+from .unroll import unrolled
 
 from ..flash_decode import BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0   # enum ggml_type, one copy
 from ..flash_decode import type_size
@@ -39,9 +60,11 @@ from ..iq4_nl import KVALUES as _LEVELS
 
 TYPE_SIZES = {t: type_size(t) for t in (F32, F16, BF16, Q8_0, Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1)}
 PLAIN = (F32, F16, BF16)
-NTHREADS = 128
+NIBBLES = (Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1)
+NT = 128                                                   # threads of a block = tokens of a tile
 WARP = 32
-NWARPS = NTHREADS // WARP
+NWARPS = NT // WARP
+MAX_COLS = 8                                               # query heads per block at most
 KQ_MAX_OFFSET = np.float32(3.0) * np.float32(0.6931)       # FATTN_KQ_MAX_OFFSET
 HALF_NEG_FLT_MAX = np.float32(-3.4028234663852886e38 / 2)  # -FLT_MAX/2.0f, the initial maximum
 INV_127 = np.float32(1.0) / np.float32(127.0)
@@ -49,6 +72,12 @@ NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 KVALUES = tuple(int(v) for v in _LEVELS)    # a tuple: a compile-time constant of the kernel
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
+ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
+LO4 = np.uint32(0x0F0F0F0F)
+SIGN8 = np.uint32(0x80808080)
+U4, U16 = np.uint32(4), np.uint32(16)
+LOW16 = np.uint32(0xFFFF)
+HIGH16 = np.uint32(0xFFFF0000)
 
 if SIM:
     @device
@@ -61,39 +90,78 @@ if SIM:
         return scratch[(t & ~31) | ((t & 31) ^ offset)]
 
     @device
+    def warp_sync():
+        cuda.syncthreads()
+
+    @device
     def expf(x):
         return np.float32(np.exp(np.float32(x)))
+
+    @device
+    def dp4a(v, u, c, signed_v):
+        """__dp4a(v, u, c): c + the sum of the 4 byte products of two words (u signed; v signed or not)."""
+        s = int32(c)
+        for b in range(4):
+            s += (sbyte(v, b) if signed_v else ubyte(v, b)) * sbyte(u, b)
+        return s
+
+    @device
+    def byte_f32(w, e):
+        """Byte e of w (unsigned) as float32."""
+        return np.float32(ubyte(w, e))
 else:
+    from llvmlite import ir
+    from numba.cuda import types as nb_types
+    from numba.cuda.extending import intrinsic
+
+    def _asm3(text):
+        """An intrinsic (uint32, int32, int32) -> int32 of one PTX instruction."""
+        @intrinsic
+        def op(typingctx, a, b, c):
+            def codegen(context, builder, signature, args):
+                i32 = ir.IntType(32)
+                fty = ir.FunctionType(i32, [i32, i32, i32])
+                return builder.call(ir.InlineAsm(fty, text, "=r,r,r,r"), args)
+            return nb_types.int32(nb_types.uint32, nb_types.int32, nb_types.int32), codegen
+        return op
+
+    _dp4a_us = _asm3("dp4a.u32.s32 $0, $1, $2, $3;")
+    _dp4a_ss = _asm3("dp4a.s32.s32 $0, $1, $2, $3;")
+    _prmt = _asm3("prmt.b32 $0, $1, $2, $3;")
+    MAGIC = np.int32(0x4B000000)                           # the float 2^23: its low bits take an integer
+    MAGIC_F = np.float32(8388608.0)
+
     @device
     def xor_shuffle(scratch, x, offset):
         return cuda.shfl_xor_sync(0xFFFFFFFF, x, offset)
 
     @device
+    def warp_sync():
+        cuda.syncwarp()
+
+    @device
     def expf(x):
         return math.exp(x)   # fastmath: ex2.approx of x * log2(e), as nvcc's -use_fast_math expf
+
+    @device
+    def dp4a(v, u, c, signed_v):
+        """__dp4a(v, u, c): one dp4a instruction (v's bytes signed or not, u's signed)."""
+        if signed_v:
+            return _dp4a_ss(np.uint32(v), int32(u), int32(c))
+        return _dp4a_us(np.uint32(v), int32(u), int32(c))
+
+    @device
+    def byte_f32(w, e):
+        """Byte e of w (unsigned) as float32: one prmt puts it under the exponent of 2^23, one
+        subtraction removes 2^23 (exact), instead of a conversion instruction (1/8 rate)."""
+        return f32_from_bits(np.uint32(_prmt(np.uint32(w), MAGIC, int32(0x7440 + e)))) - MAGIC_F
 
 
 @device
 def u32(a, o):
     """The little-endian 32-bit word at byte o (even) of a flat uint8 array, as two 16-bit loads
     (ggml_cuda_memcpy_1<4, 2>: the blocks of q4_0, q5_0, q8_0 are only 2-byte aligned)."""
-    return np.uint32(ld_u16(a, o)) | (np.uint32(ld_u16(a, o + 2)) << np.uint32(16))
-
-
-@device
-def half(a, o):
-    """The ggml_half at byte o (even), as float32."""
-    return f16_bits_to_f32(ld_u16(a, o))
-
-
-@device
-def plain(a, o, t):
-    """Value of an f32/f16/bf16 element at byte o, as float32."""
-    if t == F16:
-        return half(a, o)
-    if t == BF16:
-        return f32_from_bits(np.uint32(ld_u16(a, o)) << np.uint32(16))
-    return f32_from_bits(u32(a, o))
+    return np.uint32(ld_u16(a, o)) | (np.uint32(ld_u16(a, o + 2)) << U16)
 
 
 @device
@@ -108,38 +176,15 @@ def ubyte(w, b):
     return int32((w >> np.uint32(8 * b)) & np.uint32(0xFF))
 
 
-if SIM:
-    @device
-    def dp4a(v, u, signed_v):
-        """__dp4a(v, u, 0): the sum of the 4 byte products of two words (u signed; v signed or not)."""
-        s = int32(0)
-        for b in range(4):
-            s += (sbyte(v, b) if signed_v else ubyte(v, b)) * sbyte(u, b)
-        return s
-else:
-    from llvmlite import ir
-    from numba.cuda import types as nb_types
-    from numba.cuda.extending import intrinsic
+@device
+def half_bits(w, high):
+    """The ggml_half in the low (high False) or high 16 bits of w, as float32."""
+    return f16_bits_to_f32(np.uint16((w >> U16) if high else (w & LOW16)))
 
-    def _dp4a_asm(text):
-        @intrinsic
-        def dp4a_op(typingctx, v, u):
-            def codegen(context, builder, signature, args):
-                i32 = ir.IntType(32)
-                fty = ir.FunctionType(i32, [i32, i32])
-                return builder.call(ir.InlineAsm(fty, text, "=r,r,r"), args)
-            return nb_types.int32(nb_types.uint32, nb_types.int32), codegen
-        return dp4a_op
 
-    _dp4a_us = _dp4a_asm("dp4a.u32.s32 $0, $1, $2, 0;")
-    _dp4a_ss = _dp4a_asm("dp4a.s32.s32 $0, $1, $2, 0;")
-
-    @device
-    def dp4a(v, u, signed_v):
-        """__dp4a(v, u, 0): one dp4a instruction (v's bytes signed or not, u's signed)."""
-        if signed_v:
-            return _dp4a_ss(np.uint32(v), int32(u))
-        return _dp4a_us(np.uint32(v), int32(u))
+@device
+def bf16_bits(w, high):
+    return f32_from_bits((w & HIGH16) if high else (w << U16))
 
 
 @device
@@ -151,260 +196,452 @@ def q5_high(qh, shift):
 
 
 @device
-def kq_word(k, o, j, t, qw, qd, qs):
-    """One lane's term of K.Q for q8_1 word j of Q (values 4j..4j+3): vec_dot_fattn_vec_KQ_<t>.
-    k: flat uint8, o: the K row's first byte."""
-    ib = j // 8
-    iw = j % 8
-    u = qw[j]
-    qdf = qd[ib]
-    if t == Q8_0:
-        b = o + ib * 34
-        return (half(k, b) * qdf) * np.float32(dp4a(u32(k, b + 2 + 4 * iw), u, True))
-    if t == Q4_0 or t == IQ4_NL:
-        b = o + ib * 18
-        v = (u32(k, b + 2 + 4 * (iw % 4)) >> np.uint32(4 if iw >= 4 else 0)) & np.uint32(0x0F0F0F0F)
-        if t == Q4_0:
-            return half(k, b) * (np.float32(dp4a(v, u, False)) * qdf - qs[ib])
-        s = int32(0)
-        for c in range(4):
-            s += KVALUES[ubyte(v, c)] * sbyte(u, c)
-        return (half(k, b) * qdf) * np.float32(s)
-    if t == Q5_0:
-        b = o + ib * 22
-        v = (u32(k, b + 6 + 4 * (iw % 4)) >> np.uint32(4 if iw >= 4 else 0)) & np.uint32(0x0F0F0F0F)
-        v |= q5_high(u32(k, b + 2), 4 * iw)
-        return half(k, b) * (np.float32(dp4a(v, u, False)) * qdf - np.float32(2.0) * qs[ib])
-    # q4_1, q5_1: d*Qd*sumi + m*Qs/QI8_1
-    ts = 20 if t == Q4_1 else 24
-    b = o + ib * ts
-    qs_at = b + (4 if t == Q4_1 else 8)
-    v = (u32(k, qs_at + 4 * (iw % 4)) >> np.uint32(4 if iw >= 4 else 0)) & np.uint32(0x0F0F0F0F)
-    if t == Q5_1:
-        v |= q5_high(u32(k, b + 4), 4 * iw)
-    return (half(k, b) * qdf) * np.float32(dp4a(v, u, False)) + half(k, b + 2) * qs[ib] / np.float32(8.0)
+def iq4_word(x):
+    """The 4 nibble-bytes of x mapped through the iq4_nl levels (signed bytes)."""
+    w = np.uint32(0)
+    for c in range(4):
+        w |= np.uint32(KVALUES[ubyte(x, c)] & 0xFF) << np.uint32(8 * c)
+    return w
 
 
 @device
-def v_plain(v, o, c, t):
-    """Value c of an f32/f16/bf16 V row starting at byte o (dequantize_V_f16/bf16; f32 read as is)."""
-    return plain(v, o + (4 if t == F32 else 2) * c, t)
+def word_at(w, off):
+    """The 32-bit word at byte off (even, a constant) of the words w (local array)."""
+    i = off // 4
+    if off % 4 == 0:
+        return w[i]
+    return (w[i] >> U16) | (w[i + 1] << U16)
 
 
 @device
-def v_value(w, e, d, m, t):
-    """Value e (0..3) of a quad of quants packed in w, as float32."""
+def qword(x):
+    """A q8_1 word kept in a float32 shared array (its bits), as int32."""
+    return int32(f32_bits(x))
+
+
+@device
+def nibble_dot(w0, w1, w2, w3, qh, qa, qb, t):
+    """The integer sum of a 4-bit block's 8 dp4a (vec_dot_fattn_vec_KQ_<t> words): qs words w0..w3
+    (values i..i+3 low nibbles, 16+i.. high), qh the 5th bits (q5_0/q5_1), qa/qb the q8_1 words."""
+    a0, a1, a2, a3 = qa
+    b0, b1, b2, b3 = qb
+    five = t == Q5_0 or t == Q5_1
+    iq4 = t == IQ4_NL
+    s = int32(0)
+    i = 0
+    for w, u_lo, u_hi in ((w0, a0, b0), (w1, a1, b1), (w2, a2, b2), (w3, a3, b3)):
+        lo = w & LO4
+        hi = (w >> U4) & LO4
+        if five:
+            lo |= q5_high(qh, 4 * i)
+            hi |= q5_high(qh, 16 + 4 * i)
+        if iq4:
+            lo = iq4_word(lo)
+            hi = iq4_word(hi)
+        s = dp4a(lo, qword(u_lo), s, iq4)
+        s = dp4a(hi, qword(u_hi), s, iq4)
+        i += 1
+    return s
+
+
+@device
+def kq_block(wd, base, qa, qb, dq, sq, t):
+    """K.Q term of one quantized K block at byte base (a constant) of the chunk words wd, against
+    the q8_1 block (qa, qb words; dq scale; sq float sum): the block form of vec_dot_fattn_vec_KQ_<t>."""
+    d = half_bits(word_at(wd, base), False)
     if t == Q8_0:
-        return d * np.float32(sbyte(w, e))
-    q = ubyte(w, e)
+        a0, a1, a2, a3 = qa
+        b0, b1, b2, b3 = qb
+        s = dp4a(word_at(wd, base + 2), qword(a0), 0, True)
+        s = dp4a(word_at(wd, base + 6), qword(a1), s, True)
+        s = dp4a(word_at(wd, base + 10), qword(a2), s, True)
+        s = dp4a(word_at(wd, base + 14), qword(a3), s, True)
+        s = dp4a(word_at(wd, base + 18), qword(b0), s, True)
+        s = dp4a(word_at(wd, base + 22), qword(b1), s, True)
+        s = dp4a(word_at(wd, base + 26), qword(b2), s, True)
+        s = dp4a(word_at(wd, base + 30), qword(b3), s, True)
+        return (d * dq) * np.float32(s)
+    qs_at = base + (2 if t == Q4_0 or t == IQ4_NL else 4 if t == Q4_1 else 6 if t == Q5_0 else 8)
+    qh = word_at(wd, base + (2 if t == Q5_0 else 4)) if t == Q5_0 or t == Q5_1 else np.uint32(0)
+    s = nibble_dot(word_at(wd, qs_at), word_at(wd, qs_at + 4), word_at(wd, qs_at + 8), word_at(wd, qs_at + 12),
+                   qh, qa, qb, t)
     if t == Q4_0:
-        return d * np.float32(q - 8)
+        return d * (np.float32(s) * dq - np.float32(8.0) * sq)
     if t == Q5_0:
-        return d * np.float32(q - 16)
+        return d * (np.float32(s) * dq - np.float32(16.0) * sq)
     if t == IQ4_NL:
-        return d * np.float32(KVALUES[q])
-    return d * np.float32(q) + m                            # q4_1, q5_1
+        return (d * dq) * np.float32(s)
+    m = half_bits(word_at(wd, base), True)                  # q4_1, q5_1
+    return (d * dq) * np.float32(s) + m * sq
+
 
 
 @device
-def v_quad(v, o, c, t):
-    """Values c..c+3 (c a multiple of 4) of a quantized V row starting at byte o, one word of quants and
-    the block's scale read once (dequantize_V_<t> with ne = 4)."""
-    ib = c // 32
-    j = c % 32
-    m = ZERO
+def plain_value(w, base, e, t):
+    """Value e (a constant) of f32/f16/bf16 values packed in the words w[base ..]."""
+    if t == F32:
+        return f32_from_bits(w[base + e])
+    if t == F16:
+        return half_bits(w[base + e // 2], e % 2 == 1)
+    return bf16_bits(w[base + e // 2], e % 2 == 1)
+
+
+@device
+def v_value(r0, r1, r2, e, t):
+    """Value e (a constant) of a quantized V unit: r0 its quants word, r1 the block's d (and m), r2 the
+    5th bits shifted to the word (dequantize_V_<t>: d * (q - 8), d * q + m, ...)."""
     if t == Q8_0:
-        b = o + ib * 34
-        w = u32(v, b + 2 + j)
+        return half_bits(r1, False) * (byte_f32(r0 ^ SIGN8, e) - np.float32(128.0))
+    nib = r0 & LO4 if e < 4 else (r0 >> U4) & LO4
+    if t == Q5_0 or t == Q5_1:
+        nib |= q5_high(r2, 16 * (e // 4))
+    d = half_bits(r1, False)
+    if t == Q4_0:
+        return d * (byte_f32(nib, e % 4) - np.float32(8.0))
+    if t == Q5_0:
+        return d * (byte_f32(nib, e % 4) - np.float32(16.0))
+    if t == IQ4_NL:
+        return d * np.float32(KVALUES[ubyte(nib, e % 4)])
+    return d * byte_f32(nib, e % 4) + half_bits(r1, True)   # q4_1, q5_1
+
+
+# ---- per-instance templates: the UPPER CASE names are the instance's constants (partials_kernel) ----
+# Local arrays are indexed only by the unrolled step numbers (kk, n, ...), so they stay in registers.
+def _fill_step(a, x, kk):
+    a[kk] = x
+
+
+def _add_step(a, x, kk):
+    a[kk] += x
+
+
+def _v_col(ui, e):
+    """Column of value e of V unit ui (a 4-bit block's word k holds values 4k..4k+3 and 16+4k..)."""
+    if V_NIB:
+        return 32 * (ui // 4) + 4 * (ui % 4) + (e % 4) + 16 * (e // 4)
+    return ui * U + e
+
+
+def _load_k_step(wd, k, o, i):
+    """Word i of a quantized K chunk (rows are 4-byte aligned), or 16 bytes of an f32/f16/bf16 one."""
+    if PLAIN_K:
+        x = ld_u32x4(k, o + 16 * i)
+        wd[4 * i] = x[0]
+        wd[4 * i + 1] = x[1]
+        wd[4 * i + 2] = x[2]
+        wd[4 * i + 3] = x[3]
     else:
-        plain_nibbles = t == Q4_0 or t == IQ4_NL
-        b = o + ib * (18 if plain_nibbles else 20 if t == Q4_1 else 22 if t == Q5_0 else 24)
-        qs_at = b + (2 if plain_nibbles else 4 if t == Q4_1 else 6 if t == Q5_0 else 8)
-        w = (u32(v, qs_at + j % 16) >> np.uint32(4 if j >= 16 else 0)) & np.uint32(0x0F0F0F0F)
-        if t == Q5_0 or t == Q5_1:
-            w |= q5_high(u32(v, b + (2 if t == Q5_0 else 4)), j)
-        if t == Q4_1 or t == Q5_1:
-            m = half(v, b + 2)
-    d = half(v, b)
-    return v_value(w, 0, d, m, t), v_value(w, 1, d, m, t), v_value(w, 2, d, m, t), v_value(w, 3, d, m, t)
+        wd[i] = ld_u32(k, o + 4 * i)
+
+
+def _kq_step(s, wd, qsh, qd, qs, c, kk):
+    """s[j] += one quantized block's K.Q (kk = blk * G + j) or 4 plain values' (kk = e4 * G + j) of
+    chunk c of the row."""
+    j = kk % G
+    if PLAIN_K:
+        e4 = kk // G
+        x = ld_f32x4(qsh, j * D + c * K_CHUNK + 4 * e4)
+        acc = s[j]
+        acc += plain_value(wd, 0, 4 * e4, TK) * x[0]
+        acc += plain_value(wd, 0, 4 * e4 + 1, TK) * x[1]
+        acc += plain_value(wd, 0, 4 * e4 + 2, TK) * x[2]
+        acc += plain_value(wd, 0, 4 * e4 + 3, TK) * x[3]
+        s[j] = acc
+    else:
+        blk = kk // G
+        ib = 2 * c + blk                                    # block of the row
+        qi = j * (D // 4) + 8 * ib
+        s[j] += kq_block(wd, blk * K_TSIZE, ld_f32x4(qsh, qi), ld_f32x4(qsh, qi + 4),
+                         qd[j * (D // 32) + ib], qs[j * (D // 32) + ib], TK)
+
+
+def _kq_token(s, k, o, qsh, qd, qs, wd):
+    """s[j] += K.Q of the K row at byte o for every head j (Q pre-scaled, in shared memory)."""
+    for c in range(D // K_CHUNK):
+        LOAD_K(wd, k, o + c * K_CHUNK_BYTES)
+        KQ_CHUNK(s, wd, qsh, qd, qs, c)
+
+
+def _tile_max_step(s, red, scratch, slot, lane, j):
+    """The warp's maximum of s[j] + FATTN_KQ_MAX_OFFSET into red[slot + j]."""
+    m = s[j] + KQ_MAX_OFFSET
+    for off in (16, 8, 4, 2, 1):
+        m = max(m, xor_shuffle(scratch, m, off))
+    if lane == 0:
+        red[slot + j] = m
+
+
+def _softmax_step(s, kq_max, lsum, rs, red, ps, slot, tid, j):
+    """Head j: the new maximum (the warps' red[slot + w * G + j]), its rescale rs[j], p of token tid."""
+    m = kq_max[j]
+    for w in range(NWARPS):
+        m = max(m, red[slot + w * G + j])
+    rs[j] = expf(kq_max[j] - m)
+    kq_max[j] = m
+    pj = expf(s[j] - m)
+    lsum[j] = lsum[j] * rs[j] + pj
+    ps[tid * GP + j] = pj
+
+
+def _scale_step(acc, rs, kk):
+    acc[kk] *= rs[kk // (UL * U)]
+
+
+def _slot_step(vo, vrow, vstride, tok0, n_kv, lane_ok, n):
+    """Byte offset of the V row of step n's token, -1 past the context or for an idle lane."""
+    tok = tok0 + n * TS
+    vo[n] = vrow + tok * vstride if lane_ok and tok < n_kv else -1
+
+
+def _load_v_step(raw, v, vo, u, sl):
+    """V unit u + ul * LV of slot sl = n * UL + ul into raw[4 sl ..]: its words, or zeros."""
+    n = sl // UL
+    ul = sl % UL
+    base = 4 * sl
+    on = vo[n]
+    raw[base] = raw[base + 1] = raw[base + 2] = raw[base + 3] = np.uint32(0)
+    if on >= 0:
+        ui = u + ul * LV
+        if PLAIN_V:
+            x = ld_u32x4(v, on + 16 * ui)
+            raw[base] = x[0]
+            raw[base + 1] = x[1]
+            raw[base + 2] = x[2]
+            raw[base + 3] = x[3]
+        else:
+            per_block = 8 if TV == Q8_0 else 4
+            b = on + (ui // per_block) * V_TSIZE
+            kw = ui % per_block
+            if TV == Q4_1 or TV == Q5_1:
+                raw[base] = ld_u32(v, b + (4 if TV == Q4_1 else 8) + 4 * kw)
+                raw[base + 1] = ld_u32(v, b)
+            else:
+                raw[base] = u32(v, b + (6 if TV == Q5_0 else 2) + 4 * kw)
+                raw[base + 1] = np.uint32(ld_u16(v, b))
+            if TV == Q5_0:
+                raw[base + 2] = u32(v, b + 2) >> np.uint32(4 * kw)
+            if TV == Q5_1:
+                raw[base + 2] = ld_u32(v, b + 4) >> np.uint32(4 * kw)
+
+
+def _v_fma_step(acc, raw, p, n, kk):
+    """acc[(j * UL + ul) * U + e] += V value e of slot (n, ul) * p[j], kk = (ul * U + e) * G + j."""
+    j = kk % G
+    e = (kk // G) % U
+    ul = kk // (G * U)
+    base = 4 * (n * UL + ul)
+    if PLAIN_V:
+        x = plain_value(raw, base, e, TV)
+    else:
+        x = v_value(raw[base], raw[base + 1], raw[base + 2], e, TV)
+    acc[(j * UL + ul) * U + e] += x * p[j]
+
+
+def _v_token_step(acc, raw, ps, lt, p, n):
+    """Step n's token (tile-local lt + n * TS): its G probabilities from shared memory, then the FMAs."""
+    for i in range(GP // 4):
+        x = ld_f32x4(ps, (lt + n * TS) * GP + 4 * i)
+        p[4 * i] = x[0]
+        p[4 * i + 1] = x[1]
+        p[4 * i + 2] = x[2]
+        p[4 * i + 3] = x[3]
+    V_FMA(acc, raw, p, n)
+
+
+def _combine_lanes_step(acc, scratch, off, kk):
+    acc[kk] += xor_shuffle(scratch, acc[kk], off)
+
+
+def _sum_step(lsum, kq_max, red, scratch, lane, warp, j):
+    """The warp's sum of lsum[j] into red's third part; warp 0 also leaves the maximum in its fourth."""
+    t = lsum[j]
+    for off in (16, 8, 4, 2, 1):
+        t += xor_shuffle(scratch, t, off)
+    if lane == 0:
+        red[(2 * NWARPS + warp) * G + j] = t
+        if warp == 0:
+            red[3 * NWARPS * G + j] = kq_max[j]
+
+
+def _store_acc_step(comb, acc, warp, u, kk):
+    """acc[kk], kk = (j * UL + ul) * U + e, into comb[warp, j, column]."""
+    e = kk % U
+    ul = (kk // U) % UL
+    j = kk // (UL * U)
+    comb[(warp * G + j) * D + V_COL(u + ul * LV, e)] = acc[kk]
+
+
+def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps, parts, meta):
+    """One block: G query heads of one (sequence, KV head), the tiles [split * tps, + tps)."""
+    grp = cuda.blockIdx.x
+    split = cuda.blockIdx.y
+    splits = cuda.gridDim.y
+    tid = cuda.threadIdx.x
+    warp = tid // WARP
+    lane = tid % WARP
+    per_kv = ratio // G
+    bh = grp // per_kv                                     # b * Hkv + hk
+    n_hkv = n_head // ratio
+    b = bh // n_hkv
+    hk = bh - b * n_hkv
+    row0 = b * n_head + hk * ratio + (grp - bh * per_kv) * G
+    qsh = cuda.shared.array(G * D, float32, alignment=ALIGN)     # Q: q8_1 words (as bits) or floats
+    qd = cuda.shared.array(G * D // 32, float32)
+    qs = cuda.shared.array(G * D // 32, float32)
+    ps = cuda.shared.array(NT * GP, float32, alignment=ALIGN)    # (token, head) probabilities of the tile
+    red = cuda.shared.array(3 * NWARPS * G + G, float32)         # warps' maxima (2 buffers), sums; maxima
+    comb = cuda.shared.array(NWARPS * G * D, float32)
+    scratch = cuda.shared.array(NT, float32)
+
+    # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
+    if PLAIN_K:
+        for i in range(tid, G * D, NT):
+            j = i // D
+            qsh[i] = scale * q[row0 + j, i - j * D]
+    else:
+        words = G * (D // 4)
+        for w0 in range(0, words, NT):                   # every thread runs the shuffles
+            w = w0 + tid
+            x0 = x1 = x2 = x3 = ZERO
+            if w < words:
+                j = w // (D // 4)
+                c = 4 * (w - j * (D // 4))
+                x0 = scale * q[row0 + j, c]
+                x1 = scale * q[row0 + j, c + 1]
+                x2 = scale * q[row0 + j, c + 2]
+                x3 = scale * q[row0 + j, c + 3]
+            amax = max(max(max(abs(x0), abs(x1)), abs(x2)), abs(x3))
+            total = x0 + x1 + x2 + x3
+            for off in (4, 2, 1):
+                amax = max(amax, xor_shuffle(scratch, amax, off))
+                total += xor_shuffle(scratch, total, off)
+            dq = amax * INV_127
+            word = int32(0)
+            if dq != ZERO:
+                r = rcp_approx(dq)
+                word = ((int32(roundf(x0 * r)) & 0xFF) | ((int32(roundf(x1 * r)) & 0xFF) << 8)
+                        | ((int32(roundf(x2 * r)) & 0xFF) << 16) | (int32(roundf(x3 * r)) << 24))
+            if w < words:
+                qsh[w] = f32_from_bits(np.uint32(word))
+                if w % 8 == 0:
+                    qd[w // 8] = dq
+                    qs[w // 8] = total
+
+    s = cuda.local.array(G, float32)
+    kq_max = cuda.local.array(G, float32)
+    lsum = cuda.local.array(G, float32)
+    rs = cuda.local.array(G, float32)
+    p = cuda.local.array(GP, float32)
+    acc = cuda.local.array(N_ACC, float32)
+    wd = cuda.local.array(K_WORDS, uint32)
+    raw = cuda.local.array(4 * NB * UL, uint32)
+    vo = cuda.local.array(NB, np.int64)
+    FILL_G(kq_max, HALF_NEG_FLT_MAX)
+    FILL_G(lsum, ZERO)
+    FILL_ACC(acc, ZERO)
+    lane_ok = lane < TS * LV                               # D / U not a multiple of 32: idle lanes
+    sub = lane // LV if lane_ok else 0                     # this lane's token of a V step
+    u = lane - sub * LV                                    # and its first V unit
+    cuda.syncthreads()
+
+    tiles = (n_kv + NT - 1) // NT
+    buf = 0
+    for tile in range(split * tps, min(tiles, split * tps + tps)):
+        # (a) scores of token tid for every head
+        tok = tile * NT + tid
+        FILL_G(s, ZERO)
+        if tok < n_kv:
+            KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd)
+            if use_mask:
+                ADD_G(s, mask[b, tok])
+        else:
+            FILL_G(s, NEG_INF)
+        # (b) the tile's maximum per head over the block, the rescale, p
+        TILE_MAX(s, red, scratch, (buf * NWARPS + warp) * G, lane)
+        cuda.syncthreads()
+        SOFTMAX(s, kq_max, lsum, rs, red, ps, buf * NWARPS * G, tid)
+        SCALE_ACC(acc, rs)
+        warp_sync()
+        # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
+        lt = warp * WARP + sub                             # this lane's first token in the tile
+        for n0 in range(0, STEPS, NB):
+            SLOTS(vo, b * vst[0] + hk * vst[1], vst[2], tile * NT + lt + n0 * TS, n_kv, lane_ok)
+            LOAD_V(raw, v, vo, u)
+            V_TOKENS(acc, raw, ps, lt + n0 * TS, p)
+        buf = 1 - buf
+
+    # ---- merge: the lanes' token streams, the warps, the per-thread sums ----
+    off = LV if TS > 1 else WARP                          # TS token streams: lanes LV, 2 LV, .. apart
+    while off < WARP:
+        COMBINE_LANES(acc, scratch, off)
+        off *= 2
+    SUMS(lsum, kq_max, red, scratch, lane, warp)
+    if lane < LV:
+        STORE_ACC(comb, acc, warp, u)
+    cuda.syncthreads()
+    for i in range(tid, G * D, NT):
+        j = i // D
+        col = i - j * D
+        val = ZERO
+        total = ZERO
+        for w in range(NWARPS):
+            val += comb[(w * G + j) * D + col]
+            total += red[(2 * NWARPS + w) * G + j]
+        if splits == 1:
+            val /= total
+        parts[row0 + j, split, col] = val
+        if col == 0:
+            meta[row0 + j, split, 0] = red[3 * NWARPS * G + j]
+            meta[row0 + j, split, 1] = total
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    return max(x for x in range(1, cap + 1) if n % x == 0)
+
+
+def cols_per_block(ratio: int, d: int) -> int:
+    """Query heads a block computes (G): the most of the GQA group that divides it, at most 8, and
+    G * D <= 1024 (the V accumulators of a lane stay in registers)."""
+    return _divisor_at_most(ratio, min(MAX_COLS, max(1, 1024 // d)))
 
 
 @functools.cache
-def partials_kernel(type_k: int, type_v: int, d: int):
-    """kernel(q, k, v, kst, vst, n_kv, n_head, group, mask, use_mask, scale, parts, meta).
+def partials_kernel(type_k: int, type_v: int, d: int, g: int):
+    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps, parts, meta), run on a
+    grid (B * H / g, splits) of NT threads.
 
     q (R, D) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
-    (batch, head, row) strides in bytes; mask (B, L) float32; parts (R, splits, D), meta (R, splits, 2)."""
+    (batch, head, row) strides in bytes; mask (B, L) float32; tps: tiles per split;
+    parts (R, splits, D), meta (R, splits, 2)."""
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
-    tk = 8 if plain_k else min(d // 4, WARP)               # lanes per token for K.Q
-    tv = 8 if plain_v else min(d // 4, WARP)               # lanes per token for V
-    rv = 8 if plain_v else 4                               # V values a lane takes per step
-    v_step = tv * rv                                       # values covered by one step of a token's lanes
-    n_acc = d // tv                                        # V accumulators per lane
-    v_cols = WARP // tv                                    # tokens a warp accumulates per step
-    words = d // 4
-    n_blocks = d // 32
-    k_esize = 4 if type_k == F32 else 2
-    n_comb = NWARPS * v_cols * d
+    u = 8 if type_v in NIBBLES or type_v in (F16, BF16) else 4   # V values a lane takes from one unit
+    lv = _divisor_at_most(d // u, WARP)                  # lanes per token in V
+    ts = WARP // lv                                      # tokens per V step
+    ul = d // u // lv                                    # units per lane
+    steps = WARP // ts
+    nb = min(steps, max(1, 8 // ul))                     # V steps whose loads are issued together
+    k_chunk = (32 if type_k == F32 else 64)              # K values per chunk of loads
+    k_chunk_bytes = 128 if plain_k else 2 * TYPE_SIZES[type_k]
+    ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
+              V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v],
+              K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=32 if plain_k else k_chunk_bytes // 4,
+              U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u)
 
-    @cuda.jit(**JIT)
-    def kernel(q, k, v, kst, vst, n_kv, n_head, group, mask, use_mask, scale, parts, meta):
-        row = cuda.blockIdx.x
-        split = cuda.blockIdx.y
-        splits = cuda.gridDim.y
-        tid = cuda.threadIdx.x
-        warp = tid // WARP
-        lane = tid % WARP
-        b = row // n_head
-        hk = (row - b * n_head) // group
-        scratch = cuda.shared.array(NTHREADS, float32)
-        qf = cuda.shared.array(d, float32)
-        qw = cuda.shared.array(words, int32)
-        qd = cuda.shared.array(n_blocks, float32)
-        qs = cuda.shared.array(n_blocks, float32)
-        kq = cuda.shared.array(NTHREADS, float32)
-        comb = cuda.shared.array(n_comb, float32)
-        max_sh = cuda.shared.array(WARP, float32)
-        sum_sh = cuda.shared.array(WARP, float32)
+    def bind(template):
+        return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
 
-        # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
-        if plain_k:
-            for c in range(tid, d, NTHREADS):
-                qf[c] = scale * q[row, c]
-        else:
-            for w0 in range(0, words, NTHREADS):       # every thread runs the shuffles
-                w = w0 + tid
-                x0 = x1 = x2 = x3 = ZERO
-                if w < words:
-                    x0 = scale * q[row, 4 * w]
-                    x1 = scale * q[row, 4 * w + 1]
-                    x2 = scale * q[row, 4 * w + 2]
-                    x3 = scale * q[row, 4 * w + 3]
-                amax = max(max(max(abs(x0), abs(x1)), abs(x2)), abs(x3))
-                total = x0 + x1 + x2 + x3
-                for off in (4, 2, 1):
-                    amax = max(amax, xor_shuffle(scratch, amax, off))
-                    total += xor_shuffle(scratch, total, off)
-                dq = amax * INV_127
-                word = int32(0)
-                if dq != ZERO:
-                    r = rcp_approx(dq)
-                    word = ((int32(roundf(x0 * r)) & 0xFF) | ((int32(roundf(x1 * r)) & 0xFF) << 8)
-                            | ((int32(roundf(x2 * r)) & 0xFF) << 16) | (int32(roundf(x3 * r)) << 24))
-                if w < words:
-                    qw[w] = word
-                    if w % 8 == 0:
-                        qd[w // 8] = dq
-                        qs[w // 8] = total
-        if warp == 0:
-            max_sh[lane] = HALF_NEG_FLT_MAX
-            sum_sh[lane] = ZERO
-        cuda.syncthreads()
-
-        # ---- each warp: online softmax over its 32 tokens of every tile ----
-        kq_max = HALF_NEG_FLT_MAX
-        kq_sum = ZERO
-        acc = cuda.local.array(n_acc, float32)
-        for i in range(n_acc):
-            acc[i] = ZERO
-        tile = split * NTHREADS
-        while tile < n_kv:
-            kq_max_new = kq_max
-            kq_reg = ZERO
-            for p in range(tk):
-                tok = tile + warp * WARP + (lane // tk) * tk + p
-                s = ZERO
-                if tok < n_kv:
-                    o = b * kst[0] + hk * kst[1] + tok * kst[2]
-                    if plain_k:
-                        for c0 in range(0, d, tk * 8):
-                            c = c0 + (lane % tk) * 8
-                            for e in range(8):
-                                s += plain(k, o + (c + e) * k_esize, type_k) * qf[c + e]
-                    else:
-                        for j0 in range(0, words, tk):
-                            s += kq_word(k, o, j0 + lane % tk, type_k, qw, qd, qs)
-                off = tk // 2
-                while off > 0:
-                    s += xor_shuffle(scratch, s, off)
-                    off //= 2
-                if tok < n_kv:
-                    if use_mask:
-                        s += mask[b, tok]
-                else:
-                    s = NEG_INF
-                kq_max_new = max(kq_max_new, s + KQ_MAX_OFFSET)
-                if lane % tk == p:
-                    kq_reg = s
-            off = tk
-            while off < WARP:
-                kq_max_new = max(kq_max_new, xor_shuffle(scratch, kq_max_new, off))
-                off *= 2
-            rescale = expf(kq_max - kq_max_new)
-            kq_max = kq_max_new
-            kq_reg = expf(kq_reg - kq_max)
-            kq_sum = kq_sum * rescale + kq_reg
-            kq[tid] = kq_reg
-            for i in range(n_acc):
-                acc[i] *= rescale
-            cuda.syncthreads()
-            for k0 in range(0, WARP, v_cols):
-                local = warp * WARP + k0 + lane // tv
-                tok = tile + local
-                if tok < n_kv:
-                    p_tok = kq[local]
-                    o = b * vst[0] + hk * vst[1] + tok * vst[2]
-                    for step in range(d // v_step):
-                        c = step * v_step + (lane % tv) * rv
-                        if plain_v:
-                            for e in range(rv):
-                                acc[step * rv + e] += v_plain(v, o, c + e, type_v) * p_tok
-                        else:
-                            x0, x1, x2, x3 = v_quad(v, o, c, type_v)
-                            acc[step * rv] += x0 * p_tok
-                            acc[step * rv + 1] += x1 * p_tok
-                            acc[step * rv + 2] += x2 * p_tok
-                            acc[step * rv + 3] += x3 * p_tok
-            cuda.syncthreads()
-            tile += splits * NTHREADS
-
-        # ---- merge the 4 warps (ggml's order), write this split's output ----
-        if lane == 0:
-            max_sh[warp] = kq_max
-        cuda.syncthreads()
-        m = max_sh[lane]
-        for off in (16, 8, 4, 2, 1):
-            m = max(m, xor_shuffle(scratch, m, off))
-        rescale = expf(kq_max - m)
-        kq_max = m
-        for step in range(d // v_step):
-            c = step * v_step + (lane % tv) * rv
-            for e in range(rv):
-                comb[(warp * v_cols + lane // tv) * d + c + e] = acc[step * rv + e] * rescale
-        kq_sum *= rescale
-        for off in (16, 8, 4, 2, 1):
-            kq_sum += xor_shuffle(scratch, kq_sum, off)
-        if lane == 0:
-            sum_sh[warp] = kq_sum
-        cuda.syncthreads()
-        total = sum_sh[lane]
-        for off in (16, 8, 4, 2, 1):
-            total += xor_shuffle(scratch, total, off)
-        for c0 in range(0, d, NTHREADS):
-            c = c0 + tid
-            if c < d:
-                val = ZERO
-                for w in range(NWARPS):
-                    for vc in range(v_cols):
-                        val += comb[(w * v_cols + vc) * d + c]
-                if splits == 1:
-                    val /= total
-                parts[row, split, c] = val
-        if tid == 0:
-            meta[row, split, 0] = kq_max
-            meta[row, split, 1] = total
-
-    return kernel
+    ns.update(FILL_G=unrolled(bind(_fill_step), g, 2), ADD_G=unrolled(bind(_add_step), g, 2),
+              FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
+    ns.update(LOAD_K=unrolled(bind(_load_k_step), 8 if plain_k else k_chunk_bytes // 4, 3),
+              KQ_CHUNK=unrolled(bind(_kq_step), (k_chunk // 4 if plain_k else 2) * g, 6))
+    ns.update(KQ_TOKEN=bind(_kq_token), TILE_MAX=unrolled(bind(_tile_max_step), g, 5),
+              SOFTMAX=unrolled(bind(_softmax_step), g, 8), SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
+              SLOTS=unrolled(bind(_slot_step), nb, 6), LOAD_V=unrolled(bind(_load_v_step), nb * ul, 4),
+              V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 4))
+    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
+              g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
+              g * ul * u, 4))
+    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}", JIT, **ns)
 
 
 @functools.cache
@@ -429,10 +666,13 @@ def combine_kernel(d: int):
     return kernel
 
 
-def n_splits(n_rows: int, n_kv: int, n_sm: int = 132) -> int:
-    """Splits of the context: enough CUDA blocks for ~4 per SM, at most one per 128-token tile."""
-    tiles = -(-n_kv // NTHREADS)
-    return max(1, min(tiles, -(-4 * n_sm // max(1, n_rows))))
+def plan(n_groups: int, n_kv: int, n_sm: int = 132, splits: int | None = None) -> tuple[int, int]:
+    """(splits, tiles per split) of the context: ~16 blocks per SM over n_groups (sequence, KV head,
+    G heads) blocks, whole 128-token tiles, equal shares (the last may be shorter or empty)."""
+    tiles = -(-n_kv // NT)
+    want = splits or max(1, -(-16 * n_sm // max(1, n_groups)))
+    tps = max(1, -(-tiles // want))
+    return (splits or -(-tiles // tps)), tps
 
 
 # ---- host side -------------------------------------------------------------------------------------
@@ -445,9 +685,10 @@ def _device_array(a, what):
     raise TypeError(f"flash_decode: {what} must be a CUDA array (__cuda_array_interface__), got {type(a).__name__}")
 
 
-def _rows(raw, what):
+def _rows(raw, what, align):
     """(flat uint8 view from the first row, (batch, head, row) strides in bytes) of a (B, Hkv, L, row_bytes)
-    cache whose rows sit in a C-contiguous (B, Hkv, capacity, row_bytes) buffer (L <= capacity)."""
+    cache whose rows sit in a C-contiguous (B, Hkv, capacity, row_bytes) buffer (L <= capacity), its first
+    byte aligned to `align` (the kernel's loads)."""
     b, h, n, row_bytes = (int(x) for x in raw.shape)
     if hasattr(raw, "stride") and callable(raw.stride):                       # torch
         strides = tuple(int(x) for x in raw.stride())
@@ -465,7 +706,10 @@ def _rows(raw, what):
         flat = _device_array(raw, what).reshape(size) if n * row_bytes == s1 else None
         if flat is None:
             raise ValueError(f"flash_decode: a numba device array {what} must be contiguous")
-    return _device_array(flat, what), (s0, s1, s2)
+    flat = _device_array(flat, what)
+    if not SIM and flat.__cuda_array_interface__["data"][0] % align:
+        raise ValueError(f"flash_decode: {what} must start at a {align}-byte aligned address")
+    return flat, (s0, s1, s2)
 
 
 def flash_decode(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
@@ -494,8 +738,10 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
         raise ValueError("flash_decode: the cache holds no rows")
     is_torch = hasattr(q, "stride") and callable(q.stride)
     rows = b * h
+    ratio = h // n_hkv
+    g = cols_per_block(ratio, dk)
     n_sm = 1 if SIM else _cuda.get_current_device().MULTIPROCESSOR_COUNT
-    splits = splits or n_splits(rows, n_kv, n_sm)
+    splits, tps = plan(rows // g, n_kv, n_sm, splits)
     if is_torch:
         import torch
         q2 = q.reshape(rows, dk).float().contiguous()                           # (B*H, D)
@@ -511,11 +757,11 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
         out = _cuda.device_array((rows, dv), np.float32)
         host = np.zeros((b, 1), np.float32) if mask is None else np.where(np.asarray(mask), 0, -np.inf)
         add = _cuda.to_device(np.ascontiguousarray(host, np.float32))
-    k_flat, kst = _rows(k_raw, "k_raw")
-    v_flat, vst = _rows(v_raw, "v_raw")
-    partials = partials_kernel(type_k, type_v, dk)[(rows, splits), NTHREADS]
-    args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, h // n_hkv, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), _device_array(parts, "parts"), _device_array(meta, "meta"))
+    k_flat, kst = _rows(k_raw, "k_raw", 16 if type_k in PLAIN else 4)
+    v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
+    partials = partials_kernel(type_k, type_v, dk, g)[(rows // g, splits), NT]
+    args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
+            mask is not None, np.float32(scale), tps, _device_array(parts, "parts"), _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
     combine = combine_kernel(dv)[rows, dv]
