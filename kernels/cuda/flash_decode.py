@@ -323,8 +323,11 @@ def _v_col(ui, e):
 
 
 def _load_k_step(wd, k, o, i):
-    """Word i of a quantized K chunk (rows are 4-byte aligned), or 16 bytes of an f32/f16/bf16 one."""
-    if PLAIN_K:
+    """Word i of a quantized K chunk (rows are 4-byte aligned; o a word index of the staged rows when
+    STAGE_K), or 16 bytes of an f32/f16/bf16 one."""
+    if STAGE_K:
+        wd[i] = k[o + i]
+    elif PLAIN_K:
         x = ld_u32x4(k, o + 16 * i)
         wd[4 * i] = x[0]
         wd[4 * i + 1] = x[1]
@@ -356,10 +359,24 @@ def _kq_step(s, wd, qsh, qd, qs, c, kk):
 
 
 def _kq_token(s, k, o, qsh, qd, qs, wd):
-    """s[j] += K.Q of the K row at byte o for every head j (Q pre-scaled, in shared memory)."""
+    """s[j] += K.Q of the K row at byte o (word o of the staged rows) for every head j (Q pre-scaled,
+    in shared memory)."""
     for c in range(D // K_CHUNK):
-        LOAD_K(wd, k, o + c * K_CHUNK_BYTES)
+        LOAD_K(wd, k, o + c * (K_WORDS if STAGE_K else K_CHUNK_BYTES))
         KQ_CHUNK(s, wd, qsh, qd, qs, c)
+
+
+def _stage_load_step(cp, k, base, n_words, lane, m):
+    """Word lane + 32 m of the warp's K rows (contiguous from byte base; n_words valid): one 4-byte load."""
+    i = lane + WARP * m
+    cp[m] = ld_u32(k, base + 4 * i) if i < n_words else np.uint32(0)
+
+
+def _stage_store_step(kbuf, cp, first, lane, m):
+    """... into the warp's rows in shared memory (ROW_STRIDE words apart: odd, no bank conflicts)."""
+    i = lane + WARP * m
+    r = i // ROW_WORDS
+    kbuf[first + r * ROW_STRIDE + i - r * ROW_WORDS] = cp[m]
 
 
 def _tile_max_step(s, red, scratch, slot, lane, j):
@@ -492,6 +509,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     red = cuda.shared.array(3 * NWARPS * G + G, float32)         # warps' maxima (2 buffers), sums; maxima
     comb = cuda.shared.array(NWARPS * G * D, float32)
     scratch = cuda.shared.array(NT, float32)
+    kbuf = cuda.shared.array(NT * ROW_STRIDE if STAGE_K else 1, uint32)   # the tile's K rows
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
@@ -534,6 +552,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     p = cuda.local.array(GP, float32)
     acc = cuda.local.array(N_ACC, float32)
     wd = cuda.local.array(K_WORDS, uint32)
+    cp = cuda.local.array(ROW_WORDS, uint32)
     raw = cuda.local.array(4 * NB * UL, uint32)
     vo = cuda.local.array(NB, np.int64)
     FILL_G(kq_max, HALF_NEG_FLT_MAX)
@@ -547,11 +566,21 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     tiles = (n_kv + NT - 1) // NT
     buf = 0
     for tile in range(split * tps, min(tiles, split * tps + tps)):
-        # (a) scores of token tid for every head
+        # (a) scores of token tid for every head; a quantized K's rows first pass through shared
+        # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
         tok = tile * NT + tid
         FILL_G(s, ZERO)
+        if STAGE_K:
+            first = tile * NT + warp * WARP
+            n_rows = max(0, min(WARP, n_kv - first))
+            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * kst[2], n_rows * ROW_WORDS, lane)
+            STAGE_STORE(kbuf, cp, warp * WARP * ROW_STRIDE, lane)
+            warp_sync()
         if tok < n_kv:
-            KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd)
+            if STAGE_K:
+                KQ_TOKEN(s, kbuf, tid * ROW_STRIDE, qsh, qd, qs, wd)
+            else:
+                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd)
             if use_mask:
                 ADD_G(s, mask[b, tok])
         else:
@@ -622,10 +651,13 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int):
     nb = min(steps, max(1, 8 // ul))                     # V steps whose loads are issued together
     k_chunk = (32 if type_k == F32 else 64)              # K values per chunk of loads
     k_chunk_bytes = 128 if plain_k else 2 * TYPE_SIZES[type_k]
+    row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
+    stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v],
               K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=32 if plain_k else k_chunk_bytes // 4,
-              U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u)
+              U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
+              ROW_WORDS=row_words, ROW_STRIDE=row_words | 1)
 
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
@@ -634,6 +666,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int):
               FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
     ns.update(LOAD_K=unrolled(bind(_load_k_step), 8 if plain_k else k_chunk_bytes // 4, 3),
               KQ_CHUNK=unrolled(bind(_kq_step), (k_chunk // 4 if plain_k else 2) * g, 6))
+    ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 5),
+              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 4))
     ns.update(KQ_TOKEN=bind(_kq_token), TILE_MAX=unrolled(bind(_tile_max_step), g, 5),
               SOFTMAX=unrolled(bind(_softmax_step), g, 8), SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
               SLOTS=unrolled(bind(_slot_step), nb, 6), LOAD_V=unrolled(bind(_load_v_step), nb * ul, 4),
