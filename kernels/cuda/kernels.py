@@ -55,6 +55,7 @@ if not SIM:
     _load_array_overloads()
 
 VALUE_TPB = 32 if SIM else 256
+TABLE_FLOATS = int(BEST_INDEX_TABLE.size)        # a Python int: a shared array's size must be a constant
 # 64 registers hold a row (32) and its packed words without spills (ptxas -v); 8 CUDA blocks per SM
 TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=64)
 
@@ -182,7 +183,7 @@ def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check,
         return                            # the whole block: no barrier below waits for it
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821 (instance constants)
-    table = cuda.shared.array(BEST_INDEX_TABLE.size, float32, alignment=ALIGN)
+    table = cuda.shared.array(TABLE_FLOATS, float32, alignment=ALIGN)
     first = np.int64(cuda.blockIdx.x) * TPB
     r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (quantizers.py)
     if TABLES:                            # noqa: F821  a constant: numba drops the branch for other types

@@ -163,6 +163,7 @@ def recip(d, flavor):
 
 
 _CHAINS = 4                                  # signed_absmax's independent runs of QK / _CHAINS values
+_RUN_SLOTS = 2 * _CHAINS                     # (amax, vmax) per run; a name: an array size must be a constant
 
 
 @device
@@ -187,7 +188,7 @@ def _merge_run(acc, c):
 
 
 _merge_runs = unrolled(_merge_run, _CHAINS, 1, start=1)
-_zero_runs = unrolled(_fill_word, 2 * _CHAINS, 2)
+_zero_runs = unrolled(_fill_word, _RUN_SLOTS, 2)
 
 
 @device
@@ -195,7 +196,7 @@ def signed_absmax(row, flavor):
     """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins). Four runs
     of 8 values side by side (a dependency chain a quarter as long), merged in order: the serial loop's
     answer, since a later run's value wins only when strictly larger."""
-    acc = cuda.local.array(2 * _CHAINS, np.float32)
+    acc = cuda.local.array(_RUN_SLOTS, np.float32)
     _zero_runs(acc, _ZERO)
     _signed_absmax(row, acc, flavor)
     _merge_runs(acc)
