@@ -1,5 +1,5 @@
-"""Memory held by a transformers KV cache: DynamicCache vs GGMLQuantizedCache (floats and bytes storage),
-one JSON line per (pair, storage, scenario).
+"""Memory held by a transformers KV cache: DynamicCache vs GGMLQuantizedCache (floats and bytes storage) and
+transformers' own 4-bit QuantizedCache (quanto, HQQ: where they install), one JSON line per (cache, scenario).
 
     python bench/hf_cache_memory.py [--tokens 4096] [--pairs q4_0/q4_0,q8_0/q8_0] [--device cpu]
 
@@ -15,21 +15,40 @@ import argparse
 import json
 
 GOALS = {"q4_0/q4_0": 0.30, "q8_0/q8_0": 0.55}
+# transformers' QuantizedCache backends (where optimum-quanto / hqq install), with the axes its docs recommend
+PEERS = {"quanto": dict(axis_key=0, axis_value=0), "hqq": dict(axis_key=1, axis_value=1)}
 LAYERS, KV_HEADS, HEAD_DIM = 16, 8, 64
 DECODE_STEPS = 96
 
 
+def plain_tensors(value):
+    """Every plain tensor inside a layer's attribute: a tensor subclass (quanto's packed tensors) by the inner
+    tensors it flattens to, tuples, lists and dicts (HQQ's (qtensor, meta)) by their items."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            for name in value.__tensor_flatten__()[0]:
+                yield from plain_tensors(getattr(value, name))
+        else:
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from plain_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from plain_tensors(item)
+
+
 def held_bytes(cache) -> int:
     """Bytes of every distinct tensor storage the cache's layers hold."""
-    import torch
     seen, total = set(), 0
     for layer in cache.layers:
         for value in vars(layer).values():
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                key = (value.untyped_storage().data_ptr(), value.device)
-                if key not in seen:
+            for t in plain_tensors(value):
+                key = (t.untyped_storage().data_ptr(), t.device)
+                if t.device.type != "meta" and key not in seen:
                     seen.add(key)
-                    total += value.untyped_storage().nbytes()
+                    total += t.untyped_storage().nbytes()
     return total
 
 
@@ -53,10 +72,12 @@ def fill(cache, tokens: int, scenario: str, device: str) -> None:
 
 
 def make(kind: str, pair: str, scenario: str, tokens: int):
-    from transformers import DynamicCache
+    from transformers import DynamicCache, QuantizedCache
     from kvlab.hf.cache import GGMLQuantizedCache
     if kind == "dynamic":
         return DynamicCache(config=config())
+    if kind in PEERS:   # transformers' own: 4-bit groups of 64, the last residual_length tokens unquantized
+        return QuantizedCache(kind, config(), nbits=4, **PEERS[kind])
     type_k, type_v = pair.split("/")
     extra = {"max_cache_len": tokens} if scenario == "prealloc" else {}
     return GGMLQuantizedCache(config(), type_k, type_v, storage=kind, **extra)
@@ -95,6 +116,18 @@ def main(argv=None):
                 if pair in GOALS:
                     row.update(goal=GOALS[pair], met=ratio <= GOALS[pair])
             except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}"
+            print(json.dumps(row), flush=True)
+    for backend in PEERS:
+        for scenario in ("prefill", "decode"):
+            row = {"figure": "cache_memory", "cache": f"QuantizedCache({backend!r}, nbits=4)", "dtype": "bfloat16",
+                   "scenario": scenario, "tokens": a.tokens}
+            try:
+                cache = make(backend, "", scenario, a.tokens)
+                fill(cache, a.tokens, scenario, a.device)
+                held = held_bytes(cache)
+                row.update(bytes=held, bits_per_value=8 * held / values, ratio_vs_dynamic=held / base[scenario])
+            except Exception as e:  # noqa: BLE001 - not installed, or failing: said, and the others still run
                 row["error"] = f"{type(e).__name__}: {e}"
             print(json.dumps(row), flush=True)
 
