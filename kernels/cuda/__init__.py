@@ -35,6 +35,7 @@ so does every call with KVLAB_CUDA_DIRECT=0 in the environment (to compare the t
 import ctypes
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -151,7 +152,18 @@ def _launch(kernel, grid, block, args):
             _DIRECT.clear()
         overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in numba_args))
         # None: the dispatcher converted an argument to an overload of other types; it keeps this key
-        _DIRECT[key] = False if overload is None else _DirectLaunch(overload, grid, block, numba_args)
+        _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
+
+
+def _direct_launch(overload, grid, block, numba_args):
+    """A _DirectLaunch, or False (the dispatcher keeps the key) where numba-cuda or the CUDA bindings
+    are not what it was written against (numba-cuda 0.30.4, cuda-bindings 13)."""
+    try:
+        return _DirectLaunch(overload, grid, block, numba_args)
+    except (AttributeError, ImportError, RuntimeError, TypeError) as e:
+        warnings.warn(f"kvlab.kernels.cuda: no direct launch ({type(e).__name__}: {e}); numba's dispatcher "
+                      f"launches every call", RuntimeWarning, stacklevel=3)
+        return False
 
 
 _DIRECT = {}
@@ -220,8 +232,18 @@ def _state(name):
         refused = cuda.mapped_array(1, np.int32)
         refused[0] = 0
         _STATE["refused_host"] = refused
-        _STATE["refused"] = _view(refused, "refused", None, 1)
+        # numba-cuda 0.30.4's launch takes no mapped array (its pointer comes out None): the kernels get
+        # the device address through the interface, as any foreign array
+        seen = refused if _k().SIM else _Interface(dict(refused.__cuda_array_interface__))
+        _STATE["refused"] = _view(seen, "refused", None, 1)
     return _STATE[name]
+
+
+class _Interface:
+    """An array known by its __cuda_array_interface__ only."""
+
+    def __init__(self, interface):
+        self.__cuda_array_interface__ = interface
 
 
 def raise_refused():
