@@ -28,12 +28,12 @@ import types
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, uint8
+from numba import cuda, float32, uint8, uint32
 
 from .. import FLAVORS
 from .fwht import rotate_row
 from .ops import SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4, st_u32, st_u32x2, st_u32x4
-from .quantizers import BEST_INDEX_TABLE, KVALUES
+from .quantizers import BEST_INDEX_LUT, KVALUES
 from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
 
 
@@ -55,7 +55,6 @@ if not SIM:
     _load_array_overloads()
 
 VALUE_TPB = 32 if SIM else 256
-TABLE_FLOATS = int(BEST_INDEX_TABLE.size)        # a Python int: a shared array's size must be a constant
 # 64 registers hold a row (32) and its packed words without spills (ptxas -v); 8 CUDA blocks per SM
 TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=64)
 
@@ -155,15 +154,16 @@ def rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
     """Every writing kernel asks this first, every thread of every CUDA block: n_check >= 0, check the
     first n_check ids here (every block all of them: the same answer everywhere, so a refused call
     writes nothing at all); n_check < 0, check_rows_kernel ran before and left its answer in flag[0].
-    A refusal sets refused[0] (host memory, read by the host without a sync). No ids: n_check 0."""
+    A refusal sets refused[0] (host memory, read by the host without a sync), from block 0 only. No ids:
+    n_check 0."""
     if n_check == 0:
         return False
     if n_check > 0:
         bad = _ids_outside(row_ids, n_check, n_cache_rows)
     else:
         bad = flag[0] != 0
-    if bad and cuda.threadIdx.x == 0:
-        refused[0] = 1
+    if bad and cuda.threadIdx.x == 0 and cuda.blockIdx.x == 0:
+        refused[0] = 1                    # once per call: the host, which clears it, may read it mid-call
     return bad
 
 
@@ -183,18 +183,20 @@ def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check,
         return                            # the whole block: no barrier below waits for it
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821 (instance constants)
-    table = cuda.shared.array(TABLE_FLOATS, float32, alignment=ALIGN)
+    lut = cuda.shared.array(32, uint32)
+    kv = cuda.shared.array(16, float32)
     first = np.int64(cuda.blockIdx.x) * TPB
     r = np.uint32(cuda.threadIdx.x)       # unsigned indices: no wrap-around code (quantizers.py)
     if TABLES:                            # noqa: F821  a constant: numba drops the branch for other types
-        load_table(table, BEST_INDEX_TABLE)
+        load_table(lut, BEST_INDEX_LUT)
+        load_table(kv, KVALUES)
     load_tile(tile, x, first * 32, n_blocks * 32, vec)
     cuda.syncthreads()
     row = cuda.local.array(32, float32)
     read_row(tile, r, row)
     if n > 0:
         rotate_row(tile, row, n, scale, TPB)
-    QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, table)  # noqa: F821
+    QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, lut, kv)  # noqa: F821
     cuda.syncthreads()
     store_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE,  # noqa: F821
                 width, row_ids, row_bytes)

@@ -11,7 +11,7 @@ numpy float32 with the same results, so the kernels run unchanged in CI without 
 Names: ``mul/add/sub/fma/div`` round to nearest, ``*_ftz`` flush subnormal inputs and results,
 ``rcp_approx`` is rcp.approx.ftz.f32 (tabled from the H100 for the simulator); ``fmin``/``fmax``
 drop a NaN operand (min.f32 / max.f32; ``*_ftz`` compare flushed values and return them; the sign
-of a zero result is not relied on); ``floor_i32`` is cvt.rmi.s32.f32; ``add_rm`` rounds toward -inf.
+of a zero result is not relied on); ``floor_i32`` is cvt.rmi.s32.f32.
 
 Wide memory access (why: one 16-byte load per thread instead of four 4-byte ones, and output bytes
 staged in shared memory leave as whole words): ``ld_f32x4(a, i)`` -> 4 float32 at element i of a
@@ -89,7 +89,6 @@ else:
     fmax = _asm("max.f32 $0, $1, $2;", 2)
     fmin_ftz = _asm("min.ftz.f32 $0, $1, $2;", 2)
     fmax_ftz = _asm("max.ftz.f32 $0, $1, $2;", 2)
-    add_rm = _asm("add.rm.f32 $0, $1, $2;", 2)      # an FP32-pipe floor: see quantizers.best_index
     f32_bits = _asm("mov.b32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
     f32_from_bits = _asm("mov.b32 $0, $1;", 1, arg=_I32, arg_c="r", nb_arg=types.uint32)
 

@@ -4,10 +4,10 @@ kvlab.types' TypeInfo.gpu_codec() returns and kernels.py instantiates its kernel
 
 A block's 32 float32 are in registers: ``row``, a 32-element local array that only constant indices
 touch (every per-value loop is written out by unroll.unrolled). ``quantize_<type>(row, y, o, flavor,
-table)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
-buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared table
-BEST_INDEX_TABLE and every dequantizer the iq4_nl levels KVALUES (only iq4_nl reads them) so that one
-kernel template calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every
+lut, kv)`` writes the block's type_size bytes at byte ``o`` of the flat uint8 ``y`` (the shared staging
+buffer); ``dequantize_<type>(y, o, row, kv)`` is the reverse. Every quantizer takes the shared tables
+lut and kv (BEST_INDEX_LUT and the iq4_nl levels; only iq4_nl reads them) so that one kernel template
+calls any of them, as set-rows.cu calls any ``quantize_f32_<type>_block``. Every field of every
 block struct starts on an even byte (o too), so bytes move as 16-bit accesses; packed nibbles and
 bytes (qs, qh) are gathered in 32-bit words in registers first (``words``, a local array too).
 The arithmetic is spelled with kernels/cuda/ops.py so every rounding is the one the flavor's C code
@@ -23,9 +23,9 @@ from numba import cuda
 from .. import CPU, CUDA, REF
 from ..fp import bf16_bits as cpu_bf16_bits
 from ..iq4_nl import KVALUES_F32 as KVALUES
-from .ops import (add, add_ftz, add_rm, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits,
-                  fma_ftz, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_f32x4, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32,
-                  rcp_approx, round_even, roundf, st_u16, sub, sub_ftz)
+from .ops import (add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32,
+                  fma_ftz, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx,
+                  round_even, roundf, st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
 QK = 32
@@ -45,29 +45,20 @@ _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
 
 
-def _best_index_table():
-    """best_index's table, 4 float32 per bucket b = floor((y + 256) / 16) of y = 2x in [-256, 256):
-    the levels below the bucket (as the bits of an int), the decision point 2m inside it (+inf for
-    none), KVALUES at those two indices. Doubling is exact and every decision point m = (KVALUES[k] +
-    KVALUES[k + 1]) / 2 is a multiple of 1/2, so 2m is an integer, and y >= 2m iff floor(y) >= 2m; the
-    points are >= 23 apart, so a bucket holds at most one."""
-    points = KVALUES[:-1] + KVALUES[1:]                                   # 2m, increasing
-    table = np.zeros((32, 4), np.float32)
+def _best_index_lut():
+    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
+    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
+    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
+    in u): entry = (points below the bucket) | (the point inside, or 1023 for none) << 8."""
+    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
+    lut = np.zeros(32, np.uint32)
     for b in range(32):
-        low = 16 * b - 256
-        below = int((points <= low).sum())
-        inside = points[(points > low) & (points < low + 16)]
-        table[b, 0] = np.array(below, np.uint32).view(np.float32)
-        table[b, 1] = inside[0] if inside.size else np.inf
-        table[b, 2] = KVALUES[below]
-        table[b, 3] = KVALUES[min(below + 1, 15)]
-    return table.reshape(-1)                                              # (128,)
+        inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
+        lut[b] = int((points <= 16 * b).sum()) | (int(inside[0]) if inside.size else 1023) << 8
+    return lut
 
 
-BEST_INDEX_TABLE = _best_index_table()
-# add.rm(y, _BUCKET_MAGIC) = 1.5 * 2^27 + 16 b: floats there are 16 apart, so rounding toward -inf
-# floors (y + 256) / 16, and the low 5 bits of the result's bits are b (1.5 * 2^27's are zero)
-_BUCKET_MAGIC = F(1.5 * 2.0 ** 27 + 256.0)
+BEST_INDEX_LUT = _best_index_lut()
 
 # Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
 # was most of the instructions per value (ncu: the quantizers were SM-bound); o comes unsigned.
@@ -162,44 +153,25 @@ def recip(d, flavor):
     return div(_ONE, d) if d != _ZERO else _ZERO
 
 
-_CHAINS = 4                                  # signed_absmax's independent runs of QK / _CHAINS values
-_RUN_SLOTS = 2 * _CHAINS                     # (amax, vmax) per run; a name: an array size must be a constant
-
-
 @device
 def _signed_absmax_step(row, acc, flavor, j):
-    """Run j // 8 of the search: acc[2c], acc[2c + 1] = (amax, vmax) of values 8c .. j."""
     v = row[j]
     a = ftz(abs(v)) if flavor == CUDA else abs(v)
-    c = 2 * (j // (QK // _CHAINS))
-    if a > acc[c]:
-        acc[c] = a
-        acc[c + 1] = v
+    if a > acc[0]:
+        acc[0] = a
+        acc[1] = v
 
 
 _signed_absmax = unrolled(_signed_absmax_step, QK, 3)
 
 
 @device
-def _merge_run(acc, c):
-    if acc[2 * c] > acc[0]:                  # strict: on a tie the earlier run's value stays
-        acc[0] = acc[2 * c]
-        acc[1] = acc[2 * c + 1]
-
-
-_merge_runs = unrolled(_merge_run, _CHAINS, 1, start=1)
-_zero_runs = unrolled(_fill_word, _RUN_SLOTS, 2)
-
-
-@device
 def signed_absmax(row, flavor):
-    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins). Four runs
-    of 8 values side by side (a dependency chain a quarter as long), merged in order: the serial loop's
-    answer, since a later run's value wins only when strictly larger."""
-    acc = cuda.local.array(_RUN_SLOTS, np.float32)
-    _zero_runs(acc, _ZERO)
+    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
+    acc = cuda.local.array(2, np.float32)
+    acc[0] = _ZERO
+    acc[1] = _ZERO
     _signed_absmax(row, acc, flavor)
-    _merge_runs(acc)
     return acc[0], acc[1]
 
 
@@ -252,7 +224,7 @@ _q8_bytes = unrolled(_q8_byte, QK, 4)
 
 
 @device
-def quantize_q8_0(row, y, o, flavor, table):
+def quantize_q8_0(row, y, o, flavor, lut, kv):
     if flavor == CPU:
         amax = _avx_absmax(row)
         d = div(amax, F(127.0))
@@ -311,7 +283,7 @@ _q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
 
 
 @device
-def quantize_q4_0(row, y, o, flavor, table):
+def quantize_q4_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -359,7 +331,7 @@ _q5_0_pairs = unrolled(_q5_0_pair, 16, 4)
 
 
 @device
-def quantize_q5_0(row, y, o, flavor, table):
+def quantize_q5_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-16.0), F(-0.0625))
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -490,7 +462,7 @@ _q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
 
 
 @device
-def quantize_q4_1(row, y, o, flavor, table):
+def quantize_q4_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
@@ -533,7 +505,7 @@ _q5_1_pairs = unrolled(_q5_1_pair, 16, 5)
 
 
 @device
-def quantize_q5_1(row, y, o, flavor, table):
+def quantize_q5_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
@@ -561,20 +533,19 @@ def dequantize_q5_1(y, o, row, kv):
 
 # ---- iq4_nl -----------------------------------------------------------------------------------
 @device
-def best_level(y, table, clamp):
-    """(q, KVALUES[q]) for best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the
-    nearest level, a tie going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically
-    and are equal at the exact midpoint m = (lo + hi) / 2, so q is the number of midpoints with
-    !(x < m) (checked against ggml's search on all 2^32 floats); table (BEST_INDEX_TABLE in shared
-    memory) holds per 16-wide bucket of y the count below it and the one midpoint inside: one 16-byte
-    load, one compare. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
-    a number in [-256, 256) or the caller drops the result (a NaN then reads some bucket, in bounds)."""
+def best_index(y, lut, clamp):
+    """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the nearest level, a tie
+    going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the
+    exact midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked
+    against ggml's search on all 2^32 floats); every m is a multiple of 1/2, so floor(2x) decides, and
+    lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so any lookups of a warp are one
+    access) counts them. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
+    a number in [-256, 255] (an infinite one would index past the table)."""
     if clamp:
         y = fmax(fmin(y, F(255.0)), F(-256.0))
-    b = f32_bits(add_rm(y, _BUCKET_MAGIC)) & np.uint32(31)
-    e = ld_f32x4(table, b << np.uint32(2))
-    up = y >= e[1]
-    return np.int32(f32_bits(e[0])) + (np.int32(1) if up else np.int32(0)), e[3] if up else e[2]
+    u = np.uint32(floor_i32(y) + np.int32(256))
+    e = lut[u >> np.uint32(4)]
+    return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
 
 
 @device
@@ -586,47 +557,50 @@ def _twice_x(v, s, flavor, clamp):
 
 
 @device
-def _iq4_ref_value(row, words, acc, idv, table, clamp, j):
+def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
     """ref: values in order 0 .. 31, the sums beside the indices (ggml sums in that order too)."""
     v = row[j]
-    q, k = best_level(_twice_x(v, idv, REF, clamp), table, clamp)
+    q = best_index(_twice_x(v, idv, REF, clamp), lut, clamp)
+    k = kv[q]
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
     acc[1] = add(acc[1], mul(wk, k))
     words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
 
 
-_iq4_ref_values = unrolled(_iq4_ref_value, QK, 6)
+_iq4_ref_values = unrolled(_iq4_ref_value, QK, 7)
 
 
 @device
-def _iq4_cuda_pair(row, words, acc, idv, table, clamp, j):
+def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
     """cuda: the pairs (j, j + 16) in order j, the first product of a pair fused."""
     v0 = row[j]
     v1 = row[j + 16]
-    q0, k0 = best_level(_twice_x(v0, idv, CUDA, clamp), table, clamp)
-    q1, k1 = best_level(_twice_x(v1, idv, CUDA, clamp), table, clamp)
+    q0 = best_index(_twice_x(v0, idv, CUDA, clamp), lut, clamp)
+    q1 = best_index(_twice_x(v1, idv, CUDA, clamp), lut, clamp)
     set_byte(words, j, q0 | (q1 << 4))
+    k0 = kv[q0]
+    k1 = kv[q1]
     t0 = mul_ftz(mul_ftz(v0, v0), k0)
     t1 = mul_ftz(mul_ftz(v1, v1), k1)
     acc[0] = add_ftz(acc[0], fma_ftz(v0, t0, mul_ftz(v1, t1)))
     acc[1] = add_ftz(acc[1], fma_ftz(t0, k0, mul_ftz(t1, k1)))
 
 
-_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 6)
+_iq4_cuda_pairs = unrolled(_iq4_cuda_pair, 16, 7)
 
 
 @device
-def _iq4_indices_and_sums(row, words, acc, idv, table, flavor, clamp):
+def _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, clamp):
     """words[0:4] <- the packed indices, acc <- (sum of w q x, sum of w q^2); idv is 1/d with clamp,
     2/d without."""
     fill_words_4(words, np.uint32(0))
     acc[0] = _ZERO
     acc[1] = _ZERO
     if flavor == CUDA:
-        _iq4_cuda_pairs(row, words, acc, idv, table, clamp)
+        _iq4_cuda_pairs(row, words, acc, idv, lut, kv, clamp)
     else:
-        _iq4_ref_values(row, words, acc, idv, table, clamp)
+        _iq4_ref_values(row, words, acc, idv, lut, kv, clamp)
 
 
 @device
@@ -635,8 +609,8 @@ def _finite(v):
 
 
 @device
-def quantize_iq4_nl(row, y, o, flavor, table):
-    """table: BEST_INDEX_TABLE in shared memory.
+def quantize_iq4_nl(row, y, o, flavor, lut, kv):
+    """lut: BEST_INDEX_LUT, kv: KVALUES, both in shared memory.
     With a finite 2/d every x = v / d is within 127 (1 + 1e-6) or NaN (v NaN, or v infinite and
     1/d = 0), so best_index runs on (2/d) v without its clamps; a NaN anywhere makes the sums NaN, and
     such blocks run again with them (NaN must index 15): three instructions a value fewer for the rest."""
@@ -651,9 +625,9 @@ def quantize_iq4_nl(row, y, o, flavor, table):
     idv2 = add(idv, idv)
     fast = _finite(idv2)
     if fast:
-        _iq4_indices_and_sums(row, words, acc, idv2, table, flavor, False)
+        _iq4_indices_and_sums(row, words, acc, idv2, lut, kv, flavor, False)
     if not (fast and _finite(acc[0]) and _finite(acc[1])):
-        _iq4_indices_and_sums(row, words, acc, idv, table, flavor, True)
+        _iq4_indices_and_sums(row, words, acc, idv, lut, kv, flavor, True)
     if flavor == CUDA:
         if acc[1] > _ZERO:
             d = mul_ftz(acc[0], rcp_approx(acc[1]))
@@ -715,10 +689,10 @@ def bf16_to_f32(h):
 
 # ---- the codecs: what kernels.py instantiates its kernels with, per type ------------------------
 class DeviceCodec(NamedTuple):
-    """A type's device functions. Block types: quantize(row, y, o, flavor, table) and
+    """A type's device functions. Block types: quantize(row, y, o, flavor, lut, kv) and
     dequantize(y, o, row, kv) on one 32-value block; f32/f16/bf16: quantize(v, flavor, in_simd_chunk)
     -> the value's bits (uint32 / uint16) and dequantize(bits) -> float32. tables: the kernel stages
-    BEST_INDEX_TABLE (quantize) or KVALUES (dequantize) in shared memory for it."""
+    BEST_INDEX_LUT and KVALUES in shared memory for it."""
     quantize: Callable
     dequantize: Callable
     tables: bool = False

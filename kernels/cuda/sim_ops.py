@@ -147,18 +147,6 @@ def fmax_ftz(a, b):
 
 
 @_quiet
-def add_rm(a, b):
-    """a + b rounded toward -inf (the exact sum, then the float32 at or below it)."""
-    a, b = _f32(a), _f32(b)
-    s = _f32(np.float64(a) + np.float64(b))
-    if not np.isfinite(s) or not (np.isfinite(a) and np.isfinite(b)):
-        return s
-    if Fraction(float(s)) > Fraction(float(a)) + Fraction(float(b)):
-        s = np.nextafter(s, _f32(-np.inf))
-    return s
-
-
-@_quiet
 def f32_to_f16_bits(x):
     x = _f32(x)
     if x != x:
