@@ -22,19 +22,23 @@ paths (torch's and numba's allocations are); others are handled, slower.
 (kvlab.rotation.hadamard_scale(n)).
 
 Calls are asynchronous on the default stream and never wait for the GPU. The arguments are checked on
-the host from ``__cuda_array_interface__`` (shape, dtype, contiguity, alignment); set_rows' ids, which
-live on the GPU, are checked there, before anything is written: a call with an id outside the cache's
-rows writes nothing and raises ValueError in the first call after the GPU has run it
-(``raise_refused()`` asks at any time; after a synchronize it is certain).
-Launches: the first call of a shape goes through numba's dispatcher (compile or cache load, typing);
-it leaves the compiled function and its packed parameters behind, keyed by everything but the array
-addresses, and later calls of that key fill in the addresses and launch directly (cuLaunchKernel):
-microseconds of host time. The simulator (NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and
-so does every call with KVLAB_CUDA_DIRECT=0 in the environment (to compare the two).
+the host from the arrays' own description (a CUDA torch tensor's attributes, else
+``__cuda_array_interface__``: shape, dtype, contiguity, alignment); set_rows' ids, which live on the
+GPU, are checked there, before anything is written: a call with an id outside the cache's rows writes
+nothing and raises ValueError in the first call after the GPU has run it (``raise_refused()`` asks at
+any time; after a synchronize it is certain).
+Launches: the first call of a kernel and shape goes through numba's dispatcher (compile or cache load,
+typing); it leaves the compiled function and its packed parameters behind (_DirectLaunch), and the
+call leaves its launches behind, keyed by what its checks depend on (shapes, dtypes, layouts,
+alignments, scalars). A later call with that key is checked by finding it, and replays the launches
+with its own addresses (cuLaunchKernel): microseconds of host time. The simulator
+(NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and so does every call with KVLAB_CUDA_DIRECT=0
+in the environment (to compare the two).
 """
 import ctypes
 import math
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -62,14 +66,46 @@ class _View(NamedTuple):
         return math.prod(self.shape)
 
 
-def _view(a, what, dtype, ndim):
+def _describe(a):
+    """(shape, typestr, contiguous, address) of a device array, read from the array itself (torch's
+    tensor attributes, else __cuda_array_interface__); None for None and for what has neither (the
+    simulator's arrays, a CPU tensor, a tensor that requires grad: _view says why)."""
+    if a is None:
+        return None
+    typestr = _torch_typestr(a)
+    if typestr is not None:
+        return tuple(a.shape), typestr, a.is_contiguous(), a.data_ptr()
     iface = getattr(a, "__cuda_array_interface__", None)
-    if iface is not None:
-        shape = tuple(iface["shape"])
-        dt = _TYPESTR.get(iface["typestr"]) or np.dtype(iface["typestr"])
-        strides = iface.get("strides")
-        contiguous = strides is None or tuple(strides) == _c_strides(shape, dt.itemsize)
-        ptr = iface["data"][0]
+    if iface is None:
+        return None
+    shape = tuple(iface["shape"])
+    strides = iface.get("strides")
+    contiguous = strides is None or tuple(strides) == _c_strides(shape, _dtype(iface["typestr"]).itemsize)
+    return shape, iface["typestr"], contiguous, iface["data"][0]
+
+
+def _dtype(typestr):
+    return _TYPESTR.get(typestr) or np.dtype(typestr)
+
+
+_TORCH = {}
+
+
+def _torch_typestr(a):
+    """The numpy typestr of a CUDA torch tensor that a kernel may take (no grad), else None."""
+    torch = sys.modules.get("torch")         # never imported here just to ask
+    if torch is None or not isinstance(a, torch.Tensor) or not a.is_cuda or a.requires_grad:
+        return None
+    if not _TORCH:
+        _TORCH.update({getattr(torch, t.name): t.str for t in _TYPESTR.values() if hasattr(torch, t.name)})
+    return _TORCH.get(a.dtype)
+
+
+def _view(a, what, dtype, ndim):
+    d = _describe(a)
+    if d is not None:
+        shape, typestr, contiguous, ptr = d
+        dt = _dtype(typestr)
     elif hasattr(a, "copy_to_host"):          # the simulator's device arrays have no interface
         shape, dt, contiguous, ptr = tuple(a.shape), a.dtype, a.is_c_contiguous(), 0
     else:
@@ -144,15 +180,65 @@ def _launch(kernel, grid, block, args):
     direct = _DIRECT.get(key)
     if direct:
         direct(ptrs)
+    else:
+        numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
+        kernel[grid, block](*numba_args)             # compiles or loads, binds the module
+        if direct is None:
+            if len(_DIRECT) >= _DIRECT_KEYS:         # many shapes (a prefill of every length): start over
+                _DIRECT.clear()
+            overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in numba_args))
+            # None: the dispatcher converted an argument to an overload of other types; it keeps this key
+            direct = _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
+    if _RECORDING:
+        _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, (_Flat, _Full))], ptrs)
+
+
+# ---- a call's launches, replayed ----------------------------------------------------------------------
+# Every check of an entry point depends only on its arrays' shapes, dtypes, layouts and alignments and
+# on its scalars: a call whose key (those) has been made before, and passed, is checked by finding its
+# key; it then replays the launches recorded then, with this call's addresses.
+_PLANS = {}
+_RECORDING = []      # the call being made the slow way: {"arrays", "launches", "complete"}
+
+
+def _call(name, scalars, arrays, slow, *args):
+    """slow(*args), or the replay of its launches: name and scalars identify the entry point's call,
+    arrays are its array arguments (None where absent)."""
+    descs = [_describe(a) for a in arrays]
+    key = None
+    if _DIRECT_LAUNCH and all(d is not None or a is None for d, a in zip(descs, arrays)):
+        key = (name, *scalars, *(None if d is None else (d[0], d[1], d[2], d[3] & 15) for d in descs))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            ptrs = [0 if d is None else d[3] for d in descs]
+            for direct, base, slots in plan:
+                for pos, idx in slots:
+                    base[pos] = ptrs[idx]
+                direct(base)
+            return
+    if key is None:
+        slow(*args)
         return
-    numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
-    kernel[grid, block](*numba_args)                 # compiles or loads, binds the module
-    if direct is None:
-        if len(_DIRECT) >= _DIRECT_KEYS:             # many shapes (a prefill of every length): start over
-            _DIRECT.clear()
-        overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in numba_args))
-        # None: the dispatcher converted an argument to an overload of other types; it keeps this key
-        _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
+    _RECORDING.append({"arrays": arrays, "launches": [], "complete": True})
+    try:
+        slow(*args)
+    finally:
+        rec = _RECORDING.pop()
+    if rec["complete"]:
+        if len(_PLANS) >= _DIRECT_KEYS:
+            _PLANS.clear()
+        _PLANS[key] = rec["launches"]
+
+
+def _record(rec, direct, sources, ptrs):
+    """One launch of the call being recorded: its _DirectLaunch, its array addresses, and which of them
+    are the call's arrays (slots: (position, index in the call's arrays)); the others are fixed (the
+    ids check's words)."""
+    if not direct:
+        rec["complete"] = False
+        return
+    slots = [(pos, idx) for pos, src in enumerate(sources) for idx, a in enumerate(rec["arrays"]) if src is a]
+    rec["launches"].append((direct, list(ptrs), slots))
 
 
 def _direct_launch(overload, grid, block, numba_args):
@@ -305,6 +391,13 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
     """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids);
     n None: no rotation."""
     raise_refused()
+    _call("write", (info, type(flavor_code), flavor_code, n, scale), (x, out, row_ids),      # True != 1
+          _write_checked, x, out, info, flavor_code, row_ids, n, scale)
+    if row_ids is not None:
+        raise_refused()          # the simulator has run it already; a GPU seldom has
+
+
+def _write_checked(x, out, info, flavor_code, row_ids, n, scale):
     _check_info(info)
     if flavor_code not in (0, 1, 2) or isinstance(flavor_code, bool):
         raise ValueError(f"flavor_code: expected 0 (ref), 1 (cpu) or 2 (cuda), got {flavor_code!r}")
@@ -339,8 +432,6 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
         _launch(k.quantize_kernel(info, int(flavor_code)), *_tiles(xv.size),
                 [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
                  np.float32(scale), *check])
-    if row_ids is not None:
-        raise_refused()          # the simulator has run it already; a GPU seldom has
 
 
 def dequantize(raw, out, info):
@@ -354,6 +445,10 @@ def dequantize_unrotate(raw, out, info, n, scale):
 def _read(raw, out, info, n, scale):
     """dequantize / dequantize_unrotate (n None: no rotation)."""
     raise_refused()
+    _call("read", (info, n, scale), (raw, out), _read_checked, raw, out, info, n, scale)
+
+
+def _read_checked(raw, out, info, n, scale):
     _check_info(info)
     k = _k()
     rv = _view(raw, "raw", np.uint8, 2)
@@ -395,6 +490,10 @@ def _check_size(cols, n, smallest):
 def rotate(x, out, n, scale):
     """out = x @ H_n on every n-chunk of each row (H_n[0, 0] == scale); x, out (rows, cols) float32."""
     raise_refused()
+    _call("rotate", (n, scale), (x, out), _rotate_checked, x, out, n, scale)
+
+
+def _rotate_checked(x, out, n, scale):
     xv = _view(x, "x", np.float32, 2)
     ov = _view(out, "out", np.float32, 2)
     if ov.shape != xv.shape:
