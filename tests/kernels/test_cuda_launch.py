@@ -1,0 +1,135 @@
+"""kvlab.kernels.cuda's launch bookkeeping without a GPU: a call that replays the launches of an earlier
+call of the same key launches exactly what the checked path launches for it (kernels, grids, every
+argument, the addresses of this call's arrays), and a call that fails a check still fails when its
+key comes again. The kernels are stand-ins that log their launches; no numba.cuda is loaded."""
+import types
+
+import numpy as np
+import pytest
+
+import kvlab.kernels.cuda as kc
+from kvlab.types import TYPES
+
+
+class Array:
+    """A device array as far as the entry points look: its __cuda_array_interface__."""
+
+    def __init__(self, shape, typestr, ptr):
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None,
+                                             version=3)
+
+
+class Kernel:
+    """A stand-in for a numba dispatcher: kernel[grid, block](*args) logs (name, grid, block, args)."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+        self.overloads = types.SimpleNamespace(get=lambda argument_types: self)   # compiled for any
+
+    def __getitem__(self, config):
+        return lambda *args: self.log.append((self.name, config, tuple(args)))
+
+    def typeof_pyval(self, a):
+        return type(a)
+
+
+class Device:
+    """What _numba_array gives the dispatcher: here an address only."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.ptr == self.ptr
+
+
+def direct(kernel, grid, block, numba_args):
+    """A stand-in _DirectLaunch: logs what the dispatcher would have been called with."""
+    def launch(ptrs):
+        it = iter(ptrs)
+        kernel.log.append((kernel.name, (grid, block),
+                           tuple(Device(next(it)) if isinstance(a, Device) else a for a in numba_args)))
+    return launch
+
+
+@pytest.fixture
+def log(monkeypatch):
+    launches = []
+    kernels = {}
+
+    def k(name):
+        return kernels.setdefault(name, Kernel(launches, name))
+
+    values = lambda info: types.SimpleNamespace(**{f: k(f + info.name) for f in  # noqa: E731
+                                                   ("quantize", "quantize_any", "dequantize", "dequantize_any")})
+    stub = types.SimpleNamespace(SIM=False, TPB=128, VALUE_TPB=256, IDS_CHECKED_IN_KERNEL=4, CHECK_TPB=1024,
+                                 quantize_kernel=lambda info, fl: k(f"q_{info.name}_{fl}"),
+                                 dequantize_kernel=lambda info: k(f"d_{info.name}"), rotate_kernel=k("rotate"),
+                                 check_rows_kernel=k("check"), value_kernels=values)
+    monkeypatch.setattr(kc, "_k", lambda: stub)
+    monkeypatch.setattr(kc, "_numba_array", lambda arg: Device(arg.view.ptr))
+    monkeypatch.setattr(kc, "_direct_launch", direct)
+    monkeypatch.setattr(kc, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(kc, "_DIRECT", {})
+    monkeypatch.setattr(kc, "_PLANS", {})
+    monkeypatch.setattr(kc, "_STATE", {"zero_ids": kc._View(1 << 12, (1,), np.dtype(np.int64), "ids"),
+                                       "flag": kc._View(2 << 12, (1,), np.dtype(np.int32), "flag"),
+                                       "refused": kc._View(3 << 12, (1,), np.dtype(np.int32), "refused"),
+                                       "refused_host": np.zeros(1, np.int32)})
+    return launches
+
+
+Q4_1, IQ4_NL, F16 = TYPES["q4_1"], TYPES["iq4_nl"], TYPES["f16"]
+CALLS = {   # entry point, arrays at base address b (b + offsets keep each array's alignment)
+    "quantize": (lambda x, o: kc.quantize(x, o, Q4_1, 2),
+                 lambda b: (Array((8, 256), "<f4", b), Array((8, 160), "|u1", b + 65536))),
+    "quantize, out off 16 bytes": (lambda x, o: kc.quantize(x, o, Q4_1, 0),
+                                   lambda b: (Array((8, 256), "<f4", b), Array((8, 160), "|u1", b + 65538))),
+    "set_rows, ids checked in the kernel": (
+        lambda c, i, v: kc.set_rows(c, i, v, IQ4_NL, 1),
+        lambda b: (Array((16, 144), "|u1", b), Array((3,), "<i8", b + 32768), Array((3, 256), "<f4", b + 65536))),
+    "set_rows, ids checked before": (
+        lambda c, i, v: kc.set_rows(c, i, v, IQ4_NL, 1),
+        lambda b: (Array((16, 144), "|u1", b), Array((6,), "<i4", b + 32768), Array((6, 256), "<f4", b + 65536))),
+    "set_rows f16": (lambda c, i, v: kc.set_rows(c, i, v, F16, 1),
+                     lambda b: (Array((16, 512), "|u1", b), Array((3,), "<i8", b + 32768),
+                                Array((3, 256), "<f4", b + 65536))),
+    "quantize f16, one value a step": (lambda x, o: kc.quantize(x, o, F16, 1),
+                                       lambda b: (Array((3, 6), "<f4", b + 4), Array((3, 12), "|u1", b + 65538))),
+    "rotate_quantize": (lambda x, o: kc.rotate_quantize(x, o, Q4_1, 0, 64, 0.125),
+                        lambda b: (Array((8, 256), "<f4", b), Array((8, 160), "|u1", b + 65536))),
+    "dequantize_unrotate": (lambda r, o: kc.dequantize_unrotate(r, o, Q4_1, 64, 0.125),
+                            lambda b: (Array((8, 160), "|u1", b), Array((8, 256), "<f4", b + 65536))),
+    "dequantize f16, one value a step": (lambda r, o: kc.dequantize(r, o, F16),
+                                         lambda b: (Array((3, 12), "|u1", b + 2), Array((3, 6), "<f4", b + 65536))),
+    "rotate": (lambda x, o: kc.rotate(x, o, 16, 0.25),
+               lambda b: (Array((8, 256), "<f4", b), Array((8, 256), "<f4", b + 65536))),
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_a_replayed_call_launches_what_the_checked_path_launches(name, log):
+    call, arrays = CALLS[name]
+    call(*arrays(1 << 20))                     # checked, launched by the dispatcher, recorded
+    first = list(log)
+    assert len(kc._PLANS) == 1
+    log.clear()
+    call(*arrays(9 << 20))                     # replayed
+    replayed = list(log)
+    kc._PLANS.clear()
+    log.clear()
+    call(*arrays(9 << 20))                     # checked again, through the direct launches
+    assert replayed == log
+    assert len(first) == len(log) and first != log        # the addresses moved
+
+
+def test_a_call_that_fails_its_checks_fails_again_with_the_same_key(log):
+    x, out = Array((8, 256), "<f4", 1 << 20), Array((8, 7), "|u1", 2 << 20)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="does not fit"):
+            kc.quantize(x, out, Q4_1, 0)
+    x, out = CALLS["quantize"][1](1 << 20)
+    kc.quantize(x, out, Q4_1, 1)
+    with pytest.raises(ValueError, match="flavor_code"):
+        kc.quantize(x, out, Q4_1, True)                    # True == 1, but no flavor
+    assert len(log) == 1
