@@ -201,23 +201,19 @@ _PLANS = {}
 _RECORDING = []      # the call being made the slow way: {"arrays", "launches", "complete"}
 
 
-def _call(name, scalars, arrays, slow, *args):
-    """slow(*args), or the replay of its launches: name and scalars identify the entry point's call,
-    arrays are its array arguments (None where absent)."""
-    descs = [_describe(a) for a in arrays]
-    key = None
-    if _DIRECT_LAUNCH and all(d is not None or a is None for d, a in zip(descs, arrays)):
-        key = (name, *scalars, *(None if d is None else (d[0], d[1], d[2], d[3] & 15) for d in descs))
-        plan = _PLANS.get(key)
-        if plan is not None:
-            ptrs = [0 if d is None else d[3] for d in descs]
-            for direct, base, slots in plan:
-                for pos, idx in slots:
-                    base[pos] = ptrs[idx]
-                direct(base)
-            return
+def _call(name, scalars, keep, arrays, slow, *args):
+    """slow(*args), or the replay of its launches: name and scalars identify the entry point's call
+    (an object by its id(), kept alive in keep), arrays are its array arguments (None where absent)."""
+    key = _call_key(name, scalars, arrays)
     if key is None:
         slow(*args)
+        return
+    plan = _PLANS.get(key[0])
+    if plan is not None:
+        for direct, base, slots in plan[0]:
+            for pos, idx in slots:
+                base[pos] = key[1][idx]
+            direct(base)
         return
     _RECORDING.append({"arrays": arrays, "launches": [], "complete": True})
     try:
@@ -227,7 +223,23 @@ def _call(name, scalars, arrays, slow, *args):
     if rec["complete"]:
         if len(_PLANS) >= _DIRECT_KEYS:
             _PLANS.clear()
-        _PLANS[key] = rec["launches"]
+        _PLANS[key[0]] = rec["launches"], keep
+
+
+def _call_key(name, scalars, arrays):
+    """(key, addresses) of a call, None where some array has no description (the simulator) or every
+    call takes the dispatcher."""
+    if not _DIRECT_LAUNCH:
+        return None
+    key = [name, *scalars]
+    ptrs = []
+    for a in arrays:
+        d = None if a is None else _describe(a)
+        if d is None and a is not None:
+            return None
+        key.append(d and (d[0], d[1], d[2], d[3] & 15))
+        ptrs.append(d[3] if d else 0)
+    return tuple(key), ptrs
 
 
 def _record(rec, direct, sources, ptrs):
@@ -391,7 +403,8 @@ def _write(x, out, info, flavor_code, row_ids, n, scale):
     """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids);
     n None: no rotation."""
     raise_refused()
-    _call("write", (info, type(flavor_code), flavor_code, n, scale), (x, out, row_ids),      # True != 1
+    # flavor_code with its type: True == 1, but no flavor
+    _call("write", (id(info), type(flavor_code), flavor_code, n, scale), info, (x, out, row_ids),
           _write_checked, x, out, info, flavor_code, row_ids, n, scale)
     if row_ids is not None:
         raise_refused()          # the simulator has run it already; a GPU seldom has
@@ -445,7 +458,7 @@ def dequantize_unrotate(raw, out, info, n, scale):
 def _read(raw, out, info, n, scale):
     """dequantize / dequantize_unrotate (n None: no rotation)."""
     raise_refused()
-    _call("read", (info, n, scale), (raw, out), _read_checked, raw, out, info, n, scale)
+    _call("read", (id(info), n, scale), info, (raw, out), _read_checked, raw, out, info, n, scale)
 
 
 def _read_checked(raw, out, info, n, scale):
@@ -490,7 +503,7 @@ def _check_size(cols, n, smallest):
 def rotate(x, out, n, scale):
     """out = x @ H_n on every n-chunk of each row (H_n[0, 0] == scale); x, out (rows, cols) float32."""
     raise_refused()
-    _call("rotate", (n, scale), (x, out), _rotate_checked, x, out, n, scale)
+    _call("rotate", (n, scale), None, (x, out), _rotate_checked, x, out, n, scale)
 
 
 def _rotate_checked(x, out, n, scale):
