@@ -65,6 +65,7 @@ NT = 128                                                   # threads of a block 
 WARP = 32
 NWARPS = NT // WARP
 MAX_COLS = 8                                               # query heads per block at most
+NB_MAX = 8                                                 # V steps whose loads are issued together
 KQ_MAX_OFFSET = np.float32(3.0) * np.float32(0.6931)       # FATTN_KQ_MAX_OFFSET
 HALF_NEG_FLT_MAX = np.float32(-3.4028234663852886e38 / 2)  # -FLT_MAX/2.0f, the initial maximum
 INV_127 = np.float32(1.0) / np.float32(127.0)
@@ -72,6 +73,9 @@ NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 KVALUES = tuple(int(v) for v in _LEVELS)    # a tuple: a compile-time constant of the kernel
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
+# 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks), and spills
+# nothing at 128 for the default pairs at D = 128 (ptxas -v, sm_90)
+PARTIALS_JIT = JIT if SIM else dict(JIT, max_registers=128)
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -337,46 +341,54 @@ def _load_k_step(wd, k, o, i):
         wd[i] = ld_u32(k, o + 4 * i)
 
 
-def _kq_step(s, wd, qsh, qd, qs, c, kk):
-    """s[j] += one quantized block's K.Q (kk = blk * G + j) or 4 plain values' (kk = e4 * G + j) of
-    chunk c of the row."""
-    j = kk % G
+def _kq_part_step(t1, wd, qsh, qd, qs, c, j, kk):
+    """t1[0] += head j's K.Q over part kk of chunk c: a quantized block (kk = blk) or 4 plain values."""
     if PLAIN_K:
-        e4 = kk // G
-        x = ld_f32x4(qsh, j * D + c * K_CHUNK + 4 * e4)
-        acc = s[j]
-        acc += plain_value(wd, 0, 4 * e4, TK) * x[0]
-        acc += plain_value(wd, 0, 4 * e4 + 1, TK) * x[1]
-        acc += plain_value(wd, 0, 4 * e4 + 2, TK) * x[2]
-        acc += plain_value(wd, 0, 4 * e4 + 3, TK) * x[3]
-        s[j] = acc
+        x = ld_f32x4(qsh, j * D + c * K_CHUNK + 4 * kk)
+        acc = t1[0]
+        acc += plain_value(wd, 0, 4 * kk, TK) * x[0]
+        acc += plain_value(wd, 0, 4 * kk + 1, TK) * x[1]
+        acc += plain_value(wd, 0, 4 * kk + 2, TK) * x[2]
+        acc += plain_value(wd, 0, 4 * kk + 3, TK) * x[3]
+        t1[0] = acc
     else:
-        blk = kk // G
-        ib = 2 * c + blk                                    # block of the row
+        ib = 2 * c + kk                                     # block of the row
         qi = j * (D // 4) + 8 * ib
-        s[j] += kq_block(wd, blk * K_TSIZE, ld_f32x4(qsh, qi), ld_f32x4(qsh, qi + 4),
-                         qd[j * (D // 32) + ib], qs[j * (D // 32) + ib], TK)
+        t1[0] += kq_block(wd, kk * K_TSIZE, ld_f32x4(qsh, qi), ld_f32x4(qsh, qi + 4),
+                          qd[j * (D // 32) + ib], qs[j * (D // 32) + ib], TK)
 
 
-def _kq_token(s, k, o, qsh, qd, qs, wd):
+def _get_step(a, j, t1, kk):
+    if kk == j:
+        t1[0] = a[kk]
+
+
+def _put_step(a, j, x, kk):
+    if kk == j:
+        a[kk] = x
+
+
+def _kq_token(s, k, o, qsh, qd, qs, wd, t1, n_cols):
     """s[j] += K.Q of the K row at byte o (word o of the staged rows) for every head j (Q pre-scaled,
-    in shared memory)."""
+    in shared memory). The heads are a loop (n_cols = G, unknown to the compiler): one head's Q words
+    live at a time, not all G heads' (registers)."""
     for c in range(D // K_CHUNK):
         LOAD_K(wd, k, o + c * (K_WORDS if STAGE_K else K_CHUNK_BYTES))
-        KQ_CHUNK(s, wd, qsh, qd, qs, c)
+        for j in range(n_cols):
+            GET_G(s, j, t1)
+            KQ_PART(t1, wd, qsh, qd, qs, c, j)
+            PUT_G(s, j, t1[0])
 
 
-def _stage_load_step(cp, k, base, n_words, lane, m):
-    """Word lane + 32 m of the warp's K rows (contiguous from byte base; n_words valid): one 4-byte load."""
-    i = lane + WARP * m
-    cp[m] = ld_u32(k, base + 4 * i) if i < n_words else np.uint32(0)
+def _stage_load_step(cp, k, o_lane, n_left, m):
+    """Word lane + 32 m of the warp's K rows (contiguous; o_lane: the lane's first byte, n_left: the
+    bytes valid from there): one 4-byte load, 128 bytes after the previous one (one base address)."""
+    cp[m] = ld_u32(k, o_lane + 128 * m) if 128 * m < n_left else np.uint32(0)
 
 
-def _stage_store_step(kbuf, cp, first, lane, m):
-    """... into the warp's rows in shared memory (ROW_STRIDE words apart: odd, no bank conflicts)."""
-    i = lane + WARP * m
-    r = i // ROW_WORDS
-    kbuf[first + r * ROW_STRIDE + i - r * ROW_WORDS] = cp[m]
+def _stage_store_step(kbuf, cp, first, m):
+    """... into the warp's rows in shared memory, laid out as in global memory."""
+    kbuf[first + WARP * m] = cp[m]
 
 
 def _tile_max_step(s, red, scratch, slot, lane, j):
@@ -404,20 +416,15 @@ def _scale_step(acc, rs, kk):
     acc[kk] *= rs[kk // (UL * U)]
 
 
-def _slot_step(vo, vrow, vstride, tok0, n_kv, lane_ok, n):
-    """Byte offset of the V row of step n's token, -1 past the context or for an idle lane."""
-    tok = tok0 + n * TS
-    vo[n] = vrow + tok * vstride if lane_ok and tok < n_kv else -1
-
-
-def _load_v_step(raw, v, vo, u, sl):
-    """V unit u + ul * LV of slot sl = n * UL + ul into raw[4 sl ..]: its words, or zeros."""
+def _load_v_step(raw, v, o0, step, n_left, u, sl):
+    """V unit u + ul * LV of slot sl = n * UL + ul (the token n * TS rows after the one at byte o0; step:
+    TS rows in bytes) into raw[4 sl ..]: its words, or zeros from n * TS >= n_left (past the context)."""
     n = sl // UL
     ul = sl % UL
     base = 4 * sl
-    on = vo[n]
     raw[base] = raw[base + 1] = raw[base + 2] = raw[base + 3] = np.uint32(0)
-    if on >= 0:
+    if n * TS < n_left:
+        on = o0 + n * step
         ui = u + ul * LV
         if PLAIN_V:
             x = ld_u32x4(v, on + 16 * ui)
@@ -502,14 +509,14 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     b = bh // n_hkv
     hk = bh - b * n_hkv
     row0 = b * n_head + hk * ratio + (grp - bh * per_kv) * G
-    qsh = cuda.shared.array(G * D, float32, alignment=ALIGN)     # Q: q8_1 words (as bits) or floats
-    qd = cuda.shared.array(G * D // 32, float32)
-    qs = cuda.shared.array(G * D // 32, float32)
-    ps = cuda.shared.array(NT * GP, float32, alignment=ALIGN)    # (token, head) probabilities of the tile
-    red = cuda.shared.array(3 * NWARPS * G + G, float32)         # warps' maxima (2 buffers), sums; maxima
-    comb = cuda.shared.array(NWARPS * G * D, float32)
+    qsh = cuda.shared.array(N_QSH, float32, alignment=ALIGN)     # Q: q8_1 words (as bits) or floats
+    qd = cuda.shared.array(N_QBLK, float32)
+    qs = cuda.shared.array(N_QBLK, float32)
+    ps = cuda.shared.array(N_PS, float32, alignment=ALIGN)    # (token, head) probabilities of the tile
+    red = cuda.shared.array(N_RED, float32)         # warps' maxima (2 buffers), sums; maxima
+    comb = cuda.shared.array(N_COMB, float32)
     scratch = cuda.shared.array(NT, float32)
-    kbuf = cuda.shared.array(NT * ROW_STRIDE if STAGE_K else 1, uint32)   # the tile's K rows
+    kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
@@ -553,8 +560,9 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     acc = cuda.local.array(N_ACC, float32)
     wd = cuda.local.array(K_WORDS, uint32)
     cp = cuda.local.array(ROW_WORDS, uint32)
-    raw = cuda.local.array(4 * NB * UL, uint32)
-    vo = cuda.local.array(NB, np.int64)
+    t1 = cuda.local.array(1, float32)
+    n_cols = G if ratio > 0 else 0                         # G, as a value the compiler does not unroll
+    raw = cuda.local.array(N_RAW, uint32)
     FILL_G(kq_max, HALF_NEG_FLT_MAX)
     FILL_G(lsum, ZERO)
     FILL_ACC(acc, ZERO)
@@ -573,14 +581,14 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
         if STAGE_K:
             first = tile * NT + warp * WARP
             n_rows = max(0, min(WARP, n_kv - first))
-            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * kst[2], n_rows * ROW_WORDS, lane)
-            STAGE_STORE(kbuf, cp, warp * WARP * ROW_STRIDE, lane)
+            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * kst[2] + 4 * lane, 4 * (n_rows * ROW_WORDS - lane))
+            STAGE_STORE(kbuf, cp, warp * WARP * ROW_WORDS + lane)
             warp_sync()
         if tok < n_kv:
             if STAGE_K:
-                KQ_TOKEN(s, kbuf, tid * ROW_STRIDE, qsh, qd, qs, wd)
+                KQ_TOKEN(s, kbuf, tid * ROW_WORDS, qsh, qd, qs, wd, t1, n_cols)
             else:
-                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd)
+                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd, t1, n_cols)
             if use_mask:
                 ADD_G(s, mask[b, tok])
         else:
@@ -594,8 +602,9 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
         lt = warp * WARP + sub                             # this lane's first token in the tile
         for n0 in range(0, STEPS, NB):
-            SLOTS(vo, b * vst[0] + hk * vst[1], vst[2], tile * NT + lt + n0 * TS, n_kv, lane_ok)
-            LOAD_V(raw, v, vo, u)
+            tok0 = tile * NT + lt + n0 * TS
+            n_left = n_kv - tok0 if lane_ok else 0
+            LOAD_V(raw, v, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, u)
             V_TOKENS(acc, raw, ps, lt + n0 * TS, p)
         buf = 1 - buf
 
@@ -648,34 +657,38 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int):
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    nb = min(steps, max(1, 8 // ul))                     # V steps whose loads are issued together
-    k_chunk = (32 if type_k == F32 else 64)              # K values per chunk of loads
-    k_chunk_bytes = 128 if plain_k else 2 * TYPE_SIZES[type_k]
+    nb = min(steps, max(1, NB_MAX // ul))                # V steps whose loads are issued together
+    k_chunk = 32 if plain_k else 64                      # K values per chunk of loads: 2 blocks, or 64/128 bytes
+    k_chunk_bytes = 32 * (4 if type_k == F32 else 2) if plain_k else 2 * TYPE_SIZES[type_k]
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
     stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v],
-              K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=32 if plain_k else k_chunk_bytes // 4,
+              K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_chunk_bytes // 4,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
-              ROW_WORDS=row_words, ROW_STRIDE=row_words | 1)
+              ROW_WORDS=row_words)
+    # array sizes: numba takes only literal integers there
+    ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=3 * NWARPS * g + g, N_COMB=NWARPS * g * d,
+              N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul)
 
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
 
     ns.update(FILL_G=unrolled(bind(_fill_step), g, 2), ADD_G=unrolled(bind(_add_step), g, 2),
               FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
-    ns.update(LOAD_K=unrolled(bind(_load_k_step), 8 if plain_k else k_chunk_bytes // 4, 3),
-              KQ_CHUNK=unrolled(bind(_kq_step), (k_chunk // 4 if plain_k else 2) * g, 6))
-    ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 5),
-              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 4))
+    ns.update(LOAD_K=unrolled(bind(_load_k_step), k_chunk_bytes // 16 if plain_k else k_chunk_bytes // 4, 3),
+              KQ_PART=unrolled(bind(_kq_part_step), k_chunk // 4 if plain_k else 2, 7),
+              GET_G=unrolled(bind(_get_step), g, 3), PUT_G=unrolled(bind(_put_step), g, 3))
+    ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
+              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
     ns.update(KQ_TOKEN=bind(_kq_token), TILE_MAX=unrolled(bind(_tile_max_step), g, 5),
               SOFTMAX=unrolled(bind(_softmax_step), g, 8), SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
-              SLOTS=unrolled(bind(_slot_step), nb, 6), LOAD_V=unrolled(bind(_load_v_step), nb * ul, 4),
+              LOAD_V=unrolled(bind(_load_v_step), nb * ul, 6),
               V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 4))
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
               g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
               g * ul * u, 4))
-    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}", JIT, **ns)
+    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}", PARTIALS_JIT, **ns)
 
 
 @functools.cache

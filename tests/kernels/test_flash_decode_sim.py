@@ -3,8 +3,10 @@ shapes, against a float64 statement of ggml-cuda's vector-kernel math (fattn-com
 per 32 values (d = amax/127, roundf(x * rcp(d)), the block's float sum s), each K type's dp4a formula
 (q4_0: d_k (d sum(q q8) - 8 s); q5_0 ... - 16 s; q4_1/q5_1: d_k d sum(q q8) + m_k s; q8_0/iq4_nl: d_k d
 sum(q q8); f16/bf16/f32: the float dot), softmax, V dequantized. The kernel sums in float32 in its own
-order (ggml's), so the comparison has a tolerance far below the pair's quantization error; the q8_1
-rounding of Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
+order, so the comparison has a tolerance far below the pair's quantization error; the q8_1 rounding of
+Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
+Every type as K and as V with a GQA group of 4 query heads in one block (2 splits: the combine pass);
+GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty).
 
 The simulator must be chosen before numba.cuda is first imported, so the kernel runs in a subprocess.
 """
@@ -22,8 +24,9 @@ from kvlab.kernels.iq4_nl import KVALUES
 
 pytestmark = pytest.mark.cudasim
 
-D, L, H, HKV = 64, 150, 2, 1         # 150 tokens: two 128-token tiles, the second partial
-PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type; q4_0/q4_0 also masked, in 1 and 3 splits
+D, L = 64, 150                        # 150 tokens: two 128-token tiles, the second partial
+GQA4, GQA1 = (4, 1), (2, 2)             # (H, Hkv)
+PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type at GQA4; q4_0/q4_0 also GQA1 masked, 1 and 3 splits
 SCRIPT = textwrap.dedent(r'''
     import sys
     import numpy as np
@@ -33,13 +36,14 @@ SCRIPT = textwrap.dedent(r'''
     data = dict(np.load(sys.argv[1]))
     out = {}
     for key in [k for k in data if k.startswith("k/")]:
-        pair = key[2:]
+        layout, pair = key[2:].split(":")
         tk, tv = pair.split("/")
-        mask = data["mask"] if pair == "q4_0/q4_0" else None
-        for splits in ((1, 3) if pair == "q4_0/q4_0" else (2,)):
-            got = flash_decode(cuda.to_device(data["q"]), cuda.to_device(data[key]), cuda.to_device(data["v/" + pair]),
-                               type_info(tk).ggml_type, type_info(tv).ggml_type, mask, np.float32(0.125), splits)
-            out[f"{pair}/{splits}"] = got.copy_to_host()
+        masked = layout == "gqa1"
+        for splits in ((1, 3) if masked else (2,)):
+            got = flash_decode(cuda.to_device(data["q/" + layout]), cuda.to_device(data[key]),
+                               cuda.to_device(data[f"v/{layout}:{pair}"]), type_info(tk).ggml_type,
+                               type_info(tv).ggml_type, data["mask"] if masked else None, np.float32(0.125), splits)
+            out[f"{layout}:{pair}/{splits}"] = got.copy_to_host()
     np.savez(sys.argv[2], **out)
 ''')
 
@@ -77,58 +81,69 @@ def k_fields(kq):
 
 
 def reference(q, kq, vq, visible=None):
-    """ggml-cuda's math in float64: (B, H, D)."""
+    """ggml-cuda's math in float64: (B, H, D); query head h reads KV head h // (H / Hkv)."""
+    group = q.shape[1] // kq.shape[1]
     x = (q * np.float32(0.125)).astype(np.float32)                             # (B, H, D) pre-scaled Q
     if not kq.info.is_quantized:
-        k = kvlab.dequantize(kq).astype(np.float64)                            # (B, Hkv, L, D)
-        logits = np.einsum("bhd,bld->bhl", x.astype(np.float64), k[:, 0])
+        k = np.repeat(kvlab.dequantize(kq).astype(np.float64), group, axis=1)  # (B, H, L, D)
+        logits = np.einsum("bhd,bhld->bhl", x.astype(np.float64), k)
     else:
         qq, qd, qsum = q8_1(x)                                                 # (B, H, D/32, 32), (B, H, D/32)
-        kint, kd, km = k_fields(kq)                                            # (B, Hkv, L, D/32, 32), (.., D/32)
-        dots = np.einsum("bhnj,blnj->bhln", qq.reshape(*qq.shape[:2], -1, 32), kint[:, 0])   # (B, H, L, D/32)
+        kint, kd, km = (np.repeat(f, group, axis=1) for f in k_fields(kq))     # (B, H, L, D/32, 32), (.., D/32)
+        dots = np.einsum("bhnj,bhlnj->bhln", qq.reshape(*qq.shape[:2], -1, 32), kint)   # (B, H, L, D/32)
         offset = {"q4_0": 8, "q5_0": 16}.get(kq.type, 0)
-        terms = kd[:, 0][:, None] * (qd[:, :, None] * dots - offset * qsum[:, :, None])
-        terms += km[:, 0][:, None] * qsum[:, :, None]
+        terms = kd * (qd[:, :, None] * dots - offset * qsum[:, :, None])
+        terms += km * qsum[:, :, None]
         logits = terms.sum(-1)                                                 # (B, H, L)
     if visible is not None:
         logits = np.where(visible[:, None], logits, -np.inf)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhl,bld->bhd", p, kvlab.dequantize(vq).astype(np.float64)[:, 0])
+    v = np.repeat(kvlab.dequantize(vq).astype(np.float64), group, axis=1)     # (B, H, L, D)
+    return np.einsum("bhl,bhld->bhd", p, v)
+
+
+def _inputs(rng, heads, kv_heads):
+    q = rng.standard_normal((1, heads, D)).astype(np.float32)
+    k = (rng.standard_normal((1, kv_heads, L, D)) * 3).astype(np.float32)
+    v = rng.standard_normal((1, kv_heads, L, D)).astype(np.float32)
+    return q, k, v
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, H, D)).astype(np.float32)
-    k = (rng.standard_normal((1, HKV, L, D)) * 3).astype(np.float32)
-    v = rng.standard_normal((1, HKV, L, D)).astype(np.float32)
+    layouts = {"gqa4": _inputs(rng, *GQA4), "gqa1": _inputs(rng, *GQA1)}
     visible = rng.random((1, L)) > 0.3
-    qt = {f"{a}/{b}": (kvlab.quantize(k, a), kvlab.quantize(v, b)) for a, b in PAIRS}
+    cases = [("gqa4", a, b) for a, b in PAIRS] + [("gqa1", "q4_0", "q4_0")]
+    qt = {f"{lay}:{a}/{b}": (layouts[lay][0], kvlab.quantize(layouts[lay][1], a), kvlab.quantize(layouts[lay][2], b))
+          for lay, a, b in cases}
     tmp = tmp_path_factory.mktemp("fd_sim")
-    arrays = {"q": q, "mask": visible}
-    for pair, (kq, vq) in qt.items():
-        arrays["k/" + pair], arrays["v/" + pair] = kq.raw, vq.raw
+    arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}
+    for key, (_, kq, vq) in qt.items():
+        arrays["k/" + key], arrays["v/" + key] = kq.raw, vq.raw
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "in.npz"), str(tmp / "out.npz")], check=True, env=env)
-    return q, visible, qt, dict(np.load(tmp / "out.npz"))
+    return visible, qt, dict(np.load(tmp / "out.npz"))
 
 
 @pytest.mark.parametrize("pair", [f"{a}/{b}" for a, b in PAIRS])
 def test_matches_ggml_cuda_math(run, pair):
-    q, visible, qt, out = run
-    kq, vq = qt[pair]
-    masked = pair == "q4_0/q4_0"
-    want = reference(q, kq, vq, visible if masked else None)
-    got = out[f"{pair}/1" if masked else f"{pair}/2"]
+    """A GQA group of 4 query heads over one KV head, 2 splits."""
+    _, qt, out = run
+    q, kq, vq = qt["gqa4:" + pair]
+    want = reference(q, kq, vq)
+    got = out[f"gqa4:{pair}/2"]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_splits_and_mask(run):
-    """Three splits of the context give the one-split result up to float32 order; masked cells are left out."""
-    q, visible, qt, out = run
-    kq, vq = qt["q4_0/q4_0"]
+    """GQA ratio 1 (2 KV heads): one split and three (the last empty) give the masked result up to
+    float32 order; masked cells are left out."""
+    visible, qt, out = run
+    q, kq, vq = qt["gqa1:q4_0/q4_0"]
     want = reference(q, kq, vq, visible)
-    assert np.abs(out["q4_0/q4_0/3"] - want).max() <= 1e-5 * np.abs(want).max()
-    assert np.abs(out["q4_0/q4_0/3"] - reference(q, kq, vq)).max() > 1e-3    # the mask mattered
+    for splits in (1, 3):
+        assert np.abs(out[f"gqa1:q4_0/q4_0/{splits}"] - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(out["gqa1:q4_0/q4_0/3"] - reference(q, kq, vq)).max() > 1e-3    # the mask mattered
