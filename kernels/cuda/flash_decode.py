@@ -73,9 +73,6 @@ NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 KVALUES = tuple(int(v) for v in _LEVELS)    # a tuple: a compile-time constant of the kernel
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
-# 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks), and spills
-# nothing at 128 for the default pairs at D = 128 (ptxas -v, sm_90)
-PARTIALS_JIT = JIT if SIM else dict(JIT, max_registers=128)
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -643,8 +640,14 @@ def cols_per_block(ratio: int, d: int) -> int:
     return _divisor_at_most(ratio, min(MAX_COLS, max(1, 1024 // d)))
 
 
+# (max_registers, V steps loaded together) of the kernels launcher() takes. 128 registers: 4 blocks
+# (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks) and spills nothing at 128 for the
+# default pairs at D = 128 (ptxas -v, sm_90)
+VARIANT = (128, NB_MAX)
+
+
 @functools.cache
-def partials_kernel(type_k: int, type_v: int, d: int, g: int):
+def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
     """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps, parts, meta), run on a
     grid (B * H / g, splits) of NT threads.
 
@@ -657,7 +660,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int):
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    nb = min(steps, max(1, NB_MAX // ul))                # V steps whose loads are issued together
+    max_registers, nb_max = variant
+    nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     k_chunk = 32 if plain_k else 64                      # K values per chunk of loads: 2 blocks, or 64/128 bytes
     k_chunk_bytes = 32 * (4 if type_k == F32 else 2) if plain_k else 2 * TYPE_SIZES[type_k]
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
@@ -688,7 +692,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int):
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
               g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
               g * ul * u, 4))
-    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}", PARTIALS_JIT, **ns)
+    jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
+    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}", jit, **ns)
 
 
 @functools.cache
@@ -806,7 +811,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
         add = _cuda.to_device(np.ascontiguousarray(host, np.float32))
     k_flat, kst = _rows(k_raw, "k_raw", 16 if type_k in PLAIN else 4)
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
-    partials = partials_kernel(type_k, type_v, dk, g)[(rows // g, splits), NT]
+    partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
             mask is not None, np.float32(scale), tps, _device_array(parts, "parts"), _device_array(meta, "meta"))
     if splits == 1:
