@@ -12,7 +12,10 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
     it stays float32.
   - per tile, (a) scores: thread t owns token t of the tile and computes K.Q for all G heads from its
-    K row (4- or 16-byte loads, 64 values at a time), Q read from shared memory (broadcast);
+    K row, Q read from shared memory (broadcast). A quantized K row of <= 160 bytes (every type at
+    D <= 128) comes from shared memory, where each warp first copies its 32 rows (contiguous) by
+    coalesced 4-byte loads, all issued first; otherwise the thread loads its row itself (4-byte
+    words of 2 blocks, or 16-byte loads of 32 f16/bf16/f32 values, at a time);
     (b) softmax: the tile's maximum per head over the block (+ FATTN_KQ_MAX_OFFSET), the running
     maximum rescales; p = expf(s - max); (c) V: each warp takes its 32 tokens, lanes own columns
     (8 values of a 4-bit block word or of 16 bytes of f16/bf16, 4 of q8_0 or f32), loads 8 tokens'
@@ -107,9 +110,9 @@ if SIM:
         return s
 
     @device
-    def byte_f32(w, e):
-        """Byte e of w (unsigned) as float32."""
-        return np.float32(ubyte(w, e))
+    def byte_f32(w, e, off):
+        """Byte e of w (unsigned) minus off (a small integer), as float32 (exact)."""
+        return np.float32(ubyte(w, e) - off)
 else:
     from llvmlite import ir
     from numba.cuda import types as nb_types
@@ -152,10 +155,11 @@ else:
         return _dp4a_us(np.uint32(v), int32(u), int32(c))
 
     @device
-    def byte_f32(w, e):
-        """Byte e of w (unsigned) as float32: one prmt puts it under the exponent of 2^23, one
-        subtraction removes 2^23 (exact), instead of a conversion instruction (1/8 rate)."""
-        return f32_from_bits(np.uint32(_prmt(np.uint32(w), MAGIC, int32(0x7440 + e)))) - MAGIC_F
+    def byte_f32(w, e, off):
+        """Byte e of w (unsigned) minus off (a small integer), as float32: one prmt puts the byte under
+        the exponent of 2^23, one subtraction of 2^23 + off (exact) leaves byte - off, instead of a
+        conversion instruction (1/8 rate) and a subtraction."""
+        return f32_from_bits(np.uint32(_prmt(np.uint32(w), MAGIC, int32(0x7440 + e)))) - (MAGIC_F + np.float32(off))
 
 
 @device
@@ -292,18 +296,18 @@ def v_value(r0, r1, r2, e, t):
     """Value e (a constant) of a quantized V unit: r0 its quants word, r1 the block's d (and m), r2 the
     5th bits shifted to the word (dequantize_V_<t>: d * (q - 8), d * q + m, ...)."""
     if t == Q8_0:
-        return half_bits(r1, False) * (byte_f32(r0 ^ SIGN8, e) - np.float32(128.0))
+        return half_bits(r1, False) * byte_f32(r0 ^ SIGN8, e, 128)
     nib = r0 & LO4 if e < 4 else (r0 >> U4) & LO4
     if t == Q5_0 or t == Q5_1:
         nib |= q5_high(r2, 16 * (e // 4))
     d = half_bits(r1, False)
     if t == Q4_0:
-        return d * (byte_f32(nib, e % 4) - np.float32(8.0))
+        return d * byte_f32(nib, e % 4, 8)
     if t == Q5_0:
-        return d * (byte_f32(nib, e % 4) - np.float32(16.0))
+        return d * byte_f32(nib, e % 4, 16)
     if t == IQ4_NL:
         return d * np.float32(KVALUES[ubyte(nib, e % 4)])
-    return d * byte_f32(nib, e % 4) + half_bits(r1, True)   # q4_1, q5_1
+    return d * byte_f32(nib, e % 4, 0) + half_bits(r1, True)   # q4_1, q5_1
 
 
 # ---- per-instance templates: the UPPER CASE names are the instance's constants (partials_kernel) ----
