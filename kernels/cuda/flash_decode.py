@@ -417,36 +417,35 @@ def _scale_step(acc, rs, kk):
     acc[kk] *= rs[kk // (UL * U)]
 
 
-def _load_v_step(raw, v, o0, step, n_left, u, sl):
+def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
     """V unit u + ul * LV of slot sl = n * UL + ul (the token n * TS rows after the one at byte o0; step:
-    TS rows in bytes) into raw[4 sl ..]: its words, or zeros from n * TS >= n_left (past the context)."""
+    TS rows in bytes) into raw[4 sl ..]: its words, or zeros from n * TS >= n_left (past the context).
+    vq, vd: V from the lane's quants word (or 16 bytes) and its block of unit u, so that a load's
+    address is the row's plus a constant; shift: 4 * (u % 4), the lane's 5th bits in qh."""
     n = sl // UL
     ul = sl % UL
     base = 4 * sl
     raw[base] = raw[base + 1] = raw[base + 2] = raw[base + 3] = np.uint32(0)
     if n * TS < n_left:
         on = o0 + n * step
-        ui = u + ul * LV
         if PLAIN_V:
-            x = ld_u32x4(v, on + 16 * ui)
+            x = ld_u32x4(vq, on + 16 * ul * LV)
             raw[base] = x[0]
             raw[base + 1] = x[1]
             raw[base + 2] = x[2]
             raw[base + 3] = x[3]
         else:
-            per_block = 8 if TV == Q8_0 else 4
-            b = on + (ui // per_block) * V_TSIZE
-            kw = ui % per_block
+            b = on + (ul * LV // V_PER_BLOCK) * V_TSIZE        # LV is a multiple of V_PER_BLOCK
             if TV == Q4_1 or TV == Q5_1:
-                raw[base] = ld_u32(v, b + (4 if TV == Q4_1 else 8) + 4 * kw)
-                raw[base + 1] = ld_u32(v, b)
+                raw[base] = ld_u32(vq, b)
+                raw[base + 1] = ld_u32(vd, b)
             else:
-                raw[base] = u32(v, b + (6 if TV == Q5_0 else 2) + 4 * kw)
-                raw[base + 1] = np.uint32(ld_u16(v, b))
+                raw[base] = u32(vq, b)
+                raw[base + 1] = np.uint32(ld_u16(vd, b))
             if TV == Q5_0:
-                raw[base + 2] = u32(v, b + 2) >> np.uint32(4 * kw)
+                raw[base + 2] = u32(vd, b + 2) >> shift
             if TV == Q5_1:
-                raw[base + 2] = ld_u32(v, b + 4) >> np.uint32(4 * kw)
+                raw[base + 2] = ld_u32(vd, b + 4) >> shift
 
 
 def _v_fma_step(acc, raw, p, n, kk):
@@ -570,6 +569,13 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     lane_ok = lane < TS * LV                               # D / U not a multiple of 32: idle lanes
     sub = lane // LV if lane_ok else 0                     # this lane's token of a V step
     u = lane - sub * LV                                    # and its first V unit
+    if PLAIN_V:
+        vq = v[16 * u:]
+        vd = vq
+    else:
+        vd = v[(u // V_PER_BLOCK) * V_TSIZE:]
+        vq = vd[V_QS_AT + 4 * (u % V_PER_BLOCK):]
+    shift = np.uint32(4 * (u % V_PER_BLOCK))
     cuda.syncthreads()
 
     tiles = (n_kv + NT - 1) // NT
@@ -605,7 +611,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
         for n0 in range(0, STEPS, NB):
             tok0 = tile * NT + lt + n0 * TS
             n_left = n_kv - tok0 if lane_ok else 0
-            LOAD_V(raw, v, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, u)
+            LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, shift)
             V_TOKENS(acc, raw, ps, lt + n0 * TS, p)
         buf = 1 - buf
 
@@ -660,7 +666,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     parts (R, splits, D), meta (R, splits, 2)."""
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
     u = 8 if type_v in NIBBLES or type_v in (F16, BF16) else 4   # V values a lane takes from one unit
-    lv = _divisor_at_most(d // u, WARP)                  # lanes per token in V
+    per_block = 8 if type_v == Q8_0 else 4                # V units of a quantized block
+    lv = max(x for x in range(per_block, WARP + 1, per_block) if d // u % x == 0)   # lanes per token in V
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
@@ -671,7 +678,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
     stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
-              V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v],
+              V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
+              V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
               K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_chunk_bytes // 4,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
               ROW_WORDS=row_words)
@@ -691,7 +699,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
     ns.update(KQ_TOKEN=bind(_kq_token), TILE_MAX=unrolled(bind(_tile_max_step), g, 5),
               SOFTMAX=unrolled(bind(_softmax_step), g, 8), SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
-              LOAD_V=unrolled(bind(_load_v_step), nb * ul, 6),
+              LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
               V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 4))
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
               g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
