@@ -46,11 +46,11 @@ Under the Numba CUDA simulator the shuffles go through shared memory (same value
 correctly rounded float32 exp (the hardware's ex2.approx differs in the last bits).
 """
 import functools
-import math
 import types
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
+from numba.cuda import libdevice
 
 from .kernels import _instantiate
 from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
@@ -145,7 +145,9 @@ else:
 
     @device
     def expf(x):
-        return math.exp(x)   # fastmath: ex2.approx of x * log2(e), as nvcc's -use_fast_math expf
+        # nvcc's -use_fast_math expf is __expf: ex2.approx.ftz(x * log2(e)), which libdevice's fast_expf is;
+        # math.exp even under fastmath is __nv_expf (a range reduction around ex2.approx): other bits
+        return libdevice.fast_expf(x)
 
     @device
     def dp4a(v, u, c, signed_v):
