@@ -323,6 +323,14 @@ class VCaches:
         self.raws = [raws[t] for t in self.types] if raws else None
         self._forms = {}
 
+    def raw(self, i: int, read_as: str):
+        """V cache i's bytes as a kernel reading it as `read_as` takes them (`read_bytes`), all cells, made once:
+        a row's conversion does not depend on the others, so a shorter context slices it."""
+        key = (i, read_as)
+        if key not in self._forms:
+            self._forms[key] = read_bytes(self.stored[:, :, i], self.raws[i], self.types[i], read_as)
+        return self._forms[key]
+
     def form(self, kind: str):
         if kind not in self._forms:
             convert = {"f32": lambda x: x, "f64": lambda x: _xp.cast(x, "float64"), "f16": _fp16}[kind]
@@ -368,9 +376,7 @@ def attend_cache(q_rot, k_stored, type_k: str, v: VCaches, n_kv: int, backend: s
         path = members[0][1]
         if keep is None and v.raws is not None and kernel_runs(path, q_rot):
             k_bytes = read_bytes(k_cache, k_raw, type_k, path.read_k)
-            outs = {i: kernel_attention(q_rot, k_bytes, path.read_k,
-                                        read_bytes(v.stored[:, :n_kv, i], v.raws[i][:, :n_kv], v.types[i], p.read_v),
-                                        p.read_v, scale)
+            outs = {i: kernel_attention(q_rot, k_bytes, path.read_k, v.raw(i, p.read_v)[:, :n_kv], p.read_v, scale)
                     for i, p in members}
         else:
             outs = v.attend(logits, path, [i for i, _ in members], n_kv)
