@@ -9,7 +9,10 @@ x @ H_n matmul, then quantize. Compile (or cache load) time is reported apart, a
 First, per type, a decode step's set_rows (op "set_rows_decode": one token of 8 KV heads x 128 into a
 4096-row cache, the cuda flavor) against torch's copy_ of the same floats into a float32 row, end to
 end: microseconds per call with calls queued back to back (one sync at the end: the host's rate) and
-with a sync after every call (latency), and host_us.
+with a sync after every call (latency), and host_us; and both captured in a CUDA graph of GRAPH_CALLS
+calls (torch.cuda.CUDAGraph), replayed: GPU microseconds per call (graph_us, torch_copy_graph_us,
+ratio_graph), the launch work off the host altogether. Then (op "set_rows_decode_stream") the same
+set_rows on a side stream (torch.cuda.stream(s): kvlab follows torch's current stream) against copy_ there.
     python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--flavors ref,cuda] [--no-compile] [--once]
                               [--decode-only]
 """
@@ -80,6 +83,45 @@ def per_call_us(fn, calls=2000, sync_each=False):
 
 DECODE_COLS = 8 * 128        # one token of 8 KV heads x head_dim 128
 DECODE_CACHE_ROWS = 4096
+GRAPH_CALLS = 100
+
+
+def graph_us(fn, calls=GRAPH_CALLS, replays=20):
+    """GPU microseconds per call of fn captured `calls` times into one CUDA graph, replayed (median of
+    `replays` replays, by CUDA events; warm-up on a side stream first, as torch advises)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return round(float(np.median(times)) * 1e3 / calls, 3)
+
+
+def on_side_stream(fn):
+    """fn run inside torch.cuda.stream(s) of a fresh stream s (the stream kvlab must follow)."""
+    s = torch.cuda.Stream()
+
+    def run():
+        with torch.cuda.stream(s):
+            fn()
+    return run
 
 
 def decode_set_rows(types):
@@ -91,7 +133,9 @@ def decode_set_rows(types):
     slot = plain[DECODE_CACHE_ROWS // 2:DECODE_CACHE_ROWS // 2 + 1]           # (1, 8 * 128)
     copy = lambda: slot.copy_(values)                                          # noqa: E731
     peer = {"torch_copy_us_queued": per_call_us(copy), "torch_copy_us_synced": per_call_us(copy, sync_each=True),
-            "torch_copy_host_us": host_us(copy, 200)}
+            "torch_copy_host_us": host_us(copy, 200), "torch_copy_graph_us": graph_us(copy)}
+    side_copy = on_side_stream(copy)
+    side_peer = {"torch_copy_us_queued": per_call_us(side_copy), "torch_copy_host_us": host_us(side_copy, 200)}
     for name in types:
         info = TYPES[name]
         cache = torch.zeros(DECODE_CACHE_ROWS, info.row_bytes(DECODE_COLS), dtype=torch.uint8, device="cuda")
@@ -99,9 +143,15 @@ def decode_set_rows(types):
         first = first_call(fn)
         rec = {"op": "set_rows_decode", "type": name, "impl": "kvlab_cuda", "cols": DECODE_COLS,
                "us_queued": per_call_us(fn), "us_synced": per_call_us(fn, sync_each=True),
-               "host_us": host_us(fn, 200), **peer, "first_call_s": first}
+               "host_us": host_us(fn, 200), "graph_us": graph_us(fn), **peer, "first_call_s": first}
         rec["ratio_queued"] = round(rec["us_queued"] / peer["torch_copy_us_queued"], 2)
         rec["ratio_synced"] = round(rec["us_synced"] / peer["torch_copy_us_synced"], 2)
+        rec["ratio_graph"] = round(rec["graph_us"] / peer["torch_copy_graph_us"], 2)
+        print(json.dumps(rec), flush=True)
+        side = on_side_stream(fn)
+        rec = {"op": "set_rows_decode_stream", "type": name, "impl": "kvlab_cuda", "cols": DECODE_COLS,
+               "us_queued": per_call_us(side), "host_us": host_us(side, 200), **side_peer}
+        rec["ratio_queued"] = round(rec["us_queued"] / side_peer["torch_copy_us_queued"], 2)
         print(json.dumps(rec), flush=True)
 
 

@@ -21,12 +21,28 @@ paths (torch's and numba's allocations are); others are handled, slower.
 ``flavor_code`` is kvlab.types.flavor_code(): 0 ref, 1 cpu, 2 cuda; ``scale`` is H_n[0, 0]
 (kvlab.rotation.hadamard_scale(n)).
 
-Calls are asynchronous on the default stream and never wait for the GPU. The arguments are checked on
-the host from the arrays' own description (a CUDA torch tensor's attributes, else
-``__cuda_array_interface__``: shape, dtype, contiguity, alignment); set_rows' ids, which live on the
-GPU, are checked there, before anything is written: a call with an id outside the cache's rows writes
-nothing and raises ValueError in the first call after the GPU has run it (``raise_refused()`` asks at
-any time; after a synchronize it is certain).
+Streams. Every entry point takes ``stream=`` (an int handle, a torch.cuda.Stream, a numba stream, or
+anything with ``__cuda_stream__``); without it a call launches on the stream its arrays name: for a CUDA
+torch tensor, torch's current stream on the tensor's device (torch.cuda.current_stream(), so a call
+inside ``torch.cuda.stream(s)`` or a graph capture goes to that stream), else the ``stream`` entry of
+an array's ``__cuda_array_interface__`` (v3: 1 the legacy default stream, 2 the per-thread one, else a
+cudaStream_t: the producer's stream, so the call is ordered after the writes that made the array), else
+the default stream (0). Every launch of a call (set_rows' ids check included) goes to that one stream.
+Calls are asynchronous and never wait for the GPU, allocate nothing on it after the first call (every
+array, out= included, is the caller's), and copy nothing between host and device: a call can be
+captured into a CUDA graph (torch.cuda.graph, cudaStreamBeginCapture). Make one call of the same shapes
+eagerly first (outside the capture: it compiles or loads the kernels and allocates kvlab's few device
+words once); torch's own advice, a warm-up on a side stream, does this.
+The arguments are checked on the host from the arrays' own description (a CUDA torch tensor's
+attributes, else ``__cuda_array_interface__``: shape, dtype, contiguity, alignment); set_rows' ids,
+which live on the GPU, are checked there, before anything is written: a call with an id outside the
+cache's rows writes nothing and raises ValueError in the first call after the GPU has run it
+(``raise_refused()`` asks at any time; after a synchronize it is certain). The verdict is a word of
+mapped host memory that the kernel sets, so it works in a replayed CUDA graph too, where no Python
+runs: call ``raise_refused()`` after the replay's synchronize. (kvlab.set_rows, the public one, checks
+its ids on the host first and copies them to the device: not a call to capture; this one is.)
+set_rows with more than 1024 ids checks them in a kernel of its own first, which leaves its verdict in a
+device word of the call's stream (one of 256, by stream): calls on different streams do not share it.
 Launches: the first call of a kernel and shape goes through numba's dispatcher (compile or cache load,
 typing); it leaves the compiled function and its packed parameters behind (_DirectLaunch), and the
 call leaves its launches behind, keyed by what its checks depend on (shapes, dtypes, layouts,
@@ -155,18 +171,23 @@ class _Full(NamedTuple):
 def _numba_array(arg):
     from numba import cuda
     v = arg.view
-    d = v.source if hasattr(v.source, "copy_to_host") else cuda.as_cuda_array(v.source)
+    # sync=False: the launch goes to the call's stream, in order; no host wait on an exported stream
+    d = v.source if hasattr(v.source, "copy_to_host") else cuda.as_cuda_array(v.source, sync=False)
     if isinstance(arg, _Flat):
         return d.reshape(d.size)                                   # (elements,)
     return d if arg.dtype is None else d.view(arg.dtype)
 
 
-def _launch(kernel, grid, block, args):
-    """kernel[grid, block](*args), arrays given as _Flat/_Full views. Off the simulator, the first call
-    of a key (kernel, grid, and the arguments but the arrays' addresses) takes numba's dispatcher and
-    keeps a _DirectLaunch; the next ones launch through it."""
-    if _k().SIM or not _DIRECT_LAUNCH:
+def _launch(kernel, grid, block, args, stream):
+    """kernel[grid, block, stream](*args), arrays given as _Flat/_Full views, stream a CUstream handle
+    (int). Off the simulator, the first call of a key (kernel, grid, and the arguments but the arrays'
+    addresses) takes numba's dispatcher and keeps a _DirectLaunch; the next ones launch through it."""
+    if _k().SIM:
         kernel[grid, block](*[_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args])
+        return
+    if not _DIRECT_LAUNCH:
+        kernel[grid, block, _numba_stream(stream)](*[_numba_array(a) if isinstance(a, (_Flat, _Full)) else a
+                                                     for a in args])
         return
     ptrs = []
     key = [kernel, grid, block]
@@ -179,10 +200,10 @@ def _launch(kernel, grid, block, args):
     key = tuple(key)
     direct = _DIRECT.get(key)
     if direct:
-        direct(ptrs)
+        direct(ptrs, stream)
     else:
         numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
-        kernel[grid, block](*numba_args)             # compiles or loads, binds the module
+        kernel[grid, block, _numba_stream(stream)](*numba_args)     # compiles or loads, binds the module
         if direct is None:
             if len(_DIRECT) >= _DIRECT_KEYS:         # many shapes (a prefill of every length): start over
                 _DIRECT.clear()
@@ -193,6 +214,69 @@ def _launch(kernel, grid, block, args):
         _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, (_Flat, _Full))], ptrs)
 
 
+# ---- streams -----------------------------------------------------------------------------------------
+def _stream_handle(stream):
+    """A caller's stream= as a CUstream handle (int): an int as it is, a torch.cuda.Stream (cuda_stream),
+    an object with __cuda_stream__ (cuda.core's protocol), a numba stream (handle)."""
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, (bool, np.bool_)):
+        return int(stream)
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is None and hasattr(stream, "__cuda_stream__"):
+        handle = stream.__cuda_stream__()[1]
+    if handle is None and hasattr(stream, "handle") and hasattr(stream, "synchronize"):
+        handle = stream.handle
+        handle = getattr(handle, "value", handle) or 0      # ctypes c_void_p (None for 0) or CUstream
+    if handle is None and type(stream).__module__.startswith("numba.cuda.simulator"):
+        handle = 0                                           # the simulator's streams: one order anyway
+    if handle is None:
+        raise TypeError(f"stream: expected a CUDA stream (an int handle, a torch.cuda.Stream, a numba "
+                        f"stream), got {type(stream).__name__}")
+    return int(handle)
+
+
+_TORCH_STREAM = []
+
+
+def _torch_stream(a):
+    """torch's current stream on the device of the CUDA tensor a, as a handle."""
+    if not _TORCH_STREAM:
+        torch = sys.modules["torch"]
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)     # one C call, no Stream object
+        _TORCH_STREAM.append(raw if raw is not None
+                             else lambda index: torch.cuda.current_stream(index).cuda_stream)
+    return _TORCH_STREAM[0](a.get_device())
+
+
+def _implied_stream(arrays):
+    """The stream a call's arrays name: torch's current stream for a CUDA torch tensor, else the
+    __cuda_array_interface__'s 'stream' of the first array that gives one, else 0 (the default stream)."""
+    for a in arrays:
+        if a is None:
+            continue
+        if _torch_typestr(a) is not None:
+            return _torch_stream(a)
+        iface = getattr(a, "__cuda_array_interface__", None)
+        if iface is not None and iface.get("stream") is not None:
+            return int(iface["stream"])
+    return 0
+
+
+_NUMBA_STREAMS = {}
+
+
+def _numba_stream(handle):
+    """The numba stream object of a handle, for launches through numba's dispatcher."""
+    s = _NUMBA_STREAMS.get(handle)
+    if s is None:
+        from numba import cuda
+        s = {0: cuda.default_stream, 1: cuda.legacy_default_stream,
+             2: cuda.per_thread_default_stream}.get(handle, lambda: cuda.external_stream(handle))()
+        if len(_NUMBA_STREAMS) >= 256:
+            _NUMBA_STREAMS.clear()
+        _NUMBA_STREAMS[handle] = s
+    return s
+
+
 # ---- a call's launches, replayed ----------------------------------------------------------------------
 # Every check of an entry point depends only on its arrays' shapes, dtypes, layouts and alignments and
 # on its scalars: a call whose key (those) has been made before, and passed, is checked by finding its
@@ -201,29 +285,34 @@ _PLANS = {}
 _RECORDING = []      # the call being made the slow way: {"arrays", "launches", "complete"}
 
 
-def _call(name, scalars, keep, arrays, slow, *args):
-    """slow(*args), or the replay of its launches: name and scalars identify the entry point's call
-    (an object by its id(), kept alive in keep), arrays are its array arguments (None where absent)."""
+def _call(name, scalars, keep, arrays, stream, slow, *args):
+    """slow(*args, stream), or the replay of its launches: name and scalars identify the entry point's
+    call (an object by its id(), kept alive in keep), arrays are its array arguments (None where
+    absent), stream the caller's stream= (None: the one the arrays name, _implied_stream)."""
     key = _call_key(name, scalars, arrays)
+    stream = _implied_stream(arrays) if stream is None else _stream_handle(stream)
     if key is None:
-        slow(*args)
+        slow(*args, stream)
         return
     plan = _PLANS.get(key[0])
     if plan is not None:
+        ptrs = key[1]
+        if plan[2]:                                   # set_rows' ids check word: the stream's own
+            ptrs = ptrs + [_flag_view(stream).ptr]
         for direct, base, slots in plan[0]:
             for pos, idx in slots:
-                base[pos] = key[1][idx]
-            direct(base)
+                base[pos] = ptrs[idx]
+            direct(base, stream)
         return
-    _RECORDING.append({"arrays": arrays, "launches": [], "complete": True})
+    _RECORDING.append({"arrays": arrays, "launches": [], "complete": True, "flag": False})
     try:
-        slow(*args)
+        slow(*args, stream)
     finally:
         rec = _RECORDING.pop()
     if rec["complete"]:
         if len(_PLANS) >= _DIRECT_KEYS:
             _PLANS.clear()
-        _PLANS[key[0]] = rec["launches"], keep
+        _PLANS[key[0]] = rec["launches"], keep, rec["flag"]
 
 
 def _call_key(name, scalars, arrays):
@@ -244,13 +333,16 @@ def _call_key(name, scalars, arrays):
 
 def _record(rec, direct, sources, ptrs):
     """One launch of the call being recorded: its _DirectLaunch, its array addresses, and which of them
-    are the call's arrays (slots: (position, index in the call's arrays)); the others are fixed (the
-    ids check's words)."""
+    are the call's arrays or its stream's ids check word (slots: (position, index in the call's arrays;
+    len(arrays) for the word)); the others are fixed (zero_ids, refused)."""
     if not direct:
         rec["complete"] = False
         return
-    slots = [(pos, idx) for pos, src in enumerate(sources) for idx, a in enumerate(rec["arrays"]) if src is a]
-    rec["launches"].append((direct, list(ptrs), slots))
+    arrays = rec["arrays"]
+    slots = [(pos, idx) for pos, src in enumerate(sources) for idx, a in enumerate(arrays) if src is a]
+    flags = [(pos, len(arrays)) for pos, src in enumerate(sources) if isinstance(src, _FlagWord)]
+    rec["flag"] = rec["flag"] or bool(flags)
+    rec["launches"].append((direct, list(ptrs), slots + flags))
 
 
 def _direct_launch(overload, grid, block, numba_args):
@@ -299,11 +391,12 @@ class _DirectLaunch:
         self.params = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
         self.params_ptr = ctypes.addressof(self.params)
 
-    def __call__(self, ptrs):
+    def __call__(self, ptrs, stream):
         for cell, p in zip(self.ptrs, ptrs):
             cell.value = p
-        # the driver copies the parameters at the call: the cells may change right after
-        _check(self.launch(self.func, *self.dims, 0, 0, self.params_ptr, 0)[0], "cuLaunchKernel")
+        # the driver copies the parameters at the call (a graph capture too): the cells may change
+        # right after
+        _check(self.launch(self.func, *self.dims, 0, stream, self.params_ptr, 0)[0], "cuLaunchKernel")
 
 
 def _dim3(d):
@@ -320,13 +413,18 @@ def _check(err, what):
 _STATE = {}
 
 
+FLAG_WORDS = 256
+
+
 def _state(name):
-    """Device words made once: 'zero_ids' (1 id, for calls without row_ids), 'flag' (check_rows_kernel's
-    verdict for the next launch), 'refused' (mapped host memory: set by a kernel that refused its ids)."""
+    """Device words made once: 'zero_ids' (1 id, for calls without row_ids), 'flags' (FLAG_WORDS words:
+    check_rows_kernel's verdict for the next launch of its stream, _flag_view), 'refused' (mapped host
+    memory: set by a kernel that refused its ids)."""
     if not _STATE:
         from numba import cuda
         _STATE["zero_ids"] = _view(cuda.to_device(np.zeros(1, np.int64)), "ids", None, 1)
-        _STATE["flag"] = _view(cuda.to_device(np.zeros(1, np.int32)), "flag", None, 1)
+        _STATE["flags"] = _view(cuda.to_device(np.zeros(FLAG_WORDS, np.int32)), "flags", None, 1)
+        _STATE["flag_words"] = {}
         refused = cuda.mapped_array(1, np.int32)
         refused[0] = 0
         _STATE["refused_host"] = refused
@@ -344,6 +442,28 @@ class _Interface:
         self.__cuda_array_interface__ = interface
 
 
+class _FlagWord(_Interface):
+    """One word of the 'flags' state: a stream's ids check verdict (a replayed call takes its stream's)."""
+
+
+def _flag_view(stream):
+    """The ids check word of a stream: word k of 'flags', k given out in turn to the streams as they
+    come (no allocation, so a new stream, e.g. a graph capture's, costs nothing; the 257th stream shares
+    the first one's word)."""
+    words = _state("flag_words")
+    v = words.get(stream)
+    if v is None:
+        flags = _state("flags")
+        k = len(words) % FLAG_WORDS
+        if _k().SIM:
+            source = flags.source[k:k + 1]
+        else:
+            source = _FlagWord(dict(shape=(1,), typestr="<i4", data=(flags.ptr + 4 * k, False), strides=None,
+                                    version=3))
+        v = words[stream] = _View(flags.ptr + 4 * k, (1,), np.dtype(np.int32), source)
+    return v
+
+
 def raise_refused():
     """Raise the ValueError of a set_rows whose ids the GPU refused (it wrote nothing), once; a read of
     host memory, no sync: a call still queued on the GPU is not seen yet."""
@@ -353,12 +473,12 @@ def raise_refused():
                          "(checked on the GPU, reported at the first call after it ran)")
 
 
-def _row_ids(row_ids, n_rows, n_cache_rows):
+def _row_ids(row_ids, n_rows, n_cache_rows, stream):
     """(ids view, n_check, n_cache_rows, flag, refused): the ids' check arguments every writing kernel
     takes (rows_refused in kernels.py); more than kernels.IDS_CHECKED_IN_KERNEL ids are checked by a
-    launch before."""
+    launch before, on the same stream, into the stream's own word."""
     if row_ids is None:
-        return _Flat(_state("zero_ids")), 0, 1, _Flat(_state("flag")), _Flat(_state("refused"))
+        return _Flat(_state("zero_ids")), 0, 1, _Flat(_state("flags")), _Flat(_state("refused"))  # unread
     ids = _view(row_ids, "row_ids", None, 1)
     if ids.dtype not in (np.int32, np.int64):
         raise TypeError(f"row_ids: expected int32 or int64, got {ids.dtype}")
@@ -366,10 +486,11 @@ def _row_ids(row_ids, n_rows, n_cache_rows):
         raise ValueError(f"row_ids: {ids.shape[0]} ids for {n_rows} rows")
     n_check = n_rows
     k = _k()
+    flag = _Flat(_flag_view(stream))
     if n_rows > k.IDS_CHECKED_IN_KERNEL:
-        _launch(k.check_rows_kernel, 1, k.CHECK_TPB, [_Flat(ids), n_cache_rows, _Flat(_state("flag"))])
+        _launch(k.check_rows_kernel, 1, k.CHECK_TPB, [_Flat(ids), n_cache_rows, flag], stream)
         n_check = -1
-    return _Flat(ids), n_check, n_cache_rows, _Flat(_state("flag")), _Flat(_state("refused"))
+    return _Flat(ids), n_check, n_cache_rows, flag, _Flat(_state("refused"))
 
 
 # ---- the entry points --------------------------------------------------------------------------------
@@ -387,30 +508,30 @@ def _value_bits(info):
     return np.uint32 if info.type_size == 4 else np.uint16      # (rows, cols) value bits
 
 
-def quantize(x, out, info, flavor_code):
-    _write(x, out, info, flavor_code, None, None, 0)
+def quantize(x, out, info, flavor_code, stream=None):
+    _write(x, out, info, flavor_code, None, None, 0, stream)
 
 
-def set_rows(cache, row_ids, values, info, flavor_code):
-    _write(values, cache, info, flavor_code, row_ids, None, 0)
+def set_rows(cache, row_ids, values, info, flavor_code, stream=None):
+    _write(values, cache, info, flavor_code, row_ids, None, 0, stream)
 
 
-def rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None):
-    _write(x, out, info, flavor_code, row_ids, n, scale)
+def rotate_quantize(x, out, info, flavor_code, n, scale, row_ids=None, stream=None):
+    _write(x, out, info, flavor_code, row_ids, n, scale, stream)
 
 
-def _write(x, out, info, flavor_code, row_ids, n, scale):
+def _write(x, out, info, flavor_code, row_ids, n, scale, stream):
     """quantize / set_rows / rotate_quantize: x (rows, cols) float32 -> rows of out (or of row_ids);
     n None: no rotation."""
     raise_refused()
     # flavor_code with its type: True == 1, but no flavor
-    _call("write", (id(info), type(flavor_code), flavor_code, n, scale), info, (x, out, row_ids),
+    _call("write", (id(info), type(flavor_code), flavor_code, n, scale), info, (x, out, row_ids), stream,
           _write_checked, x, out, info, flavor_code, row_ids, n, scale)
     if row_ids is not None:
         raise_refused()          # the simulator has run it already; a GPU seldom has
 
 
-def _write_checked(x, out, info, flavor_code, row_ids, n, scale):
+def _write_checked(x, out, info, flavor_code, row_ids, n, scale, stream):
     _check_info(info)
     if flavor_code not in (0, 1, 2) or isinstance(flavor_code, bool):
         raise ValueError(f"flavor_code: expected 0 (ref), 1 (cpu) or 2 (cuda), got {flavor_code!r}")
@@ -430,38 +551,38 @@ def _write_checked(x, out, info, flavor_code, row_ids, n, scale):
         _check_value_alignment(ov, info, "out")
     if xv.size == 0:
         return
-    check = _row_ids(row_ids, rows, ov.shape[0])
+    check = _row_ids(row_ids, rows, ov.shape[0], stream)
     remap = 0 if row_ids is None else row_bytes
     if not info.is_quantized:
         kernels = k.value_kernels(info)
         if cols % 4 == 0 and _aligned(xv, 16) and _aligned(ov, 16):
             _launch(kernels.quantize, *_steps(xv.size // 4),
-                    [_Flat(xv), _Flat(ov), int(flavor_code), xv.size // 4, cols, remap > 0, *check])
+                    [_Flat(xv), _Flat(ov), int(flavor_code), xv.size // 4, cols, remap > 0, *check], stream)
         else:
             _launch(kernels.quantize_any, *_steps(xv.size),
-                    [_Full(xv), _Full(ov, _value_bits(info)), int(flavor_code), remap > 0, *check])
+                    [_Full(xv), _Full(ov, _value_bits(info)), int(flavor_code), remap > 0, *check], stream)
     else:
         width = 16 if remap == 0 and _aligned(ov, 16) else 4 if remap % 4 == 0 and _aligned(ov, 4) else 1
         _launch(k.quantize_kernel(info, int(flavor_code)), *_tiles(xv.size),
                 [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
-                 np.float32(scale), *check])
+                 np.float32(scale), *check], stream)
 
 
-def dequantize(raw, out, info):
-    _read(raw, out, info, None, 0)
+def dequantize(raw, out, info, stream=None):
+    _read(raw, out, info, None, 0, stream)
 
 
-def dequantize_unrotate(raw, out, info, n, scale):
-    _read(raw, out, info, n, scale)
+def dequantize_unrotate(raw, out, info, n, scale, stream=None):
+    _read(raw, out, info, n, scale, stream)
 
 
-def _read(raw, out, info, n, scale):
+def _read(raw, out, info, n, scale, stream):
     """dequantize / dequantize_unrotate (n None: no rotation)."""
     raise_refused()
-    _call("read", (id(info), n, scale), info, (raw, out), _read_checked, raw, out, info, n, scale)
+    _call("read", (id(info), n, scale), info, (raw, out), stream, _read_checked, raw, out, info, n, scale)
 
 
-def _read_checked(raw, out, info, n, scale):
+def _read_checked(raw, out, info, n, scale, stream):
     _check_info(info)
     k = _k()
     rv = _view(raw, "raw", np.uint8, 2)
@@ -478,12 +599,13 @@ def _read_checked(raw, out, info, n, scale):
     if not info.is_quantized:
         kernels = k.value_kernels(info)
         if cols % 4 == 0 and _aligned(rv, 16) and _aligned(ov, 16):
-            _launch(kernels.dequantize, *_steps(ov.size // 4), [_Flat(rv), _Flat(ov), ov.size // 4])
+            _launch(kernels.dequantize, *_steps(ov.size // 4), [_Flat(rv), _Flat(ov), ov.size // 4], stream)
         else:
-            _launch(kernels.dequantize_any, *_steps(ov.size), [_Full(rv, _value_bits(info)), _Full(ov)])
+            _launch(kernels.dequantize_any, *_steps(ov.size), [_Full(rv, _value_bits(info)), _Full(ov)], stream)
         return
     _launch(k.dequantize_kernel(info), *_tiles(ov.size),
-            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale)])
+            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale)],
+            stream)
 
 
 def _check_rotation(cols, n, info):
@@ -500,13 +622,13 @@ def _check_size(cols, n, smallest):
                          f"dividing the row length {cols}")
 
 
-def rotate(x, out, n, scale):
+def rotate(x, out, n, scale, stream=None):
     """out = x @ H_n on every n-chunk of each row (H_n[0, 0] == scale); x, out (rows, cols) float32."""
     raise_refused()
-    _call("rotate", (n, scale), None, (x, out), _rotate_checked, x, out, n, scale)
+    _call("rotate", (n, scale), None, (x, out), stream, _rotate_checked, x, out, n, scale)
 
 
-def _rotate_checked(x, out, n, scale):
+def _rotate_checked(x, out, n, scale, stream):
     xv = _view(x, "x", np.float32, 2)
     ov = _view(out, "out", np.float32, 2)
     if ov.shape != xv.shape:
@@ -514,4 +636,5 @@ def _rotate_checked(x, out, n, scale):
     _check_size(xv.shape[1], n, 1)
     if xv.size:
         _launch(_k().rotate_kernel, *_tiles(xv.size),
-                [_Flat(xv), _Flat(ov), xv.size, _aligned(xv, 16) and _aligned(ov, 16), int(n), np.float32(scale)])
+                [_Flat(xv), _Flat(ov), xv.size, _aligned(xv, 16) and _aligned(ov, 16), int(n), np.float32(scale)],
+                stream)
