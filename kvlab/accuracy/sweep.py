@@ -3,8 +3,10 @@
 One row per cell, with the metrics of `kvlab.attention_error` (see kvlab.accuracy.metrics) and the settings
 that made it. The flavor picks both the bytes written into the cache and the backend that reads
 them (ref: exact float64 attention; cpu / cuda: what ggml's flash attention does, see
-kvlab.accuracy.attention). A shorter context is the prefix of the longest one, and its queries are the n_q
-tokens at its end, so each K/V cache is quantized once per (type, flavor, rotation) and sliced.
+kvlab.accuracy.attention); a row's `backend` and `kernel` name what read that cell (ggml-cuda has no kernel
+for some pairs and runs their attention on the CPU, so a cuda-flavor row can say "cpu"). A shorter context is
+the prefix of the longest one, and its queries are the n_q tokens at its end, so each K/V cache is quantized
+once per (type, flavor, rotation) and sliced.
 
 Vectorized: per (flavor, rotation, length, K type) one K.Q product and one batched softmax @ V over
 all V types that share the backend's code path: kvlab.accuracy.attention.attend_cache, the pipeline
@@ -107,7 +109,7 @@ def _chunk_rows(sample: KVSample, cfg: SweepConfig, flavor: str, rotation: bool,
                     type_v = v_caches.types[i]
                     m = cell_metrics(exact, host_logits, out_rot, plan_of(type_v).v, cfg.topk)
                     rows.append(dict(
-                        type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=flavor,
+                        type_k=type_k, type_v=type_v, rotation=rotation, flavor=flavor, backend=path.backend,
                         kernel=path.kernel, n_ctx=length, rot_k=rot_k or 0, rot_v=plan_of(type_v).v or 0,
                         **m, k_rel_l2=float(k_err[type_k][length - 1]), v_rel_l2=float(v_err[type_v][length - 1])))
             progress.update(len(v_caches.types))

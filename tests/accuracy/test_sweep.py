@@ -66,6 +66,14 @@ def test_the_torch_path_on_the_cpu_equals_the_numpy_path(table, sample, tmp_path
         np.testing.assert_allclose(both[metric], both[f"{metric}_torch"], rtol=1e-12)
 
 
+def test_backend_column_names_what_read_the_cell(table):
+    """ggml-cuda has no flash-attention kernel for iq4_nl: its cuda-flavor cells are read by ggml-cpu."""
+    cuda = table[table.flavor == "cuda"]
+    on_cpu = cuda.type_k.eq("iq4_nl") | cuda.type_v.eq("iq4_nl")
+    assert set(cuda[on_cpu].backend) == {"cpu"} and set(cuda[~on_cpu].backend) == {"cuda"}
+    assert set(table[table.flavor == "cpu"].backend) == {"cpu"} and set(table[table.flavor == "ref"].backend) == {"ref"}
+
+
 def test_rotation_columns_follow_rotation_plan(table):
     on = table[table.rotation]
     assert set(on[on.type_k == "q4_0"].rot_k) == {64} and set(on[on.type_k == "f16"].rot_k) == {0}
