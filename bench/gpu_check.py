@@ -13,6 +13,8 @@ differ, outputs poisoned before each GPU run so an unwritten byte shows:
                 a call with one id out of range: bytes changed (must be 0) and whether it raised
   rotate_quantize / dequantize_unrotate / rotate    vs kernels/hadamard.py's rotate_rows + CPU kernels
   unaligned     arrays off 16-byte alignment and rows of 4k+2 values (the slow paths)
+  graph         a decode step's set_rows (1 token x 8 KV heads x 128, the cuda flavor) captured into a
+                torch.cuda.CUDAGraph and replayed for 8 tokens, vs the same calls made eagerly
     python bench/gpu_check.py [n_blocks] [--types q4_1,iq4_nl] [--flavors ref,cuda]   (default 2^20, all)
 """
 import argparse
@@ -207,6 +209,35 @@ def check_unaligned(rows, types):
                  dequantize_gpu_vs_cpu=int((back.cpu().numpy().view(np.uint32) != ref.view(np.uint32)).sum()))
 
 
+def check_graph(rows, types):
+    """set_rows of one token (8 KV heads x 128) captured once, replayed for 8 tokens (inputs fed through
+    the graph's buffers) into a 16-row cache: blocks differing from 8 eager calls."""
+    cols, steps = 8 * 128, 8
+    tokens = gpu(rows.reshape(-1)[:steps * cols].reshape(steps, 1, cols))
+    for name, info in types.items():
+        eager = torch.zeros((16, info.row_bytes(cols)), dtype=torch.uint8, device="cuda")
+        for t in range(steps):
+            kc.set_rows(eager, torch.tensor([t], device="cuda"), tokens[t], info, 2)
+        cache, value, row = torch.zeros_like(eager), torch.zeros_like(tokens[0]), torch.zeros(1, dtype=torch.int64,
+                                                                                               device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):                           # warm-up on a side stream, as torch advises
+            kc.set_rows(cache, row, value, info, 2)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            kc.set_rows(cache, row, value, info, 2)
+        cache.zero_()
+        for t in range(steps):
+            value.copy_(tokens[t])
+            row.fill_(t)
+            g.replay()
+        torch.cuda.synchronize()
+        emit(check="graph", type=name, flavor="cuda", tokens=steps,
+             graph_vs_eager=blocks_differ(cache.cpu(), eager.cpu(), info))
+
+
 def main(n_blocks, types, flavors):
     x = large_inputs(n_blocks)                                      # (n_blocks, 32)
     rows = x.reshape(-1, COLS)                                      # (n_blocks / 128, 4096): ggml rows
@@ -218,6 +249,7 @@ def main(n_blocks, types, flavors):
     check_set_rows(rows, xg, types)
     check_rotation(rows, xg, types, flavors)
     check_unaligned(rows, types)
+    check_graph(rows, types)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ calls (torch.cuda.CUDAGraph), replayed: GPU microseconds per call (graph_us, tor
 ratio_graph), the launch work off the host altogether. Then (op "set_rows_decode_stream") the same
 set_rows on a side stream (torch.cuda.stream(s): kvlab follows torch's current stream) against copy_ there.
     python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--flavors ref,cuda] [--no-compile] [--once]
-                              [--decode-only]
+                              [--decode-only] [--ab-prefetch]
+The copy line also gives fill_GBps, torch's fill_ (writes only), as the roof of write-heavy ops
+(dequantize writes 4-7x the bytes it reads).
 """
 import argparse
 import json
@@ -188,7 +190,29 @@ def profile_once(x, types):
     torch.cuda.synchronize()
 
 
-def main(log2_elems, types, compile_torch, once, decode_only, flavors):
+AB_TYPES = ("q8_0", "q4_0", "q5_0", "iq4_nl")
+
+
+def prefetch_off(report, x, types, bufs):
+    """The tile kernels again without their L2 prefetch of the tile a wave ahead (KVLAB_CUDA_PREFETCH=0
+    does this for a whole run): impl ..._noprefetch, for the A/B beside the lines above."""
+    kc._PREFETCH = False
+    kc._PLANS.clear()                      # the recorded launches hold the prefetch distance
+    back = torch.empty_like(x)
+    scale = hadamard_scale(ROT_N)
+    for name in (t for t in AB_TYPES if t in types):
+        info, (out, nbytes) = TYPES[name], bufs[name]
+        report("quantize", name, "kvlab_ref_noprefetch", lambda: kc.quantize(x, out, info, 0), nbytes)
+        report("dequantize", name, "kvlab_noprefetch", lambda: kc.dequantize(out, back, info), nbytes)
+        report("rotate_quantize", name, "kvlab_fused_ref_noprefetch",
+               lambda: kc.rotate_quantize(x, out, info, 0, ROT_N, scale), nbytes, n_rot=ROT_N)
+        report("dequantize_unrotate", name, "kvlab_fused_noprefetch",
+               lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
+    kc._PREFETCH = True
+    kc._PLANS.clear()
+
+
+def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefetch=False):
     n = 1 << log2_elems
     cols = 4096
     torch.manual_seed(0)
@@ -202,8 +226,10 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors):
     dst = torch.empty_like(src)
     copy_ms = timed(lambda: dst.copy_(src))
     copy_gbs = 2 * 4 * n / copy_ms / 1e6
+    fill_ms = timed(lambda: dst.fill_(1.0))                # writes only: the roof of a write-heavy op
     print(json.dumps({"device": torch.cuda.get_device_name(), "elements": n, "copy_ms": round(copy_ms, 4),
-                      "copy_GBps": round(copy_gbs, 1)}), flush=True)
+                      "copy_GBps": round(copy_gbs, 1), "fill_GBps": round(4 * n / fill_ms / 1e6, 1),
+                      "fill_frac_copy": round(4 * n / fill_ms / 1e6 / copy_gbs, 3)}), flush=True)
     report = Report(copy_gbs)
     h = torch.from_numpy(hadamard(ROT_N)).cuda()
     scale = hadamard_scale(ROT_N)
@@ -232,6 +258,8 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors):
         report("dequantize_unrotate", name, "kvlab_fused",
                lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
     report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
+    if ab_prefetch:
+        prefetch_off(report, x, types, bufs)
     for name in types:
         out, nbytes = bufs[name]
         quant, dequant = torch_quant.QUANTIZE[name], torch_quant.DEQUANTIZE[name]
@@ -255,5 +283,8 @@ if __name__ == "__main__":
     ap.add_argument("--once", action="store_true", help="run each kvlab kernel once, untimed (for ncu)")
     ap.add_argument("--flavors", default=",".join(FLAVORS), help="the flavors of kvlab's quantize lines")
     ap.add_argument("--decode-only", action="store_true", help="only the decode-shaped set_rows lines")
+    ap.add_argument("--ab-prefetch", action="store_true",
+                    help=f"also time {', '.join(AB_TYPES)} without the tile kernels' L2 prefetch")
     a = ap.parse_args()
-    main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","))
+    main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","),
+         a.ab_prefetch)

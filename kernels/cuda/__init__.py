@@ -49,7 +49,9 @@ call leaves its launches behind, keyed by what its checks depend on (shapes, dty
 alignments, scalars). A later call with that key is checked by finding it, and replays the launches
 with its own addresses (cuLaunchKernel): microseconds of host time. The simulator
 (NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and so does every call with KVLAB_CUDA_DIRECT=0
-in the environment (to compare the two).
+in the environment (to compare the two). A call of more tiles than the GPU holds at once has its
+blocks prefetch (into L2) the input of the tile a wave later (kernels.py); KVLAB_CUDA_PREFETCH=0 turns
+that off (a hint: the bytes are the same either way).
 """
 import ctypes
 import math
@@ -499,6 +501,16 @@ def _tiles(n_values):
     return max(1, -(-n_values // (k.TPB * 32))), k.TPB
 
 
+_PREFETCH = os.environ.get("KVLAB_CUDA_PREFETCH", "1") != "0"
+
+
+def _ahead(grid):
+    """The prefetch distance of a tile kernel's launch of `grid` CUDA blocks: the blocks the GPU holds at
+    once, when more tiles than that follow (a large call); else 0, none. KVLAB_CUDA_PREFETCH=0: none."""
+    resident = _k().resident_tiles() if _PREFETCH else 0
+    return resident if 0 < resident < grid[0] else 0
+
+
 def _steps(n_steps):
     k = _k()
     return max(1, min(1 << 16, -(-n_steps // k.VALUE_TPB))), k.VALUE_TPB
@@ -563,9 +575,10 @@ def _write_checked(x, out, info, flavor_code, row_ids, n, scale, stream):
                     [_Full(xv), _Full(ov, _value_bits(info)), int(flavor_code), remap > 0, *check], stream)
     else:
         width = 16 if remap == 0 and _aligned(ov, 16) else 4 if remap % 4 == 0 and _aligned(ov, 4) else 1
-        _launch(k.quantize_kernel(info, int(flavor_code)), *_tiles(xv.size),
+        tiles = _tiles(xv.size)
+        _launch(k.quantize_kernel(info, int(flavor_code)), *tiles,
                 [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
-                 np.float32(scale), *check], stream)
+                 np.float32(scale), _ahead(tiles), *check], stream)
 
 
 def dequantize(raw, out, info, stream=None):
@@ -603,9 +616,10 @@ def _read_checked(raw, out, info, n, scale, stream):
         else:
             _launch(kernels.dequantize_any, *_steps(ov.size), [_Full(rv, _value_bits(info)), _Full(ov)], stream)
         return
-    _launch(k.dequantize_kernel(info), *_tiles(ov.size),
-            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale)],
-            stream)
+    tiles = _tiles(ov.size)
+    _launch(k.dequantize_kernel(info), *tiles,
+            [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale),
+             _ahead(tiles)], stream)
 
 
 def _check_rotation(cols, n, info):

@@ -8,13 +8,16 @@ rows (tile.py), so:
   - stages h >= 32 pair rows of a chunk column by column: through the tile, a thread takes 4 whole
     columns of a chunk into registers (fwht_cols_<rows>, for chunks of 2, 4 or 8 rows: n = 64 .. 256),
     or for larger n runs one stage at a time in shared memory with a barrier between stages.
+    A chunk of 2 .. 8 rows lies in one warp (row t is thread t's, a warp's 32 rows hold 4 .. 16 whole
+    chunks), so each warp transforms the columns of its own rows, between two warp barriers: the
+    block's other warps go on meanwhile (no block barrier for n <= 256).
 The register versions are straight-line code, written out below by _butterfly_source, so every
 value stays in a register.
 """
 import numpy as np
 from numba import cuda
 
-from .ops import add, device, ld_f32x4, mul, st_f32x4, sub
+from .ops import add, device, ld_f32x4, mul, st_f32x4, sub, warp_barrier
 from .tile import TILE_W, read_row, write_row
 from .unroll import unrolled
 
@@ -72,14 +75,18 @@ fwht_cols_2, fwht_cols_4, fwht_cols_8 = _columns(2), _columns(4), _columns(8)
 
 
 @device
-def _columns_in_registers(tile, rows, scale, tpb):
-    """Chunks of 2, 4 or 8 rows: a thread takes 4 adjacent columns (a float4) of a chunk's rows at a
-    time, unit u = t, t + tpb, .. being chunk u / 8, columns 4 * (u % 8) ..; the 8 threads of a quarter
-    warp then read 8 float4 of one row (32 banks)."""
-    t = cuda.threadIdx.x
+def _columns_in_warp(tile, rows, scale, tpb):
+    """Chunks of 2, 4 or 8 rows, each warp over its own rows (w = min(32, tpb) rows from warp * w): a
+    lane takes 4 adjacent columns (a float4) of a chunk's rows at a time, unit u = lane, lane + w, ..
+    being the warp's chunk u / 8, columns 4 * (u % 8) ..; the 8 lanes of a quarter warp then read 8
+    float4 of one row (32 banks)."""
+    w = min(32, tpb)
+    t = np.uint32(cuda.threadIdx.x)
+    first = (t // w) * w                      # the warp's first row
+    lane = t - first
     for k in range(8 // rows):
-        u = t + k * tpb
-        at = np.uint32((u >> 3) * rows) * TILE_W + np.uint32((u & 7) * 4)     # unsigned: no wrap-around code
+        u = lane + k * w
+        at = np.uint32(first + (u >> 3) * rows) * TILE_W + np.uint32((u & 7) * 4)   # unsigned: no wrap-around
         if rows == 2:
             fwht_cols_2(tile, at, scale)
         elif rows == 4:
@@ -117,19 +124,22 @@ scale_row = unrolled(_scale, 32, 2)         # scale_row(row, scale)
 @device
 def rotate_row(tile, row, n, scale, tpb):
     """row (thread t's 32 values) <- its part of chunk @ H_n for every n-chunk of the tile's values
-    (H_n[0, 0] == scale); every thread calls it, with the tile's rows stale or not: for n > 32 the
-    rows go through the tile (overwritten), with barriers. On return thread t may write tile row t
-    (the only row it read last) with no barrier; other rows only after one."""
+    (H_n[0, 0] == scale); every thread calls it, once the tile's rows are its threads' alone (no thread
+    writes another's row after the caller's last block barrier): for n > 32 the rows go through the
+    tile (overwritten), with warp barriers (n <= 256: a chunk's rows are one warp's) or block barriers.
+    On return thread t may write tile row t (the only row it read last) with no barrier; other rows
+    only after a block barrier."""
     fwht_row(row, n, scale)
     if n > 32:
         t = np.uint32(cuda.threadIdx.x)
         write_row(tile, t, row)
-        cuda.syncthreads()
         if n <= 256:
-            _columns_in_registers(tile, n >> 5, scale, tpb)
-            cuda.syncthreads()
+            warp_barrier()                    # the warp's rows: its chunks' whole columns
+            _columns_in_warp(tile, n >> 5, scale, tpb)
+            warp_barrier()
             read_row(tile, t, row)
         else:
+            cuda.syncthreads()
             _columns_in_shared(tile, n >> 5, tpb)
             read_row(tile, t, row)
             scale_row(row, scale)

@@ -10,6 +10,10 @@ Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, o
      bytes, to row_ids' rows for set_rows or when the output is not aligned).
 Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every thread runs steps
 2-3, rows past the end too (zeros, never stored): no divergence around the barriers.
+Before step 1, a large call's CUDA block asks L2 for the input of the tile `ahead` tiles further
+(prefetch.L2, one 128-byte line per thread; ahead = the CUDA blocks the GPU holds at once, so that tile
+is the one a block starts about a block's time later): a block then finds its input in L2, and the
+memory has the next wave's reads in flight while this wave computes. A hint: no value depends on it.
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
 Every kernel that writes through set_rows' ids first asks rows_refused: the ids are checked on the
@@ -32,7 +36,8 @@ from numba import cuda, float32, uint8, uint32
 
 from .. import FLAVORS
 from .fwht import rotate_row
-from .ops import SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, st_f32x4, st_u32, st_u32x2, st_u32x4
+from .ops import (SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, prefetch_l2, st_f32x4, st_u32, st_u32x2,
+                  st_u32x4)
 from .quantizers import BEST_INDEX_LUT, KVALUES
 from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
 
@@ -57,6 +62,16 @@ if not SIM:
 VALUE_TPB = 32 if SIM else 256
 # 64 registers hold a row (32) and its packed words without spills (ptxas -v); 8 CUDA blocks per SM
 TILE_JIT = dict(cache=True) if SIM else dict(cache=True, max_registers=64)
+TILE_BLOCKS_PER_SM = 8        # 128 threads x 64 registers: 8 fill an SM's 65536 (shared: <= 23 KB each)
+
+
+@functools.cache
+def resident_tiles():
+    """How many tile CUDA blocks the GPU holds at once (its SMs x TILE_BLOCKS_PER_SM): the prefetch
+    distance; 0 in the simulator (no prefetch)."""
+    if SIM:
+        return 0
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT * TILE_BLOCKS_PER_SM
 
 
 def _instantiate(template, name, jit_options, **constants):
@@ -127,6 +142,15 @@ def load_bytes(stage, y, base, count, wide):
 
 
 @device
+def prefetch_tile(a, first, end, per_line):
+    """Thread t asks L2 for the 128-byte line of element first + t * per_line of the flat a, if below
+    end (a tile's input: TPB * 32 floats, or TPB * type_size bytes)."""
+    e = first + np.int64(cuda.threadIdx.x) * per_line
+    if e < end:
+        prefetch_l2(a, e)
+
+
+@device
 def load_table(table, values):
     """A small constant table into shared memory (the caller's barrier publishes it)."""
     for i in range(cuda.threadIdx.x, values.shape[0], TPB):          # TPB may be 16 (the simulator)
@@ -177,10 +201,14 @@ def check_rows_kernel(row_ids, n_cache_rows, flag):
 
 
 # ---- the block-type kernels --------------------------------------------------------------------
-def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check, n_cache_rows, flag, refused):
+def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, ahead, row_ids, n_check, n_cache_rows, flag,
+              refused):
     """Template (QUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, FLAVOR, TABLES): see quantize_kernel."""
     if rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
         return                            # the whole block: no barrier below waits for it
+    if ahead > 0:
+        later = (np.int64(cuda.blockIdx.x) + ahead) * TPB * 32
+        prefetch_tile(x, later, min(later + TPB * 32, n_blocks * 32), 32)
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821 (instance constants)
     lut = cuda.shared.array(32, uint32)
@@ -204,11 +232,12 @@ def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check,
 
 @functools.cache
 def quantize_kernel(info, flavor):
-    """kernel(x, y, n_blocks, vec, width, row_bytes, n, scale, row_ids, n_check, n_cache_rows, flag,
+    """kernel(x, y, n_blocks, vec, width, row_bytes, n, scale, ahead, row_ids, n_check, n_cache_rows, flag,
     refused) for a block type (a TypeInfo): x flat float32 (n_blocks * 32), y flat uint8; row_bytes > 0:
     source row k goes to row row_ids[k] of y, once rows_refused has passed the ids; n > 0: quantize
-    x @ H_n chunkwise (H_n[0, 0] == scale). The flavor is a compile-time constant too: a kernel then
-    holds only its flavor's per-value code, not the other flavors' selects."""
+    x @ H_n chunkwise (H_n[0, 0] == scale); ahead > 0: prefetch the input of the tile that far on. The
+    flavor is a compile-time constant too: a kernel then holds only its flavor's per-value code, not
+    the other flavors' selects."""
     codec = info.gpu_codec()
     return _instantiate(_quantize, f"quantize_{info.name}_{FLAVORS[flavor]}", TILE_JIT,
                         QUANTIZE_BLOCK=codec.quantize, TYPE_SIZE=info.type_size,
@@ -216,8 +245,11 @@ def quantize_kernel(info, flavor):
                         FLAVOR=flavor, TABLES=codec.tables)
 
 
-def _dequantize(y, out, n_blocks, wide, vec, n, scale):
+def _dequantize(y, out, n_blocks, wide, vec, n, scale, ahead):
     """Template (DEQUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, TABLES): see dequantize_kernel."""
+    if ahead > 0:
+        later = (np.int64(cuda.blockIdx.x) + ahead) * TPB * TYPE_SIZE  # noqa: F821
+        prefetch_tile(y, later, min(later + TPB * TYPE_SIZE, n_blocks * TYPE_SIZE), 128)  # noqa: F821
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
     stage = cuda.shared.array(STAGE_BYTES, uint8, alignment=ALIGN)  # noqa: F821
     kv = cuda.shared.array(16, float32)
@@ -238,8 +270,9 @@ def _dequantize(y, out, n_blocks, wide, vec, n, scale):
 
 @functools.cache
 def dequantize_kernel(info):
-    """kernel(y, out, n_blocks, wide, vec, n, scale) for a block type: y flat uint8 -> out flat float32;
-    n > 0: out = dequantize(y) @ H_n chunkwise."""
+    """kernel(y, out, n_blocks, wide, vec, n, scale, ahead) for a block type: y flat uint8 -> out flat
+    float32; n > 0: out = dequantize(y) @ H_n chunkwise; ahead > 0: prefetch the bytes of the tile that
+    far on."""
     codec = info.gpu_codec()
     return _instantiate(_dequantize, f"dequantize_{info.name}", TILE_JIT,
                         DEQUANTIZE_BLOCK=codec.dequantize, TYPE_SIZE=info.type_size,

@@ -18,6 +18,9 @@ staged in shared memory leave as whole words): ``ld_f32x4(a, i)`` -> 4 float32 a
 C-contiguous float32 array (i a multiple of 4, address 16-byte aligned), ``st_f32x4(a, i, v0..v3)``;
 on uint8 arrays at byte offset i (aligned to the width): ``ld_u16``/``st_u16``, ``ld_u32``/``st_u32``, ``ld_u32x2``/
 ``st_u32x2``, ``ld_u32x4``/``st_u32x4`` (several words come and go as tuples).
+``prefetch_l2(a, i)``: prefetch.L2 of the 128-byte line holding element i of a (a hint: no result, no
+fault, no effect on any value; nothing in the simulator). ``warp_barrier()``: bar.warp.sync of the
+whole warp (the simulator, whose blocks are under a warp, has no syncwarp: a block barrier there).
 """
 import os
 
@@ -34,6 +37,10 @@ device = _cuda.jit(device=True) if SIM else _cuda.jit(device=True, forceinline=T
 
 if SIM:
     from .sim_ops import *  # noqa: F401,F403  (the Python twins of the instructions below)
+
+    @device
+    def warp_barrier():
+        _cuda.syncthreads()                 # the simulator's _cuda, swapped in while a kernel runs
 else:
     from llvmlite import ir
     from numba.cuda import types
@@ -142,6 +149,25 @@ else:
     _st_u32x2 = _vector_access(_I32, types.uint32, 2, True)
     ld_u32x4 = _vector_access(_I32, types.uint32, 4, False)
     _st_u32x4 = _vector_access(_I32, types.uint32, 4, True)
+
+    def _prefetch(typingctx, ary, idx):
+        def codegen(context, builder, sig, args):
+            aryty, idxty = sig.args
+            data = context.make_array(aryty)(context, builder, args[0]).data
+            i = context.cast(builder, args[1], idxty, types.int64)
+            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
+                               [builder.mul(i, ir.Constant(ir.IntType(64), aryty.dtype.bitwidth // 8))])
+            fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
+            builder.call(ir.InlineAsm(fty, "prefetch.L2 [$0];", "l", side_effect=True),
+                         [builder.ptrtoint(byte, ir.IntType(64))])
+            return context.get_dummy_value()
+        return types.void(ary, idx), codegen
+
+    prefetch_l2 = intrinsic(_prefetch)
+
+    @device
+    def warp_barrier():
+        _cuda.syncwarp()
 
     @device
     def st_f32x4(a, i, v0, v1, v2, v3):

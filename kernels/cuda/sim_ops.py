@@ -205,3 +205,8 @@ def ld_u32x4(a, i):
 
 def st_u32x4(a, i, v0, v1, v2, v3):
     _words(a, i, 4)[:] = (v0, v1, v2, v3)
+
+
+def prefetch_l2(a, i):
+    """A hint on the GPU; nothing here."""
+

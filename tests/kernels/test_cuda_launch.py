@@ -67,6 +67,7 @@ def log(monkeypatch):
     values = lambda info: types.SimpleNamespace(**{f: k(f + info.name) for f in  # noqa: E731
                                                    ("quantize", "quantize_any", "dequantize", "dequantize_any")})
     stub = types.SimpleNamespace(SIM=False, TPB=128, VALUE_TPB=256, IDS_CHECKED_IN_KERNEL=4, CHECK_TPB=1024,
+                                 resident_tiles=lambda: 2,
                                  quantize_kernel=lambda info, fl: k(f"q_{info.name}_{fl}"),
                                  dequantize_kernel=lambda info: k(f"d_{info.name}"), rotate_kernel=k("rotate"),
                                  check_rows_kernel=k("check"), value_kernels=values)
@@ -199,3 +200,21 @@ def test_the_ids_check_word_is_the_streams_own(log):
     assert a != b
     assert words(0x5000) == a and words(0x6000) == b
     assert len(kc._PLANS) == 1                            # one key: the word is not part of it
+
+
+def test_a_large_tile_call_prefetches_a_wave_ahead(log, monkeypatch):
+    """The tile kernels get ahead = the CUDA blocks the GPU holds (here 2) when more tiles than that
+    follow, else 0 (no prefetch); KVLAB_CUDA_PREFETCH=0 (_PREFETCH) turns it off."""
+    def aheads(rows):
+        log.clear()
+        kc.quantize(Array((rows, 4096), "<f4", 1 << 24), Array((rows, 2560), "|u1", 2 << 24), Q4_1, 0)
+        kc.dequantize(Array((rows, 2560), "|u1", 2 << 24), Array((rows, 4096), "<f4", 1 << 24), Q4_1)
+        (_, (q_grid, _, _), q_args), (_, (d_grid, _, _), d_args) = log
+        assert (q_grid, d_grid) == (rows, rows)                        # one tile (128 blocks) per row
+        return q_args[8], d_args[-1]
+
+    assert aheads(1) == (0, 0) and aheads(2) == (0, 0)
+    assert aheads(3) == (2, 2)
+    monkeypatch.setattr(kc, "_PREFETCH", False)
+    kc._PLANS.clear()
+    assert aheads(3) == (0, 0)
