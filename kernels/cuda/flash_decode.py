@@ -42,8 +42,10 @@ Differences from ggml-cuda, named:
     with the kvalues table; f32 K/V read as float32).
   - fastmath contraction is NVVM's choice for this code, not verified against ggml-cuda's PTX.
 
-Under the Numba CUDA simulator the shuffles go through shared memory (same values) and expf is the
-correctly rounded float32 exp (the hardware's ex2.approx differs in the last bits).
+Under the Numba CUDA simulator the shuffles go through shared memory (same values; a warp's reductions
+exchange all lanes' values at once and repeat the shuffles' additions in numpy), device functions are
+plain Python (the simulator's wrapper costs more than the work) and expf is the correctly rounded
+float32 exp (the hardware's ex2.approx differs in the last bits).
 """
 import functools
 import types
@@ -84,18 +86,78 @@ LOW16 = np.uint32(0xFFFF)
 HIGH16 = np.uint32(0xFFFF0000)
 
 if SIM:
-    @device
+    import threading
+
+    def device(fn):
+        """Under the simulator a device function here is the plain Python function: the simulator's own
+        wrapper swaps the module's globals on every call (several microseconds, the bulk of the run)."""
+        return fn
+
+    def unrolled(step, count, n_args, start=0):
+        """unroll.unrolled's simulator twin: the same steps in the same order, as a loop."""
+        ks = range(start, count)
+
+        def run(*a):
+            for k in ks:
+                step(*a, k)
+        return run
+
     def xor_shuffle(scratch, x, offset):
-        """__shfl_xor_sync within the warp, through shared memory (every thread of the block calls it)."""
-        t = cuda.threadIdx.x
-        cuda.syncthreads()
+        """__shfl_xor_sync within the warp, through shared memory (every thread of the block calls it;
+        the simulator's thread object, as the plain functions here do not see its cuda module)."""
+        th = threading.current_thread()
+        t = th.threadIdx.x
+        th.syncthreads()
         scratch[t] = x
-        cuda.syncthreads()
+        th.syncthreads()
         return scratch[(t & ~31) | ((t & 31) ^ offset)]
 
-    @device
     def warp_sync():
-        cuda.syncthreads()
+        threading.current_thread().syncthreads()
+
+    _LANES = np.arange(WARP)
+
+    def warp_rows(scratch, vals):
+        """Every thread of the block passes n float32 values (one n for all): its warp's (32, n) of
+        them, lane order. One exchange through shared memory stands for many shuffles."""
+        th = threading.current_thread()
+        t = th.threadIdx.x
+        n = len(vals)
+        th.syncthreads()
+        scratch[t * n:(t + 1) * n] = vals
+        th.syncthreads()
+        w0 = t & ~31
+        return scratch[w0 * n:(w0 + WARP) * n].reshape(WARP, n).copy()
+
+    def butterfly(m, offsets):
+        """x_l += x_(l ^ off) for every lane l, per offset: the xor-shuffle sums of (32, n) values (the
+        same float32 additions in the same order as the shuffles)."""
+        for off in offsets:
+            m = m + m[_LANES ^ off]
+        return m
+
+    def q8_reduce(scratch, amax, total):
+        """The maximum and the sum over the 8 lanes of a q8_1 block (xor offsets 4, 2, 1)."""
+        m = warp_rows(scratch, np.array([amax, total], np.float32))
+        lane = threading.current_thread().threadIdx.x & 31
+        return np.float32(m[lane ^ _LANES[:8], 0].max()), butterfly(m[:, 1:], (4, 2, 1))[lane, 0]
+
+    def _sim_tile_max(s, red, scratch, slot, lane):
+        m = warp_rows(scratch, s[:G] + KQ_MAX_OFFSET).max(axis=0)
+        if lane == 0:
+            red[slot:slot + G] = m
+
+    def _sim_combine_lanes(acc, scratch, off):
+        m = warp_rows(scratch, acc[:N_ACC].copy())
+        lane = threading.current_thread().threadIdx.x & 31
+        acc[:N_ACC] = m[lane] + m[lane ^ off]
+
+    def _sim_sums(lsum, kq_max, red, scratch, lane, warp):
+        m = butterfly(warp_rows(scratch, lsum[:G].copy()), (16, 8, 4, 2, 1))
+        if lane == 0:
+            red[(2 * NWARPS + warp) * G:(2 * NWARPS + warp + 1) * G] = m[0]
+            if warp == 0:
+                red[3 * NWARPS * G:3 * NWARPS * G + G] = kq_max[:G]
 
     @device
     def expf(x):
@@ -142,6 +204,14 @@ else:
     @device
     def warp_sync():
         cuda.syncwarp()
+
+    @device
+    def q8_reduce(scratch, amax, total):
+        """The maximum and the sum over the 8 lanes of a q8_1 block (xor offsets 4, 2, 1)."""
+        for off in (4, 2, 1):
+            amax = max(amax, xor_shuffle(scratch, amax, off))
+            total += xor_shuffle(scratch, total, off)
+        return amax, total
 
     @device
     def expf(x):
@@ -517,7 +587,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     ps = cuda.shared.array(N_PS, float32, alignment=ALIGN)    # (token, head) probabilities of the tile
     red = cuda.shared.array(N_RED, float32)         # warps' maxima (2 buffers), sums; maxima
     comb = cuda.shared.array(N_COMB, float32)
-    scratch = cuda.shared.array(NT, float32)
+    scratch = cuda.shared.array(N_SCRATCH, float32)   # shuffles (the simulator's: all lanes' values at once)
     kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
@@ -539,9 +609,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
                 x3 = scale * q[row0 + j, c + 3]
             amax = max(max(max(abs(x0), abs(x1)), abs(x2)), abs(x3))
             total = x0 + x1 + x2 + x3
-            for off in (4, 2, 1):
-                amax = max(amax, xor_shuffle(scratch, amax, off))
-                total += xor_shuffle(scratch, total, off)
+            amax, total = q8_reduce(scratch, amax, total)
             dq = amax * INV_127
             word = int32(0)
             if dq != ZERO:
@@ -687,7 +755,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               ROW_WORDS=row_words)
     # array sizes: numba takes only literal integers there
     ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=3 * NWARPS * g + g, N_COMB=NWARPS * g * d,
-              N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul)
+              N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul,
+              N_SCRATCH=NT * max(2, g, g * ul * u) if SIM else NT)
 
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
@@ -706,6 +775,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
               g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
               g * ul * u, 4))
+    if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
+        ns.update(TILE_MAX=bind(_sim_tile_max), COMBINE_LANES=bind(_sim_combine_lanes), SUMS=bind(_sim_sums))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
     return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}", jit, **ns)
 

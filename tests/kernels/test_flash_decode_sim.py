@@ -8,7 +8,8 @@ Q is shared exactly (the simulator's rcp.approx table), so no value can round th
 Every type as K and as V with a GQA group of 4 query heads in one block (2 splits: the combine pass);
 GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty).
 
-The simulator must be chosen before numba.cuda is first imported, so the kernel runs in a subprocess.
+The simulator must be chosen before numba.cuda is first imported, so the kernel runs in subprocesses,
+WORKERS at once (the simulator is pure Python: one core each).
 """
 import os
 import subprocess
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.cudasim
 
 D, L = 64, 150                        # 150 tokens: two 128-token tiles, the second partial
 GQA4, GQA1 = (4, 1), (2, 2)             # (H, Hkv)
+WORKERS = 2                             # subprocesses at once
 PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type at GQA4; q4_0/q4_0 also GQA1 masked, 1 and 3 splits
 SCRIPT = textwrap.dedent(r'''
     import sys
@@ -119,13 +121,17 @@ def run(tmp_path_factory):
     qt = {f"{lay}:{a}/{b}": (layouts[lay][0], kvlab.quantize(layouts[lay][1], a), kvlab.quantize(layouts[lay][2], b))
           for lay, a, b in cases}
     tmp = tmp_path_factory.mktemp("fd_sim")
-    arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}
-    for key, (_, kq, vq) in qt.items():
-        arrays["k/" + key], arrays["v/" + key] = kq.raw, vq.raw
-    np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "in.npz"), str(tmp / "out.npz")], check=True, env=env)
-    return visible, qt, dict(np.load(tmp / "out.npz"))
+    procs = []
+    for i in range(WORKERS):      # the simulator is pure Python (one core each): the cases in WORKERS processes
+        arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}
+        for key, (_, kq, vq) in list(qt.items())[i::WORKERS]:
+            arrays["k/" + key], arrays["v/" + key] = kq.raw, vq.raw
+        np.savez(tmp / f"in{i}.npz", **arrays)
+        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp / f"in{i}.npz"), str(tmp / f"out{i}.npz")],
+                                      env=env))
+    assert [p.wait() for p in procs] == [0] * WORKERS
+    return visible, qt, {k: v for i in range(WORKERS) for k, v in np.load(tmp / f"out{i}.npz").items()}
 
 
 @pytest.mark.parametrize("pair", [f"{a}/{b}" for a, b in PAIRS])
