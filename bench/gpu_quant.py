@@ -191,24 +191,29 @@ def profile_once(x, types):
 
 
 AB_TYPES = ("q8_0", "q4_0", "q5_0", "iq4_nl")
+AB_PREFETCH = ((0.0, 1.0), (0.25, 0.25), (0.5, 0.5))     # (read, write) besides the default (1, 0)
 
 
-def prefetch_off(report, x, types, bufs):
-    """The tile kernels again without their L2 prefetch of the tile a wave ahead (KVLAB_CUDA_PREFETCH=0
-    does this for a whole run): impl ..._noprefetch, for the A/B beside the lines above."""
-    kc._PREFETCH = False
-    kc._PLANS.clear()                      # the recorded launches hold the prefetch distance
+def prefetch_ab(report, x, types, bufs):
+    """The tile kernels again at other L2 prefetch distances (kc._PREFETCH: a fraction of the CUDA blocks
+    the GPU holds, per direction; KVLAB_CUDA_PREFETCH sets it for a whole run): quantize and the fused
+    rotate+quantize (write) as impl ..._write<fraction>, dequantize and dequantize+unrotate (read) as
+    ..._read<fraction>, for the A/B beside the default lines above."""
+    default = dict(kc._PREFETCH)
     back = torch.empty_like(x)
     scale = hadamard_scale(ROT_N)
-    for name in (t for t in AB_TYPES if t in types):
-        info, (out, nbytes) = TYPES[name], bufs[name]
-        report("quantize", name, "kvlab_ref_noprefetch", lambda: kc.quantize(x, out, info, 0), nbytes)
-        report("dequantize", name, "kvlab_noprefetch", lambda: kc.dequantize(out, back, info), nbytes)
-        report("rotate_quantize", name, "kvlab_fused_ref_noprefetch",
-               lambda: kc.rotate_quantize(x, out, info, 0, ROT_N, scale), nbytes, n_rot=ROT_N)
-        report("dequantize_unrotate", name, "kvlab_fused_noprefetch",
-               lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
-    kc._PREFETCH = True
+    for read, write in AB_PREFETCH:
+        kc._PREFETCH = {"read": read, "write": write}
+        kc._PLANS.clear()                  # the recorded launches hold the prefetch distance
+        for name in (t for t in AB_TYPES if t in types):
+            info, (out, nbytes) = TYPES[name], bufs[name]
+            report("quantize", name, f"kvlab_ref_write{write}", lambda: kc.quantize(x, out, info, 0), nbytes)
+            report("rotate_quantize", name, f"kvlab_fused_ref_write{write}",
+                   lambda: kc.rotate_quantize(x, out, info, 0, ROT_N, scale), nbytes, n_rot=ROT_N)
+            report("dequantize", name, f"kvlab_read{read}", lambda: kc.dequantize(out, back, info), nbytes)
+            report("dequantize_unrotate", name, f"kvlab_fused_read{read}",
+                   lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
+    kc._PREFETCH = default
     kc._PLANS.clear()
 
 
@@ -259,7 +264,7 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefet
                lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
     report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
     if ab_prefetch:
-        prefetch_off(report, x, types, bufs)
+        prefetch_ab(report, x, types, bufs)
     for name in types:
         out, nbytes = bufs[name]
         quant, dequant = torch_quant.QUANTIZE[name], torch_quant.DEQUANTIZE[name]
@@ -284,7 +289,7 @@ if __name__ == "__main__":
     ap.add_argument("--flavors", default=",".join(FLAVORS), help="the flavors of kvlab's quantize lines")
     ap.add_argument("--decode-only", action="store_true", help="only the decode-shaped set_rows lines")
     ap.add_argument("--ab-prefetch", action="store_true",
-                    help=f"also time {', '.join(AB_TYPES)} without the tile kernels' L2 prefetch")
+                    help=f"also time {', '.join(AB_TYPES)} at other L2 prefetch distances {AB_PREFETCH}")
     a = ap.parse_args()
     main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","),
          a.ab_prefetch)

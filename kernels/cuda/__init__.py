@@ -49,9 +49,10 @@ call leaves its launches behind, keyed by what its checks depend on (shapes, dty
 alignments, scalars). A later call with that key is checked by finding it, and replays the launches
 with its own addresses (cuLaunchKernel): microseconds of host time. The simulator
 (NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and so does every call with KVLAB_CUDA_DIRECT=0
-in the environment (to compare the two). A call of more tiles than the GPU holds at once has its
-blocks prefetch (into L2) the input of the tile a wave later (kernels.py); KVLAB_CUDA_PREFETCH=0 turns
-that off (a hint: the bytes are the same either way).
+in the environment (to compare the two). A dequantize of more tiles than the GPU holds at once has its
+blocks prefetch (into L2) the bytes of the tile a wave later (kernels.py, _PREFETCH); the quantizers
+can too, but measured slower with it and do not; KVLAB_CUDA_PREFETCH=0 turns it off, =all on for both
+(a hint: the bytes are the same either way).
 """
 import ctypes
 import math
@@ -501,14 +502,22 @@ def _tiles(n_values):
     return max(1, -(-n_values // (k.TPB * 32))), k.TPB
 
 
-_PREFETCH = os.environ.get("KVLAB_CUDA_PREFETCH", "1") != "0"
+# The prefetch distance of the tile kernels, as a fraction of the CUDA blocks the GPU holds at once, by
+# direction: dequantize ("read": bytes in, floats out) prefetches a wave ahead; quantize ("write")
+# does not, as measured on the H200 (bench/gpu_quant.py --ab-prefetch, bench/README.md): the L2
+# prefetch of its 16 KB float tiles slowed it (q8_0 1.02 -> 0.90 of copy_), while dequantize's 2-4 KB
+# byte tiles gained (0.93-0.94 -> 0.94-0.95). KVLAB_CUDA_PREFETCH=0: none; =all: both.
+_PREFETCH = {"0": {"read": 0.0, "write": 0.0},
+             "all": {"read": 1.0, "write": 1.0}}.get(os.environ.get("KVLAB_CUDA_PREFETCH"),
+                                                     {"read": 1.0, "write": 0.0})
 
 
-def _ahead(grid):
-    """The prefetch distance of a tile kernel's launch of `grid` CUDA blocks: the blocks the GPU holds at
-    once, when more tiles than that follow (a large call); else 0, none. KVLAB_CUDA_PREFETCH=0: none."""
-    resident = _k().resident_tiles() if _PREFETCH else 0
-    return resident if 0 < resident < grid[0] else 0
+def _ahead(grid, direction):
+    """The prefetch distance of a tile kernel's launch of `grid` CUDA blocks ("read" or "write"): the
+    blocks the GPU holds at once times _PREFETCH[direction], when more tiles than that follow (a large
+    call); else 0, none."""
+    ahead = int(_k().resident_tiles() * _PREFETCH[direction])
+    return ahead if 0 < ahead < grid[0] else 0
 
 
 def _steps(n_steps):
@@ -578,7 +587,7 @@ def _write_checked(x, out, info, flavor_code, row_ids, n, scale, stream):
         tiles = _tiles(xv.size)
         _launch(k.quantize_kernel(info, int(flavor_code)), *tiles,
                 [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
-                 np.float32(scale), _ahead(tiles), *check], stream)
+                 np.float32(scale), _ahead(tiles, "write"), *check], stream)
 
 
 def dequantize(raw, out, info, stream=None):
@@ -619,7 +628,7 @@ def _read_checked(raw, out, info, n, scale, stream):
     tiles = _tiles(ov.size)
     _launch(k.dequantize_kernel(info), *tiles,
             [_Flat(rv), _Flat(ov), ov.size // 32, _aligned(rv, 16), _aligned(ov, 16), int(n or 0), np.float32(scale),
-             _ahead(tiles)], stream)
+             _ahead(tiles, "read")], stream)
 
 
 def _check_rotation(cols, n, info):
