@@ -16,7 +16,7 @@ import json
 import time
 
 from kvlab.ggml.check import FA_LAYOUTS, FACase, check_fa, fa_report
-from kvlab.ggml.fa import cpu_features
+from kvlab.ggml.fa import cpu_features, llama_lib
 from kvlab.ggml.lib import find_lib_dir, load
 
 
@@ -26,7 +26,8 @@ def ints(text: str) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", help="directory of libggml-base.so / libggml-cpu.so (default: ggml-python's)")
+    ap.add_argument("--lib", help="directory of libggml-base.so / libggml-cpu.so (default: kvlab.ggml.fa.llama_lib: KVLAB_GGML_LIB, "
+                                    "then llama-cpp-python's, then ggml-python's)")
     ap.add_argument("--head-dims", type=ints, default=[64, 128, 256])
     ap.add_argument("--layouts", type=lambda s: s.split(","), default=list(FA_LAYOUTS))
     ap.add_argument("--tokens", type=ints, default=[1, 7, 64])
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=ints, default=[1])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    lib = load(find_lib_dir(args.lib))
+    lib = load(find_lib_dir(args.lib)) if args.lib else llama_lib()
     all_rows = []
     for d in args.head_dims:
         for layout in args.layouts:

@@ -9,7 +9,7 @@ import pytest
 import kvlab
 from kvlab.accuracy import cpu_fa
 from kvlab.flash import flash_decode
-from kvlab.ggml.fa import MODELLED_ISA, cpu_features, flash_attn_ext
+from kvlab.ggml.fa import MODELLED_ISA, cpu_features, flash_attn_ext, llama_lib
 
 TYPES = tuple(kvlab.TYPES)
 H, HKV, L, D = 4, 2, 70, 64
@@ -29,9 +29,9 @@ def _bits(x):
 
 @pytest.fixture(scope="module")
 def lib():
-    if importlib.util.find_spec("ggml") is None:
-        pytest.fail("ggml-python (the test extra) is needed: pip install ggml-python==0.0.45")
-    return kvlab.ggml.lib.load()
+    if importlib.util.find_spec("llama_cpp") is None and importlib.util.find_spec("ggml") is None:
+        pytest.fail("llama-cpp-python or ggml-python (the test extra) is needed")
+    return llama_lib()
 
 
 @pytest.mark.parametrize("type_k", TYPES)

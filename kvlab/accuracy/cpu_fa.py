@@ -25,7 +25,9 @@ in double; P.V is again a sequential fma chain over the cells. Also bit-exact.
 A decode over f16 K and V (after the cast) with >= 512 cells in ggml's view takes the split-KV path
 when ggml runs more than one thread (`kv_chunk`): one chunk of cells per thread, merged in order.
 Where this was checked: kvlab.ggml.fa runs the real op (ggml-python 0.0.45's ggml 0.15.3 and
-llama-cpp-python 0.3.36's ggml 0.25.3, both built -march=native on an AVX512 Zen 4).
+llama-cpp-python 0.3.36's ggml 0.25.3, both built -march=native on an AVX512 Zen 4; llama-cpp-python's
+on a Sapphire Rapids too, where AVX512-FP16 sends ggml 0.15.3's f16 dot into half precision:
+kvlab.ggml.fa.llama_lib).
 Shapes use kvlab.accuracy.attention's axes in short: G = n_head_kv (K/V heads), R = n_rows = n_gqa * n_q
 (the query rows that read one K/V head), L = n_kv (cache cells), D the head size.
 """

@@ -18,11 +18,12 @@ Computed with ggml_graph_compute_with_ctx on n_threads threads (with more than o
 K and V of >= 512 cells takes ggml's split-KV path: kvlab.accuracy.cpu_fa.kv_chunk).
 """
 import ctypes
+import os
 
 import numpy as np
 
 from kvlab.accuracy.cpu_fa import padded_n_kv
-from kvlab.ggml.lib import GGML
+from kvlab.ggml.lib import GGML, llama_cpp_lib_dir, load
 from kvlab.types import type_info
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
@@ -68,6 +69,15 @@ def _bind(lib: GGML):
                 fns[name[len("ggml_"):]] = fn
         lib._fa_fns = fns
     return lib._fa_fns
+
+
+def llama_lib() -> GGML:
+    """The libggml kvlab's ggml-cpu attention is held against: $KVLAB_GGML_LIB, else llama-cpp-python's own
+    (the ggml llama.cpp 0.3.36 runs), else ggml-python's. The version matters on CPUs with AVX512-FP16
+    (Sapphire Rapids and later): ggml-python 0.0.45's older ggml (0.15.3) sums ggml_vec_dot_f16 in half
+    precision there (its GGML_F16_VEC lanes are _Float16), so its flash attention over an f16 (or f32) K
+    differs; llama.cpp 0.3.36's sums in float32 lanes (GGML_F16_DOT_*), as on every other x86-64 CPU."""
+    return load(os.environ.get("KVLAB_GGML_LIB") or llama_cpp_lib_dir())
 
 
 def cpu_features(lib: GGML) -> dict:

@@ -71,6 +71,16 @@ def find_lib_dir(path=None) -> Path:
     return d
 
 
+def llama_cpp_lib_dir() -> Path | None:
+    """llama-cpp-python's own libggml (llama_cpp/lib/), where it is installed: the ggml of the llama.cpp it
+    vendors (0.3.36: ggml 0.25.3), built from its sdist for this CPU. None without it."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return d if all((d / lib).exists() for lib in LIBRARIES) else None
+
+
 def open_libraries(lib_dir: Path) -> tuple:
     """(libggml-base, libggml-cpu) as ctypes.CDLL. RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols
     against this copy."""

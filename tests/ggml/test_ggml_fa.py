@@ -1,4 +1,5 @@
-"""ggml's own flash_attn_ext (ggml-cpu, ggml-python's libggml: the test extra) against kvlab's cpu backend.
+"""ggml's own flash_attn_ext (ggml-cpu: llama-cpp-python 0.3.36's libggml, the test extra; kvlab.ggml.fa.llama_lib)
+against kvlab's cpu backend.
 
 The claim: on the same cache bytes, kvlab.accuracy's model of ggml-cpu's flash attention gives the same
 float32 bits as the real op, for all 81 K/V pairs, decode and prompt batches (the one-chunk and the
@@ -14,8 +15,7 @@ import kvlab
 from kvlab.accuracy import cpu_fa
 from kvlab.accuracy.attention import attend, group_queries, quantized_logits, store_bytes
 from kvlab.ggml import check
-from kvlab.ggml.fa import MODELLED_ISA, cpu_features, flash_attn_ext, padded_n_kv
-from kvlab.ggml.lib import load
+from kvlab.ggml.fa import MODELLED_ISA, cpu_features, flash_attn_ext, llama_lib, padded_n_kv
 
 spec = importlib.util.find_spec("ggml")
 if spec is None or not spec.submodule_search_locations:
@@ -24,7 +24,7 @@ if spec is None or not spec.submodule_search_locations:
 
 @pytest.fixture(scope="module")
 def lib():
-    return load()
+    return llama_lib()
 
 
 @pytest.fixture(scope="module")
