@@ -39,7 +39,7 @@ Differences from ggml-cuda, named:
   - ggml compiles vector kernels only for the GGML_CUDA_FA_QUANTS pairs (default q4_0-q4_0,
     q8_0-q8_0, f16-f16, bf16-bf16) and converts K and V of any other pair, and f32, to f16 first;
     iq4_nl has no CUDA kernel at all. Here every pair runs natively (iq4_nl K as q8_0's formula
-    with the kvalues table; f32 K/V read as float32).
+    with the kvalues levels, looked up by prmt as ggml's get_int_from_table_16 does; f32 K/V read as float32).
   - fastmath contraction is NVVM's choice for this code, not verified against ggml-cuda's PTX.
 
 Under the Numba CUDA simulator the shuffles go through shared memory (same values; a warp's reductions
@@ -76,7 +76,9 @@ HALF_NEG_FLT_MAX = np.float32(-3.4028234663852886e38 / 2)  # -FLT_MAX/2.0f, the 
 INV_127 = np.float32(1.0) / np.float32(127.0)
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
-KVALUES = tuple(int(v) for v in _LEVELS)    # a tuple: a compile-time constant of the kernel
+# the 16 iq4_nl levels as 4 little-endian words of int8 (kvalues_iq4nl), the table prmt selects from
+IQ4_T = tuple(np.int32(x) for x in np.asarray(_LEVELS, np.int8).view(np.int32))
+IQ4_T0, IQ4_T1, IQ4_T2, IQ4_T3 = IQ4_T
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
@@ -114,6 +116,19 @@ if SIM:
 
     def warp_sync():
         threading.current_thread().syncthreads()
+
+    def prmt(a, b, c):
+        """prmt.b32 (default mode): byte n of the result is byte (c's nibble n & 7) of {b, a}, replaced by
+        its sign (0x00 or 0xFF) when the nibble's bit 3 is set."""
+        x = (int(a) & 0xFFFFFFFF) | ((int(b) & 0xFFFFFFFF) << 32)
+        r = 0
+        for n in range(4):
+            sel = (int(c) >> (4 * n)) & 0xF
+            byte = (x >> (8 * (sel & 7))) & 0xFF
+            if sel & 8:
+                byte = 0xFF if byte & 0x80 else 0
+            r |= byte << (8 * n)
+        return np.uint32(r)
 
     _LANES = np.arange(WARP)
 
@@ -227,6 +242,11 @@ else:
         return _dp4a_us(np.uint32(v), int32(u), int32(c))
 
     @device
+    def prmt(a, b, c):
+        """prmt.b32 (default mode) of words a, b (a's bytes 0..3, b's 4..7) by the 4 selector nibbles of c."""
+        return np.uint32(_prmt(np.uint32(a), int32(b), int32(c)))
+
+    @device
     def byte_f32(w, e, off):
         """Byte e of w (unsigned) minus off (a small integer), as float32: one prmt puts the byte under
         the exponent of 2^23, one subtraction of 2^23 + off (exact) leaves byte - off, instead of a
@@ -273,12 +293,19 @@ def q5_high(qh, shift):
 
 
 @device
-def iq4_word(x):
-    """The 4 nibble-bytes of x mapped through the iq4_nl levels (signed bytes)."""
-    w = np.uint32(0)
-    for c in range(4):
-        w |= np.uint32(KVALUES[ubyte(x, c)] & 0xFF) << np.uint32(8 * c)
-    return w
+def iq4_pair(w):
+    """The 8 nibbles of a qs word w mapped through the iq4_nl levels: (the low nibbles' 4 int8 levels as a
+    word, the high nibbles'), as ggml's get_int_from_table_16 does it with __byte_perm: per 4 nibbles a
+    prmt from the table's low half and one from its high half by the nibbles' low 3 bits, a third
+    choosing by their bit 3, then two to gather the low and high nibbles' bytes. Registers only (a table
+    indexed at run time would live in local memory). prmt reads a selector nibble's bit 3 as "replicate
+    the sign", so the selectors are masked to 3 bits (__byte_perm does so itself)."""
+    idx = w & np.uint32(0x77777777)
+    pick = np.uint32(0x32103210) | ((w & np.uint32(0x88888888)) >> np.uint32(1))
+    t0 = prmt(prmt(IQ4_T0, IQ4_T1, idx), prmt(IQ4_T2, IQ4_T3, idx), pick)
+    idx = idx >> U16
+    t1 = prmt(prmt(IQ4_T0, IQ4_T1, idx), prmt(IQ4_T2, IQ4_T3, idx), pick >> U16)
+    return prmt(t0, t1, 0x6420), prmt(t0, t1, 0x7531)
 
 
 @device
@@ -307,14 +334,14 @@ def nibble_dot(w0, w1, w2, w3, qh, qa, qb, t):
     s = int32(0)
     i = 0
     for w, u_lo, u_hi in ((w0, a0, b0), (w1, a1, b1), (w2, a2, b2), (w3, a3, b3)):
-        lo = w & LO4
-        hi = (w >> U4) & LO4
+        if iq4:
+            lo, hi = iq4_pair(w)
+        else:
+            lo = w & LO4
+            hi = (w >> U4) & LO4
         if five:
             lo |= q5_high(qh, 4 * i)
             hi |= q5_high(qh, 16 + 4 * i)
-        if iq4:
-            lo = iq4_word(lo)
-            hi = iq4_word(hi)
         s = dp4a(lo, qword(u_lo), s, iq4)
         s = dp4a(hi, qword(u_hi), s, iq4)
         i += 1
@@ -369,6 +396,8 @@ def v_value(r0, r1, r2, e, t):
     5th bits shifted to the word (dequantize_V_<t>: d * (q - 8), d * q + m, ...)."""
     if t == Q8_0:
         return half_bits(r1, False) * byte_f32(r0 ^ SIGN8, e, 128)
+    if t == IQ4_NL:                                         # the level as an int8 (kvalues_iq4nl), then as q8_0's
+        return half_bits(r1, False) * byte_f32(iq4_pair(r0)[e // 4] ^ SIGN8, e % 4, 128)
     nib = r0 & LO4 if e < 4 else (r0 >> U4) & LO4
     if t == Q5_0 or t == Q5_1:
         nib |= q5_high(r2, 16 * (e // 4))
@@ -377,8 +406,6 @@ def v_value(r0, r1, r2, e, t):
         return d * byte_f32(nib, e % 4, 8)
     if t == Q5_0:
         return d * byte_f32(nib, e % 4, 16)
-    if t == IQ4_NL:
-        return d * np.float32(KVALUES[ubyte(nib, e % 4)])
     return d * byte_f32(nib, e % 4, 0) + half_bits(r1, True)   # q4_1, q5_1
 
 

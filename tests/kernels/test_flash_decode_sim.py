@@ -9,7 +9,8 @@ Every type as K and as V with a GQA group of 4 query heads in one block (2 split
 GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty).
 
 The simulator must be chosen before numba.cuda is first imported, so the kernel runs in subprocesses,
-WORKERS at once (the simulator is pure Python: one core each).
+WORKERS at once (the simulator is pure Python: one core each). Where a CUDA GPU is present the same cases
+also run on it (the device machine's check of the compiled kernel).
 """
 import os
 import subprocess
@@ -112,8 +113,21 @@ def _inputs(rng, heads, kv_heads):
     return q, k, v
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _has_gpu() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["sim", "gpu"])
+def run(request, tmp_path_factory):
+    """The kernel's outputs under the simulator, and on a GPU where there is one (the same cases; the
+    GPU's expf is ex2.approx, inside the tolerance)."""
+    gpu = request.param == "gpu"
+    if gpu and not _has_gpu():
+        pytest.skip("no CUDA GPU")
     rng = np.random.default_rng(0)
     layouts = {"gqa4": _inputs(rng, *GQA4), "gqa1": _inputs(rng, *GQA1)}
     visible = rng.random((1, L)) > 0.3
@@ -121,17 +135,19 @@ def run(tmp_path_factory):
     qt = {f"{lay}:{a}/{b}": (layouts[lay][0], kvlab.quantize(layouts[lay][1], a), kvlab.quantize(layouts[lay][2], b))
           for lay, a, b in cases}
     tmp = tmp_path_factory.mktemp("fd_sim")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"} if gpu else \
+        dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    workers = 1 if gpu else WORKERS
     procs = []
-    for i in range(WORKERS):      # the simulator is pure Python (one core each): the cases in WORKERS processes
+    for i in range(workers):      # the simulator is pure Python (one core each): the cases in WORKERS processes
         arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}
-        for key, (_, kq, vq) in list(qt.items())[i::WORKERS]:
+        for key, (_, kq, vq) in list(qt.items())[i::workers]:
             arrays["k/" + key], arrays["v/" + key] = kq.raw, vq.raw
         np.savez(tmp / f"in{i}.npz", **arrays)
         procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp / f"in{i}.npz"), str(tmp / f"out{i}.npz")],
                                       env=env))
-    assert [p.wait() for p in procs] == [0] * WORKERS
-    return visible, qt, {k: v for i in range(WORKERS) for k, v in np.load(tmp / f"out{i}.npz").items()}
+    assert [p.wait() for p in procs] == [0] * workers
+    return visible, qt, {k: v for i in range(workers) for k, v in np.load(tmp / f"out{i}.npz").items()}
 
 
 @pytest.mark.parametrize("pair", [f"{a}/{b}" for a, b in PAIRS])
