@@ -50,7 +50,7 @@ alignments, scalars). A later call with that key is checked by finding it, and r
 with its own addresses (cuLaunchKernel): microseconds of host time. The simulator
 (NUMBA_ENABLE_CUDASIM=1) always takes the dispatcher, and so does every call with KVLAB_CUDA_DIRECT=0
 in the environment (to compare the two). A dequantize of more tiles than the GPU holds at once has its
-blocks prefetch (into L2) the bytes of the tile a wave later (kernels.py, _PREFETCH); the quantizers
+blocks prefetch (into L2) the bytes of the tile half a wave later (kernels.py, _PREFETCH); the quantizers
 can too, but measured slower with it and do not; KVLAB_CUDA_PREFETCH=0 turns it off, =all on for both
 (a hint: the bytes are the same either way).
 """
@@ -86,21 +86,23 @@ class _View(NamedTuple):
 
 
 def _describe(a):
-    """(shape, typestr, contiguous, address) of a device array, read from the array itself (torch's
-    tensor attributes, else __cuda_array_interface__); None for None and for what has neither (the
-    simulator's arrays, a CPU tensor, a tensor that requires grad: _view says why)."""
+    """(shape, typestr, contiguous, address, stream) of a device array, read from the array itself
+    (torch's tensor attributes, else __cuda_array_interface__; stream: the tensor itself, whose device's
+    current stream torch knows, else the interface's 'stream', None where it names none); None for None
+    and for what has neither (the simulator's arrays, a CPU tensor, a tensor that requires grad: _view
+    says why)."""
     if a is None:
         return None
     typestr = _torch_typestr(a)
     if typestr is not None:
-        return tuple(a.shape), typestr, a.is_contiguous(), a.data_ptr()
+        return tuple(a.shape), typestr, a.is_contiguous(), a.data_ptr(), a
     iface = getattr(a, "__cuda_array_interface__", None)
     if iface is None:
         return None
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
     contiguous = strides is None or tuple(strides) == _c_strides(shape, _dtype(iface["typestr"]).itemsize)
-    return shape, iface["typestr"], contiguous, iface["data"][0]
+    return shape, iface["typestr"], contiguous, iface["data"][0], iface.get("stream")
 
 
 def _dtype(typestr):
@@ -123,7 +125,7 @@ def _torch_typestr(a):
 def _view(a, what, dtype, ndim):
     d = _describe(a)
     if d is not None:
-        shape, typestr, contiguous, ptr = d
+        shape, typestr, contiguous, ptr, _ = d
         dt = _dtype(typestr)
     elif hasattr(a, "copy_to_host"):          # the simulator's device arrays have no interface
         shape, dt, contiguous, ptr = tuple(a.shape), a.dtype, a.is_c_contiguous(), 0
@@ -254,14 +256,16 @@ def _implied_stream(arrays):
     """The stream a call's arrays name: torch's current stream for a CUDA torch tensor, else the
     __cuda_array_interface__'s 'stream' of the first array that gives one, else 0 (the default stream)."""
     for a in arrays:
-        if a is None:
-            continue
-        if _torch_typestr(a) is not None:
-            return _torch_stream(a)
-        iface = getattr(a, "__cuda_array_interface__", None)
-        if iface is not None and iface.get("stream") is not None:
-            return int(iface["stream"])
+        d = _describe(a)
+        if d is not None and d[4] is not None:
+            return _stream_of(d[4])
     return 0
+
+
+def _stream_of(named):
+    """A stream an array names (_describe's last field): a CUDA torch tensor's device's current stream,
+    or the interface's handle."""
+    return int(named) if isinstance(named, (int, np.integer)) else _torch_stream(named)
 
 
 _NUMBA_STREAMS = {}
@@ -293,7 +297,12 @@ def _call(name, scalars, keep, arrays, stream, slow, *args):
     call (an object by its id(), kept alive in keep), arrays are its array arguments (None where
     absent), stream the caller's stream= (None: the one the arrays name, _implied_stream)."""
     key = _call_key(name, scalars, arrays)
-    stream = _implied_stream(arrays) if stream is None else _stream_handle(stream)
+    if stream is not None:
+        stream = _stream_handle(stream)
+    elif key is not None:
+        stream = 0 if key[2] is None else _stream_of(key[2])
+    else:
+        stream = _implied_stream(arrays)
     if key is None:
         slow(*args, stream)
         return
@@ -319,19 +328,22 @@ def _call(name, scalars, keep, arrays, stream, slow, *args):
 
 
 def _call_key(name, scalars, arrays):
-    """(key, addresses) of a call, None where some array has no description (the simulator) or every
-    call takes the dispatcher."""
+    """(key, addresses, the stream the arrays name: the first array's that names one, else None) of a
+    call, None where some array has no description (the simulator) or every call takes the dispatcher."""
     if not _DIRECT_LAUNCH:
         return None
     key = [name, *scalars]
     ptrs = []
+    named = None
     for a in arrays:
         d = None if a is None else _describe(a)
         if d is None and a is not None:
             return None
         key.append(d and (d[0], d[1], d[2], d[3] & 15))
         ptrs.append(d[3] if d else 0)
-    return tuple(key), ptrs
+        if named is None and d is not None:
+            named = d[4]
+    return tuple(key), ptrs, named
 
 
 def _record(rec, direct, sources, ptrs):
@@ -503,13 +515,14 @@ def _tiles(n_values):
 
 
 # The prefetch distance of the tile kernels, as a fraction of the CUDA blocks the GPU holds at once, by
-# direction: dequantize ("read": bytes in, floats out) prefetches a wave ahead; quantize ("write")
+# direction: dequantize ("read": bytes in, floats out) prefetches half a wave ahead; quantize ("write")
 # does not, as measured on the H200 (bench/gpu_quant.py --ab-prefetch, bench/README.md): the L2
-# prefetch of its 16 KB float tiles slowed it (q8_0 1.02 -> 0.90 of copy_), while dequantize's 2-4 KB
-# byte tiles gained (0.93-0.94 -> 0.94-0.95). KVLAB_CUDA_PREFETCH=0: none; =all: both.
+# prefetch of its 16 KB float tiles slowed it at every distance (q8_0 1.02 -> 0.89 / 0.96 / 0.96 at
+# 1 / 0.5 / 0.25 of a wave), while dequantize's 2-4 KB byte tiles gained most at half a wave (q8_0
+# 0.94 -> 0.96, dequantize+unrotate 0.90 -> 0.91). KVLAB_CUDA_PREFETCH=0: none; =all: both, a wave.
 _PREFETCH = {"0": {"read": 0.0, "write": 0.0},
              "all": {"read": 1.0, "write": 1.0}}.get(os.environ.get("KVLAB_CUDA_PREFETCH"),
-                                                     {"read": 1.0, "write": 0.0})
+                                                     {"read": 0.5, "write": 0.0})
 
 
 def _ahead(grid, direction):

@@ -10,10 +10,11 @@ Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, o
      bytes, to row_ids' rows for set_rows or when the output is not aligned).
 Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every thread runs steps
 2-3, rows past the end too (zeros, never stored): no divergence around the barriers.
-Before step 1, a large call's CUDA block asks L2 for the input of the tile `ahead` tiles further
-(prefetch.L2, one 128-byte line per thread; ahead = the CUDA blocks the GPU holds at once, so that tile
-is the one a block starts about a block's time later): a block then finds its input in L2, and the
-memory has the next wave's reads in flight while this wave computes. A hint: no value depends on it.
+Before step 1, a large call's CUDA block may ask L2 for the input of the tile `ahead` tiles further
+(prefetch.L2, one 128-byte line per thread; ahead a fraction of the CUDA blocks the GPU holds at once,
+so that tile is one a block starts a while later): a block then finds its input in L2, and the memory
+has later reads in flight while this wave computes. A hint: no value depends on it. The host chooses
+ahead (kvlab.kernels.cuda._PREFETCH): half a wave for dequantize, none for quantize (slower with it).
 f32/f16/bf16: a thread converts 4 consecutive values per step (16-byte loads), grid-stride; rows
 whose length is not a multiple of 4, or unaligned arrays, take a one-value-per-step kernel.
 Every kernel that writes through set_rows' ids first asks rows_refused: the ids are checked on the
