@@ -46,6 +46,7 @@ SEED = 0
 c_i32, c_i64, c_f32, c_ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 # fattn_vec(D, q, k, v, mask, dst, parts, meta, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits)
 VEC_ARGTYPES = [c_i32] + [c_ptr] * 7 + [c_f32] + [c_i32] * 4 + [c_i64] * 6 + [c_i32]
+VEC_TIME_ARGTYPES = VEC_ARGTYPES + [c_i32, c_ptr]         # fattn_vec_time(..., splits, repeat, float * ms)
 SET_ROWS_ARGTYPES = [c_i32, c_ptr, c_ptr, c_i64]          # fattn_set_rows(which, x, y, n_values)
 SPLITS_ARGTYPES = [c_i32, c_i32, c_i32]                    # fattn_parallel_blocks(D, n_rows, n_kv)
 
@@ -81,7 +82,7 @@ class GgmlVec:
         self.type_k, self.type_v = (type_info(t) for t in pair.split("/"))
         self.lib = ctypes.CDLL(str(lib_dir / f"libfattn_{self.type_k.name}_{self.type_v.name}.so"))
         for name, argtypes in (("fattn_vec", VEC_ARGTYPES), ("fattn_set_rows", SET_ROWS_ARGTYPES),
-                               ("fattn_parallel_blocks", SPLITS_ARGTYPES)):
+                               ("fattn_parallel_blocks", SPLITS_ARGTYPES), ("fattn_vec_time", VEC_TIME_ARGTYPES)):
             getattr(self.lib, name).argtypes, getattr(self.lib, name).restype = argtypes, c_i32
         built = (self.lib.fattn_type_k(), self.lib.fattn_type_v())
         if built != (self.type_k.ggml_type, self.type_v.ggml_type):
@@ -114,6 +115,23 @@ class GgmlVec:
                                   int(k_raw.shape[2]), *ggml_strides(k_raw), *ggml_strides(v_raw), splits),
                "fattn_vec")
         return out
+
+    def time_launches(self, q, k_raw, v_raw, scale: float, splits: int, repeat: int) -> float:
+        """Seconds per launch (vector kernel + combine), `repeat` launches back to back between CUDA events
+        inside the library; no mask (n_kv a multiple of 128)."""
+        import torch
+        b, h, d = (int(x) for x in q.shape)
+        q = q.float().contiguous()
+        out = torch.empty((b, h, d), dtype=torch.float32, device=q.device)
+        parts = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+        meta = torch.empty((b, h, splits, 2), dtype=torch.float32, device=q.device)
+        ms = ctypes.c_float()
+        torch.cuda.synchronize()
+        _check(self.lib.fattn_vec_time(d, q.data_ptr(), k_raw.data_ptr(), v_raw.data_ptr(), 0, out.data_ptr(),
+                                       parts.data_ptr(), meta.data_ptr(), scale, b, h, int(k_raw.shape[1]),
+                                       int(k_raw.shape[2]), *ggml_strides(k_raw), *ggml_strides(v_raw), splits,
+                                       repeat, ctypes.byref(ms)), "fattn_vec_time")
+        return ms.value / 1e3
 
 
 def _check(rc: int, what: str) -> int:
@@ -200,13 +218,17 @@ def warm_kvlab(pairs, head_dims, gqas) -> float:
     return time.perf_counter() - t0
 
 
-def kvlab_splits(h: int, gqa: int, d: int, n_kv: int, n_sm: int) -> int:
+def kvlab_splits(h: int, gqa: int, d: int, n_kv: int, n_sm: int, type_v: int) -> int:
     """The split count kvlab's flash_decode picks by itself for one sequence (its module's planner:
     `plan` over blocks of cols_per_block query heads; before that rewrite, `n_splits` over rows)."""
     from kvlab.kernels.cuda import flash_decode as fd
-    if hasattr(fd, "plan"):
-        return fd.plan(h // fd.cols_per_block(gqa, d), n_kv, n_sm)[0]
-    return fd.n_splits(h, n_kv, n_sm)
+    if not hasattr(fd, "plan"):
+        return fd.n_splits(h, n_kv, n_sm)
+    try:
+        g = fd.cols_per_block(gqa, d, type_v)
+    except TypeError:                                  # kernels before the V type chose the block's heads
+        g = fd.cols_per_block(gqa, d)
+    return fd.plan(h // g, n_kv, n_sm)[0]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -231,7 +253,7 @@ def run_case(ggml: GgmlVec, pair: str, d: int, n_kv: int, gqa: int, data: dict, 
     q = rotated(data["q", gqa, n_kv][:, 0], plan.k, k_raw.device)[None]   # (1, H, D)
     h = q.shape[1]
     mask = torch.arange(n_kv, device=q.device)[None] < n_kv - MASKED_TAIL  # (1, n_kv)
-    g_splits, k_splits = ggml.splits(d, h, n_kv), kvlab_splits(h, gqa, d, n_kv, n_sm)
+    g_splits, k_splits = ggml.splits(d, h, n_kv), kvlab_splits(h, gqa, d, n_kv, n_sm, ggml.type_v.ggml_type)
     o = outputs(ggml, q, k_raw, v_raw, mask, float(exact.scale), g_splits, k_splits)
     exact_out = exact.out.reshape(h, d)                                # (Hkv, gqa, D) -> (H, D)
     exact_norm = float(np.linalg.norm(exact_out))
@@ -260,6 +282,67 @@ def summary(rows: list, pair: str) -> dict:
     return out
 
 
+# ---- speed: ggml-cuda's own vector kernel and kvlab's on the same bytes ---------------------------------
+SPEED_SHAPE = dict(n_head=32, n_head_kv=8, head_dim=128)          # a Llama-3-8B layer
+
+
+def copy_bandwidth(torch, dev) -> float:
+    """(bytes read + written) / s of a 1 GiB torch copy_, median of 10 (bench/flash_decode.py's measure)."""
+    import statistics
+    src = torch.empty(1 << 28, dtype=torch.float32, device=dev).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(11):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[1:])
+
+
+def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, repeat: int = 10) -> dict:
+    """Both kernels on one batch of a Llama-3-8B layer's cache (>= 512 MiB of K+V at f16, past the L2),
+    bytes from ggml-cuda's set_rows, no mask: seconds per launch (kernels only, L2 flushed first, each at
+    its own split count) and K+V bytes read / time against the run's copy_ bandwidth."""
+    import torch
+    from kvlab.kernels.cuda import flash_decode as fd
+    h, hkv, d = SPEED_SHAPE["n_head"], SPEED_SHAPE["n_head_kv"], SPEED_SHAPE["head_dim"]
+    batch = max(1, (1 << 29) // (hkv * n_kv * d * 2))
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(SEED)
+    k_raw = ggml.set_rows(torch.randn(batch * hkv, n_kv, d, device=dev, generator=gen), 0).view(
+        batch, hkv, n_kv, -1)
+    v_raw = ggml.set_rows(torch.randn(batch * hkv, n_kv, d, device=dev, generator=gen), 1).view(
+        batch, hkv, n_kv, -1)
+    q = torch.randn(batch, h, d, device=dev, generator=gen)
+    scale = d ** -0.5
+    flush = torch.empty(1 << 26, dtype=torch.float32, device=dev)    # 256 MiB > the H200's L2
+    g_splits = ggml.splits(d, batch * h, n_kv)
+    ggml.time_launches(q, k_raw, v_raw, scale, g_splits, 1)           # warm
+    flush.zero_()
+    t_ggml = ggml.time_launches(q, k_raw, v_raw, scale, g_splits, repeat)
+    launch, _ = fd.launcher(q, k_raw, v_raw, ggml.type_k.ggml_type, ggml.type_v.ggml_type, None, scale)
+    launch()
+    torch.cuda.synchronize()
+    flush.zero_()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(repeat):
+        launch()
+    e.record()
+    e.synchronize()
+    t_kvlab = a.elapsed_time(e) / 1e3 / repeat
+    read = k_raw.numel() + v_raw.numel()
+    g = fd.cols_per_block(h // hkv, d, ggml.type_v.ggml_type)
+    return {"figure": "speed", "pair": pair, **SPEED_SHAPE, "n_kv": n_kv, "batch": batch, "kv_bytes": read,
+            "copy_GBps": copy_bw / 1e9, "ggml_seconds": t_ggml, "kvlab_seconds": t_kvlab,
+            "ggml_fraction_of_copy": read / t_ggml / copy_bw, "kvlab_fraction_of_copy": read / t_kvlab / copy_bw,
+            "kvlab_time_over_ggml": t_kvlab / t_ggml, "splits_ggml": g_splits,
+            "splits_kvlab": fd.plan(batch * h // g, n_kv, n_sm)[0]}
+
+
 def build(lib_dir: Path):
     """fattn_build.sh in the background: (process, start time)."""
     return subprocess.Popen(["bash", str(ROOT / "tools/cuda_golden/fattn_build.sh"), str(lib_dir)]), time.perf_counter()
@@ -273,11 +356,18 @@ def main() -> None:
     ap.add_argument("--head-dims", type=ints, default=[64, 128, 256])
     ap.add_argument("--contexts", type=ints, default=[256, 4096, 32768])
     ap.add_argument("--gqa", type=ints, default=[1, 4, 8])
+    ap.add_argument("--speed-contexts", type=lambda t: ints(t) if t else [], default=[4096, 32768],
+                    help="contexts of the speed comparison (Llama-3-8B layer); empty: none")
+    ap.add_argument("--parts", default="compare,speed", help="compare, speed: either or both")
     args = ap.parse_args()
     t_start = time.perf_counter()
     lib_dir = Path(args.lib_dir or args.build)
     proc, t_build = (None, None) if args.lib_dir else build(lib_dir)
-    warm_s = warm_kvlab(args.pairs, args.head_dims, args.gqa)
+    parts = args.parts.split(",")
+    if "speed" in parts and args.speed_contexts:        # the speed shape's kernels too (D 128, GQA 4)
+        warm_s = warm_kvlab(args.pairs, sorted(set(args.head_dims) | {128}), sorted(set(args.gqa) | {4}))
+    else:
+        warm_s = warm_kvlab(args.pairs, args.head_dims, args.gqa)
     if proc is not None and proc.wait() != 0:
         sys.exit(f"fattn_build.sh failed ({proc.returncode})")
     build_s = None if t_build is None else time.perf_counter() - t_build
@@ -290,7 +380,7 @@ def main() -> None:
     libs = {p: GgmlVec(lib_dir, p) for p in args.pairs}
     rows = []
     t_run = time.perf_counter()
-    for d in args.head_dims:
+    for d in (args.head_dims if "compare" in parts else []):
         k, v = synthetic(d, max(args.contexts))
         data = {}
         for rot in {None, 64, d}:
@@ -305,13 +395,22 @@ def main() -> None:
                     row = run_case(libs[pair], pair, d, n_kv, gqa, data, exact, n_sm)
                     rows.append(row)
                     emit(row)
-    for pair in args.pairs:
+    for pair in (args.pairs if rows else []):
         emit(summary(rows, pair))
+    t_speed = time.perf_counter()
+    if "speed" in parts and args.speed_contexts:
+        copy_bw = copy_bandwidth(torch, dev)
+        for pair in args.pairs:
+            for n_kv in args.speed_contexts:
+                emit(speed_case(libs[pair], pair, n_kv, copy_bw, n_sm))
+    speed_s = time.perf_counter() - t_speed
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     emit({"summary": "all", "device": torch.cuda.get_device_name(dev), "cases": len(rows),
           "bit_exact_same_splits": sum(r["same_splits"]["equal"] == r["same_splits"]["values"] for r in rows),
+          "bit_exact_kvlab_splits": sum(r["kvlab_splits"]["equal"] == r["kvlab_splits"]["values"] for r in rows),
           "worst_ratio": min(ratios) if ratios else None, "build_seconds": build_s, "kvlab_compile_seconds": warm_s,
-          "run_seconds": time.perf_counter() - t_run, "total_seconds": time.perf_counter() - t_start,
+          "run_seconds": time.perf_counter() - t_run, "speed_seconds": speed_s,
+          "total_seconds": time.perf_counter() - t_start,
           "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1],
           "kvlab_flash_decode_sha256": kernel_digest()})
 

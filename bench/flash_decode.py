@@ -105,7 +105,7 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     return {"batch": batch, "seconds": t, "first_call_seconds": first, "kv_bytes": read,
             "read_GBps": read / t / 1e9, "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
             "call_seconds_batch1": statistics.median(t_call),
-            "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d), n_kv,
+            "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d, iv.ggml_type), n_kv,
                               torch.cuda.get_device_properties(dev).multi_processor_count)[0],
             "rel_l2_vs_exact_on_cache": err}
 

@@ -3,10 +3,10 @@
 
 Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
   - one CUDA block of 128 threads per (sequence, KV head, G query heads of its GQA group, split):
-    G = every query head of the group (ratio 1..8), fewer for large heads (G * D <= 1024), as
-    ggml's vector kernel runs ncols query columns per block. Split y reads the 128-token tiles
-    [y * tps, (y + 1) * tps) of the context (split-K), a combine kernel merges the splits
-    (flash_attn_combine_results); splits are chosen to give ~16 blocks per SM.
+    G = every query head of the group (ratio 1..8), fewer for large heads (G * D <= 1024; at most 4
+    for f16/bf16 V), as ggml's vector kernel runs ncols query columns per block. Split y of S reads the
+    128-token tiles y, y + S, y + 2 S, ... of the context (split-K, as ggml's parallel blocks), a
+    combine kernel merges the splits (flash_attn_combine_results); splits give ~16 blocks per SM.
   - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
@@ -15,22 +15,26 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     K row, Q read from shared memory (broadcast). A quantized K row of <= 160 bytes (every type at
     D <= 128) comes from shared memory, where each warp first copies its 32 rows (contiguous) by
     coalesced 4-byte loads, all issued first; otherwise the thread loads its row itself (4-byte
-    words of 2 blocks, or 16-byte loads of 32 f16/bf16/f32 values, at a time);
-    (b) softmax: the tile's maximum per head over the block (+ FATTN_KQ_MAX_OFFSET), the running
-    maximum rescales; p = expf(s - max); (c) V: each warp takes its 32 tokens, lanes own columns
-    (8 values of a 4-bit block word or of 16 bytes of f16/bf16, 4 of q8_0 or f32), loads 8 tokens'
-    bytes before use, and accumulates p * V in float32 for all G heads; each V value is dequantized
-    once (d * (q - 8) etc. exactly as dequantize_V).
-  - the end: per-thread sums and the warps' accumulators are added up in shared memory; with one
-    split the block divides by the sum, otherwise it writes (max, sum) beside its partial output.
+    words of 2 blocks at a time). An f16/bf16/f32 row is summed in ggml's order (vec_dot_fattn_vec_KQ_f16:
+    8 lanes, lane l the 8-value groups 64 c + 8 l, fma from 0, then xor shuffles 4, 2, 1): the thread
+    loads one group (16 bytes per 64 values) at a time and adds the 8 partial sums as that tree does;
+    (b) softmax: each warp keeps its own running maximum per head (+ FATTN_KQ_MAX_OFFSET), as ggml's
+    vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
+    tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
+    token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use, and
+    accumulates p * V in float32 for all G heads; each V value is dequantized once (d * (q - 8) etc.
+    exactly as dequantize_V).
+  - the end, per head as ggml's: the block's maximum over the warps', each warp's sum and accumulators
+    rescaled to it; the sums added by xor shuffles within a warp, then (w0 + w2) + (w1 + w3); a column
+    the sum from 0 of the 4 warps x (32 / lanes a token) token streams in (warp, stream) order; with one
+    split divided by the sum, otherwise (max, sum) written beside the partial output.
 Compiled with fastmath (ftz, contraction, approximate expf/division), as ggml-cuda is with
 -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the same values).
 
 Differences from ggml-cuda, named:
-  - the summation order: K.Q of f16/bf16/f32 K summed by one thread over the row (ggml: 8 lanes
-    and xor shuffles); the softmax maximum taken per 128-token tile of the block (ggml: per warp),
-    the denominator summed per thread over its tokens and added at the end; V accumulated per lane
-    over its tokens, then across lanes and warps; the number of splits is kvlab's choice.
+  - the summation order, where it is not ggml's: V of a quantized type accumulated by its own lane
+    layout (ggml: 4 consecutive values a lane, min(D/4, 32) lanes a token), which changes the streams
+    added at the end; the number of splits is kvlab's choice; f32 K/V see below.
   - K.Q of a quantized block: the integer dp4a sums of its 8 words added first, then the block's
     float term d_k * (d_q * sumi - 8 s) (q4_0; -16 s for q5_0; d_k d_q sumi + m_k s for q4_1/q5_1;
     d_k d_q sumi for q8_0/iq4_nl), as ggml's vecdotq.cuh (mmvq) writes a block; ggml's vector kernel
@@ -157,22 +161,18 @@ if SIM:
         lane = threading.current_thread().threadIdx.x & 31
         return np.float32(m[lane ^ _LANES[:8], 0].max()), butterfly(m[:, 1:], (4, 2, 1))[lane, 0]
 
-    def _sim_tile_max(s, red, scratch, slot, lane):
+    def warp_sum(scratch, x):
+        """The warp's sum of x by xor shuffles 16 .. 1 (the same additions)."""
+        m = butterfly(warp_rows(scratch, np.array([x], np.float32)), (16, 8, 4, 2, 1))
+        return m[threading.current_thread().threadIdx.x & 31, 0]
+
+    def block_sync():
+        threading.current_thread().syncthreads()
+
+    def _sim_softmax(s, kq_max, lsum, rs, ps, scratch, tid):
         m = warp_rows(scratch, s[:G] + KQ_MAX_OFFSET).max(axis=0)
-        if lane == 0:
-            red[slot:slot + G] = m
-
-    def _sim_combine_lanes(acc, scratch, off):
-        m = warp_rows(scratch, acc[:N_ACC].copy())
-        lane = threading.current_thread().threadIdx.x & 31
-        acc[:N_ACC] = m[lane] + m[lane ^ off]
-
-    def _sim_sums(lsum, kq_max, red, scratch, lane, warp):
-        m = butterfly(warp_rows(scratch, lsum[:G].copy()), (16, 8, 4, 2, 1))
-        if lane == 0:
-            red[(2 * NWARPS + warp) * G:(2 * NWARPS + warp + 1) * G] = m[0]
-            if warp == 0:
-                red[3 * NWARPS * G:3 * NWARPS * G + G] = kq_max[:G]
+        for j in range(G):
+            SOFTMAX_HEAD(s, kq_max, lsum, rs, ps, tid, j, max(kq_max[j], m[j]))
 
     @device
     def expf(x):
@@ -219,6 +219,16 @@ else:
     @device
     def warp_sync():
         cuda.syncwarp()
+
+    @device
+    def warp_sum(scratch, x):
+        for off in (16, 8, 4, 2, 1):
+            x += xor_shuffle(scratch, x, off)
+        return x
+
+    @device
+    def block_sync():
+        cuda.syncthreads()
 
     @device
     def q8_reduce(scratch, amax, total):
@@ -428,34 +438,81 @@ def _v_col(ui, e):
 
 def _load_k_step(wd, k, o, i):
     """Word i of a quantized K chunk (rows are 4-byte aligned; o a word index of the staged rows when
-    STAGE_K), or 16 bytes of an f32/f16/bf16 one."""
+    STAGE_K)."""
     if STAGE_K:
         wd[i] = k[o + i]
-    elif PLAIN_K:
-        x = ld_u32x4(k, o + 16 * i)
-        wd[4 * i] = x[0]
-        wd[4 * i + 1] = x[1]
-        wd[4 * i + 2] = x[2]
-        wd[4 * i + 3] = x[3]
     else:
         wd[i] = ld_u32(k, o + 4 * i)
 
 
 def _kq_part_step(t1, wd, qsh, qd, qs, c, j, kk):
-    """t1[0] += head j's K.Q over part kk of chunk c: a quantized block (kk = blk) or 4 plain values."""
-    if PLAIN_K:
-        x = ld_f32x4(qsh, j * D + c * K_CHUNK + 4 * kk)
-        acc = t1[0]
-        acc += plain_value(wd, 0, 4 * kk, TK) * x[0]
-        acc += plain_value(wd, 0, 4 * kk + 1, TK) * x[1]
-        acc += plain_value(wd, 0, 4 * kk + 2, TK) * x[2]
-        acc += plain_value(wd, 0, 4 * kk + 3, TK) * x[3]
-        t1[0] = acc
+    """t1[0] += head j's K.Q over block kk of chunk c of a quantized K row."""
+    ib = 2 * c + kk                                         # block of the row
+    qi = j * (D // 4) + 8 * ib
+    t1[0] += kq_block(wd, kk * K_TSIZE, ld_f32x4(qsh, qi), ld_f32x4(qsh, qi + 4),
+                      qd[j * (D // 32) + ib], qs[j * (D // 32) + ib], TK)
+
+
+# ---- K.Q of an f32/f16/bf16 K row in ggml-cuda's order (vec_dot_fattn_vec_KQ_f16/_bf16, nthreads_KQ = 8,
+# 16-byte loads): lane l of 8 sums the 8-value groups at 64 c + 8 l (c = 0 .. D/64 - 1), value by value
+# with fma from 0, and warp_reduce_sum<8> adds the 8 lanes by xor offsets 4, 2, 1:
+# ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)). Here one thread computes the 8 partial sums in the
+# order 0 4 2 6 1 5 3 7, adding each pair as soon as it is complete (3 partials per head live at most).
+def _load_group_step(wd, k, o, l, c):
+    """The 8 values of group l of 64-value chunk c of the row at byte o (16 or 32 bytes) into wd."""
+    x = ld_u32x4(k, o + (64 * c + 8 * l) * K_VB)
+    wd[GW * c] = x[0]
+    wd[GW * c + 1] = x[1]
+    wd[GW * c + 2] = x[2]
+    wd[GW * c + 3] = x[3]
+    if TK == F32:
+        y = ld_u32x4(k, o + (64 * c + 8 * l) * K_VB + 16)
+        wd[GW * c + 4] = y[0]
+        wd[GW * c + 5] = y[1]
+        wd[GW * c + 6] = y[2]
+        wd[GW * c + 7] = y[3]
+
+
+def _group_head_step(s, r, wd, qsh, gi, j):
+    """Head j's sum over group GROUPS[gi] (ggml's lane GROUPS[gi]), combined as the shuffle tree does:
+    s[j] holds s0 + s4, then that + (s2 + s6); r[2 j] and r[2 j + 1] the pending pairs."""
+    l = ((gi & 1) << 2) | (gi & 2) | (gi >> 2)             # 0 4 2 6 1 5 3 7: gi's 3 bits reversed
+    acc = ZERO
+    for c in range(D // 64):
+        qo = j * D + 64 * c + 8 * l
+        x = ld_f32x4(qsh, qo)
+        y = ld_f32x4(qsh, qo + 4)
+        acc += plain_value(wd, GW * c, 0, TK) * x[0]
+        acc += plain_value(wd, GW * c, 1, TK) * x[1]
+        acc += plain_value(wd, GW * c, 2, TK) * x[2]
+        acc += plain_value(wd, GW * c, 3, TK) * x[3]
+        acc += plain_value(wd, GW * c, 4, TK) * y[0]
+        acc += plain_value(wd, GW * c, 5, TK) * y[1]
+        acc += plain_value(wd, GW * c, 6, TK) * y[2]
+        acc += plain_value(wd, GW * c, 7, TK) * y[3]
+    if gi == 0:
+        s[j] = acc
+    elif gi == 1:
+        s[j] += acc                                         # s0 + s4
+    elif gi == 2:
+        r[2 * j] = acc
+    elif gi == 3:
+        s[j] += r[2 * j] + acc                              # (s0 + s4) + (s2 + s6)
+    elif gi == 4:
+        r[2 * j] = acc
+    elif gi == 5:
+        r[2 * j] += acc                                     # s1 + s5
+    elif gi == 6:
+        r[2 * j + 1] = acc
     else:
-        ib = 2 * c + kk                                     # block of the row
-        qi = j * (D // 4) + 8 * ib
-        t1[0] += kq_block(wd, kk * K_TSIZE, ld_f32x4(qsh, qi), ld_f32x4(qsh, qi + 4),
-                          qd[j * (D // 32) + ib], qs[j * (D // 32) + ib], TK)
+        s[j] += r[2 * j] + (r[2 * j + 1] + acc)             # .. + ((s1 + s5) + (s3 + s7))
+
+
+def _kq_plain(s, r, wd, k, o, qsh):
+    """The 8 groups one after the other (a loop: one group's values live at a time, not the row's)."""
+    for gi in range(8):
+        LOAD_GROUP(wd, k, o, ((gi & 1) << 2) | (gi & 2) | (gi >> 2))
+        GROUP_HEADS(s, r, wd, qsh, gi)
 
 
 def _get_step(a, j, t1, kk):
@@ -491,20 +548,17 @@ def _stage_store_step(kbuf, cp, first, m):
     kbuf[first + WARP * m] = cp[m]
 
 
-def _tile_max_step(s, red, scratch, slot, lane, j):
-    """The warp's maximum of s[j] + FATTN_KQ_MAX_OFFSET into red[slot + j]."""
+def _softmax_step(s, kq_max, lsum, rs, ps, scratch, tid, j):
+    """Head j: the warp's new maximum (its running one and the tile's s + FATTN_KQ_MAX_OFFSET of its 32
+    tokens, as ggml's vector kernel keeps one per warp), the rescale rs[j], p of token tid."""
     m = s[j] + KQ_MAX_OFFSET
     for off in (16, 8, 4, 2, 1):
         m = max(m, xor_shuffle(scratch, m, off))
-    if lane == 0:
-        red[slot + j] = m
+    m = max(kq_max[j], m)
+    SOFTMAX_HEAD(s, kq_max, lsum, rs, ps, tid, j, m)
 
 
-def _softmax_step(s, kq_max, lsum, rs, red, ps, slot, tid, j):
-    """Head j: the new maximum (the warps' red[slot + w * G + j]), its rescale rs[j], p of token tid."""
-    m = kq_max[j]
-    for w in range(NWARPS):
-        m = max(m, red[slot + w * G + j])
+def _softmax_head(s, kq_max, lsum, rs, ps, tid, j, m):
     rs[j] = expf(kq_max[j] - m)
     kq_max[j] = m
     pj = expf(s[j] - m)
@@ -571,31 +625,52 @@ def _v_token_step(acc, raw, ps, lt, p, n):
     V_FMA(acc, raw, p, n)
 
 
-def _combine_lanes_step(acc, scratch, off, kk):
-    acc[kk] += xor_shuffle(scratch, acc[kk], off)
+def _put_max_step(red, kq_max, warp, j):
+    red[warp * G + j] = kq_max[j]
 
 
-def _sum_step(lsum, kq_max, red, scratch, lane, warp, j):
-    """The warp's sum of lsum[j] into red's third part; warp 0 also leaves the maximum in its fourth."""
-    t = lsum[j]
-    for off in (16, 8, 4, 2, 1):
-        t += xor_shuffle(scratch, t, off)
-    if lane == 0:
-        red[(2 * NWARPS + warp) * G + j] = t
-        if warp == 0:
-            red[3 * NWARPS * G + j] = kq_max[j]
-
-
-def _store_acc_step(comb, acc, warp, u, kk):
-    """acc[kk], kk = (j * UL + ul) * U + e, into comb[warp, j, column]."""
+def _store_acc_step(comb, acc, sc, row, u, j, kk):
+    """Head j's acc[(j * UL + ul) * U + e] * sc, kk = ul * U + e, into comb[row, column]."""
     e = kk % U
-    ul = (kk // U) % UL
-    j = kk // (UL * U)
-    comb[(warp * G + j) * D + V_COL(u + ul * LV, e)] = acc[kk]
+    ul = kk // U
+    comb[row * D + V_COL(u + ul * LV, e)] = acc[(j * UL + ul) * U + e] * sc
 
 
-def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps, parts, meta):
-    """One block: G query heads of one (sequence, KV head), the tiles [split * tps, + tps)."""
+def _end_head_step(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, split, splits, tid, lane, warp,
+                   row, u, lane_ok, j):
+    """Head j's partial result, as the end of ggml's flash_attn_ext_vec: the block's maximum over the
+    warps' ones; each warp's sum and V accumulators rescaled to it; the sums of a warp added by xor
+    shuffles (16 .. 1), the warps' as warp_reduce_sum adds them ((w0 + w2) + (w1 + w3)); a column the
+    sum of the NWARPS * TS token streams' accumulators in (warp, stream) order, from 0; divided by the
+    sum with one split, else the maximum and the sum written beside it."""
+    m = red[j]
+    for w in range(1, NWARPS):
+        m = max(m, red[w * G + j])
+    sc = expf(kq_max[j] - m)
+    t = warp_sum(scratch, lsum[j] * sc)
+    if lane == 0:
+        red[(NWARPS + warp) * G + j] = t
+    if lane_ok:
+        STORE_ACC(comb, acc, sc, row, u, j)
+    block_sync()
+    total = ((red[NWARPS * G + j] + red[(NWARPS + 2) * G + j])
+             + (red[(NWARPS + 1) * G + j] + red[(NWARPS + 3) * G + j]))
+    for col in range(tid, D, NT):
+        val = ZERO
+        for i in range(NWARPS * TS):
+            val += comb[i * D + col]
+        if splits == 1:
+            val /= total
+        parts[row0 + j, split, col] = val
+        if col == 0:
+            meta[row0 + j, split, 0] = m
+            meta[row0 + j, split, 1] = total
+    block_sync()
+
+
+def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, parts, meta):
+    """One block: G query heads of one (sequence, KV head), the tiles split, split + splits, ... (as ggml's
+    parallel blocks take them)."""
     grp = cuda.blockIdx.x
     split = cuda.blockIdx.y
     splits = cuda.gridDim.y
@@ -612,7 +687,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     qd = cuda.shared.array(N_QBLK, float32)
     qs = cuda.shared.array(N_QBLK, float32)
     ps = cuda.shared.array(N_PS, float32, alignment=ALIGN)    # (token, head) probabilities of the tile
-    red = cuda.shared.array(N_RED, float32)         # warps' maxima (2 buffers), sums; maxima
+    red = cuda.shared.array(N_RED, float32)         # warps' maxima, warps' sums
     comb = cuda.shared.array(N_COMB, float32)
     scratch = cuda.shared.array(N_SCRATCH, float32)   # shuffles (the simulator's: all lanes' values at once)
     kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
@@ -656,6 +731,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     p = cuda.local.array(GP, float32)
     acc = cuda.local.array(N_ACC, float32)
     wd = cuda.local.array(K_WORDS, uint32)
+    r = cuda.local.array(N_R, float32)                     # plain K: pending pairs of the shuffle tree
     cp = cuda.local.array(ROW_WORDS, uint32)
     t1 = cuda.local.array(1, float32)
     n_cols = G if ratio > 0 else 0                         # G, as a value the compiler does not unroll
@@ -676,12 +752,12 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
     cuda.syncthreads()
 
     tiles = (n_kv + NT - 1) // NT
-    buf = 0
-    for tile in range(split * tps, min(tiles, split * tps + tps)):
+    for tile in range(split, tiles, splits):
         # (a) scores of token tid for every head; a quantized K's rows first pass through shared
         # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
         tok = tile * NT + tid
         FILL_G(s, ZERO)
+        warp_sync()                                        # the warp's reads of ps and kbuf are done
         if STAGE_K:
             first = tile * NT + warp * WARP
             n_rows = max(0, min(WARP, n_kv - first))
@@ -689,7 +765,9 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
             STAGE_STORE(kbuf, cp, warp * WARP * ROW_WORDS + lane)
             warp_sync()
         if tok < n_kv:
-            if STAGE_K:
+            if PLAIN_K:
+                KQ_PLAIN(s, r, wd, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh)
+            elif STAGE_K:
                 KQ_TOKEN(s, kbuf, tid * ROW_WORDS, qsh, qd, qs, wd, t1, n_cols)
             else:
                 KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd, t1, n_cols)
@@ -697,10 +775,8 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
                 ADD_G(s, mask[b, tok])
         else:
             FILL_G(s, NEG_INF)
-        # (b) the tile's maximum per head over the block, the rescale, p
-        TILE_MAX(s, red, scratch, (buf * NWARPS + warp) * G, lane)
-        cuda.syncthreads()
-        SOFTMAX(s, kq_max, lsum, rs, red, ps, buf * NWARPS * G, tid)
+        # (b) the warp's maximum per head, the rescale, p
+        SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
         SCALE_ACC(acc, rs)
         warp_sync()
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
@@ -710,41 +786,36 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps
             n_left = n_kv - tok0 if lane_ok else 0
             LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, shift)
             V_TOKENS(acc, raw, ps, lt + n0 * TS, p)
-        buf = 1 - buf
 
-    # ---- merge: the lanes' token streams, the warps, the per-thread sums ----
-    off = LV if TS > 1 else WARP                          # TS token streams: lanes LV, 2 LV, .. apart
-    while off < WARP:
-        COMBINE_LANES(acc, scratch, off)
-        off *= 2
-    SUMS(lsum, kq_max, red, scratch, lane, warp)
-    if lane < LV:
-        STORE_ACC(comb, acc, warp, u)
+    # ---- the end, per head (ggml's order): the warps' maxima, then each head's partial result ----
+    if lane == 0:
+        PUT_MAX(red, kq_max, warp)
     cuda.syncthreads()
-    for i in range(tid, G * D, NT):
-        j = i // D
-        col = i - j * D
-        val = ZERO
-        total = ZERO
-        for w in range(NWARPS):
-            val += comb[(w * G + j) * D + col]
-            total += red[(2 * NWARPS + w) * G + j]
-        if splits == 1:
-            val /= total
-        parts[row0 + j, split, col] = val
-        if col == 0:
-            meta[row0 + j, split, 0] = red[3 * NWARPS * G + j]
-            meta[row0 + j, split, 1] = total
+    END_HEADS(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, split, splits, tid, lane, warp,
+              warp * TS + sub, u, lane_ok)
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
     return max(x for x in range(1, cap + 1) if n % x == 0)
 
 
-def cols_per_block(ratio: int, d: int) -> int:
-    """Query heads a block computes (G): the most of the GQA group that divides it, at most 8, and
-    G * D <= 1024 (the V accumulators of a lane stay in registers)."""
-    return _divisor_at_most(ratio, min(MAX_COLS, max(1, 1024 // d)))
+def v_layout(type_v: int, d: int) -> tuple:
+    """(U, V_PER_BLOCK, LV): V values a lane takes from one unit (16 bytes of f16/bf16, a 4-bit word's 8
+    nibbles, 4 of q8_0 or f32), units of a quantized block, lanes per token. f16/bf16 V: 8 lanes a token,
+    4 tokens a step, lane l the columns 64 c + 8 (l % 8) .. + 7 (ggml's nthreads_V = 8, V_rows_per_thread 8)."""
+    u = 8 if type_v in NIBBLES or type_v in (F16, BF16) else 4
+    per_block = 8 if type_v == Q8_0 else 4
+    if type_v in (F16, BF16):
+        return u, per_block, 8
+    return u, per_block, max(x for x in range(per_block, WARP + 1, per_block) if d // u % x == 0)
+
+
+def cols_per_block(ratio: int, d: int, type_v: int) -> int:
+    """Query heads a block computes (G): the most of the GQA group that divides it, at most 8 (4 for f16/bf16
+    V), G * D <= 1024 and a lane's V accumulators (G * D / LV) <= 64 (they stay in registers)."""
+    lv = v_layout(type_v, d)[2]
+    cap = 4 if type_v in (F16, BF16) else MAX_COLS       # 8 lanes a token: 16 G accumulators at D 128
+    return _divisor_at_most(ratio, min(cap, max(1, 1024 // d), max(1, 64 * lv // d)))
 
 
 # (max_registers, V steps loaded together) of the kernels launcher() takes. 128 registers: 4 blocks
@@ -755,55 +826,60 @@ VARIANT = (128, NB_MAX)
 
 @functools.cache
 def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
-    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, tps, parts, meta), run on a
+    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, parts, meta), run on a
     grid (B * H / g, splits) of NT threads.
 
     q (R, D) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
-    (batch, head, row) strides in bytes; mask (B, L) float32; tps: tiles per split;
-    parts (R, splits, D), meta (R, splits, 2)."""
+    (batch, head, row) strides in bytes; mask (B, L) float32; parts (R, splits, D), meta (R, splits, 2)."""
+    assert NWARPS == 4                                   # the warps' sums are added as (w0 + w2) + (w1 + w3)
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
-    u = 8 if type_v in NIBBLES or type_v in (F16, BF16) else 4   # V values a lane takes from one unit
-    per_block = 8 if type_v == Q8_0 else 4                # V units of a quantized block
-    lv = max(x for x in range(per_block, WARP + 1, per_block) if d // u % x == 0)   # lanes per token in V
+    u, per_block, lv = v_layout(type_v, d)
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
     max_registers, nb_max = variant
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
-    k_chunk = 32 if plain_k else 64                      # K values per chunk of loads: 2 blocks, or 64/128 bytes
-    k_chunk_bytes = 32 * (4 if type_k == F32 else 2) if plain_k else 2 * TYPE_SIZES[type_k]
+    while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
+        nb //= 2
+    k_chunk_bytes = 2 * TYPE_SIZES[type_k]               # quantized K: 2 blocks per chunk of loads
+    k_words = d // 64 * (8 if type_k == F32 else 4) if plain_k else k_chunk_bytes // 4
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
     stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
               V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
-              K_CHUNK=k_chunk, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_chunk_bytes // 4,
+              K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, GW=8 if type_k == F32 else 4,
+              K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
               ROW_WORDS=row_words)
     # array sizes: numba takes only literal integers there
-    ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=3 * NWARPS * g + g, N_COMB=NWARPS * g * d,
+    ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
               N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul,
-              N_SCRATCH=NT * max(2, g, g * ul * u) if SIM else NT)
+              N_SCRATCH=NT * max(2, g) if SIM else NT, N_R=2 * g)
 
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
 
     ns.update(FILL_G=unrolled(bind(_fill_step), g, 2), ADD_G=unrolled(bind(_add_step), g, 2),
               FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
-    ns.update(LOAD_K=unrolled(bind(_load_k_step), k_chunk_bytes // 16 if plain_k else k_chunk_bytes // 4, 3),
-              KQ_PART=unrolled(bind(_kq_part_step), k_chunk // 4 if plain_k else 2, 7),
+    ns.update(LOAD_K=unrolled(bind(_load_k_step), k_chunk_bytes // 4, 3),
+              KQ_PART=unrolled(bind(_kq_part_step), 2, 7),
               GET_G=unrolled(bind(_get_step), g, 3), PUT_G=unrolled(bind(_put_step), g, 3))
+    ns.update(LOAD_GROUP=unrolled(bind(_load_group_step), d // 64, 4),
+              GROUP_HEADS=unrolled(bind(_group_head_step), g, 5))
+    ns.update(KQ_PLAIN=bind(_kq_plain))
     ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
-    ns.update(KQ_TOKEN=bind(_kq_token), TILE_MAX=unrolled(bind(_tile_max_step), g, 5),
-              SOFTMAX=unrolled(bind(_softmax_step), g, 8), SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
+    ns.update(SOFTMAX_HEAD=bind(_softmax_head))
+    ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
+              SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
               LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
               V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 4))
-    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), COMBINE_LANES=unrolled(bind(_combine_lanes_step),
-              g * ul * u, 3), SUMS=unrolled(bind(_sum_step), g, 6), STORE_ACC=unrolled(bind(_store_acc_step),
-              g * ul * u, 4))
+    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
+              STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
+    ns.update(END_HEADS=unrolled(bind(_end_head_step), g, 17))
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
-        ns.update(TILE_MAX=bind(_sim_tile_max), COMBINE_LANES=bind(_sim_combine_lanes), SUMS=bind(_sim_sums))
+        ns.update(SOFTMAX=bind(_sim_softmax))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
     return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}", jit, **ns)
 
@@ -903,7 +979,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     is_torch = hasattr(q, "stride") and callable(q.stride)
     rows = b * h
     ratio = h // n_hkv
-    g = cols_per_block(ratio, dk)
+    g = cols_per_block(ratio, dk, type_v)
     n_sm = 1 if SIM else _cuda.get_current_device().MULTIPROCESSOR_COUNT
     splits, tps = plan(rows // g, n_kv, n_sm, splits)
     if is_torch:
@@ -925,7 +1001,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
     partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), tps, _device_array(parts, "parts"), _device_array(meta, "meta"))
+            mask is not None, np.float32(scale), _device_array(parts, "parts"), _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
     combine = combine_kernel(dv)[rows, dv]

@@ -35,7 +35,8 @@ def c_argtypes(name: str) -> list:
 
 
 @pytest.mark.parametrize("name, attr", [("fattn_vec", "VEC_ARGTYPES"), ("fattn_set_rows", "SET_ROWS_ARGTYPES"),
-                                        ("fattn_parallel_blocks", "SPLITS_ARGTYPES")])
+                                        ("fattn_parallel_blocks", "SPLITS_ARGTYPES"),
+                                        ("fattn_vec_time", "VEC_TIME_ARGTYPES")])
 def test_ctypes_signatures_match_the_harness(bench, name, attr):
     assert getattr(bench, attr) == c_argtypes(name)
 
@@ -82,3 +83,13 @@ def test_worst_ratio(bench):
     same = {"diff_rel_l2": 0.0}
     assert bench.worst_ratio(1e-3, [same, same]) is None
     assert bench.worst_ratio(1e-3, [same, {"diff_rel_l2": 1e-7}, {"diff_rel_l2": 1e-8}]) == pytest.approx(1e4)
+
+
+def test_kvlab_splits_follow_the_blocks_heads(bench):
+    """kvlab's split count for a case: plan() over blocks of cols_per_block heads, which depends on V's type
+    (f16/bf16 V: at most 4 heads a block)."""
+    from kvlab.kernels.cuda import flash_decode as fd
+    f16, q4_0 = 1, 2
+    assert fd.cols_per_block(8, 128, q4_0) == 8 and fd.cols_per_block(8, 128, f16) == 4
+    assert bench.kvlab_splits(16, 8, 128, 4096, 132, f16) == fd.plan(16 // 4, 4096, 132)[0]
+    assert bench.kvlab_splits(16, 8, 128, 4096, 132, q4_0) == fd.plan(16 // 8, 4096, 132)[0]

@@ -137,7 +137,7 @@ def run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fd_sim")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"} if gpu else \
         dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    workers = 1 if gpu else WORKERS
+    workers = min(5, os.cpu_count() or 1) if gpu else WORKERS   # GPU: numba compiles a kernel per process
     procs = []
     for i in range(workers):      # the simulator is pure Python (one core each): the cases in WORKERS processes
         arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}

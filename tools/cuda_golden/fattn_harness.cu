@@ -65,10 +65,11 @@ static int parallel_blocks(const int n_rows, const int n_kv) {
     return blocks;
 }
 
+// Enqueues the kernel (and the combine pass for splits > 1) on the default stream; no synchronization.
 template <int D>
-static int launch(const float * q, const char * k, const char * v, const half * mask, float * dst, float * parts,
-                  float2 * meta, float scale, int B, int H, int Hkv, int n_kv,
-                  int64_t nb11, int64_t nb12, int64_t nb13, int64_t nb21, int64_t nb22, int64_t nb23, int splits) {
+static int enqueue(const float * q, const char * k, const char * v, const half * mask, float * dst, float * parts,
+                   float2 * meta, float scale, int B, int H, int Hkv, int n_kv,
+                   int64_t nb11, int64_t nb12, int64_t nb13, int64_t nb21, int64_t nb22, int64_t nb23, int splits) {
     const int32_t nb01 = D * sizeof(float), nb02 = nb01, nb03 = H * nb02;   // Q [D, 1, H, B]
     const int32_t nb31 = n_kv * sizeof(half), nb32 = nb31;                   // mask [n_kv, 1, 1, B]
     const int64_t nb33 = nb31;
@@ -91,7 +92,38 @@ static int launch(const float * q, const char * k, const char * v, const half * 
         flash_attn_combine_results<D><<<dim3(1, H, B), D, splits * sizeof(float2)>>>(parts, meta, dst, splits);
         e = cudaGetLastError();
     }
-    return e == cudaSuccess ? int(cudaDeviceSynchronize()) : int(e);
+    return int(e);
+}
+
+template <int D>
+static int launch(const float * q, const char * k, const char * v, const half * mask, float * dst, float * parts,
+                  float2 * meta, float scale, int B, int H, int Hkv, int n_kv,
+                  int64_t nb11, int64_t nb12, int64_t nb13, int64_t nb21, int64_t nb22, int64_t nb23, int splits) {
+    const int e = enqueue<D>(q, k, v, mask, dst, parts, meta, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits);
+    return e == 0 ? int(cudaDeviceSynchronize()) : e;
+}
+
+// repeat launches back to back between two CUDA events: milliseconds per launch into *ms.
+template <int D>
+static int timed(const float * q, const char * k, const char * v, const half * mask, float * dst, float * parts,
+                 float2 * meta, float scale, int B, int H, int Hkv, int n_kv,
+                 int64_t nb11, int64_t nb12, int64_t nb13, int64_t nb21, int64_t nb22, int64_t nb23, int splits,
+                 int repeat, float * ms) {
+    cudaEvent_t a, b;
+    if (cudaEventCreate(&a) != cudaSuccess || cudaEventCreate(&b) != cudaSuccess) {
+        return int(cudaGetLastError());
+    }
+    int e = int(cudaEventRecord(a));
+    for (int r = 0; e == 0 && r < repeat; ++r) {
+        e = enqueue<D>(q, k, v, mask, dst, parts, meta, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits);
+    }
+    if (e == 0) e = int(cudaEventRecord(b));
+    if (e == 0) e = int(cudaEventSynchronize(b));
+    if (e == 0) e = int(cudaEventElapsedTime(ms, a, b));
+    if (e == 0) *ms /= repeat;
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return e;
 }
 
 // k_set_rows / k_set_rows_quant: one thread per value (f16, bf16) or per 32-value block.
@@ -148,6 +180,20 @@ int fattn_vec(int D, const float * q, const char * k, const char * v, const half
         case  64: return launch< 64>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits);
         case 128: return launch<128>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits);
         case 256: return launch<256>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits);
+        default:  return -1;
+    }
+}
+
+// fattn_vec's launches timed: `repeat` of them back to back between CUDA events, milliseconds per launch in *ms.
+int fattn_vec_time(int D, const float * q, const char * k, const char * v, const half * mask, float * dst,
+                   float * parts, float * meta, float scale, int B, int H, int Hkv, int n_kv, int64_t nb11,
+                   int64_t nb12, int64_t nb13, int64_t nb21, int64_t nb22, int64_t nb23, int splits, int repeat,
+                   float * ms) {
+    float2 * m = (float2 *) meta;
+    switch (D) {
+        case  64: return timed< 64>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits, repeat, ms);
+        case 128: return timed<128>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits, repeat, ms);
+        case 256: return timed<256>(q, k, v, mask, dst, parts, m, scale, B, H, Hkv, n_kv, nb11, nb12, nb13, nb21, nb22, nb23, splits, repeat, ms);
         default:  return -1;
     }
 }
