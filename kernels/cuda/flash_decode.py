@@ -60,7 +60,7 @@ from numba.cuda import libdevice
 
 from .kernels import _instantiate
 from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
-from .ops import rcp_approx, roundf
+from .ops import fma_ftz, mul_ftz, rcp_approx, roundf
 from .unroll import unrolled
 
 from ..flash_decode import BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0   # enum ggml_type, one copy
@@ -566,10 +566,6 @@ def _softmax_head(s, kq_max, lsum, rs, ps, tid, j, m):
     ps[tid * GP + j] = pj
 
 
-def _scale_step(acc, rs, kk):
-    acc[kk] *= rs[kk // (UL * U)]
-
-
 def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
     """V unit u + ul * LV of slot sl = n * UL + ul (the token n * TS rows after the one at byte o0; step:
     TS rows in bytes) into raw[4 sl ..]: its words, or zeros from n * TS >= n_left (past the context).
@@ -601,8 +597,10 @@ def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
                 raw[base + 2] = ld_u32(vd, b + 4) >> shift
 
 
-def _v_fma_step(acc, raw, p, n, kk):
-    """acc[(j * UL + ul) * U + e] += V value e of slot (n, ul) * p[j], kk = (ul * U + e) * G + j."""
+def _v_fma_step(acc, raw, p, rs, first, n, kk):
+    """acc[(j * UL + ul) * U + e] += V value e of slot (n, ul) * p[j], kk = (ul * U + e) * G + j. The tile's
+    first token (first and n == 0) also applies the tile's rescale rs[j] as nvcc contracts ggml's
+    `VKQ *= KQ_max_scale` with the first `VKQ += V * KQ`: fma(rs, acc, p * v) (the PTX of fattn-vec.cuh)."""
     j = kk % G
     e = (kk // G) % U
     ul = kk // (G * U)
@@ -611,10 +609,14 @@ def _v_fma_step(acc, raw, p, n, kk):
         x = plain_value(raw, base, e, TV)
     else:
         x = v_value(raw[base], raw[base + 1], raw[base + 2], e, TV)
-    acc[(j * UL + ul) * U + e] += x * p[j]
+    i = (j * UL + ul) * U + e
+    if first and n == 0:
+        acc[i] = fma_ftz(rs[j], acc[i], mul_ftz(p[j], x))
+    else:
+        acc[i] += x * p[j]
 
 
-def _v_token_step(acc, raw, ps, lt, p, n):
+def _v_token_step(acc, raw, ps, lt, p, rs, first, n):
     """Step n's token (tile-local lt + n * TS): its G probabilities from shared memory, then the FMAs."""
     for i in range(GP // 4):
         x = ld_f32x4(ps, (lt + n * TS) * GP + 4 * i)
@@ -622,7 +624,7 @@ def _v_token_step(acc, raw, ps, lt, p, n):
         p[4 * i + 1] = x[1]
         p[4 * i + 2] = x[2]
         p[4 * i + 3] = x[3]
-    V_FMA(acc, raw, p, n)
+    V_FMA(acc, raw, p, rs, first, n)
 
 
 def _put_max_step(red, kq_max, warp, j):
@@ -777,15 +779,18 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, par
             FILL_G(s, NEG_INF)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
-        SCALE_ACC(acc, rs)
         warp_sync()
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
         lt = warp * WARP + sub                             # this lane's first token in the tile
-        for n0 in range(0, STEPS, NB):
+        tok0 = tile * NT + lt
+        LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_kv - tok0 if lane_ok else 0,
+               shift)
+        V_TOKENS(acc, raw, ps, lt, p, rs, True)             # the first steps (the rescale with the first)
+        for n0 in range(NB, STEPS, NB):
             tok0 = tile * NT + lt + n0 * TS
             n_left = n_kv - tok0 if lane_ok else 0
             LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, shift)
-            V_TOKENS(acc, raw, ps, lt + n0 * TS, p)
+            V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
 
     # ---- the end, per head (ggml's order): the warps' maxima, then each head's partial result ----
     if lane == 0:
@@ -872,10 +877,9 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
-              SCALE_ACC=unrolled(bind(_scale_step), g * ul * u, 2),
               LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
-              V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 4))
-    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 5), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
+              V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 6))
+    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 7), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
               STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
     ns.update(END_HEADS=unrolled(bind(_end_head_step), g, 17))
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
