@@ -209,10 +209,23 @@ def warm(pair: str, d: int, gqas) -> float:
 
 
 def warm_kvlab(pairs, head_dims, gqas) -> float:
-    """Every (pair, head size) in a process of its own, as many at once as there are cores (numba compiles
-    on one core; different processes compile different kernels, but for the shared combine kernels); seconds."""
+    """Every kernel (pair, head size, heads a block) in a process of its own, as many at once as there are
+    cores (numba compiles on one core; different processes compile different kernels, but for the shared
+    combine kernels); seconds."""
+    from kvlab.kernels.cuda import flash_decode as fd
+    from kvlab.types import type_info
     t0 = time.perf_counter()
-    tasks = [(p, d, gqas) for p in pairs for d in head_dims]
+    tasks, seen = [], set()
+    for p in pairs:                                    # one process per kernel (GQA ratios of one G: once)
+        for d in head_dims:
+            for gqa in gqas:
+                try:
+                    key = (p, d, fd.cols_per_block(gqa, d, type_info(p.split("/")[1]).ggml_type))
+                except TypeError:
+                    key = (p, d, gqa)
+                if key not in seen:
+                    seen.add(key)
+                    tasks.append((p, d, [gqa]))
     with multiprocessing.get_context("spawn").Pool(min(len(tasks), os.cpu_count() or 1)) as pool:
         pool.starmap(warm, tasks)
     return time.perf_counter() - t0
@@ -323,23 +336,32 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
     ggml.time_launches(q, k_raw, v_raw, scale, g_splits, 1)           # warm
     flush.zero_()
     t_ggml = ggml.time_launches(q, k_raw, v_raw, scale, g_splits, repeat)
-    launch, _ = fd.launcher(q, k_raw, v_raw, ggml.type_k.ggml_type, ggml.type_v.ggml_type, None, scale)
-    launch()
-    torch.cuda.synchronize()
-    flush.zero_()
-    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(repeat):
+    def kvlab_time(prefetch: bool) -> float:
+        before, fd.PREFETCH = getattr(fd, "PREFETCH", None), prefetch
+        try:
+            launch, _ = fd.launcher(q, k_raw, v_raw, ggml.type_k.ggml_type, ggml.type_v.ggml_type, None, scale)
+        finally:
+            fd.PREFETCH = before
         launch()
-    e.record()
-    e.synchronize()
-    t_kvlab = a.elapsed_time(e) / 1e3 / repeat
+        torch.cuda.synchronize()
+        flush.zero_()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(repeat):
+            launch()
+        e.record()
+        e.synchronize()
+        return a.elapsed_time(e) / 1e3 / repeat
+
+    t_kvlab_off = kvlab_time(False)                   # kvlab without its L2 prefetch of the next tile
+    t_kvlab = kvlab_time(True)
     read = k_raw.numel() + v_raw.numel()
     g = fd.cols_per_block(h // hkv, d, ggml.type_v.ggml_type)
     return {"figure": "speed", "pair": pair, **SPEED_SHAPE, "n_kv": n_kv, "batch": batch, "kv_bytes": read,
             "copy_GBps": copy_bw / 1e9, "ggml_seconds": t_ggml, "kvlab_seconds": t_kvlab,
             "ggml_fraction_of_copy": read / t_ggml / copy_bw, "kvlab_fraction_of_copy": read / t_kvlab / copy_bw,
-            "kvlab_time_over_ggml": t_kvlab / t_ggml, "splits_ggml": g_splits,
+            "kvlab_time_over_ggml": t_kvlab / t_ggml, "kvlab_seconds_no_prefetch": t_kvlab_off,
+            "kvlab_fraction_of_copy_no_prefetch": read / t_kvlab_off / copy_bw, "splits_ggml": g_splits,
             "splits_kvlab": fd.plan(batch * h // g, n_kv, n_sm)[0]}
 
 

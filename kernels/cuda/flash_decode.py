@@ -7,6 +7,8 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     for f16/bf16 V), as ggml's vector kernel runs ncols query columns per block. Split y of S reads the
     128-token tiles y, y + S, y + 2 S, ... of the context (split-K, as ggml's parallel blocks), a
     combine kernel merges the splits (flash_attn_combine_results); splits give ~16 blocks per SM.
+    At the start of a tile the block asks for its next tile's K and V rows in L2 (prefetch.L2, a hint:
+    PREFETCH / KVLAB_FD_PREFETCH=0 turns it off; ggml has no such step, the values are the same).
   - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
@@ -52,6 +54,7 @@ plain Python (the simulator's wrapper costs more than the work) and expf is the 
 float32 exp (the hardware's ex2.approx differs in the last bits).
 """
 import functools
+import os
 import types
 
 import numpy as np
@@ -60,7 +63,7 @@ from numba.cuda import libdevice
 
 from .kernels import _instantiate
 from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
-from .ops import fma_ftz, mul_ftz, rcp_approx, roundf
+from .ops import fma_ftz, mul_ftz, prefetch_l2, rcp_approx, roundf
 from .unroll import unrolled
 
 from ..flash_decode import BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0   # enum ggml_type, one copy
@@ -84,6 +87,9 @@ ZERO = np.float32(0.0)
 IQ4_T = tuple(np.int32(x) for x in np.asarray(_LEVELS, np.int8).view(np.int32))
 IQ4_T0, IQ4_T1, IQ4_T2, IQ4_T3 = IQ4_T
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
+# each block prefetches its next tile's K/V rows to L2 while it works on one (a hint: values unchanged);
+# KVLAB_FD_PREFETCH=0, or this set False before launcher(), turns it off
+PREFETCH = os.environ.get("KVLAB_FD_PREFETCH", "1") != "0"
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -670,7 +676,18 @@ def _end_head_step(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, spl
     block_sync()
 
 
-def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, parts, meta):
+def _prefetch_tile(k, v, ko, vo, n_rows, tid):
+    """prefetch.L2 of a tile's n_rows K and V rows (contiguous from byte ko / vo): 128-byte lines tid,
+    tid + NT, ... (a hint: no result)."""
+    for m in range(K_PF):
+        if 128 * (tid + NT * m) < n_rows * K_RB:
+            prefetch_l2(k, ko + 128 * (tid + NT * m))
+    for m in range(V_PF):
+        if 128 * (tid + NT * m) < n_rows * V_RB:
+            prefetch_l2(v, vo + 128 * (tid + NT * m))
+
+
+def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta):
     """One block: G query heads of one (sequence, KV head), the tiles split, split + splits, ... (as ggml's
     parallel blocks take them)."""
     grp = cuda.blockIdx.x
@@ -755,6 +772,10 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, par
 
     tiles = (n_kv + NT - 1) // NT
     for tile in range(split, tiles, splits):
+        nxt = tile + splits                                # this block's next tile, to L2 while this one runs
+        if prefetch and nxt < tiles:
+            PREFETCH(k, v, b * kst[0] + hk * kst[1] + nxt * NT * kst[2], b * vst[0] + hk * vst[1] + nxt * NT * vst[2],
+                     min(NT, n_kv - nxt * NT), tid)
         # (a) scores of token tid for every head; a quantized K's rows first pass through shared
         # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
         tok = tile * NT + tid
@@ -831,8 +852,8 @@ VARIANT = (128, NB_MAX)
 
 @functools.cache
 def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
-    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, parts, meta), run on a
-    grid (B * H / g, splits) of NT threads.
+    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
+    grid (B * H / g, splits) of NT threads (prefetch: each tile's K/V rows to L2 one tile ahead).
 
     q (R, D) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
     (batch, head, row) strides in bytes; mask (B, L) float32; parts (R, splits, D), meta (R, splits, 2)."""
@@ -857,6 +878,9 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
               ROW_WORDS=row_words)
+    k_rb = d * TYPE_SIZES[type_k] if plain_k else d // 32 * TYPE_SIZES[type_k]        # row bytes
+    v_rb = d * TYPE_SIZES[type_v] if plain_v else d // 32 * TYPE_SIZES[type_v]
+    ns.update(K_RB=k_rb, V_RB=v_rb, K_PF=-(-k_rb // 128), V_PF=-(-v_rb // 128))       # lines a thread prefetches
     # array sizes: numba takes only literal integers there
     ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
               N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul,
@@ -875,7 +899,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ns.update(KQ_PLAIN=bind(_kq_plain))
     ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
-    ns.update(SOFTMAX_HEAD=bind(_softmax_head))
+    ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
               LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
               V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 6))
@@ -1005,7 +1029,8 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
     partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), _device_array(parts, "parts"), _device_array(meta, "meta"))
+            mask is not None, np.float32(scale), bool(PREFETCH), _device_array(parts, "parts"),
+            _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
     combine = combine_kernel(dv)[rows, dv]
