@@ -7,8 +7,8 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     for f16/bf16 V), as ggml's vector kernel runs ncols query columns per block. Split y of S reads the
     128-token tiles y, y + S, y + 2 S, ... of the context (split-K, as ggml's parallel blocks), a
     combine kernel merges the splits (flash_attn_combine_results); splits give ~16 blocks per SM.
-    At the start of a tile the block asks for its next tile's K and V rows in L2 (prefetch.L2, a hint:
-    PREFETCH / KVLAB_FD_PREFETCH=0 turns it off; ggml has no such step, the values are the same).
+    At the start of a tile the block asks for the K and V rows of its tile PREFETCH (1) tiles ahead in L2
+    (prefetch.L2, a hint: KVLAB_FD_PREFETCH=0 turns it off; ggml has no such step, the values are the same).
   - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
@@ -87,9 +87,9 @@ ZERO = np.float32(0.0)
 IQ4_T = tuple(np.int32(x) for x in np.asarray(_LEVELS, np.int8).view(np.int32))
 IQ4_T0, IQ4_T1, IQ4_T2, IQ4_T3 = IQ4_T
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
-# each block prefetches its next tile's K/V rows to L2 while it works on one (a hint: values unchanged);
-# KVLAB_FD_PREFETCH=0, or this set False before launcher(), turns it off
-PREFETCH = os.environ.get("KVLAB_FD_PREFETCH", "1") != "0"
+# each block prefetches the K/V rows of its tile PREFETCH tiles ahead to L2 while it works on one (a hint:
+# values unchanged); KVLAB_FD_PREFETCH=0, or this set to 0 before launcher(), turns it off
+PREFETCH = int(os.environ.get("KVLAB_FD_PREFETCH", "1"))
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -772,8 +772,8 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
 
     tiles = (n_kv + NT - 1) // NT
     for tile in range(split, tiles, splits):
-        nxt = tile + splits                                # this block's next tile, to L2 while this one runs
-        if prefetch and nxt < tiles:
+        nxt = tile + prefetch * splits                     # this block's tile `prefetch` ahead, to L2
+        if prefetch > 0 and nxt < tiles:
             PREFETCH(k, v, b * kst[0] + hk * kst[1] + nxt * NT * kst[2], b * vst[0] + hk * vst[1] + nxt * NT * vst[2],
                      min(NT, n_kv - nxt * NT), tid)
         # (a) scores of token tid for every head; a quantized K's rows first pass through shared
@@ -853,7 +853,7 @@ VARIANT = (128, NB_MAX)
 @functools.cache
 def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
     """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
-    grid (B * H / g, splits) of NT threads (prefetch: each tile's K/V rows to L2 one tile ahead).
+    grid (B * H / g, splits) of NT threads (prefetch: K/V rows to L2 that many tiles ahead, 0: none).
 
     q (R, D) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
     (batch, head, row) strides in bytes; mask (B, L) float32; parts (R, splits, D), meta (R, splits, 2)."""
@@ -1029,7 +1029,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
     partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), bool(PREFETCH), _device_array(parts, "parts"),
+            mask is not None, np.float32(scale), int(PREFETCH), _device_array(parts, "parts"),
             _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
