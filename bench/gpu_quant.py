@@ -14,7 +14,9 @@ calls (torch.cuda.CUDAGraph), replayed: GPU microseconds per call (graph_us, tor
 ratio_graph), the launch work off the host altogether. Then (op "set_rows_decode_stream") the same
 set_rows on a side stream (torch.cuda.stream(s): kvlab follows torch's current stream) against copy_ there.
     python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--flavors ref,cuda] [--no-compile] [--once]
-                              [--decode-only] [--ab-prefetch]
+                              [--decode-only] [--ab-prefetch] [--kernels-only]
+--kernels-only: kvlab's own lines alone (no decode set_rows, llama.cpp-way or torch lines; a short run),
+and the fused ref at n = 32 too (the in-row stages alone: against n = 64 .. 256, the column stages' cost).
 The copy line also gives fill_GBps, torch's fill_ (writes only), as the roof of write-heavy ops
 (dequantize writes 4-7x the bytes it reads).
 """
@@ -217,14 +219,15 @@ def prefetch_ab(report, x, types, bufs):
     kc._PLANS.clear()
 
 
-def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefetch=False):
+def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefetch=False, kernels_only=False):
     n = 1 << log2_elems
     cols = 4096
     torch.manual_seed(0)
     x = torch.randn(n // cols, cols, device="cuda")                 # (rows, 4096)
     if once:
         return profile_once(x, types)
-    decode_set_rows(types)
+    if not kernels_only:
+        decode_set_rows(types)
     if decode_only:
         return
     src = torch.randn(n, device="cuda")
@@ -252,20 +255,21 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefet
         report("dequantize", name, "kvlab", lambda: kc.dequantize(out, back, info), nbytes)
         if not info.is_quantized:
             continue
-        for nr in (64, ROT_N, 256) if "ref" in flavors else ():
+        for nr in ((32,) if kernels_only else ()) + (64, ROT_N, 256) if "ref" in flavors else ():
             report("rotate_quantize", name, "kvlab_fused_ref",
                    lambda: kc.rotate_quantize(x, out, info, 0, nr, hadamard_scale(nr)), nbytes, n_rot=nr)
         if "cuda" in flavors:
             report("rotate_quantize", name, "kvlab_fused_cuda",
                    lambda: kc.rotate_quantize(x, out, info, 2, ROT_N, scale), nbytes, n_rot=ROT_N)
-        report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
-               lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, info, 0), nbytes, n_rot=ROT_N)
+        if not kernels_only:
+            report("rotate_quantize", name, "llamacpp_way_matmul_then_kvlab",
+                   lambda: kc.quantize((x.view(-1, ROT_N) @ h).view(x.shape), out, info, 0), nbytes, n_rot=ROT_N)
         report("dequantize_unrotate", name, "kvlab_fused",
                lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
     report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
     if ab_prefetch:
         prefetch_ab(report, x, types, bufs)
-    for name in types:
+    for name in () if kernels_only else types:
         out, nbytes = bufs[name]
         quant, dequant = torch_quant.QUANTIZE[name], torch_quant.DEQUANTIZE[name]
         peers = [("torch_eager", quant, dequant)]
@@ -290,6 +294,8 @@ if __name__ == "__main__":
     ap.add_argument("--decode-only", action="store_true", help="only the decode-shaped set_rows lines")
     ap.add_argument("--ab-prefetch", action="store_true",
                     help=f"also time {', '.join(AB_TYPES)} at other L2 prefetch distances {AB_PREFETCH}")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="kvlab's lines alone: no decode set_rows, llama.cpp-way or torch lines")
     a = ap.parse_args()
     main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","),
-         a.ab_prefetch)
+         a.ab_prefetch, a.kernels_only)

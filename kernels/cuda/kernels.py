@@ -36,7 +36,7 @@ import numpy as np
 from numba import cuda, float32, uint8, uint32
 
 from .. import FLAVORS
-from .fwht import rotate_row
+from .fwht import rotate_into_tile, rotate_row
 from .ops import (SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, prefetch_l2, st_f32x4, st_u32, st_u32x2,
                   st_u32x4)
 from .quantizers import BEST_INDEX_LUT, KVALUES
@@ -114,6 +114,20 @@ def store_bytes(stage, y, base, count, width, row_ids, row_bytes):
             for k in range(4):
                 if b + k < count:
                     y[_dest(base + b + k, row_bytes, row_ids)] = stage[b + k]
+
+
+@device
+def store_full_tile(stage, y, base, count):
+    """stage[0:count] -> bytes base .. of the flat uint8 y, 16-byte aligned, count a constant multiple of
+    16 (a whole tile's STAGE_BYTES): a thread's words at constant offsets, no loop (store_bytes' width 16
+    for a whole tile, without its 64-bit loop arithmetic)."""
+    t = np.uint32(cuda.threadIdx.x)
+    words = count >> 4
+    for k in range((words + TPB - 1) // TPB):       # a constant trip count: unrolled
+        w = t + np.uint32(k * TPB)
+        if w < np.uint32(words):
+            v = ld_u32x4(stage, np.uint32(16) * w)
+            st_u32x4(y, base + np.int64(16 * w), v[0], v[1], v[2], v[3])
 
 
 @device
@@ -227,8 +241,11 @@ def _quantize(x, y, n_blocks, vec, width, row_bytes, n, scale, ahead, row_ids, n
         rotate_row(tile, row, n, scale, TPB)
     QUANTIZE_BLOCK(row, stage, r * TYPE_SIZE, FLAVOR, lut, kv)  # noqa: F821
     cuda.syncthreads()
-    store_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE,  # noqa: F821
-                width, row_ids, row_bytes)
+    if width == 16 and first + TPB <= n_blocks:
+        store_full_tile(stage, y, first * TYPE_SIZE, STAGE_BYTES)  # noqa: F821
+    else:
+        store_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE,  # noqa: F821
+                    width, row_ids, row_bytes)
 
 
 @functools.cache
@@ -263,8 +280,9 @@ def _dequantize(y, out, n_blocks, wide, vec, n, scale, ahead):
     row = cuda.local.array(32, float32)
     DEQUANTIZE_BLOCK(stage, r * TYPE_SIZE, row, kv)  # noqa: F821
     if n > 0:
-        rotate_row(tile, row, n, scale, TPB)
-    write_row(tile, r, row)
+        rotate_into_tile(tile, row, n, scale, TPB)
+    else:
+        write_row(tile, r, row)
     cuda.syncthreads()
     store_tile(tile, out, first * 32, n_blocks * 32, vec)
 
@@ -290,8 +308,7 @@ def rotate_kernel(x, out, total, vec, n, scale):
     cuda.syncthreads()
     row = cuda.local.array(32, float32)
     read_row(tile, r, row)
-    rotate_row(tile, row, n, scale, TPB)
-    write_row(tile, r, row)
+    rotate_into_tile(tile, row, n, scale, TPB)
     cuda.syncthreads()
     store_tile(tile, out, base, total, vec)
 

@@ -60,9 +60,10 @@ def _best_index_lut():
 
 BEST_INDEX_LUT = _best_index_lut()
 
-# Indices are cast to uint32: numba adds a negative-index wrap-around to every signed index, which
-# was most of the instructions per value (ncu: the quantizers were SM-bound); o comes unsigned.
-_u = np.uint32
+# Array indices are unsigned: numba adds a negative-index wrap-around to every signed index, which was
+# most of the instructions per value (ncu: the quantizers were SM-bound); o comes unsigned. The 16-bit
+# accesses (ld_u16/st_u16, no wrap-around) take o + offset as it is, 64-bit: a cast back to uint32
+# would mask every address (its wrap), and the offsets would not fold into the shared stores.
 
 
 # ---- bytes and casts --------------------------------------------------------------------------
@@ -78,18 +79,18 @@ def half_bits(v, flavor):
 
 @device
 def load_half(y, o, off):
-    return f16_bits_to_f32(ld_u16(y, _u(o + off)))
+    return f16_bits_to_f32(ld_u16(y, o + off))
 
 
 @device
 def put_u32(y, at, v):
-    st_u16(y, _u(at), np.uint16(v & np.uint32(0xFFFF)))
-    st_u16(y, _u(at + 2), np.uint16(v >> np.uint32(16)))
+    st_u16(y, at, np.uint16(v & np.uint32(0xFFFF)))
+    st_u16(y, at + 2, np.uint16(v >> np.uint32(16)))
 
 
 @device
 def get_u32(y, at):
-    return np.uint32(ld_u16(y, _u(at))) | (np.uint32(ld_u16(y, _u(at + 2))) << np.uint32(16))
+    return np.uint32(ld_u16(y, at)) | (np.uint32(ld_u16(y, at + 2)) << np.uint32(16))
 
 
 @device
@@ -146,11 +147,67 @@ def to_i8(v, flavor):
 
 
 @device
+def in_range(idv):
+    """A block's 1/d is finite: then every t the quantizers convert is NaN or within [-129, 129] (|x| d^-1
+    <= levels (1 + 2^-21), d >= 2^-128 normal enough), where cvttss2si, cvt.rzi and the int8 cast all give
+    the same int: the fast path converts with cvt.rzi alone (3 instructions a value fewer). Not for q8_0's
+    cpu flavor, which saturates NaN to -128."""
+    return abs(idv) < np.float32(np.inf)
+
+
+@device
 def recip(d, flavor):
     """`d ? 1.0f/d : 0.0f`: IEEE, or rcp.approx.ftz with a subnormal d counting as 0."""
     if flavor == CUDA:
         return rcp_approx(d) if ftz(d) != _ZERO else _ZERO
     return div(_ONE, d) if d != _ZERO else _ZERO
+
+
+@device
+def _lo(a, b, flavor):
+    return fmin_ftz(a, b) if flavor == CUDA else fmin(a, b)
+
+
+@device
+def _hi(a, b, flavor):
+    return fmax_ftz(a, b) if flavor == CUDA else fmax(a, b)
+
+
+def _min_max_tree_source():
+    """min_max_tree(row, flavor): (min, max) of the 32 values by a tree of min/max.f32 (flushed
+    compares for cuda), NaN dropped (NaN only when all are); any order gives the same but for the sign
+    of a zero result."""
+    lines = [f"lo{k}, hi{k} = _lo(row[{2 * k}], row[{2 * k + 1}], flavor), _hi(row[{2 * k}], row[{2 * k + 1}], flavor)"
+             for k in range(QK // 2)]
+    w = QK // 4
+    while w:
+        lines += [f"lo{k}, hi{k} = _lo(lo{k}, lo{k + w}, flavor), _hi(hi{k}, hi{k + w}, flavor)" for k in range(w)]
+        w //= 2
+    return "def min_max_tree(row, flavor):\n" + "".join(f"    {line}\n" for line in lines) + "    return lo0, hi0\n"
+
+
+def _compile_min_max_tree():
+    scope = {"_lo": _lo, "_hi": _hi}
+    exec(_min_max_tree_source(), scope)
+    return device(scope["min_max_tree"])
+
+
+min_max_tree = _compile_min_max_tree()
+
+
+def _compile_abs_max_tree():
+    """abs_max_ftz(row): max.ftz.f32 of the 32 |values| by a tree, NaN dropped (NaN only when all are)."""
+    lines = [f"m{k} = fmax_ftz(abs(row[{2 * k}]), abs(row[{2 * k + 1}]))" for k in range(QK // 2)]
+    w = QK // 4
+    while w:
+        lines += [f"m{k} = fmax_ftz(m{k}, m{k + w})" for k in range(w)]
+        w //= 2
+    scope = {"fmax_ftz": fmax_ftz}
+    exec("def abs_max_ftz(row):\n" + "".join(f"    {line}\n" for line in lines) + "    return m0\n", scope)
+    return device(scope["abs_max_ftz"])
+
+
+abs_max_ftz = _compile_abs_max_tree()
 
 
 @device
@@ -166,13 +223,26 @@ _signed_absmax = unrolled(_signed_absmax_step, QK, 3)
 
 
 @device
-def signed_absmax(row, flavor):
-    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins)."""
+def _signed_absmax_serial(row, flavor):
     acc = cuda.local.array(2, np.float32)
     acc[0] = _ZERO
     acc[1] = _ZERO
     _signed_absmax(row, acc, flavor)
     return acc[0], acc[1]
+
+
+@device
+def signed_absmax(row, flavor):
+    """(amax, vmax): the first value of largest magnitude, strict compare (NaN never wins; cuda: of the
+    flushed magnitudes). From the row's min and max (a tree of min/max.f32, 2 instructions a value, not 3):
+    when max > -min every value of largest magnitude is max (and max > 0, so not flushed), when -min > max
+    every one is min; otherwise (a tie of +m and -m, all zeros or all NaN) the serial scan decides."""
+    lo, hi = min_max_tree(row, flavor)
+    if hi > -lo:
+        return hi, hi
+    if -lo > hi:
+        return -lo, lo
+    return _signed_absmax_serial(row, flavor)
 
 
 # ---- q8_0 -------------------------------------------------------------------------------------
@@ -209,18 +279,20 @@ _q8_absmax = unrolled(_q8_absmax_step, QK, 3)
 
 
 @device
-def _q8_byte(row, words, idv, flavor, j):
+def _q8_byte(row, words, idv, flavor, fast, j):
     v = row[j]
     if flavor == CPU:
         n = min(max(x86_i32(round_even(mul(v, idv))), np.int32(-128)), np.int32(127))    # packs saturate
     elif flavor == CUDA:
         n = ptx_i32(roundf(mul_ftz(v, idv)))
+    elif fast:
+        n = ptx_i32(roundf(mul(v, idv)))
     else:
         n = x86_i32(roundf(mul(v, idv)))
     set_byte(words, j, n)
 
 
-_q8_bytes = unrolled(_q8_byte, QK, 4)
+_q8_bytes = unrolled(_q8_byte, QK, 5)
 
 
 @device
@@ -230,15 +302,24 @@ def quantize_q8_0(row, y, o, flavor, lut, kv):
         d = div(amax, F(127.0))
         idv = div(F(127.0), amax) if amax != _ZERO else _ZERO
     else:
-        acc = cuda.local.array(1, np.float32)
-        acc[0] = _ZERO
-        _q8_absmax(row, acc, flavor)
-        d = mul_ftz(acc[0], _INV_127) if flavor == CUDA else div(acc[0], F(127.0))
+        if flavor == CUDA:
+            amax = abs_max_ftz(row)             # fmaxf of flushed magnitudes from 0: the serial loop's max
+            if not amax > _ZERO:
+                amax = _ZERO                    # all NaN (or all zero / subnormal)
+            d = mul_ftz(amax, _INV_127)
+        else:
+            acc = cuda.local.array(1, np.float32)
+            acc[0] = _ZERO
+            _q8_absmax(row, acc, flavor)
+            d = div(acc[0], F(127.0))
         idv = recip(d, flavor)
     st_u16(y, o, half_bits(d, flavor))
     words = cuda.local.array(8, np.uint32)
     fill_words_8(words, np.uint32(0))
-    _q8_bytes(row, words, idv, flavor)
+    if flavor == REF and in_range(idv):
+        _q8_bytes(row, words, idv, flavor, True)
+    else:
+        _q8_bytes(row, words, idv, flavor, False)
     put_words_8(y, o + 2, words)
 
 
@@ -267,19 +348,22 @@ def _sym_scale(row, y, o, flavor, neg_levels, inv_levels):
 
 
 @device
-def _sym_q(v, idv, offset, top, flavor):
+def _sym_q(v, idv, offset, top, flavor, fast):
+    """fast (in_range): t in [0, 2 top + 2] or NaN, so the int8 cast is the int itself."""
     t = fma_ftz(v, idv, offset) if flavor == CUDA else add(mul(v, idv), offset)
+    if fast:
+        return min(np.int32(top), ptx_i32(t))
     return min(np.int32(top), to_i8(t, flavor))
 
 
 @device
-def _q4_0_byte(row, words, idv, flavor, j):
-    lo = _sym_q(row[j], idv, F(8.5), 15, flavor)
-    hi = _sym_q(row[j + 16], idv, F(8.5), 15, flavor)
+def _q4_0_byte(row, words, idv, flavor, fast, j):
+    lo = _sym_q(row[j], idv, F(8.5), 15, flavor, fast)
+    hi = _sym_q(row[j + 16], idv, F(8.5), 15, flavor, fast)
     set_byte(words, j, lo | (hi << 4))           # unmasked, as in C
 
 
-_q4_0_bytes = unrolled(_q4_0_byte, 16, 4)
+_q4_0_bytes = unrolled(_q4_0_byte, 16, 5)
 
 
 @device
@@ -287,7 +371,10 @@ def quantize_q4_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-8.0), F(-0.125))
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
-    _q4_0_bytes(row, words, idv, flavor)
+    if in_range(idv):
+        _q4_0_bytes(row, words, idv, flavor, True)
+    else:
+        _q4_0_bytes(row, words, idv, flavor, False)
     put_words_4(y, o + 2, words)
 
 
@@ -323,11 +410,12 @@ def _q5_get(words, qh, j):
 
 
 @device
-def _q5_0_pair(row, words, idv, flavor, j):
-    _q5_set(words, j, _sym_q(row[j], idv, F(16.5), 31, flavor), _sym_q(row[j + 16], idv, F(16.5), 31, flavor))
+def _q5_0_pair(row, words, idv, flavor, fast, j):
+    _q5_set(words, j, _sym_q(row[j], idv, F(16.5), 31, flavor, fast),
+            _sym_q(row[j + 16], idv, F(16.5), 31, flavor, fast))
 
 
-_q5_0_pairs = unrolled(_q5_0_pair, 16, 4)
+_q5_0_pairs = unrolled(_q5_0_pair, 16, 5)
 
 
 @device
@@ -335,7 +423,10 @@ def quantize_q5_0(row, y, o, flavor, lut, kv):
     idv = _sym_scale(row, y, o, flavor, F(-16.0), F(-0.0625))
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
-    _q5_0_pairs(row, words, idv, flavor)
+    if in_range(idv):
+        _q5_0_pairs(row, words, idv, flavor, True)
+    else:
+        _q5_0_pairs(row, words, idv, flavor, False)
     put_u32(y, o + 2, words[4])
     put_words_4(y, o + 6, words)
 
@@ -358,36 +449,6 @@ def dequantize_q5_0(y, o, row, kv):
 
 
 # ---- q4_1 / q5_1: d = (max - min) / 15 (31), (x - min)*id + 0.5 -------------------------------
-@device
-def _lo(a, b, flavor):
-    return fmin_ftz(a, b) if flavor == CUDA else fmin(a, b)
-
-
-@device
-def _hi(a, b, flavor):
-    return fmax_ftz(a, b) if flavor == CUDA else fmax(a, b)
-
-
-def _min_max_tree_source():
-    """min_max_tree(row, flavor): (min, max) of the 32 values by a tree of min/max.f32 (flushed
-    compares for cuda), NaN dropped (NaN only when all are); any order gives the same but for the sign
-    of a zero result."""
-    lines = [f"lo{k}, hi{k} = _lo(row[{2 * k}], row[{2 * k + 1}], flavor), _hi(row[{2 * k}], row[{2 * k + 1}], flavor)"
-             for k in range(QK // 2)]
-    w = QK // 4
-    while w:
-        lines += [f"lo{k}, hi{k} = _lo(lo{k}, lo{k + w}, flavor), _hi(hi{k}, hi{k + w}, flavor)" for k in range(w)]
-        w //= 2
-    return "def min_max_tree(row, flavor):\n" + "".join(f"    {line}\n" for line in lines) + "    return lo0, hi0\n"
-
-
-def _compile_min_max_tree():
-    scope = {"_lo": _lo, "_hi": _hi}
-    exec(_min_max_tree_source(), scope)
-    return device(scope["min_max_tree"])
-
-
-min_max_tree = _compile_min_max_tree()
 
 
 @device
@@ -452,13 +513,18 @@ def _affine_t(v, lo, idv, flavor):
 
 
 @device
-def _q4_1_byte(row, words, lo, idv, flavor, j):
-    q0 = min(np.int32(15), to_i8(_affine_t(row[j], lo, idv, flavor), flavor))
-    q1 = min(np.int32(15), to_i8(_affine_t(row[j + 16], lo, idv, flavor), flavor))
+def _i8_of(t, flavor, fast):
+    return ptx_i32(t) if fast else to_i8(t, flavor)
+
+
+@device
+def _q4_1_byte(row, words, lo, idv, flavor, fast, j):
+    q0 = min(np.int32(15), _i8_of(_affine_t(row[j], lo, idv, flavor), flavor, fast))
+    q1 = min(np.int32(15), _i8_of(_affine_t(row[j + 16], lo, idv, flavor), flavor, fast))
     set_byte(words, j, q0 | (q1 << 4))
 
 
-_q4_1_bytes = unrolled(_q4_1_byte, 16, 5)
+_q4_1_bytes = unrolled(_q4_1_byte, 16, 6)
 
 
 @device
@@ -466,7 +532,10 @@ def quantize_q4_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(15.0), _INV_15, False)
     words = cuda.local.array(4, np.uint32)
     fill_words_4(words, np.uint32(0))
-    _q4_1_bytes(row, words, lo, idv, flavor)
+    if in_range(idv):
+        _q4_1_bytes(row, words, lo, idv, flavor, True)
+    else:
+        _q4_1_bytes(row, words, lo, idv, flavor, False)
     put_words_4(y, o + 4, words)
 
 
@@ -496,12 +565,17 @@ def _u8(t, flavor):
 
 
 @device
-def _q5_1_pair(row, words, lo, idv, flavor, j):
-    _q5_set(words, j, _u8(_affine_t(row[j], lo, idv, flavor), flavor),
-            _u8(_affine_t(row[j + 16], lo, idv, flavor), flavor))
+def _u8_of(t, flavor, fast):
+    return ptx_i32(t) if fast else _u8(t, flavor)
 
 
-_q5_1_pairs = unrolled(_q5_1_pair, 16, 5)
+@device
+def _q5_1_pair(row, words, lo, idv, flavor, fast, j):
+    _q5_set(words, j, _u8_of(_affine_t(row[j], lo, idv, flavor), flavor, fast),
+            _u8_of(_affine_t(row[j + 16], lo, idv, flavor), flavor, fast))
+
+
+_q5_1_pairs = unrolled(_q5_1_pair, 16, 6)
 
 
 @device
@@ -509,7 +583,10 @@ def quantize_q5_1(row, y, o, flavor, lut, kv):
     lo, idv = _affine_scale(row, y, o, flavor, F(31.0), _INV_31, flavor == CUDA)
     words = cuda.local.array(5, np.uint32)
     fill_words_5(words, np.uint32(0))
-    _q5_1_pairs(row, words, lo, idv, flavor)
+    if in_range(idv):
+        _q5_1_pairs(row, words, lo, idv, flavor, True)
+    else:
+        _q5_1_pairs(row, words, lo, idv, flavor, False)
     put_u32(y, o + 4, words[4])
     put_words_4(y, o + 8, words)
 

@@ -42,12 +42,13 @@ write_row = unrolled(_write4, 8, 3)       # write_row(tile, r, row): tile[r, 0:3
 @device
 def _float4_at(q):
     """Flat tile index of the tile's float4 number q (row q / 8, columns 4 * (q % 8) ..)."""
-    return np.uint32(q >> 3) * TILE_W + np.uint32((q & 7) * 4)
+    return np.uint32(q >> 3) * np.uint32(TILE_W) + np.uint32((q & 7) * 4)
 
 
 @device
-def _put4(tile, q, v):
-    st_f32x4(tile, _float4_at(q), v[0], v[1], v[2], v[3])
+def _put4(tile, at, k, v):
+    """float4 number q + k * TPB of the tile, q's at flat index at: TPB / 8 rows further per k (a constant)."""
+    st_f32x4(tile, at + np.uint32(k * (TPB // 8) * TILE_W), v[0], v[1], v[2], v[3])
 
 
 @device
@@ -65,14 +66,15 @@ def load_tile(tile, x, base, total, vec):
         v5 = ld_f32x4(x, p + 20 * TPB)
         v6 = ld_f32x4(x, p + 24 * TPB)
         v7 = ld_f32x4(x, p + 28 * TPB)
-        _put4(tile, t, v0)
-        _put4(tile, t + TPB, v1)
-        _put4(tile, t + 2 * TPB, v2)
-        _put4(tile, t + 3 * TPB, v3)
-        _put4(tile, t + 4 * TPB, v4)
-        _put4(tile, t + 5 * TPB, v5)
-        _put4(tile, t + 6 * TPB, v6)
-        _put4(tile, t + 7 * TPB, v7)
+        at = _float4_at(np.uint32(t))
+        _put4(tile, at, 0, v0)
+        _put4(tile, at, 1, v1)
+        _put4(tile, at, 2, v2)
+        _put4(tile, at, 3, v3)
+        _put4(tile, at, 4, v4)
+        _put4(tile, at, 5, v5)
+        _put4(tile, at, 6, v6)
+        _put4(tile, at, 7, v7)
     else:
         for k in range(32):
             e = k * TPB + t
@@ -84,10 +86,11 @@ def store_tile(tile, out, base, total, vec):
     """The tile -> values base .. of the flat float32 out (none past total)."""
     t = cuda.threadIdx.x
     if vec and base + TPB * 32 <= total:
-        for k in range(8):
-            q = k * TPB + t
-            v = ld_f32x4(tile, _float4_at(q))
-            st_f32x4(out, base + 4 * q, v[0], v[1], v[2], v[3])
+        at = _float4_at(np.uint32(t))
+        p = base + 4 * t
+        for k in range(8):              # a constant trip count: unrolled, constant offsets
+            v = ld_f32x4(tile, at + np.uint32(k * (TPB // 8) * TILE_W))
+            st_f32x4(out, p + 4 * TPB * k, v[0], v[1], v[2], v[3])
     else:
         for k in range(32):
             e = k * TPB + t

@@ -19,8 +19,9 @@ from kvlab.rotation import hadamard_scale
 from kvlab.types import FLAVORS, TYPES
 
 CASES = ("normal", "ties_pm", "subnormal_mixed", "nan", "inf", "zeros")
-ROTATIONS = (((2, 256), 1), ((2, 256), 4), ((2, 256), 64), ((2, 256), 256), ((2, 512), 512))   # (shape, n)
-FUSED = ((64, "ref"), (256, "cuda"), (512, "cpu"))                                                 # (n, flavor)
+ROTATIONS = (((2, 256), 1), ((2, 256), 4), ((2, 256), 32), ((2, 256), 64), ((2, 256), 128), ((2, 256), 256),
+             ((2, 512), 512))                                                                   # (shape, n)
+FUSED = ((32, "cuda"), (64, "ref"), (128, "cpu"), (256, "cuda"), (512, "cpu"))                                                 # (n, flavor)
 FUSED_ROW_IDS = (2, 0)                      # rotate_quantize writes rows 0, 1 of x to these rows of a 3-row cache
 SET_ROWS_IDS = (2, 6)                       # ids per set_rows: checked in every CUDA block / by a kernel first
 
