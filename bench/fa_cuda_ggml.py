@@ -336,7 +336,8 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
     ggml.time_launches(q, k_raw, v_raw, scale, g_splits, 1)           # warm
     flush.zero_()
     t_ggml = ggml.time_launches(q, k_raw, v_raw, scale, g_splits, repeat)
-    def kvlab_time(prefetch: int) -> float:
+    def kvlab_time(prefetch) -> float:
+        """kvlab's seconds per launch with fd.PREFETCH = prefetch (None: its default for the pair)."""
         before, fd.PREFETCH = getattr(fd, "PREFETCH", None), prefetch
         try:
             launch, _ = fd.launcher(q, k_raw, v_raw, ggml.type_k.ggml_type, ggml.type_v.ggml_type, None, scale)
@@ -353,17 +354,18 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
         e.synchronize()
         return a.elapsed_time(e) / 1e3 / repeat
 
-    t_kvlab_off = kvlab_time(0)                       # kvlab without its L2 prefetch of the next tile
-    t_kvlab_2 = kvlab_time(2)                         # two tiles ahead
-    t_kvlab = kvlab_time(1)
+    t_pf = {n: kvlab_time(n) for n in (0, 1, 2)}      # L2 prefetch of the tile n ahead (0: none)
+    t_kvlab = kvlab_time(None)
     read = k_raw.numel() + v_raw.numel()
     g = fd.cols_per_block(h // hkv, d, ggml.type_v.ggml_type)
     return {"figure": "speed", "pair": pair, **SPEED_SHAPE, "n_kv": n_kv, "batch": batch, "kv_bytes": read,
             "copy_GBps": copy_bw / 1e9, "ggml_seconds": t_ggml, "kvlab_seconds": t_kvlab,
             "ggml_fraction_of_copy": read / t_ggml / copy_bw, "kvlab_fraction_of_copy": read / t_kvlab / copy_bw,
-            "kvlab_time_over_ggml": t_kvlab / t_ggml, "kvlab_seconds_no_prefetch": t_kvlab_off,
-            "kvlab_fraction_of_copy_no_prefetch": read / t_kvlab_off / copy_bw,
-            "kvlab_fraction_of_copy_prefetch_2": read / t_kvlab_2 / copy_bw, "splits_ggml": g_splits,
+            "kvlab_time_over_ggml": t_kvlab / t_ggml,
+            "kvlab_prefetch": fd.prefetch_tiles(ggml.type_k.ggml_type, ggml.type_v.ggml_type)
+            if hasattr(fd, "prefetch_tiles") else None,
+            **{f"kvlab_fraction_of_copy_prefetch_{n}": read / t / copy_bw for n, t in t_pf.items()},
+            "splits_ggml": g_splits,
             "splits_kvlab": fd.plan(batch * h // g, n_kv, n_sm)[0]}
 
 

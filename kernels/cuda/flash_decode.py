@@ -7,8 +7,8 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     for f16/bf16 V), as ggml's vector kernel runs ncols query columns per block. Split y of S reads the
     128-token tiles y, y + S, y + 2 S, ... of the context (split-K, as ggml's parallel blocks), a
     combine kernel merges the splits (flash_attn_combine_results); splits give ~16 blocks per SM.
-    At the start of a tile the block asks for the K and V rows of its tile PREFETCH (1) tiles ahead in L2
-    (prefetch.L2, a hint: KVLAB_FD_PREFETCH=0 turns it off; ggml has no such step, the values are the same).
+    With quantized K and V, at the start of a tile the block asks for the K and V rows of its next tile in
+    L2 (prefetch.L2, a hint; PREFETCH / KVLAB_FD_PREFETCH set it; ggml has no such step, same values).
   - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
@@ -30,7 +30,7 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     rescaled to it; the sums added by xor shuffles within a warp, then (w0 + w2) + (w1 + w3); a column
     the sum from 0 of the 4 warps x (32 / lanes a token) token streams in (warp, stream) order; with one
     split divided by the sum, otherwise (max, sum) written beside the partial output.
-Compiled with fastmath (ftz, contraction, approximate expf/division), as ggml-cuda is with
+Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as ggml-cuda is with
 -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the same values).
 
 Differences from ggml-cuda, named:
@@ -87,9 +87,11 @@ ZERO = np.float32(0.0)
 IQ4_T = tuple(np.int32(x) for x in np.asarray(_LEVELS, np.int8).view(np.int32))
 IQ4_T0, IQ4_T1, IQ4_T2, IQ4_T3 = IQ4_T
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
-# each block prefetches the K/V rows of its tile PREFETCH tiles ahead to L2 while it works on one (a hint:
-# values unchanged); KVLAB_FD_PREFETCH=0, or this set to 0 before launcher(), turns it off
-PREFETCH = int(os.environ.get("KVLAB_FD_PREFETCH", "1"))
+# each block may prefetch the K/V rows of its tile PREFETCH tiles ahead to L2 while it works on one (a hint:
+# values unchanged). None: 1 when K and V are both quantized, else 0 (H200, Llama-3-8B layer, 32k: q4_0
+# 0.24 -> 0.26 of copy_, q8_0 0.39 -> 0.41; f16/bf16 0.53 -> 0.44). KVLAB_FD_PREFETCH=N, or this set to N
+# before launcher(), forces N.
+PREFETCH = int(os.environ["KVLAB_FD_PREFETCH"]) if os.environ.get("KVLAB_FD_PREFETCH") else None
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -126,6 +128,10 @@ if SIM:
 
     def warp_sync():
         threading.current_thread().syncthreads()
+
+    def div_approx(a, b):
+        """div.approx.ftz.f32's twin: the correctly rounded quotient (the hardware's differs in the last bits)."""
+        return np.float32(np.float32(a) / np.float32(b))
 
     def prmt(a, b, c):
         """prmt.b32 (default mode): byte n of the result is byte (c's nibble n & 7) of {b, a}, replaced by
@@ -215,6 +221,15 @@ else:
     _dp4a_us = _asm3("dp4a.u32.s32 $0, $1, $2, $3;")
     _dp4a_ss = _asm3("dp4a.s32.s32 $0, $1, $2, $3;")
     _prmt = _asm3("prmt.b32 $0, $1, $2, $3;")
+
+    @intrinsic
+    def div_approx(typingctx, a, b):
+        """div.approx.ftz.f32, as nvcc -use_fast_math compiles ggml's `/` (NVVM's fastmath `/` may give div.full)."""
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            return builder.call(ir.InlineAsm(ir.FunctionType(f32, [f32, f32]), "div.approx.ftz.f32 $0, $1, $2;",
+                                             "=f,f,f"), args)
+        return nb_types.float32(nb_types.float32, nb_types.float32), codegen
     MAGIC = np.int32(0x4B000000)                           # the float 2^23: its low bits take an integer
     MAGIC_F = np.float32(8388608.0)
 
@@ -668,7 +683,7 @@ def _end_head_step(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, spl
         for i in range(NWARPS * TS):
             val += comb[i * D + col]
         if splits == 1:
-            val /= total
+            val = div_approx(val, total)
         parts[row0 + j, split, col] = val
         if col == 0:
             meta[row0 + j, split, 0] = m
@@ -929,7 +944,7 @@ def combine_kernel(d: int):
             f = expf(meta[row, s, 0] - kq_max)
             num += f * parts[row, s, c]
             den += f * meta[row, s, 1]
-        out[row, c] = num / den
+        out[row, c] = div_approx(num, den)
 
     return kernel
 
@@ -991,6 +1006,13 @@ def flash_decode(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits:
     return out
 
 
+def prefetch_tiles(type_k: int, type_v: int) -> int:
+    """Tiles ahead a block prefetches (PREFETCH, or by default 1 for quantized K and V, 0 otherwise)."""
+    if PREFETCH is not None:
+        return int(PREFETCH)
+    return 1 if type_k not in PLAIN and type_v not in PLAIN else 0
+
+
 def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
     """(launch, out): every host-side step of flash_decode done once (arrays, strides, kernels), so that
     launch() only enqueues the partials and combine kernels writing out (B, H, Dv). For benchmarks: the
@@ -1029,7 +1051,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
     partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), int(PREFETCH), _device_array(parts, "parts"),
+            mask is not None, np.float32(scale), prefetch_tiles(type_k, type_v), _device_array(parts, "parts"),
             _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
