@@ -24,14 +24,17 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
     tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
     token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use, and
-    accumulates p * V in float32 for all G heads; each V value is dequantized once (d * (q - 8) etc.
-    exactly as dequantize_V).
+    accumulates p * V in float32 for all G heads (the tile's first token as fma(rescale, acc, p * v): nvcc
+    contracts ggml's rescale into its first FMA so, in fattn-vec.cuh's sm_90 PTX); each V value is
+    dequantized once (d * (q - 8) etc. exactly as dequantize_V).
   - the end, per head as ggml's: the block's maximum over the warps', each warp's sum and accumulators
     rescaled to it; the sums added by xor shuffles within a warp, then (w0 + w2) + (w1 + w3); a column
     the sum from 0 of the 4 warps x (32 / lanes a token) token streams in (warp, stream) order; with one
     split divided by the sum, otherwise (max, sum) written beside the partial output.
-Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as ggml-cuda is with
--use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the same values).
+Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
+ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
+same values). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
+(bench/fa_cuda_ggml.py on an H200: 54 of 54 cases at kvlab's counts).
 
 Differences from ggml-cuda, named:
   - the summation order, where it is not ggml's: V of a quantized type accumulated by its own lane
@@ -40,18 +43,20 @@ Differences from ggml-cuda, named:
   - K.Q of a quantized block: the integer dp4a sums of its 8 words added first, then the block's
     float term d_k * (d_q * sumi - 8 s) (q4_0; -16 s for q5_0; d_k d_q sumi + m_k s for q4_1/q5_1;
     d_k d_q sumi for q8_0/iq4_nl), as ggml's vecdotq.cuh (mmvq) writes a block; ggml's vector kernel
-    adds one float term per 4-value word (the same formula with s/8 per word). The integer sum is
-    exact, so this differs only by the float rounding of the 8 terms (a few ulp of the logit).
+    adds one float term per 4-value word (the same formula with s/8 per word) and the lanes' sums by
+    xor shuffles. The integer sum is exact, so this differs only by the float rounding of the terms
+    (a few ulp of the logit).
   - ggml compiles vector kernels only for the GGML_CUDA_FA_QUANTS pairs (default q4_0-q4_0,
     q8_0-q8_0, f16-f16, bf16-bf16) and converts K and V of any other pair, and f32, to f16 first;
     iq4_nl has no CUDA kernel at all. Here every pair runs natively (iq4_nl K as q8_0's formula
     with the kvalues levels, looked up by prmt as ggml's get_int_from_table_16 does; f32 K/V read as float32).
-  - fastmath contraction is NVVM's choice for this code, not verified against ggml-cuda's PTX.
+  - fastmath contraction is NVVM's choice for this code: for the f16/bf16 paths it gives ggml's bits
+    (checked on the GPU); for the quantized types' dequantize and K.Q terms it is not verified.
 
 Under the Numba CUDA simulator the shuffles go through shared memory (same values; a warp's reductions
 exchange all lanes' values at once and repeat the shuffles' additions in numpy), device functions are
-plain Python (the simulator's wrapper costs more than the work) and expf is the correctly rounded
-float32 exp (the hardware's ex2.approx differs in the last bits).
+plain Python (the simulator's wrapper costs more than the work), and expf and the division are correctly
+rounded (the hardware's ex2.approx and div.approx differ in the last bits).
 """
 import functools
 import os
