@@ -299,22 +299,6 @@ def summary(rows: list, pair: str) -> dict:
 SPEED_SHAPE = dict(n_head=32, n_head_kv=8, head_dim=128)          # a Llama-3-8B layer
 
 
-def copy_bandwidth(torch, dev) -> float:
-    """(bytes read + written) / s of a 1 GiB torch copy_, median of 10 (bench/flash_decode.py's measure)."""
-    import statistics
-    src = torch.empty(1 << 28, dtype=torch.float32, device=dev).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(11):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * src.numel() * 4 / statistics.median(times[1:])
-
-
 def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, repeat: int = 10) -> dict:
     """Both kernels on one batch of a Llama-3-8B layer's cache (>= 512 MiB of K+V at f16, past the L2),
     bytes from ggml-cuda's set_rows, no mask: seconds per launch (kernels only, L2 flushed first, each at
@@ -425,6 +409,7 @@ def main() -> None:
         emit(summary(rows, pair))
     t_speed = time.perf_counter()
     if "speed" in parts and args.speed_contexts:
+        from flash_decode import copy_bandwidth    # bench/flash_decode.py's measure (a script's folder is on sys.path)
         copy_bw = copy_bandwidth(torch, dev)
         for pair in args.pairs:
             for n_kv in args.speed_contexts:

@@ -104,18 +104,7 @@ def graph_us(fn, calls=GRAPH_CALLS, replays=20):
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return round(float(np.median(times)) * 1e3 / calls, 3)
+    return round(timed(g.replay, replays) * 1e3 / calls, 3)
 
 
 def on_side_stream(fn):
