@@ -19,6 +19,7 @@ import kvlab
 
 from kvlab.cli import main
 from kvlab.ggml import check as check_ggml
+from kvlab.ggml.lib import llama_cpp_lib_dir
 from kvlab.ggml.meta import BlockSpec, infer_split_states, parse_child_output, parse_state_line
 
 spec = importlib.util.find_spec("ggml")
@@ -42,6 +43,20 @@ def report():
     with contextlib.redirect_stdout(out):
         code = run_cli("--lib", str(LIB), "--format", "json")
     return code, json.loads(out.getvalue())
+
+
+def test_flash_attention_is_checked_on_llama_cpps_ggml_unless_a_library_is_named(report, monkeypatch):
+    """With --lib every section reads that library; without, the flash-attention section reads
+    llama-cpp-python's libggml (ggml-python's older ggml sums f16 dots in half precision on AVX512-FP16)."""
+    assert report[1]["flash_attn_library"] == str(LIB)
+    monkeypatch.delenv("KVLAB_GGML_LIB", raising=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_cli("--format", "json")
+    rep = json.loads(out.getvalue())
+    assert rep["library"] == str(LIB) and rep["flash_attn_library"] == str(llama_cpp_lib_dir())
+    if rep["flash_attn"]["modelled_isa"]:
+        assert rep["flash_attn"]["failed"] == []
 
 
 def test_library_has_the_nr_layout(report):

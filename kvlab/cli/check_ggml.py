@@ -5,7 +5,7 @@ import time
 from kvlab.cli.options import UsageError, add_command
 from kvlab.ggml.check import (check_bytes, check_fa, check_split, fa_cases, fa_report, fa_text, input_cases,
                                known_drift)
-from kvlab.ggml.fa import cpu_features
+from kvlab.ggml.fa import cpu_features, llama_lib
 from kvlab.ggml.lib import find_lib_dir, load
 
 
@@ -16,7 +16,8 @@ def register(subparsers) -> None:
                                 "state of every node of the attention block, and ggml-cpu's flash attention on "
                                 "every K/V pair. Exit 1 when anything differs.")
     p.add_argument("--lib", metavar="PATH",
-                   help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's)")
+                   help="libggml-base.so or its directory (default: KVLAB_GGML_LIB, then ggml-python's; the "
+                        "flash-attention check then takes llama-cpp-python's, see kvlab.ggml.fa.llama_lib)")
     p.add_argument("--era", choices=("flatten", "pr23225", "pr23792"),
                    help="kvlab's rule set to compare with (default: from the library's split-state layout)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="json: one object with every result")
@@ -34,7 +35,8 @@ def run_check(args) -> int:
     byte_rows = check_bytes(ggml_lib, cases)
     layout, era, results = check_split(lib_dir, args.era)
     why, drift = known_drift(ggml_lib.version, era)
-    fa = fa_report(check_fa(ggml_lib, fa_cases()), cpu_features(ggml_lib))
+    fa_lib = ggml_lib if args.lib else llama_lib()   # the ggml llama.cpp 0.3.36 runs, unless one is named
+    fa = fa_report(check_fa(fa_lib, fa_cases()), cpu_features(fa_lib))
     report = {
         "library": str(lib_dir), "version": ggml_lib.version, "split_state_layout": layout, "era": era,
         "bytes": [r.__dict__ for r in byte_rows], "input_cases": len(cases),
@@ -42,7 +44,7 @@ def run_check(args) -> int:
                    "differences": r.differences, "ggml_stop": r.ggml_stop, "kvlab_stop": r.kvlab_stop,
                    "known_drift": why if not r.agrees and r.config.id in drift else ""}
                   for r in results],
-        "flash_attn": fa,
+        "flash_attn": fa, "flash_attn_library": str(fa_lib.lib_dir), "flash_attn_version": fa_lib.version,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     different = sum(r.differ > 0 for r in byte_rows) + sum(not r.agrees for r in results) + len(fa["failed"])
@@ -72,7 +74,8 @@ def _text(rep: dict) -> str:
     drifted = [r for r in split if r["known_drift"]]
     if drifted:
         out += ["", f"known version drift ({len(drifted)} configurations): {drifted[0]['known_drift']}"]
-    out += [""] + fa_text(rep["flash_attn"])
+    out += ["", f"flash attention against ggml {rep['flash_attn_version']} in {rep['flash_attn_library']}"]
+    out += fa_text(rep["flash_attn"])
     out += ["", f"{'OK' if rep['ok'] else 'DIFFERENCES'}: {bad_bytes} byte paths differ, "
                 f"{len(split) - agree} configurations differ, {len(drifted)} of them known version drift, "
                 f"{len(rep['flash_attn']['failed'])} flash-attention runs outside the bound ({rep['seconds']} s)"]

@@ -82,9 +82,13 @@ def llama_cpp_lib_dir() -> Path | None:
 
 
 def open_libraries(lib_dir: Path) -> tuple:
-    """(libggml-base, libggml-cpu) as ctypes.CDLL. RTLD_GLOBAL: libggml-cpu resolves its ggml-base symbols
-    against this copy."""
-    return tuple(ctypes.CDLL(str(Path(lib_dir) / lib), mode=ctypes.RTLD_GLOBAL) for lib in LIBRARIES)
+    """(libggml-base, libggml-cpu) as ctypes.CDLL, each bound to itself: two ggml builds can live in one
+    process (ggml-python's and llama-cpp-python's export the same names, ggml_vec_dot_f16 among them).
+    RTLD_LOCAL keeps this copy's symbols out of everyone else's lookups; RTLD_DEEPBIND makes its own calls
+    (libggml-cpu to its functions and to the ggml-base its $ORIGIN runpath finds, loaded here first) take
+    its own definitions before any copy loaded earlier."""
+    mode = ctypes.RTLD_LOCAL | os.RTLD_DEEPBIND
+    return tuple(ctypes.CDLL(str(Path(lib_dir) / lib), mode=mode) for lib in LIBRARIES)
 
 
 def _context_blocks(block_size):
