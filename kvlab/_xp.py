@@ -81,6 +81,88 @@ def cuda_rows(x, dtype, what: str):
     return d.reshape(-1, tuple(d.shape)[-1])  # tuple(): the simulator's shape has no negative index
 
 
+def out_buffer(out, dtype, shape: tuple, source, what: str):
+    """The caller's `out` as the kernels will write it, or an error before anything is written: where
+    `source` lives (host: numpy array or CPU torch tensor, returned as a numpy view; GPU: an array on the
+    same device, returned as it is), exactly `dtype` and `shape`, C-contiguous and writable (a copy would
+    leave the caller's buffer unwritten), and not overlapping `source` (the kernels read it while writing)."""
+    where = "GPU" if is_cuda(source) else "host"
+    if is_cuda(out) != is_cuda(source) or not (is_torch(out) or isinstance(out, np.ndarray) or is_cuda(out)):
+        raise TypeError(f"{what}: expected a {where} array like the input, got {_describe(out)}")
+    if isinstance(out, np.ma.MaskedArray):
+        raise TypeError(f"{what}: a masked array; pass a plain numpy array")
+    if is_torch(out):
+        if out.dtype != _torch_dtype(dtype):
+            raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {out.dtype}")
+        if is_torch(source) and out.device != source.device:
+            raise ValueError(f"{what}: on {out.device}, the input on {source.device}")
+        contiguous, writable, got = out.is_contiguous(), True, tuple(out.shape)
+    elif isinstance(out, np.ndarray):
+        if out.dtype != dtype:
+            raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {out.dtype}")
+        contiguous, writable, got = out.flags.c_contiguous, out.flags.writeable, out.shape
+    else:   # read from the array's own description: no numba call, no stream sync
+        iface = getattr(out, "__cuda_array_interface__", None)
+        sim = getattr(out, "_ary", None)          # the CUDA simulator's arrays: a numpy array underneath
+        dt, got = (np.dtype(iface["typestr"]), tuple(iface["shape"])) if iface else (sim.dtype, sim.shape)
+        if dt != np.dtype(dtype):
+            raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {dt}")
+        if iface:
+            c_strides = tuple(int(np.prod(got[i + 1:], dtype=np.int64)) * dt.itemsize for i in range(len(got)))
+            contiguous = iface.get("strides") is None or tuple(iface["strides"]) == c_strides
+            writable = not iface["data"][1]       # (pointer, read-only flag)
+        else:
+            contiguous, writable = sim.flags.c_contiguous, sim.flags.writeable
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(got)}")
+    if not contiguous:
+        raise ValueError(f"{what}: must be C-contiguous (kvlab writes the caller's buffer, never a copy of it)")
+    if not writable:
+        raise ValueError(f"{what}: the array is read-only")
+    if _overlap(out, source):
+        raise ValueError(f"{what}: shares memory with the input, which the kernels read while writing")
+    return out if is_cuda(out) else (out.detach().numpy() if is_torch(out) else out)
+
+
+def _describe(x) -> str:
+    if is_torch(x):
+        return f"a torch tensor on {x.device}"
+    return "a GPU array" if is_cuda(x) else type(x).__name__
+
+
+def _host_memory(x):
+    """The numpy array holding x's memory (a host array, a CPU torch tensor, a CUDA-simulator array), or None."""
+    if is_torch(x):
+        return None if x.is_cuda else x.detach().numpy()
+    return x if isinstance(x, np.ndarray) else getattr(x, "_ary", None)
+
+
+def _gpu_span(x):
+    """(first byte address, end address) of a GPU array's memory (torch tensor or __cuda_array_interface__)."""
+    if is_torch(x):
+        last = sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))       # the farthest element
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+    iface = x.__cuda_array_interface__
+    lo = iface["data"][0]
+    return lo, lo + int(np.prod(iface["shape"], dtype=np.int64)) * np.dtype(iface["typestr"]).itemsize
+
+
+def _overlap(a, b) -> bool:
+    """Whether two arrays' memory meets: exactly on the host (and the CUDA simulator), by extent on a GPU."""
+    if size_of(a) == 0 or size_of(b) == 0:
+        return False
+    ha, hb = _host_memory(a), _host_memory(b)
+    if ha is not None and hb is not None:
+        return bool(np.shares_memory(ha, hb))
+    (a0, a1), (b0, b1) = _gpu_span(a), _gpu_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def size_of(x) -> int:
+    """Number of elements of a numpy array, torch tensor or GPU array (torch's .size is a method)."""
+    return int(x.numel()) if is_torch(x) else int(np.prod(tuple(x.shape), dtype=np.int64))
+
+
 def cuda_empty(shape, dtype, template):
     """An uninitialised GPU array of the template's kind (torch tensor on its device, else numba)."""
     if is_torch(template):

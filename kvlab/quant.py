@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvlab._threads import kernel_lock
-from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, to_numpy, wrap_like
+from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, out_buffer, size_of, to_numpy, wrap_like
 from kvlab.kernels.scalar import rcp_approx_table
 from kvlab.types import TYPES, flavor_code, type_info
 
@@ -143,13 +143,15 @@ def _as_float32(x):
     return x
 
 
-def quantize(x, type: str, flavor: str = "ref") -> QTensor:
+def quantize(x, type: str, flavor: str = "ref", out=None) -> QTensor:
     """Quantize x along its last dimension into ggml type `type`, as the `flavor` code path does.
 
     x: numpy array or torch tensor (CPU, or CUDA for the GPU kernels), last dim a multiple of the type's
     block size; float32, or float16 / bfloat16 / float64, which are converted to float32 first (as ggml's
     set_rows converts an f16 source). `type` in any case (`Q8_0` is q8_0). Returns a QTensor whose raw
     bytes live where x lives.
+    out: the caller's buffer for the bytes (uint8, (*x.shape[:-1], row_bytes), C-contiguous, where x lives,
+    not overlapping it), written in place and held by the result as its raw: no allocation per call.
     """
     info = type_info(type)
     type = info.name
@@ -159,25 +161,30 @@ def quantize(x, type: str, flavor: str = "ref") -> QTensor:
     x = _as_float32(x)
     shape = tuple(int(s) for s in x.shape)
     _check_row_len(shape, info)
+    raw_shape = shape[:-1] + (info.row_bytes(shape[-1]),)
     if is_cuda(x):
         from kvlab.kernels import cuda as gpu
-        raw = cuda_empty(shape[:-1] + (info.row_bytes(shape[-1]),), np.uint8, x)
-        if raw.size:
-            gpu.quantize(cuda_rows(x, np.float32, f"quantize(x, {type!r})"),   # (n_rows, row_len)
-                         cuda_rows(raw, np.uint8, "raw"), info, code)          # (n_rows, row_bytes)
+        rows = cuda_rows(x, np.float32, f"quantize(x, {type!r})")                  # (n_rows, row_len)
+        raw = cuda_empty(raw_shape, np.uint8, x) if out is None else out_buffer(out, np.uint8, raw_shape, rows,
+                                                                                 "quantize(out=)")
+        if size_of(raw):
+            gpu.quantize(rows, cuda_rows(raw, np.uint8, "raw"), info, code)         # (n_rows, row_bytes)
         return QTensor(raw, type, shape, flavor)
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
-    raw = np.empty(shape[:-1] + (info.row_bytes(shape[-1]),), dtype=np.uint8)
+    raw = np.empty(raw_shape, dtype=np.uint8) if out is None else out_buffer(out, np.uint8, raw_shape, xs,
+                                                                             "quantize(out=)")
     if xs.size:
         values, data = _kernel_views(info, xs, raw)
         # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
         with kernel_lock():
             info.quantize_row(values, data, code, rcp_approx_table())
-    return QTensor(wrap_like(raw, x), type, shape, flavor)
+    return QTensor(wrap_like(raw, x) if out is None else out, type, shape, flavor)
 
 
-def dequantize(q: QTensor):
-    """float32 values of a QTensor (ggml's to_float), same shape and device as its raw bytes."""
+def dequantize(q: QTensor, out=None):
+    """float32 values of a QTensor (ggml's to_float), same shape and device as its raw bytes.
+    out: the caller's float32 buffer of q.shape (C-contiguous, where q.raw lives, not overlapping it),
+    written in place and returned: no allocation per call."""
     if not isinstance(q, QTensor):
         raise TypeError(f"dequantize: expected a QTensor (from kvlab.quantize or QTensor.from_raw), "
                         f"got {type(q).__name__}")
@@ -185,18 +192,20 @@ def dequantize(q: QTensor):
     check_raw(q.raw, info, q.shape, "dequantize(q)")   # the buffer as it is now, not as it was wrapped
     if q.is_cuda:
         from kvlab.kernels import cuda as gpu
-        out = cuda_empty(q.shape, np.float32, q.raw)
-        if out.size:
-            gpu.dequantize(cuda_rows(q.raw, np.uint8, "dequantize(q.raw)"),    # (n_rows, row_bytes)
-                           cuda_rows(out, np.float32, "out"), info)            # (n_rows, row_len)
-        return out
+        raw = cuda_rows(q.raw, np.uint8, "dequantize(q.raw)")                      # (n_rows, row_bytes)
+        values = cuda_empty(q.shape, np.float32, q.raw) if out is None else \
+            out_buffer(out, np.float32, q.shape, raw, "dequantize(out=)")
+        if size_of(values):
+            gpu.dequantize(raw, cuda_rows(values, np.float32, "out"), info)         # (n_rows, row_len)
+        return values
     raw = to_numpy(q.raw, np.uint8, "dequantize(q.raw)")
-    out = np.empty(q.shape, dtype=np.float32)
-    if out.size:
-        values, data = _kernel_views(info, out, raw)
+    values = np.empty(q.shape, dtype=np.float32) if out is None else \
+        out_buffer(out, np.float32, q.shape, raw, "dequantize(out=)")
+    if values.size:
+        data_values, data = _kernel_views(info, values, raw)
         with kernel_lock():
-            info.dequantize_row(data, values)
-    return wrap_like(out, q.raw)
+            info.dequantize_row(data, data_values)
+    return wrap_like(values, q.raw) if out is None else out
 
 
 def empty_cache(n_rows: int, row_len: int, type: str, flavor: str = "ref", like_x=None) -> QTensor:

@@ -126,6 +126,42 @@ def test_set_rows_refuses_what_it_cannot_write():
     kvlab.set_rows(cache, [], np.zeros((0, 32), np.float32))      # nothing to write is fine
 
 
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "bf16"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_out_is_the_callers_buffer(type_name, kind):
+    """quantize(out=) / dequantize(out=) write the caller's buffer in place and hand it back: the same bytes
+    and values as the allocating calls."""
+    x = _values(3, seed=5)
+    q = kvlab.quantize(x, type_name)
+    make = (lambda a: a) if kind == "numpy" else torch.from_numpy
+    raw, values = make(np.full(q.raw.shape, 0xAB, np.uint8)), make(np.full(x.shape, np.nan, np.float32))
+    assert kvlab.quantize(make(x), type_name, out=raw).raw is raw
+    assert np.asarray(raw).tobytes() == q.raw.tobytes()
+    assert kvlab.dequantize(kvlab.QTensor(make(q.raw), type_name, x.shape), out=values) is values
+    assert np.array_equal(np.asarray(values), kvlab.dequantize(q), equal_nan=True)
+
+
+def test_out_refused_before_anything_is_written():
+    x = _values(2, seed=6)
+    q = kvlab.quantize(x, "q8_0")
+    ro = np.zeros(x.shape, np.float32)
+    ro.flags.writeable = False
+    wide = np.zeros((2, 128), np.float32)
+    for out, exc, match in [(np.zeros(x.shape, np.float64), TypeError, "dtype float32"),
+                            (np.zeros((2, 32), np.float32), ValueError, "shape"),
+                            (wide[:, ::2], ValueError, "C-contiguous"),
+                            (ro, ValueError, "read-only"),
+                            (x.tolist(), TypeError, "host array"),
+                            (q.raw.view(np.float32)[:, :8].reshape(2, 8), ValueError, "shape")]:
+        with pytest.raises(exc, match=match):
+            kvlab.dequantize(q, out=out)
+    assert not wide.any()
+    xs = np.zeros((2, 64), np.float32)             # bytes written over the values being read: refused
+    with pytest.raises(ValueError, match="shares memory"):
+        kvlab.quantize(xs, "q8_0", out=xs.view(np.uint8).reshape(-1)[:2 * 68].reshape(2, 68))
+    assert not xs.any()
+
+
 SIM_SCRIPT = textwrap.dedent(r"""
     import numpy as np
     from numba import cuda
@@ -153,6 +189,13 @@ SIM_SCRIPT = textwrap.dedent(r"""
                                                                        "q4_0", (4, 64)))
     refused("host values into a device cache", lambda: kvlab.set_rows(kvlab.QTensor(cache, "q4_0", (4, 64)),
                                                                       np.array([0, 1]), v), TypeError)
+    dq = kvlab.quantize(cuda.to_device(v), "q4_0")
+    refused("dequantize(out=) on the host for a device QTensor", lambda: kvlab.dequantize(dq, out=np.zeros((2, 64),
+                                                                                            np.float32)), TypeError)
+    refused("dequantize(out=) of the wrong dtype", lambda: kvlab.dequantize(dq, out=cuda.to_device(np.zeros((2, 64)))),
+            TypeError)
+    refused("quantize(out=) of the wrong shape", lambda: kvlab.quantize(cuda.to_device(v), "q4_0",
+                                                                       out=cuda.to_device(np.zeros((2, 35), np.uint8))))
     kc.set_rows(cache, cuda.to_device(np.array([3, 0])), cuda.to_device(v), Q40, 0)
     host = cache.copy_to_host()
     ok = host[3].tobytes() == kvlab.quantize(v[:1], "q4_0").raw.tobytes() and not host[1:3].any()
@@ -167,4 +210,4 @@ def test_gpu_entry_points_check_before_launch_under_the_simulator():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 7 and all(l.endswith(("refused", "written")) for l in lines), res.stdout
+    assert len(lines) == 10 and all(l.endswith(("refused", "written")) for l in lines), res.stdout

@@ -84,6 +84,13 @@ def run(inputs) -> dict:
         q = kvlab.quantize(dev, name, "cuda")
         out[f"api/quantize/{name}"] = q.raw.copy_to_host()
         out[f"api/dequantize/{name}"] = kvlab.dequantize(q).copy_to_host()
+        # out=: the caller's device buffers, written in place and handed back
+        raw = cuda.to_device(np.full(q.raw.shape, 0xAB, np.uint8))
+        values = cuda.to_device(np.full((2, 64), np.nan, np.float32))
+        same = kvlab.quantize(dev, name, "cuda", out=raw).raw is raw and kvlab.dequantize(q, out=values) is values
+        out[f"api/out_is_the_buffer/{name}"] = np.array(same)
+        out[f"api/quantize_out/{name}"] = raw.copy_to_host()
+        out[f"api/dequantize_out/{name}"] = values.copy_to_host()
     out["api/rotate"] = kvlab.rotate(dev, 64).copy_to_host()
     cache = kvlab.QTensor(cuda.to_device(np.zeros((4, 40), np.uint8)), "q4_1", (4, 64), "cuda")
     kvlab.set_rows(cache, np.array([3, 1]), dev)

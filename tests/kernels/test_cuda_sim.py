@@ -120,6 +120,9 @@ def test_public_api_on_device_arrays_equals_host_calls(name, sim, golden_inputs)
     q = kvlab.quantize(h, name, "cuda")
     assert_same_bits(sim[f"api/quantize/{name}"], q.raw, TYPES[name].type_size, f"kvlab.quantize {name}")
     assert_same_bits(sim[f"api/dequantize/{name}"], kvlab.dequantize(q), 4, f"kvlab.dequantize {name}")
+    assert sim[f"api/out_is_the_buffer/{name}"]
+    assert_same_bits(sim[f"api/quantize_out/{name}"], q.raw, TYPES[name].type_size, f"quantize(out=) {name}")
+    assert_same_bits(sim[f"api/dequantize_out/{name}"], kvlab.dequantize(q), 4, f"dequantize(out=) {name}")
 
 
 def test_public_rotate_and_set_rows_on_device_arrays_equal_host_calls(sim, golden_inputs):
