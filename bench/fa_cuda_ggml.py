@@ -304,6 +304,7 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
     bytes from ggml-cuda's set_rows, no mask: seconds per launch (kernels only, L2 flushed first, each at
     its own split count) and K+V bytes read / time against the run's copy_ bandwidth."""
     import torch
+    from flash_decode import launch_seconds           # bench/flash_decode.py's (this script's folder)
     from kvlab.kernels.cuda import flash_decode as fd
     h, hkv, d = SPEED_SHAPE["n_head"], SPEED_SHAPE["n_head_kv"], SPEED_SHAPE["head_dim"]
     batch = max(1, (1 << 29) // (hkv * n_kv * d * 2))
@@ -330,13 +331,7 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
         launch()
         torch.cuda.synchronize()
         flush.zero_()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(repeat):
-            launch()
-        e.record()
-        e.synchronize()
-        return a.elapsed_time(e) / 1e3 / repeat
+        return launch_seconds(torch, launch, repeat)
 
     t_pf = {n: kvlab_time(n) for n in (0, 1, 2)}      # L2 prefetch of the tile n ahead (0: none)
     t_kvlab = kvlab_time(None)
@@ -409,7 +404,7 @@ def main() -> None:
         emit(summary(rows, pair))
     t_speed = time.perf_counter()
     if "speed" in parts and args.speed_contexts:
-        from flash_decode import copy_bandwidth    # bench/flash_decode.py's measure (a script's folder is on sys.path)
+        from flash_decode import copy_bandwidth    # bench/flash_decode.py's measures (a script's folder is on sys.path)
         copy_bw = copy_bandwidth(torch, dev)
         for pair in args.pairs:
             for n_kv in args.speed_contexts:

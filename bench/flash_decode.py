@@ -57,6 +57,17 @@ def copy_bandwidth(torch, dev) -> float:
     return 2 * src.numel() * 4 / statistics.median(times[1:])
 
 
+def launch_seconds(torch, launch, repeat: int) -> float:
+    """Seconds per launch: `repeat` launches enqueued back to back between two CUDA events."""
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(repeat):
+        launch()
+    e.record()
+    e.synchronize()
+    return a.elapsed_time(e) / 1e3 / repeat
+
+
 def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch: int, repeat: int = 10) -> dict:
     """Kernel time: `batch` sequences (or layers) of one layer's K/V, launches enqueued back to back
     between two CUDA events after an L2 flush (kernels only: kvlab.kernels.cuda.flash_decode.launcher);
@@ -80,13 +91,7 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     flush()
-    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(repeat):
-        launch()
-    e.record()
-    e.synchronize()
-    t = a.elapsed_time(e) / 1e3 / repeat
+    t = launch_seconds(torch, launch, repeat)
     read = k_raw.numel() + v_raw.numel()
     t_call = []
     for _ in range(5):                              # the whole Python call, as attention makes it
