@@ -31,6 +31,9 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     rescaled to it; the sums added by xor shuffles within a warp, then (w0 + w2) + (w1 + w3); a column
     the sum from 0 of the 4 warps x (32 / lanes a token) token streams in (warp, stream) order; with one
     split divided by the sum, otherwise (max, sum) written beside the partial output.
+Host side (`launcher`): both kernels go to the caller's stream (`call_stream`: torch's current stream, else
+the arrays' __cuda_array_interface__ stream), and device arrays are imported without the stream sync that
+numba's as_cuda_array does by default, so a call never waits for the GPU.
 Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
 ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
 same values). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
@@ -969,7 +972,7 @@ def _device_array(a, what):
     if hasattr(a, "copy_to_host"):
         return a
     if hasattr(a, "__cuda_array_interface__"):
-        return _cuda.as_cuda_array(a)
+        return _cuda.as_cuda_array(a, sync=False)   # no host wait: the launches go to the producer's stream
     raise TypeError(f"flash_decode: {what} must be a CUDA array (__cuda_array_interface__), got {type(a).__name__}")
 
 
@@ -1018,6 +1021,15 @@ def prefetch_tiles(type_k: int, type_v: int) -> int:
     return 1 if type_k not in PLAIN and type_v not in PLAIN else 0
 
 
+def call_stream(*arrays):
+    """The stream a call's launches go to, as every kvlab.kernels.cuda call picks it: torch's current stream
+    for a CUDA tensor, else the arrays' __cuda_array_interface__ 'stream', else the default stream; so the
+    kernels follow the writes that made their inputs with no host wait, also inside torch.cuda.stream(s)
+    and a CUDA-graph capture (the simulator has one order: 0)."""
+    from . import _implied_stream, _numba_stream
+    return 0 if SIM else _numba_stream(_implied_stream(arrays))
+
+
 def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
     """(launch, out): every host-side step of flash_decode done once (arrays, strides, kernels), so that
     launch() only enqueues the partials and combine kernels writing out (B, H, Dv). For benchmarks: the
@@ -1054,13 +1066,14 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
         add = _cuda.to_device(np.ascontiguousarray(host, np.float32))
     k_flat, kst = _rows(k_raw, "k_raw", 16 if type_k in PLAIN else 4)
     v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
-    partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT]
+    stream = call_stream(q, k_raw, v_raw)
+    partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT, stream]
     args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
             mask is not None, np.float32(scale), prefetch_tiles(type_k, type_v), _device_array(parts, "parts"),
             _device_array(meta, "meta"))
     if splits == 1:
         return (lambda: partials(*args)), parts.reshape(b, h, dv)
-    combine = combine_kernel(dv)[rows, dv]
+    combine = combine_kernel(dv)[rows, dv, stream]
     combine_args = (args[-2], args[-1], _device_array(out, "out"))
 
     def launch():
