@@ -62,6 +62,8 @@ def fma(a, b, c):
     if not (np.isfinite(p) and np.isfinite(c)):
         return _f32(p + np.float64(c))
     exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    if exact == 0:                                     # the sign of a zero sum (a Fraction has none): IEEE's,
+        return _f32(p + np.float64(c))                 # as the exact float64 p + c gives it
     s = np.float64(float(exact))
     if Fraction(float(s)) != exact:                    # round to odd, then once to float32
         if abs(Fraction(float(s))) > abs(exact):
