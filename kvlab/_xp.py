@@ -101,18 +101,10 @@ def out_buffer(out, dtype, shape: tuple, source, what: str):
         if out.dtype != dtype:
             raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {out.dtype}")
         contiguous, writable, got = out.flags.c_contiguous, out.flags.writeable, out.shape
-    else:   # read from the array's own description: no numba call, no stream sync
-        iface = getattr(out, "__cuda_array_interface__", None)
-        sim = getattr(out, "_ary", None)          # the CUDA simulator's arrays: a numpy array underneath
-        dt, got = (np.dtype(iface["typestr"]), tuple(iface["shape"])) if iface else (sim.dtype, sim.shape)
+    else:
+        dt, got, contiguous, writable = cuda_layout(out)
         if dt != np.dtype(dtype):
             raise TypeError(f"{what}: expected dtype {np.dtype(dtype).name}, got {dt}")
-        if iface:
-            c_strides = tuple(int(np.prod(got[i + 1:], dtype=np.int64)) * dt.itemsize for i in range(len(got)))
-            contiguous = iface.get("strides") is None or tuple(iface["strides"]) == c_strides
-            writable = not iface["data"][1]       # (pointer, read-only flag)
-        else:
-            contiguous, writable = sim.flags.c_contiguous, sim.flags.writeable
     if tuple(got) != tuple(shape):
         raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(got)}")
     if not contiguous:
@@ -122,6 +114,22 @@ def out_buffer(out, dtype, shape: tuple, source, what: str):
     if _overlap(out, source):
         raise ValueError(f"{what}: shares memory with the input, which the kernels read while writing")
     return out if is_cuda(out) else (out.detach().numpy() if is_torch(out) else out)
+
+
+def cuda_layout(x):
+    """(dtype, shape, C-contiguous, writable) of a GPU array that is not a torch tensor, read from its own
+    description (the __cuda_array_interface__, or the CUDA simulator's numpy array underneath): no numba
+    call, so no stream sync. Contiguity as numpy's flags have it (a dimension of size 1 has any stride)."""
+    iface = getattr(x, "__cuda_array_interface__", None)
+    if iface is None:
+        a = x._ary
+        return a.dtype, tuple(a.shape), a.flags.c_contiguous, a.flags.writeable
+    dt, shape, strides = np.dtype(iface["typestr"]), tuple(iface["shape"]), iface.get("strides")
+    step, contiguous = dt.itemsize, True
+    for n, st in zip(shape[::-1], (strides or ())[::-1]):
+        contiguous &= n == 1 or st == step
+        step *= n
+    return dt, shape, contiguous, not iface["data"][1]       # data: (pointer, read-only flag)
 
 
 def _describe(x) -> str:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvlab._threads import kernel_lock
-from kvlab._xp import cuda_empty, cuda_rows, is_cuda, is_torch, out_buffer, size_of, to_numpy, wrap_like
+from kvlab._xp import (cuda_empty, cuda_layout, cuda_rows, is_cuda, is_torch, out_buffer, size_of, to_numpy,
+                       wrap_like)
 from kvlab.kernels.scalar import rcp_approx_table
 from kvlab.types import TYPES, flavor_code, type_info
 
@@ -242,11 +243,7 @@ def _host_view(raw) -> np.ndarray:
 
 def _check_gpu_cache(raw) -> None:
     """The CUDA kernels write a C-contiguous (n_rows, row_bytes) cache in place; a strided one is refused."""
-    if is_torch(raw):
-        contiguous = raw.is_contiguous()
-    else:
-        from numba import cuda
-        contiguous = (raw if hasattr(raw, "copy_to_host") else cuda.as_cuda_array(raw)).is_c_contiguous()
+    contiguous = raw.is_contiguous() if is_torch(raw) else cuda_layout(raw)[2]
     if len(raw.shape) != 2 or not contiguous:
         raise ValueError("set_rows: a GPU cache must be a C-contiguous 2-D (n_rows, row_bytes) array, as "
                          "llama.cpp's per-layer cache (a strided view would be written into a copy)")
