@@ -12,7 +12,6 @@ raise_refused() reports it after the synchronize.
 """
 import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
