@@ -141,6 +141,48 @@ def test_out_is_the_callers_buffer(type_name, kind):
     assert np.array_equal(np.asarray(values), kvlab.dequantize(q), equal_nan=True)
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                         reason="needs a CUDA GPU (torch.cuda); the simulator's twin is in tests/kernels/test_cuda_sim.py")
+
+
+@GPU
+@pytest.mark.parametrize("type_name", ["q4_0", "q8_0", "iq4_nl", "q5_1", "f16", "bf16"])
+def test_out_on_the_gpu_is_the_callers_buffer(type_name):
+    """The same on a real GPU with torch CUDA tensors: written in place, handed back, the CPU kernels' bytes
+    (cuda flavor) and values; a second call into the same buffers (the replayed launch) too."""
+    x = _values(5, 256, seed=7)
+    want = kvlab.quantize(x, type_name, "cuda")
+    dev = torch.from_numpy(x).cuda()
+    raw = torch.full(tuple(want.raw.shape), 0xAB, dtype=torch.uint8, device="cuda")
+    values = torch.full(x.shape, float("nan"), device="cuda")
+    for _ in range(2):
+        assert kvlab.quantize(dev, type_name, "cuda", out=raw).raw is raw
+        q = kvlab.QTensor(raw, type_name, x.shape, "cuda")
+        assert kvlab.dequantize(q, out=values) is values
+        torch.cuda.synchronize()
+        assert raw.cpu().numpy().tobytes() == want.raw.tobytes()
+        assert values.cpu().numpy().view(np.uint32).tobytes() == kvlab.dequantize(want).view(np.uint32).tobytes()
+
+
+@GPU
+def test_out_on_the_gpu_refused_before_anything_is_written():
+    x = torch.from_numpy(_values(2, seed=8)).cuda()
+    q = kvlab.quantize(x, "q8_0", "cuda")
+    wide = torch.zeros((2, 128), device="cuda")
+    for out, exc, match in [(torch.zeros((2, 64), dtype=torch.float64, device="cuda"), TypeError, "dtype float32"),
+                            (torch.zeros((2, 32), device="cuda"), ValueError, "shape"),
+                            (wide[:, ::2], ValueError, "C-contiguous"),
+                            (torch.zeros((2, 64)), TypeError, "GPU array"),
+                            (np.zeros((2, 64), np.float32), TypeError, "GPU array")]:
+        with pytest.raises(exc, match=match):
+            kvlab.dequantize(q, out=out)
+    xs = torch.zeros((2, 64), device="cuda")          # bytes written over the values being read: refused
+    with pytest.raises(ValueError, match="shares memory"):
+        kvlab.quantize(xs, "q8_0", out=xs.view(torch.uint8).reshape(-1)[:2 * 68].reshape(2, 68))
+    torch.cuda.synchronize()
+    assert not wide.any() and not xs.any()
+
+
 def test_out_refused_before_anything_is_written():
     x = _values(2, seed=6)
     q = kvlab.quantize(x, "q8_0")
