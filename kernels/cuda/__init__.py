@@ -64,7 +64,8 @@ from typing import NamedTuple
 import numpy as np
 
 _TYPESTR = {np.dtype(t).str: np.dtype(t) for t in (np.float32, np.uint8, np.int32, np.int64, np.uint16,
-                                                   np.uint32, np.float16, np.float64, np.int8, np.int16)}
+                                                   np.uint32, np.float16, np.float64, np.int8, np.int16,
+                                                   np.bool_)}     # bool: flash_decode's mask
 
 
 def _k():
@@ -173,9 +174,24 @@ class _Full(NamedTuple):
     dtype: object = None
 
 
+class _Span(NamedTuple):
+    """A kernel argument: view.shape[0] elements from the view's address as a flat 1-D array, its source
+    the call's array that starts there and need not be contiguous (a cache's rows in a larger buffer,
+    read by byte offsets: flash_decode)."""
+    view: _View
+
+
+_ARRAY_ARGS = (_Flat, _Full, _Span)
+
+
 def _numba_array(arg):
     from numba import cuda
     v = arg.view
+    if isinstance(arg, _Span):
+        if hasattr(v.source, "__cuda_array_interface__"):
+            return cuda.from_cuda_array_interface(dict(shape=v.shape, typestr=v.dtype.str, data=(v.ptr, False),
+                                                       strides=None, version=3), owner=v.source, sync=False)
+        return v.source.reshape(v.size)                            # the simulator's arrays (contiguous)
     # sync=False: the launch goes to the call's stream, in order; no host wait on an exported stream
     d = v.source if hasattr(v.source, "copy_to_host") else cuda.as_cuda_array(v.source, sync=False)
     if isinstance(arg, _Flat):
@@ -188,16 +204,16 @@ def _launch(kernel, grid, block, args, stream):
     (int). Off the simulator, the first call of a key (kernel, grid, and the arguments but the arrays'
     addresses) takes numba's dispatcher and keeps a _DirectLaunch; the next ones launch through it."""
     if _k().SIM:
-        kernel[grid, block](*[_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args])
+        kernel[grid, block](*[_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a for a in args])
         return
     if not _DIRECT_LAUNCH:
-        kernel[grid, block, _numba_stream(stream)](*[_numba_array(a) if isinstance(a, (_Flat, _Full)) else a
+        kernel[grid, block, _numba_stream(stream)](*[_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a
                                                      for a in args])
         return
     ptrs = []
     key = [kernel, grid, block]
     for a in args:
-        if isinstance(a, (_Flat, _Full)):
+        if isinstance(a, _ARRAY_ARGS):
             ptrs.append(a.view.ptr)
             key.append((a.view.shape, a.view.dtype, a.dtype if isinstance(a, _Full) else 0))
         else:
@@ -207,7 +223,7 @@ def _launch(kernel, grid, block, args, stream):
     if direct:
         direct(ptrs, stream)
     else:
-        numba_args = [_numba_array(a) if isinstance(a, (_Flat, _Full)) else a for a in args]
+        numba_args = [_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a for a in args]
         kernel[grid, block, _numba_stream(stream)](*numba_args)     # compiles or loads, binds the module
         if direct is None:
             if len(_DIRECT) >= _DIRECT_KEYS:         # many shapes (a prefill of every length): start over
@@ -216,7 +232,7 @@ def _launch(kernel, grid, block, args, stream):
             # None: the dispatcher converted an argument to an overload of other types; it keeps this key
             direct = _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
     if _RECORDING:
-        _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, (_Flat, _Full))], ptrs)
+        _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, _ARRAY_ARGS)], ptrs)
 
 
 # ---- streams -----------------------------------------------------------------------------------------
@@ -390,21 +406,27 @@ class _DirectLaunch:
         self.dims = _dim3(grid) + _dim3(block)
         self.values, self.ptrs = [], []
         for ty, a in zip(overload.argument_types, numba_args):
-            if isinstance(ty, types.Array):
-                fields = [0, 0, a.size, a.dtype.itemsize, 0, *a.shape, *a.strides]
-                cells = [ctypes.c_ssize_t(f) for f in fields]
-                self.ptrs.append(cells[4])
-                self.values += cells
-            elif ty == types.boolean:
-                self.values.append(ctypes.c_bool(a))
-            elif ty == types.float32:
-                self.values.append(ctypes.c_float(a))
-            elif isinstance(ty, types.Integer):
-                self.values.append(getattr(ctypes, f"c_{ty}")(a))
-            else:
-                raise TypeError(f"no direct launch for a {ty} argument")
+            self._pack(types, ty, a)
         self.params = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
         self.params_ptr = ctypes.addressof(self.params)
+
+    def _pack(self, types, ty, a):
+        if isinstance(ty, types.Array):
+            fields = [0, 0, a.size, a.dtype.itemsize, 0, *a.shape, *a.strides]
+            cells = [ctypes.c_ssize_t(f) for f in fields]
+            self.ptrs.append(cells[4])
+            self.values += cells
+        elif isinstance(ty, types.BaseTuple):                  # numba passes its elements one by one
+            for t, x in zip(ty, a):
+                self._pack(types, t, x)
+        elif ty == types.boolean:
+            self.values.append(ctypes.c_bool(a))
+        elif ty == types.float32:
+            self.values.append(ctypes.c_float(a))
+        elif isinstance(ty, types.Integer):
+            self.values.append(getattr(ctypes, f"c_{ty}")(a))
+        else:
+            raise TypeError(f"no direct launch for a {ty} argument")
 
     def __call__(self, ptrs, stream):
         for cell, p in zip(self.ptrs, ptrs):

@@ -31,9 +31,11 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     rescaled to it; the sums added by xor shuffles within a warp, then (w0 + w2) + (w1 + w3); a column
     the sum from 0 of the 4 warps x (32 / lanes a token) token streams in (warp, stream) order; with one
     split divided by the sum, otherwise (max, sum) written beside the partial output.
-Host side (`launcher`): both kernels go to the caller's stream (`call_stream`: torch's current stream, else
-the arrays' __cuda_array_interface__ stream), and device arrays are imported without the stream sync that
-numba's as_cuda_array does by default, so a call never waits for the GPU.
+Host side (`flash_decode`, `launcher`): both kernels go to the caller's stream (torch's current stream, else
+the arrays' __cuda_array_interface__ stream) and a call never waits for the GPU; the first call of a key
+(shapes, strides, alignments, types, scale, splits) checks and launches through numba's dispatcher, later
+ones replay its launches with their own addresses (kvlab.kernels.cuda's _call, cuLaunchKernel), the
+partials/meta scratch reused per (device, stream): the output is the only allocation.
 Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
 ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
 same values). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
@@ -63,12 +65,14 @@ rounded (the hardware's ex2.approx and div.approx differ in the last bits).
 """
 import functools
 import os
+import sys
 import types
 
 import numpy as np
 from numba import cuda, float32, int32, uint32
 from numba.cuda import libdevice
 
+from .. import cuda as kc                                  # the launch mechanism (_call, _launch), this package
 from .kernels import _instantiate
 from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
 from .ops import fma_ftz, mul_ftz, prefetch_l2, rcp_approx, roundf
@@ -454,10 +458,6 @@ def _fill_step(a, x, kk):
     a[kk] = x
 
 
-def _add_step(a, x, kk):
-    a[kk] += x
-
-
 def _v_col(ui, e):
     """Column of value e of V unit ui (a 4-bit block's word k holds values 4k..4k+3 and 16+4k..)."""
     if V_NIB:
@@ -692,10 +692,11 @@ def _end_head_step(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, spl
             val += comb[i * D + col]
         if splits == 1:
             val = div_approx(val, total)
-        parts[row0 + j, split, col] = val
+        at = (row0 + j) * splits + split
+        parts[at * D + col] = val
         if col == 0:
-            meta[row0 + j, split, 0] = m
-            meta[row0 + j, split, 1] = total
+            meta[2 * at] = m
+            meta[2 * at + 1] = total
     block_sync()
 
 
@@ -737,20 +738,18 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
         for i in range(tid, G * D, NT):
-            j = i // D
-            qsh[i] = scale * q[row0 + j, i - j * D]
+            qsh[i] = scale * q[row0 * D + i]
     else:
         words = G * (D // 4)
         for w0 in range(0, words, NT):                   # every thread runs the shuffles
             w = w0 + tid
             x0 = x1 = x2 = x3 = ZERO
-            if w < words:
-                j = w // (D // 4)
-                c = 4 * (w - j * (D // 4))
-                x0 = scale * q[row0 + j, c]
-                x1 = scale * q[row0 + j, c + 1]
-                x2 = scale * q[row0 + j, c + 2]
-                x3 = scale * q[row0 + j, c + 3]
+            if w < words:                                # values 4 w .. 4 w + 3 of the G heads' rows
+                c = row0 * D + 4 * w
+                x0 = scale * q[c]
+                x1 = scale * q[c + 1]
+                x2 = scale * q[c + 2]
+                x3 = scale * q[c + 3]
             amax = max(max(max(abs(x0), abs(x1)), abs(x2)), abs(x3))
             total = x0 + x1 + x2 + x3
             amax, total = q8_reduce(scratch, amax, total)
@@ -817,9 +816,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
                 KQ_TOKEN(s, kbuf, tid * ROW_WORDS, qsh, qd, qs, wd, t1, n_cols)
             else:
                 KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd, t1, n_cols)
-            if use_mask:
-                ADD_G(s, mask[b, tok])
-        else:
+        if tok >= n_kv or (use_mask and not mask[b, tok]):     # past the context, or masked (ggml adds -inf)
             FILL_G(s, NEG_INF)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
@@ -878,8 +875,9 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
     grid (B * H / g, splits) of NT threads (prefetch: K/V rows to L2 that many tiles ahead, 0: none).
 
-    q (R, D) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
-    (batch, head, row) strides in bytes; mask (B, L) float32; parts (R, splits, D), meta (R, splits, 2)."""
+    q (R * D,) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
+    (batch, head, row) strides in bytes; mask (B, L) bool (True: attend; read only with use_mask); parts
+    (R * splits * D,), meta (R * splits * 2,): flat, row-major."""
     assert NWARPS == 4                                   # the warps' sums are added as (w0 + w2) + (w1 + w3)
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
     u, per_block, lv = v_layout(type_v, d)
@@ -912,7 +910,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
 
-    ns.update(FILL_G=unrolled(bind(_fill_step), g, 2), ADD_G=unrolled(bind(_add_step), g, 2),
+    ns.update(FILL_G=unrolled(bind(_fill_step), g, 2),
               FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
     ns.update(LOAD_K=unrolled(bind(_load_k_step), k_chunk_bytes // 4, 3),
               KQ_PART=unrolled(bind(_kq_part_step), 2, 7),
@@ -939,20 +937,21 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
 def combine_kernel(d: int):
     """flash_attn_combine_results: out[r] = sum_l e^(max_l - max) parts[r, l] / sum_l e^(max_l - max) sum_l."""
     @cuda.jit(**JIT)
-    def kernel(parts, meta, out):
+    def kernel(parts, meta, out, splits):
+        """parts (R * splits * d,), meta (R * splits * 2,), out (R * d,): flat, row-major."""
         row = cuda.blockIdx.x
         c = cuda.threadIdx.x
-        splits = parts.shape[1]
-        kq_max = meta[row, 0, 0]
+        at = row * splits
+        kq_max = meta[2 * at]
         for s in range(1, splits):
-            kq_max = max(kq_max, meta[row, s, 0])
+            kq_max = max(kq_max, meta[2 * (at + s)])
         num = ZERO
         den = ZERO
         for s in range(splits):
-            f = expf(meta[row, s, 0] - kq_max)
-            num += f * parts[row, s, c]
-            den += f * meta[row, s, 1]
-        out[row, c] = div_approx(num, den)
+            f = expf(meta[2 * (at + s)] - kq_max)
+            num += f * parts[(at + s) * d + c]
+            den += f * meta[2 * (at + s) + 1]
+        out[row * d + c] = div_approx(num, den)
 
     return kernel
 
@@ -967,40 +966,101 @@ def plan(n_groups: int, n_kv: int, n_sm: int = 132, splits: int | None = None) -
 
 
 # ---- host side -------------------------------------------------------------------------------------
-def _device_array(a, what):
-    from numba import cuda as _cuda
-    if hasattr(a, "copy_to_host"):
-        return a
-    if hasattr(a, "__cuda_array_interface__"):
-        return _cuda.as_cuda_array(a, sync=False)   # no host wait: the launches go to the producer's stream
-    raise TypeError(f"flash_decode: {what} must be a CUDA array (__cuda_array_interface__), got {type(a).__name__}")
+# A call's host work, after the first of its shapes: its geometry and layout checks are cached by shape
+# (_geometry, _row_layout), its scratch is the stream's (_scratch), and kvlab.kernels.cuda's _call replays
+# the launches that the first call of the same key made through numba's dispatcher (cuLaunchKernel with
+# this call's addresses): no allocation but the output, no host wait, microseconds.
+_SCRATCH = {}   # (device, stream) -> (parts, meta), flat float32; ("no mask", device) -> (1, 1) bool
 
 
-def _rows(raw, what, align):
-    """(flat uint8 view from the first row, (batch, head, row) strides in bytes) of a (B, Hkv, L, row_bytes)
-    cache whose rows sit in a C-contiguous (B, Hkv, capacity, row_bytes) buffer (L <= capacity), its first
-    byte aligned to `align` (the kernel's loads)."""
-    b, h, n, row_bytes = (int(x) for x in raw.shape)
-    if hasattr(raw, "stride") and callable(raw.stride):                       # torch
-        strides = tuple(int(x) for x in raw.stride())
-    else:
-        strides = tuple(int(x) for x in _device_array(raw, what).strides)     # numba: bytes = elements
+def _is_torch(a) -> bool:
+    return hasattr(a, "stride") and callable(a.stride)
+
+
+@functools.cache
+def _sm_count() -> int:
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(b, h, dk, n_hkv, n_kv, v_row_bytes, type_k, type_v, splits, n_sm):
+    """(Dv, G, splits) of a call, its head sizes checked."""
+    dv = v_row_bytes // TYPE_SIZES[type_v] * (1 if type_v in PLAIN else 32)
+    if dk != dv or dk % 64 or dk > 512:
+        raise ValueError(f"flash_decode (CUDA): head sizes must be equal multiples of 64 up to 512 "
+                         f"(ggml's vector kernel: D % 64 == 0), got K {dk}, V {dv}")
+    if n_kv == 0:
+        raise ValueError("flash_decode: the cache holds no rows")
+    g = cols_per_block(h // n_hkv, dk, type_v)
+    return dv, g, plan(b * h // g, n_kv, n_sm, splits)[0]
+
+
+def _byte_strides(raw) -> tuple:
+    """The strides of a uint8 device array in bytes (torch's, in elements, are bytes here)."""
+    if _is_torch(raw):
+        return tuple(raw.stride())
+    iface = getattr(raw, "__cuda_array_interface__", None)
+    if iface is None:
+        return tuple(raw.strides)                                             # the simulator's arrays
+    return tuple(iface["strides"]) if iface.get("strides") else kc._c_strides(tuple(iface["shape"]), 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_layout(shape, strides, what):
+    """((batch, head, row) strides in bytes, span: the bytes the kernel may address from the first row) of
+    a (B, Hkv, L, row_bytes) cache whose rows sit in a C-contiguous (B, Hkv, capacity, row_bytes) buffer
+    (L <= capacity)."""
+    b, h, n, row_bytes = shape
     s0, s1, s2, s3 = strides
     if s3 != 1 or s2 != row_bytes or s1 % row_bytes or s1 // row_bytes < n or (b > 1 and s0 != h * s1):
         raise ValueError(f"flash_decode: {what} must be rows of a C-contiguous (B, Hkv, capacity, row_bytes) "
-                         f"buffer, got strides {strides} for shape {tuple(raw.shape)}")
-    size = b * h * s1
-    if hasattr(raw, "stride") and callable(raw.stride):
-        import torch
-        flat = torch.as_strided(raw, (size,), (1,))                            # (B * Hkv * capacity * row_bytes,)
-    else:
-        flat = _device_array(raw, what).reshape(size) if n * row_bytes == s1 else None
-        if flat is None:
-            raise ValueError(f"flash_decode: a numba device array {what} must be contiguous")
-    flat = _device_array(flat, what)
-    if not SIM and flat.__cuda_array_interface__["data"][0] % align:
+                         f"buffer, got strides {strides} for shape {shape}")
+    return (s0, s1, s2), b * h * s1
+
+
+def _span_view(raw, span, align, what):
+    """raw as the kernel reads it: `span` bytes from its first row (kvlab.kernels.cuda._Span)."""
+    d = kc._describe(raw)
+    ptr = 0 if d is None else d[3]                                             # None: the simulator's arrays
+    if d is not None and kc._dtype(d[1]) != np.uint8:
+        raise ValueError(f"flash_decode: {what} must be uint8, got {kc._dtype(d[1])}")
+    if ptr % align:
         raise ValueError(f"flash_decode: {what} must start at a {align}-byte aligned address")
-    return flat, (s0, s1, s2)
+    return kc._View(ptr, (span,), np.dtype(np.uint8), raw)
+
+
+def _empty(like, n: int):
+    """n float32 on the device: a torch tensor beside `like` (torch's allocator, its current stream), else
+    a numba device array."""
+    if like is None:
+        return cuda.device_array(n, np.float32)
+    torch = sys.modules["torch"]
+    return torch.empty(n, dtype=torch.float32, device=like.device)
+
+
+def _scratch(n_parts: int, n_meta: int, device, stream: int, like):
+    """(parts, meta) of at least n_parts, n_meta float32 for a call on `stream`: one pair per (device,
+    stream), reused by every call there (the stream orders them: a call's combine has read its partials
+    before the next call's partials kernel writes), grown to powers of two. A CUDA graph captured with
+    a call keeps its capture stream's pair: replay it on one stream at a time."""
+    have = _SCRATCH.get((device, stream))
+    if have is None or have[0].shape[0] < n_parts or have[1].shape[0] < n_meta:
+        have = _SCRATCH[device, stream] = (_empty(like, 1 << (n_parts - 1).bit_length()),
+                                           _empty(like, 1 << (n_meta - 1).bit_length()))
+    return have
+
+
+def _no_mask(device, like):
+    """The (1, 1) bool array the kernel takes (and does not read) for mask None, one per device."""
+    have = _SCRATCH.get(("no mask", device))
+    if have is None:
+        if like is None:
+            have = cuda.to_device(np.ones((1, 1), np.bool_))
+        else:
+            torch = sys.modules["torch"]
+            have = torch.ones((1, 1), dtype=torch.bool, device=like.device)
+        _SCRATCH["no mask", device] = have
+    return have
 
 
 def flash_decode(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
@@ -1009,9 +1069,17 @@ def flash_decode(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits:
     mask None or (B, L) bool (True = attend); scale a float.
     Returns (B, H, Dv) float32: a torch tensor when q is one, else a numba device array.
     Inputs are checked by kvlab.flash.check_inputs; here only what the kernel itself needs."""
-    launch, out = launcher(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
-    launch()
+    call, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
+    kc._call(*call)
     return out
+
+
+def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
+    """(launch, out): flash_decode's host preparation done once, so that launch() only enqueues the
+    partials and combine kernels writing out (B, H, Dv) (the replay of kvlab.kernels.cuda's _call). For
+    benchmarks: the kernels' own time without the Python preparation around them."""
+    call, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
+    return (lambda: kc._call(*call)), out
 
 
 def prefetch_tiles(type_k: int, type_v: int) -> int:
@@ -1021,63 +1089,60 @@ def prefetch_tiles(type_k: int, type_v: int) -> int:
     return 1 if type_k not in PLAIN and type_v not in PLAIN else 0
 
 
-def call_stream(*arrays):
-    """The stream a call's launches go to, as every kvlab.kernels.cuda call picks it: torch's current stream
-    for a CUDA tensor, else the arrays' __cuda_array_interface__ 'stream', else the default stream; so the
-    kernels follow the writes that made their inputs with no host wait, also inside torch.cuda.stream(s)
-    and a CUDA-graph capture (the simulator has one order: 0)."""
-    from . import _implied_stream, _numba_stream
-    return 0 if SIM else _numba_stream(_implied_stream(arrays))
-
-
-def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int | None = None):
-    """(launch, out): every host-side step of flash_decode done once (arrays, strides, kernels), so that
-    launch() only enqueues the partials and combine kernels writing out (B, H, Dv). For benchmarks: the
-    kernels' own time without the Python preparation around them."""
-    from numba import cuda as _cuda
-    b, h, dk = (int(x) for x in q.shape)
-    n_hkv, n_kv = int(k_raw.shape[1]), int(k_raw.shape[2])
-    dv = int(v_raw.shape[3]) // TYPE_SIZES[type_v] * (1 if type_v in PLAIN else 32)
-    if dk != dv or dk % 64 or dk > 512:
-        raise ValueError(f"flash_decode (CUDA): head sizes must be equal multiples of 64 up to 512 "
-                         f"(ggml's vector kernel: D % 64 == 0), got K {dk}, V {dv}")
-    if n_kv == 0:
-        raise ValueError("flash_decode: the cache holds no rows")
-    is_torch = hasattr(q, "stride") and callable(q.stride)
-    rows = b * h
-    ratio = h // n_hkv
-    g = cols_per_block(ratio, dk, type_v)
-    n_sm = 1 if SIM else _cuda.get_current_device().MULTIPROCESSOR_COUNT
-    splits, tps = plan(rows // g, n_kv, n_sm, splits)
+def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):
+    """(kvlab.kernels.cuda._call's arguments, out) of a call. Launches go to the stream the arrays name
+    (kvlab.kernels.cuda._implied_stream: torch's current stream for a CUDA tensor, else the
+    __cuda_array_interface__ 'stream'), so the kernels follow the writes that made their inputs with no
+    host wait, also inside torch.cuda.stream(s) and a CUDA-graph capture (the simulator: stream 0)."""
+    is_torch = _is_torch(q)
     if is_torch:
-        import torch
-        q2 = q.reshape(rows, dk).float().contiguous()                           # (B*H, D)
-        parts = torch.empty((rows, splits, dv), dtype=torch.float32, device=q.device)
-        meta = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
-        out = torch.empty((rows, dv), dtype=torch.float32, device=q.device)
-        add = (torch.zeros((b, 1), dtype=torch.float32, device=q.device) if mask is None else
-               torch.where(mask.to(q.device), 0.0, float("-inf")).float().contiguous())   # (B, L)
+        torch = sys.modules["torch"]
+        if q.dtype != torch.float32 or not q.is_contiguous():
+            q = q.float().contiguous()
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=q.device).to(torch.bool).contiguous()
+    elif mask is not None and not hasattr(mask, "copy_to_host") and not hasattr(mask, "__cuda_array_interface__"):
+        mask = cuda.to_device(np.ascontiguousarray(mask, np.bool_))            # a host mask
+    b, h, dk = q.shape
+    k_shape, v_shape = tuple(k_raw.shape), tuple(v_raw.shape)
+    dv, g, n_splits = _geometry(b, h, dk, k_shape[1], k_shape[2], v_shape[3], type_k, type_v, splits,
+                                1 if SIM else _sm_count())
+    kst, k_span = _row_layout(k_shape, _byte_strides(k_raw), "k_raw")
+    vst, v_span = _row_layout(v_shape, _byte_strides(v_raw), "v_raw")
+    stream = 0 if SIM else kc._implied_stream((q, k_raw, v_raw))
+    device = q.get_device() if is_torch else "numba"
+    like = q if is_torch else None
+    rows = b * h
+    parts, meta = _scratch(rows * n_splits * dv, rows * n_splits * 2, device, stream, like)
+    if is_torch:
+        out = torch.empty((b, h, dv), dtype=torch.float32, device=q.device)
     else:
-        q2 = _device_array(q, "q").reshape(rows, dk)
-        parts = _cuda.device_array((rows, splits, dv), np.float32)
-        meta = _cuda.device_array((rows, splits, 2), np.float32)
-        out = _cuda.device_array((rows, dv), np.float32)
-        host = np.zeros((b, 1), np.float32) if mask is None else np.where(np.asarray(mask), 0, -np.inf)
-        add = _cuda.to_device(np.ascontiguousarray(host, np.float32))
-    k_flat, kst = _rows(k_raw, "k_raw", 16 if type_k in PLAIN else 4)
-    v_flat, vst = _rows(v_raw, "v_raw", 16 if type_v in PLAIN else 4)
-    stream = call_stream(q, k_raw, v_raw)
-    partials = partials_kernel(type_k, type_v, dk, g, VARIANT)[(rows // g, splits), NT, stream]
-    args = (_device_array(q2, "q"), k_flat, v_flat, kst, vst, n_kv, h, ratio, _device_array(add, "mask"),
-            mask is not None, np.float32(scale), prefetch_tiles(type_k, type_v), _device_array(parts, "parts"),
-            _device_array(meta, "meta"))
-    if splits == 1:
-        return (lambda: partials(*args)), parts.reshape(b, h, dv)
-    combine = combine_kernel(dv)[rows, dv, stream]
-    combine_args = (args[-2], args[-1], _device_array(out, "out"))
+        out = cuda.device_array((b, h, dv), np.float32)
+    if n_splits == 1:
+        parts = out                                        # the partials kernel writes the result itself
+    no_mask = _no_mask(device, like) if mask is None else None
+    scalars = (type_k, type_v, np.float32(scale), n_splits, kst, vst, prefetch_tiles(type_k, type_v), VARIANT)
+    arrays = (q, k_raw, v_raw, mask, parts, meta, out)
+    return ("flash_decode", scalars, None, arrays, stream, _launch_checked, *arrays, no_mask, k_span, v_span,
+            g, scalars), out
 
-    def launch():
-        partials(*args)
-        combine(*combine_args)
 
-    return launch, out.reshape(b, h, dv)
+def _launch_checked(q, k_raw, v_raw, mask, parts, meta, out, no_mask, k_span, v_span, g, scalars, stream):
+    """The partials and combine launches of a call (kvlab.kernels.cuda._launch: recorded by _call)."""
+    type_k, type_v, scale, n_splits, kst, vst, prefetch, variant = scalars
+    qv = kc._view(q, "q", np.float32, 3)
+    b, h, dk = qv.shape
+    n_hkv, n_kv = k_raw.shape[1], k_raw.shape[2]
+    kv = _span_view(k_raw, k_span, 16 if type_k in PLAIN else 4, "k_raw")
+    vv = _span_view(v_raw, v_span, 16 if type_v in PLAIN else 4, "v_raw")
+    mv = kc._view(no_mask if mask is None else mask, "mask", np.dtype(np.bool_), 2)
+    pv = kc._view(parts, "parts", np.float32, len(parts.shape))
+    mtv = kc._view(meta, "meta", np.float32, 1)
+    ov = kc._view(out, "out", np.float32, 3)
+    rows = b * h
+    kc._launch(partials_kernel(type_k, type_v, dk, g, variant), (rows // g, n_splits), NT,
+               [kc._Flat(qv), kc._Span(kv), kc._Span(vv), kst, vst, n_kv, h, h // n_hkv, kc._Full(mv),
+                mask is not None, scale, prefetch, kc._Flat(pv), kc._Flat(mtv)], stream)
+    if n_splits > 1:
+        kc._launch(combine_kernel(ov.shape[2]), rows, ov.shape[2], [kc._Flat(pv), kc._Flat(mtv), kc._Flat(ov), n_splits],
+                   stream)

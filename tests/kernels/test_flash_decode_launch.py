@@ -1,6 +1,10 @@
 """kvlab.kernels.cuda.flash_decode's host side without a GPU: every launch goes to the caller's stream (the
-one its arrays name, as every kvlab.kernels.cuda call picks it), and importing device arrays waits for
-nothing. The kernels and numba.cuda's allocations are stand-ins that log; no kernel is compiled."""
+one its arrays name, as every kvlab.kernels.cuda call picks it), importing device arrays waits for nothing,
+and a later call of the same key replays the first one's launches (kvlab.kernels.cuda's _call): exactly
+what the checked path launches for it, with its own addresses, allocating only its output and reusing
+its stream's scratch. The kernels, numba.cuda's allocations and the direct launch are stand-ins that
+log; no kernel is compiled."""
+import itertools
 import types
 
 import numpy as np
@@ -10,15 +14,16 @@ import kvlab.kernels.cuda as kc
 from kvlab.kernels.cuda import flash_decode as fd
 from kvlab.types import TYPES
 
+Q4, F16 = TYPES["q4_0"], TYPES["f16"]
+
 
 class Array:
-    """A device array as far as the host side looks: shape, byte strides, reshape, its interface."""
+    """A device array as far as the host side looks: its __cuda_array_interface__ (strides None: C order),
+    shape, size, reshape."""
 
-    def __init__(self, shape, typestr, ptr, stream=None):
-        self.shape, self.dtype = tuple(shape), np.dtype(typestr)
-        self.strides = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) * self.dtype.itemsize
-                             for i in range(len(self.shape)))
-        self.__cuda_array_interface__ = dict(shape=self.shape, typestr=typestr, data=(ptr, False), strides=None,
+    def __init__(self, shape, typestr, ptr, stream=None, strides=None):
+        self.shape, self.size = tuple(shape), int(np.prod(shape))
+        self.__cuda_array_interface__ = dict(shape=self.shape, typestr=typestr, data=(ptr, False), strides=strides,
                                              version=3, stream=stream)
 
     def reshape(self, *shape):
@@ -26,42 +31,144 @@ class Array:
         return Array(shape, iface["typestr"], iface["data"][0], iface["stream"])
 
 
+def described(args, ptrs=None):
+    """A launch's arguments with arrays as (shape, typestr, address); ptrs: the direct launch's addresses."""
+    it = iter(ptrs or ())
+    return tuple(("array", a.shape, a.__cuda_array_interface__["typestr"],
+                  next(it) if ptrs is not None else a.__cuda_array_interface__["data"][0])
+                 if isinstance(a, Array) else a for a in args)
+
+
 class Kernel:
+    """A numba dispatcher stand-in: kernel[grid, block, stream](*args) logs (name, config, args)."""
+
     def __init__(self, log, name):
         self.log, self.name = log, name
+        self.overloads = types.SimpleNamespace(get=lambda argument_types: self)   # compiled for any
 
     def __getitem__(self, config):
-        return lambda *args: self.log.append((self.name, config))
+        return lambda *args: self.log.append((self.name, config, described(args)))
+
+    def typeof_pyval(self, a):
+        return type(a)
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    log = []
-    imported = []
+def fake(monkeypatch):
+    """(launches log, sync flags of every array import, allocations log)."""
+    log, imported, allocated = [], [], []
+    kernels = {}
+    addresses = itertools.count(1 << 40, 1 << 24)
+
+    def direct(kernel, grid, block, numba_args):
+        return lambda ptrs, stream: kernel.log.append(
+            (kernel.name, (grid, block, f"stream {stream:#x}"), described(numba_args, ptrs)))
+
+    def device_array(shape, dtype):
+        allocated.append(shape)
+        return Array(shape if isinstance(shape, tuple) else (shape,), np.dtype(dtype).str, next(addresses))
+
+    def from_interface(desc, owner=None, sync=True):
+        imported.append(sync)
+        return Array(desc["shape"], desc["typestr"], desc["data"][0])
+
     monkeypatch.setattr(fd, "SIM", False)
-    monkeypatch.setattr(fd, "partials_kernel", lambda *a: Kernel(log, "partials"))
-    monkeypatch.setattr(fd, "combine_kernel", lambda *a: Kernel(log, "combine"))
+    monkeypatch.setattr(fd, "partials_kernel", lambda *a: kernels.setdefault("partials", Kernel(log, "partials")))
+    monkeypatch.setattr(fd, "combine_kernel", lambda *a: kernels.setdefault("combine", Kernel(log, "combine")))
+    monkeypatch.setattr(fd, "_sm_count", lambda: 132)
+    monkeypatch.setattr(fd, "_SCRATCH", {})
     monkeypatch.setattr(kc, "_numba_stream", lambda handle: f"stream {handle:#x}")
-    fake_cuda = types.SimpleNamespace(
-        get_current_device=lambda: types.SimpleNamespace(MULTIPROCESSOR_COUNT=132),
-        device_array=lambda shape, dtype: Array(shape, np.dtype(dtype).str, 1 << 30),
-        to_device=lambda a: Array(a.shape, a.dtype.str, 1 << 31),
-        as_cuda_array=lambda a, sync=True: imported.append(sync) or a)
-    monkeypatch.setattr("numba.cuda.get_current_device", fake_cuda.get_current_device)
-    monkeypatch.setattr("numba.cuda.device_array", fake_cuda.device_array)
-    monkeypatch.setattr("numba.cuda.to_device", fake_cuda.to_device)
-    monkeypatch.setattr("numba.cuda.as_cuda_array", fake_cuda.as_cuda_array)
-    return log, imported
+    monkeypatch.setattr(kc, "_direct_launch", direct)
+    monkeypatch.setattr(kc, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(kc, "_DIRECT", {})
+    monkeypatch.setattr(kc, "_PLANS", {})
+    monkeypatch.setattr("numba.cuda.device_array", device_array)
+    monkeypatch.setattr("numba.cuda.to_device", lambda a: device_array(a.shape, a.dtype))
+    monkeypatch.setattr("numba.cuda.as_cuda_array", lambda a, sync=True: imported.append(sync) or a)
+    monkeypatch.setattr("numba.cuda.from_cuda_array_interface", from_interface)
+    return log, imported, allocated
+
+
+def arrays(base, info=Q4, n_kv=4096, capacity=None, stream=None, batch=1, masked=False):
+    """(q, k_raw, v_raw, mask) at addresses from base: a Llama-3-8B layer (32 heads, 8 KV heads, D 128);
+    capacity: the rows sit in a longer buffer (L = n_kv of capacity rows)."""
+    rb = info.row_bytes(128)
+    strides = None if capacity is None else (8 * capacity * rb, capacity * rb, rb, 1)
+    q = Array((batch, 32, 128), "<f4", base, stream)
+    k = Array((batch, 8, n_kv, rb), "|u1", base + (1 << 30), stream, strides)
+    v = Array((batch, 8, n_kv, rb), "|u1", base + (2 << 30), stream, strides)
+    mask = Array((batch, n_kv), "|b1", base + (3 << 30), stream) if masked else None
+    return q, k, v, mask
+
+
+def call(q, k, v, mask, info=Q4, splits=None):
+    return fd.flash_decode(q, k, v, info.ggml_type, info.ggml_type, mask, 0.088, splits)
 
 
 @pytest.mark.parametrize("stream, want", [(None, 0), (0x5000, 0x5000)])
-def test_launches_go_to_the_stream_the_arrays_name(launches, stream, want):
-    log, imported = launches
-    q4 = TYPES["q4_0"]
-    q = Array((1, 32, 128), "<f4", 1 << 20, stream)
-    k = Array((1, 8, 4096, q4.row_bytes(128)), "|u1", 1 << 24, stream)
-    v = Array((1, 8, 4096, q4.row_bytes(128)), "|u1", 1 << 26, stream)
-    fd.flash_decode(q, k, v, q4.ggml_type, q4.ggml_type, None, 0.088)
-    assert [name for name, _ in log] == ["partials", "combine"]                  # split over the context
-    assert {config[2] for _, config in log} == {f"stream {want:#x}"}
-    assert imported and not any(imported)                                         # as_cuda_array(sync=False)
+def test_launches_go_to_the_stream_the_arrays_name(fake, stream, want):
+    log, imported, _ = fake
+    for _ in range(2):                                                        # checked, then replayed
+        call(*arrays(1 << 32, stream=stream))
+    assert [name for name, _, _ in log] == ["partials", "combine"] * 2        # split over the context
+    assert {config[2] for _, config, _ in log} == {f"stream {want:#x}"}
+    assert imported and not any(imported)                                     # no import syncs a stream
+
+
+CASES = {"q4_0, split": dict(), "f16, one split (no combine)": dict(info=F16, splits=1),
+         "masked, 2 sequences": dict(batch=2, masked=True),
+         "rows in a longer buffer": dict(capacity=5000), "f16 rows in a longer buffer": dict(info=F16, capacity=4100)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_replayed_call_launches_what_the_checked_path_launches(fake, case):
+    log, _, _ = fake
+    kw = dict(CASES[case])
+    splits = kw.pop("splits", None)
+    info = kw.get("info", Q4)
+    call(*arrays(1 << 32, **kw), info=info, splits=splits)                   # checked, dispatcher, recorded
+    first = list(log)
+    assert len(kc._PLANS) == 1
+    log.clear()
+    call(*arrays(9 << 32, **kw), info=info, splits=splits)                   # replayed
+    replayed = list(log)
+    kc._PLANS.clear()
+    log.clear()
+    call(*arrays(9 << 32, **kw), info=info, splits=splits)                   # checked again, direct launches
+    assert [(n, c) for n, c, _ in replayed] == [(n, c) for n, c, _ in log]
+    assert [strip_scratch(a) for _, _, a in replayed] == [strip_scratch(a) for _, _, a in log]
+    assert len(first) == len(log) and first != log                           # the addresses moved
+
+
+def strip_scratch(args):
+    """A launch's arguments without the addresses of fd's own allocations (scratch, output, the no-mask
+    array: from 1 << 40 here), which a new allocation moves."""
+    return tuple(a[:3] if isinstance(a, tuple) and a[:1] == ("array",) and a[3] >= 1 << 40 else a for a in args)
+
+
+def test_replay_allocates_only_the_output_and_reuses_the_stream_scratch(fake):
+    log, _, allocated = fake
+    call(*arrays(1 << 32, stream=0x5000))
+    allocated.clear()
+    log.clear()
+    call(*arrays(5 << 32, stream=0x5000))
+    call(*arrays(7 << 32, stream=0x5000))
+    assert len(allocated) == 2                                                # one output per call
+    partials = [a for name, _, a in log if name == "partials"]
+    scratch = [(a[-2][3], a[-1][3]) for a in partials]                        # parts, meta addresses
+    assert scratch[0] == scratch[1]
+    allocated.clear()
+    log.clear()
+    call(*arrays(5 << 32, stream=0x6000))                                     # another stream: its own
+    assert len(allocated) == 3                                                # parts, meta, output
+    other = [a for name, _, a in log if name == "partials"][0]
+    assert {other[-2][3], other[-1][3]}.isdisjoint(scratch[0])
+
+
+def test_a_new_shape_is_checked_again(fake):
+    log, _, _ = fake
+    call(*arrays(1 << 32, capacity=5000))
+    with pytest.raises(ValueError, match="C-contiguous"):                     # rows past the capacity
+        q, k, v, _ = arrays(1 << 32, n_kv=4096)
+        k.__cuda_array_interface__["strides"] = (8 * 100 * 18 * 4, 100 * 18 * 4, 72, 1)
+        call(q, k, v, None)
