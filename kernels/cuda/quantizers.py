@@ -23,7 +23,7 @@ from numba import cuda
 from .. import CPU, CUDA, REF
 from ..fp import bf16_bits as cpu_bf16_bits
 from ..iq4_nl import KVALUES_F32 as KVALUES
-from .ops import (add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits, floor_i32,
+from .ops import (SIM, add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits,
                   fma_ftz, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx,
                   round_even, roundf, st_u16, sub, sub_ftz)
 from .unroll import unrolled
@@ -45,16 +45,70 @@ _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
 
 
+# ---- rounding toward -inf (PTX's .rm: an FP32-pipe floor for best_index; ops.py's way, with its twin) --
+if SIM:
+    from fractions import Fraction
+
+    def _f32_at_or_below(exact):
+        """The largest float32 <= the Fraction exact (-inf below -FLT_MAX)."""
+        if exact > Fraction(float(_FLT_MAX)):
+            return _FLT_MAX
+        if exact < -Fraction(float(_FLT_MAX)):
+            return F(-np.inf)
+        r = F(float(exact))
+        while Fraction(float(r)) > exact:
+            r = np.nextafter(r, F(-np.inf))
+        while Fraction(float(np.nextafter(r, F(np.inf)))) <= exact:
+            r = np.nextafter(r, F(np.inf))
+        return r
+
+    def fma_rm(a, b, c):
+        """fma.rm.f32: a * b + c exactly, then the float32 at or below it (a zero sum of nonzero terms,
+        or of zeros of both signs, is -0, as IEEE rounds toward -inf)."""
+        a, b, c = F(a), F(b), F(c)
+        with np.errstate(all="ignore"):
+            if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c)):
+                return F(np.float64(a) * np.float64(b) + np.float64(c))
+            product = np.float64(a) * np.float64(b)            # exact; its zero carries the sign
+        exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+        if exact == 0:                                       # +0 only as +0 + +0
+            plus = product == 0 and c == 0 and not np.signbit(product) and not np.signbit(c)
+            return F(0.0) if plus else F(-0.0)
+        return _f32_at_or_below(exact)
+
+    def add_rm(a, b):
+        return fma_rm(a, F(1.0), b)
+else:
+    from .ops import _asm
+    add_rm = _asm("add.rm.f32 $0, $1, $2;", 2)
+    fma_rm = _asm("fma.rm.f32 $0, $1, $2, $3;", 3)
+
+# best_index's floors, on floats 1 apart (2^23 .. 2^24), where rounding toward -inf floors: for y in
+# [-256, 256), RM(y + _U_MAGIC) has the bits _MAGIC_BITS + u, u = floor(y) + 256 (0 .. 511), and
+# RM(y / 4 + _U4_MAGIC) (an fma: y / 4 exact) has _MAGIC_BITS + floor(u / 4), whose bits 2 .. 6 are
+# 4 * floor(u / 16): the byte offset of u's bucket in a 32-word table.
+_MAGIC_BITS = 0x4B000000                     # the bits of 2^23
+_U_MAGIC = F(2.0 ** 23 + 256)
+_U4_MAGIC = F(2.0 ** 23 + 64)
+_BUCKET_BYTES = np.uint32(0x7C)
+_INDEX_SHIFT = 28                            # the index is the top 4 bits of the bits of RM(y + _U_MAGIC) + entry
+
+
 def _best_index_lut():
-    """best_index's table, for u = floor(2x) + 256 clamped to 0 .. 511 (doubling is exact, and every
-    decision point (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256).
-    Entry b covers u = 16b .. 16b + 15, which holds at most one decision point (they are >= 23 apart
-    in u): entry = (points below the bucket) | (the point inside, or 1023 for none) << 8."""
-    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int32) + 256          # 2m + 256, increasing
+    """best_index's table, for u = floor(2x) + 256 (doubling is exact, and every decision point
+    m = (KVALUES[k] + KVALUES[k + 1]) / 2 is a multiple of 1/2, so x >= m iff u >= 2m + 256). Entry b
+    covers u = 16b .. 16b + 15, which holds at most one point (they are >= 23 apart in u): with c the
+    points below the bucket and p the one inside (16b + 16 for none), entry b = (c + 1) 2^28 - p -
+    _MAGIC_BITS mod 2^32, so that (_MAGIC_BITS + u) + entry b = (c + 1) 2^28 + (u - p): its top 4 bits
+    are c + 1 when u >= p, else c (the borrow). c = 15 has no point inside: (c + 1) 2^28 wraps to 0,
+    and u - p < 0 borrows back to 15."""
+    points = (KVALUES[:-1] + KVALUES[1:]).astype(np.int64) + 256          # 2m + 256, increasing
     lut = np.zeros(32, np.uint32)
     for b in range(32):
         inside = points[(points > 16 * b) & (points <= 16 * b + 15)]
-        lut[b] = int((points <= 16 * b).sum()) | (int(inside[0]) if inside.size else 1023) << 8
+        p = int(inside[0]) if inside.size else 16 * b + 16
+        c = int((points <= 16 * b).sum())
+        lut[b] = ((c + 1) << _INDEX_SHIFT) - p - _MAGIC_BITS & 0xFFFFFFFF
     return lut
 
 
@@ -614,15 +668,24 @@ def best_index(y, lut, clamp):
     """best_index_int8(16, kvalues_iq4nl, x) as ggml writes it, from y = 2x: the nearest level, a tie
     going up, NaN -> 15. Both sides of its `x - lo < hi - x` round monotonically and are equal at the
     exact midpoint m = (lo + hi) / 2, so the answer is the number of midpoints with !(x < m) (checked
-    against ggml's search on all 2^32 floats); every m is a multiple of 1/2, so floor(2x) decides, and
-    lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so any lookups of a warp are one
-    access) counts them. clamp (a constant): fmin first, so a NaN becomes the top; without it y must be
-    a number in [-256, 255] (an infinite one would index past the table)."""
+    against ggml's search on all 2^32 floats); every m is a multiple of 1/2, so u = floor(y) + 256
+    decides, and lut (BEST_INDEX_LUT in shared memory: 32 words, one per bank, so any lookups of a warp
+    are one access) counts them: the index is the top 4 bits of u's bits plus its bucket's entry. Both
+    floors round toward -inf on the FP32 pipe (no cvt), the entry is read at its byte offset: per value
+    2 FP32 and 3 integer instructions and a load. Any y gives an index in 0 .. 15 from an entry of the
+    table (a NaN one, a garbage index). clamp (a constant): fmin first, so a NaN becomes the top; without it y must be a
+    number in [-256, 256) for the right index."""
     if clamp:
         y = fmax(fmin(y, F(255.0)), F(-256.0))
-    u = np.uint32(floor_i32(y) + np.int32(256))
-    e = lut[u >> np.uint32(4)]
-    return np.int32(e & np.uint32(0xFF)) + (np.int32(1) if u >= (e >> np.uint32(8)) else np.int32(0))
+    e = lut[(f32_bits(fma_rm(y, F(0.25), _U4_MAGIC)) & _BUCKET_BYTES) >> np.uint32(2)]
+    return np.uint32(f32_bits(add_rm(y, _U_MAGIC)) + e) >> np.uint32(_INDEX_SHIFT)     # 32-bit: the carry out drops
+
+
+@device
+def _put_index(words, q, j):
+    """qs nibble of value j (byte j % 16, the high nibble for j >= 16) <- q: an add (the words start at
+    0, q <= 15), one LEA."""
+    words[(j & 15) >> 2] += q << np.uint32(8 * (j & 3) + 4 * (j >> 4))
 
 
 @device
@@ -642,7 +705,7 @@ def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
     acc[1] = add(acc[1], mul(wk, k))
-    words[(j & 15) >> 2] |= np.uint32(q) << np.uint32(8 * (j & 3) + 4 * (j >> 4))
+    _put_index(words, q, j)
 
 
 _iq4_ref_values = unrolled(_iq4_ref_value, QK, 7)
@@ -655,7 +718,8 @@ def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
     v1 = row[j + 16]
     q0 = best_index(_twice_x(v0, idv, CUDA, clamp), lut, clamp)
     q1 = best_index(_twice_x(v1, idv, CUDA, clamp), lut, clamp)
-    set_byte(words, j, q0 | (q1 << 4))
+    _put_index(words, q0, j)
+    _put_index(words, q1, j + 16)
     k0 = kv[q0]
     k1 = kv[q1]
     t0 = mul_ftz(mul_ftz(v0, v0), k0)
