@@ -25,6 +25,7 @@ import time
 import traceback
 
 PAIRS_GPU = ("q4_0/q4_0", "q8_0/q8_0", "f16/f16", "bf16/bf16")
+PLAIN = ("f32", "f16", "bf16")
 ALL_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
@@ -68,10 +69,26 @@ def launch_seconds(torch, launch, repeat: int) -> float:
     return a.elapsed_time(e) / 1e3 / repeat
 
 
+def host_seconds(torch, call, n: int = 100) -> float:
+    """Host seconds per call: n calls enqueued without a sync (the GPU queue absorbs them), median of 3."""
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        times.append((time.perf_counter() - t0) / n)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch: int, repeat: int = 10) -> dict:
     """Kernel time: `batch` sequences (or layers) of one layer's K/V, launches enqueued back to back
     between two CUDA events after an L2 flush (kernels only: kvlab.kernels.cuda.flash_decode.launcher);
-    the full Python call (kvlab.flash.flash_decode's GPU path, batch 1) timed on its own."""
+    the full Python call (kernels.cuda.flash_decode, batch 1) timed on its own: with a sync
+    (call_seconds_batch1) and its host time alone (call_host_seconds_batch1, calls enqueued back to back).
+    out_sha256: the first sequence's output bytes (equal across variants: the same bits)."""
+    import hashlib
     import kvlab
     from kvlab.kernels.cuda import flash_decode as fd
     type_k, type_v = pair.split("/")
@@ -94,11 +111,15 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     t = launch_seconds(torch, launch, repeat)
     read = k_raw.numel() + v_raw.numel()
     t_call = []
-    for _ in range(5):                              # the whole Python call, as attention makes it
+
+    def call():                                     # the whole Python call, as attention makes it
+        return fd.flash_decode(q[:1], k_raw[:1], v_raw[:1], ik.ggml_type, iv.ggml_type, None, scale)
+    for _ in range(5):
         s0 = time.perf_counter()
-        fd.flash_decode(q[:1], k_raw[:1], v_raw[:1], ik.ggml_type, iv.ggml_type, None, scale)
+        call()
         torch.cuda.synchronize()
         t_call.append(time.perf_counter() - s0)
+    t_host = host_seconds(torch, call)
     # on the device, against exact attention on the dequantized cache (first sequence)
     launch()
     kd = kvlab.dequantize(kvlab.QTensor.from_raw(k_raw[0], type_k, (hkv, n_kv, d))).double()
@@ -109,18 +130,22 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     err = float((out[0].double() - exact).norm() / exact.norm())
     return {"batch": batch, "seconds": t, "first_call_seconds": first, "kv_bytes": read,
             "read_GBps": read / t / 1e9, "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
-            "call_seconds_batch1": statistics.median(t_call),
+            "call_seconds_batch1": statistics.median(t_call), "call_host_seconds_batch1": t_host,
+            "variant": list(fd.VARIANT), "prefetch": fd.prefetch_tiles(ik.ggml_type, iv.ggml_type),
+            "out_sha256": hashlib.sha256(out[0].cpu().numpy().tobytes()).hexdigest()[:16],
             "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d, iv.ggml_type), n_kv,
                               torch.cuda.get_device_properties(dev).multi_processor_count)[0],
             "rel_l2_vs_exact_on_cache": err}
 
 
 def _warm_one(job) -> float:
-    """Compile (or load from numba's disk cache) the kernels one pair needs: quantize, partials, combine."""
-    pair, d, gqa = job
+    """Compile (or load from numba's disk cache) the kernels one pair (and variant) needs: quantize,
+    partials, combine."""
+    pair, d, gqa, k_groups = job
     import torch
     import kvlab
     from kvlab.kernels.cuda import flash_decode as fd
+    fd.VARIANT = with_k_groups(fd.VARIANT, k_groups)
     t0 = time.perf_counter()
     dev = torch.device("cuda")
     type_k, type_v = pair.split("/")
@@ -132,13 +157,18 @@ def _warm_one(job) -> float:
     return time.perf_counter() - t0
 
 
-def warm_kernels(pairs, d: int, gqa: int) -> dict:
-    """Every pair's kernels compiled at once in their own processes (numba compiles one kernel on one
-    core for tens of seconds); the figures then load them from the disk cache."""
+def with_k_groups(variant: tuple, k_groups) -> tuple:
+    """fd.VARIANT with its plain-K groups loaded together replaced (None: as it is)."""
+    return variant if k_groups is None else (*variant[:2], k_groups)
+
+
+def warm_kernels(jobs, d: int, gqa: int) -> dict:
+    """Every (pair, K groups) case's kernels compiled at once in their own processes (numba compiles one
+    kernel on one core for tens of seconds); the figures then load them from the disk cache."""
     import multiprocessing
     import os
     t0 = time.perf_counter()
-    jobs = [(p, d, gqa) for p in dict.fromkeys(pairs)]
+    jobs = [(p, d, gqa, kg) for p, kg in dict.fromkeys(jobs)]
     with multiprocessing.get_context("spawn").Pool(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         each = pool.map(_warm_one, jobs)
     return {"figure": "kernel_compile", "pairs": len(jobs), "seconds": time.perf_counter() - t0,
@@ -163,15 +193,25 @@ def run_kernel(args) -> None:
         emit({**base, "figure": "copy_bandwidth", "error": f"{type(e).__name__}: {e}"})
         return
     contexts = [int(n) for n in args.kernel_contexts.split(",")]
-    cases = [(p, n) for p in PAIRS_GPU for n in contexts]
-    cases += [(f"{t}/{t}", max(contexts)) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
-    if args.kernel_pairs:
-        cases = [(p, n) for p, n in cases if p in args.kernel_pairs.split(",")]
-    guarded(base, lambda: warm_kernels([p for p, _ in cases], 128, 4))
-    for pair, n_kv in cases:
+    if args.kernel_pairs:                               # the chosen pairs at every context
+        cases = [(p, n) for p in args.kernel_pairs.split(",") for n in contexts]
+    else:
+        cases = [(p, n) for p in PAIRS_GPU for n in contexts]
+        cases += [(f"{t}/{t}", max(contexts)) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
+    k_groups = [int(x) for x in args.k_groups.split(",")] if args.k_groups else [None]
+    cases = [(p, n, kg if p.split("/")[0] in PLAIN else None) for p, n in cases for kg in k_groups]
+    cases = list(dict.fromkeys(cases))                  # quantized K: one case whatever the K groups
+    guarded(base, lambda: warm_kernels([(p, kg) for p, _, kg in cases], 128, 4))
+    from kvlab.kernels.cuda import flash_decode as fd
+    default = fd.VARIANT
+    for pair, n_kv, kg in cases:
         batch = max(1, (1 << 29) // (8 * n_kv * 128 * 2))     # >= 512 MiB of K+V at f16: well past the L2
-        guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
-                lambda: kernel_figure(torch, dev, pair, n_kv, copy_bw, flush, batch))
+        fd.VARIANT = with_k_groups(default, kg)
+        try:
+            guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
+                    lambda: kernel_figure(torch, dev, pair, n_kv, copy_bw, flush, batch))
+        finally:
+            fd.VARIANT = default
 
 
 # ---- HF decode -----------------------------------------------------------------------------------
@@ -298,7 +338,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed")
     parser.add_argument("--cpu-context", type=int, default=2048)
     parser.add_argument("--cpu-pair", default="q4_0/q4_0")
-    parser.add_argument("--kernel-pairs", default="", help="only these K/V pairs in the kernel part")
+    parser.add_argument("--kernel-pairs", default="", help="only these K/V pairs in the kernel part, at every "
+                        "context")
+    parser.add_argument("--k-groups", default="", help="f32/f16/bf16 K: each of these counts of 8-value groups "
+                        "loaded together (the kernel variant's third field; default: the module's)")
     parser.add_argument("--peers", default="quanto,hqq", help="transformers QuantizedCache backends in the hf part "
                         "(where optimum-quanto / hqq install; '' for none)")
     parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768",

@@ -174,24 +174,19 @@ class _Full(NamedTuple):
     dtype: object = None
 
 
-class _Span(NamedTuple):
-    """A kernel argument: view.shape[0] elements from the view's address as a flat 1-D array, its source
-    the call's array that starts there and need not be contiguous (a cache's rows in a larger buffer,
-    read by byte offsets: flash_decode)."""
-    view: _View
+class _Value(NamedTuple):
+    """A kernel argument: a scalar that calls of one key may vary (it is not part of the key; flash_decode's
+    context length), value number `index` of the call's values (_call's values=)."""
+    index: int
+    value: object
 
 
-_ARRAY_ARGS = (_Flat, _Full, _Span)
+_ARRAY_ARGS = (_Flat, _Full)
 
 
 def _numba_array(arg):
     from numba import cuda
     v = arg.view
-    if isinstance(arg, _Span):
-        if hasattr(v.source, "__cuda_array_interface__"):
-            return cuda.from_cuda_array_interface(dict(shape=v.shape, typestr=v.dtype.str, data=(v.ptr, False),
-                                                       strides=None, version=3), owner=v.source, sync=False)
-        return v.source.reshape(v.size)                            # the simulator's arrays (contiguous)
     # sync=False: the launch goes to the call's stream, in order; no host wait on an exported stream
     d = v.source if hasattr(v.source, "copy_to_host") else cuda.as_cuda_array(v.source, sync=False)
     if isinstance(arg, _Flat):
@@ -199,31 +194,40 @@ def _numba_array(arg):
     return d if arg.dtype is None else d.view(arg.dtype)
 
 
+def _arg(a):
+    """A launch argument as numba's dispatcher takes it."""
+    if isinstance(a, _ARRAY_ARGS):
+        return _numba_array(a)
+    return a.value if isinstance(a, _Value) else a
+
+
 def _launch(kernel, grid, block, args, stream):
     """kernel[grid, block, stream](*args), arrays given as _Flat/_Full views, stream a CUstream handle
     (int). Off the simulator, the first call of a key (kernel, grid, and the arguments but the arrays'
     addresses) takes numba's dispatcher and keeps a _DirectLaunch; the next ones launch through it."""
     if _k().SIM:
-        kernel[grid, block](*[_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a for a in args])
+        kernel[grid, block](*[_arg(a) for a in args])
         return
     if not _DIRECT_LAUNCH:
-        kernel[grid, block, _numba_stream(stream)](*[_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a
-                                                     for a in args])
+        kernel[grid, block, _numba_stream(stream)](*[_arg(a) for a in args])
         return
-    ptrs = []
+    ptrs, values = [], []
     key = [kernel, grid, block]
-    for a in args:
+    for pos, a in enumerate(args):
         if isinstance(a, _ARRAY_ARGS):
             ptrs.append(a.view.ptr)
             key.append((a.view.shape, a.view.dtype, a.dtype if isinstance(a, _Full) else 0))
+        elif isinstance(a, _Value):
+            values.append((pos, a.value))
+            key.append((_Value, type(a.value)))
         else:
             key.append(a)
     key = tuple(key)
     direct = _DIRECT.get(key)
     if direct:
-        direct(ptrs, stream)
+        direct(ptrs, stream, values) if values else direct(ptrs, stream)
     else:
-        numba_args = [_numba_array(a) if isinstance(a, _ARRAY_ARGS) else a for a in args]
+        numba_args = [_arg(a) for a in args]
         kernel[grid, block, _numba_stream(stream)](*numba_args)     # compiles or loads, binds the module
         if direct is None:
             if len(_DIRECT) >= _DIRECT_KEYS:         # many shapes (a prefill of every length): start over
@@ -232,7 +236,8 @@ def _launch(kernel, grid, block, args, stream):
             # None: the dispatcher converted an argument to an overload of other types; it keeps this key
             direct = _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
     if _RECORDING:
-        _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, _ARRAY_ARGS)], ptrs)
+        _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, _ARRAY_ARGS)], ptrs,
+                [(pos, a.index) for pos, a in enumerate(args) if isinstance(a, _Value)])
 
 
 # ---- streams -----------------------------------------------------------------------------------------
@@ -308,10 +313,11 @@ _PLANS = {}
 _RECORDING = []      # the call being made the slow way: {"arrays", "launches", "complete"}
 
 
-def _call(name, scalars, keep, arrays, stream, slow, *args):
+def _call(name, scalars, keep, arrays, stream, slow, *args, values=()):
     """slow(*args, stream), or the replay of its launches: name and scalars identify the entry point's
     call (an object by its id(), kept alive in keep), arrays are its array arguments (None where
-    absent), stream the caller's stream= (None: the one the arrays name, _implied_stream)."""
+    absent), stream the caller's stream= (None: the one the arrays name, _implied_stream), values the
+    scalars that vary within a key (launched as _Value(i, values[i]))."""
     key = _call_key(name, scalars, arrays)
     if stream is not None:
         stream = _stream_handle(stream)
@@ -327,10 +333,13 @@ def _call(name, scalars, keep, arrays, stream, slow, *args):
         ptrs = key[1]
         if plan[2]:                                   # set_rows' ids check word: the stream's own
             ptrs = ptrs + [_flag_view(stream).ptr]
-        for direct, base, slots in plan[0]:
+        for direct, base, slots, value_slots in plan[0]:
             for pos, idx in slots:
                 base[pos] = ptrs[idx]
-            direct(base, stream)
+            if value_slots:
+                direct(base, stream, [(pos, values[i]) for pos, i in value_slots])
+            else:
+                direct(base, stream)
         return
     _RECORDING.append({"arrays": arrays, "launches": [], "complete": True, "flag": False})
     try:
@@ -362,10 +371,11 @@ def _call_key(name, scalars, arrays):
     return tuple(key), ptrs, named
 
 
-def _record(rec, direct, sources, ptrs):
+def _record(rec, direct, sources, ptrs, value_slots=()):
     """One launch of the call being recorded: its _DirectLaunch, its array addresses, and which of them
     are the call's arrays or its stream's ids check word (slots: (position, index in the call's arrays;
-    len(arrays) for the word)); the others are fixed (zero_ids, refused)."""
+    len(arrays) for the word)); the others are fixed (zero_ids, refused); value_slots: (argument
+    position, index in the call's values) of its _Value arguments."""
     if not direct:
         rec["complete"] = False
         return
@@ -373,7 +383,7 @@ def _record(rec, direct, sources, ptrs):
     slots = [(pos, idx) for pos, src in enumerate(sources) for idx, a in enumerate(arrays) if src is a]
     flags = [(pos, len(arrays)) for pos, src in enumerate(sources) if isinstance(src, _FlagWord)]
     rec["flag"] = rec["flag"] or bool(flags)
-    rec["launches"].append((direct, list(ptrs), slots + flags))
+    rec["launches"].append((direct, list(ptrs), slots + flags, value_slots))
 
 
 def _direct_launch(overload, grid, block, numba_args):
@@ -395,7 +405,7 @@ _DIRECT_LAUNCH = os.environ.get("KVLAB_CUDA_DIRECT", "1") != "0"
 class _DirectLaunch:
     """One compiled kernel with its parameters packed as numba passes them (an array is meminfo, parent,
     nitems, itemsize, data, shape.., strides.., each pointer-sized; scalars as their C type), launched
-    by cuLaunchKernel; a call sets the arrays' data pointers, the only parameters that vary."""
+    by cuLaunchKernel; a call sets the arrays' data pointers and, where given, scalars (_Value)."""
 
     def __init__(self, overload, grid, block, numba_args):
         from cuda.bindings import driver
@@ -404,8 +414,9 @@ class _DirectLaunch:
         _check(err, "cuKernelGetFunction")
         self.launch = driver.cuLaunchKernel
         self.dims = _dim3(grid) + _dim3(block)
-        self.values, self.ptrs = [], []
+        self.values, self.ptrs, self.first_cell = [], [], []
         for ty, a in zip(overload.argument_types, numba_args):
+            self.first_cell.append(len(self.values))            # an argument's first parameter
             self._pack(types, ty, a)
         self.params = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
         self.params_ptr = ctypes.addressof(self.params)
@@ -428,9 +439,12 @@ class _DirectLaunch:
         else:
             raise TypeError(f"no direct launch for a {ty} argument")
 
-    def __call__(self, ptrs, stream):
+    def __call__(self, ptrs, stream, scalars=()):
+        """ptrs: the arrays' addresses in order; scalars: (argument position, value) of scalars to set."""
         for cell, p in zip(self.ptrs, ptrs):
             cell.value = p
+        for pos, x in scalars:
+            self.values[self.first_cell[pos]].value = x
         # the driver copies the parameters at the call (a graph capture too): the cells may change
         # right after
         _check(self.launch(self.func, *self.dims, 0, stream, self.params_ptr, 0)[0], "cuLaunchKernel")

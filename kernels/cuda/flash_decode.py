@@ -19,7 +19,8 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     coalesced 4-byte loads, all issued first; otherwise the thread loads its row itself (4-byte
     words of 2 blocks at a time). An f16/bf16/f32 row is summed in ggml's order (vec_dot_fattn_vec_KQ_f16:
     8 lanes, lane l the 8-value groups 64 c + 8 l, fma from 0, then xor shuffles 4, 2, 1): the thread
-    loads one group (16 bytes per 64 values) at a time and adds the 8 partial sums as that tree does;
+    loads KG groups (16 bytes per 64 values each; VARIANT's third field, at most 32 words) together,
+    then sums them one by one, and adds the 8 partial sums as that tree does;
     (b) softmax: each warp keeps its own running maximum per head (+ FATTN_KQ_MAX_OFFSET), as ggml's
     vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
     tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
@@ -486,39 +487,55 @@ def _kq_part_step(t1, wd, qsh, qd, qs, c, j, kk):
 # 16-byte loads): lane l of 8 sums the 8-value groups at 64 c + 8 l (c = 0 .. D/64 - 1), value by value
 # with fma from 0, and warp_reduce_sum<8> adds the 8 lanes by xor offsets 4, 2, 1:
 # ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)). Here one thread computes the 8 partial sums in the
-# order 0 4 2 6 1 5 3 7, adding each pair as soon as it is complete (3 partials per head live at most).
-def _load_group_step(wd, k, o, l, c):
-    """The 8 values of group l of 64-value chunk c of the row at byte o (16 or 32 bytes) into wd."""
-    x = ld_u32x4(k, o + (64 * c + 8 * l) * K_VB)
-    wd[GW * c] = x[0]
-    wd[GW * c + 1] = x[1]
-    wd[GW * c + 2] = x[2]
-    wd[GW * c + 3] = x[3]
+# order 0 4 2 6 1 5 3 7, adding each pair as soon as it is complete (3 partials per head live at most);
+# the loads of KG groups are issued together before their sums (bytes in flight: the K phase waits on
+# memory 8 / KG times a tile, not 8), which moves no addition.
+@device
+def _group_lane(gi):
+    """ggml's lane of the gi-th group summed: 0 4 2 6 1 5 3 7 (gi's 3 bits reversed)."""
+    return ((gi & 1) << 2) | (gi & 2) | (gi >> 2)
+
+
+def _load_group_step(wd, k, o, gi, x, c):
+    """The 8 values of group _group_lane(gi) of 64-value chunk c of the row at byte o (16 or 32 bytes) into
+    slot x of wd (GW * D / 64 words a slot)."""
+    w = GW * (D // 64) * x + GW * c
+    at = o + (64 * c + 8 * _group_lane(gi)) * K_VB
+    v = ld_u32x4(k, at)
+    wd[w] = v[0]
+    wd[w + 1] = v[1]
+    wd[w + 2] = v[2]
+    wd[w + 3] = v[3]
     if TK == F32:
-        y = ld_u32x4(k, o + (64 * c + 8 * l) * K_VB + 16)
-        wd[GW * c + 4] = y[0]
-        wd[GW * c + 5] = y[1]
-        wd[GW * c + 6] = y[2]
-        wd[GW * c + 7] = y[3]
+        y = ld_u32x4(k, at + 16)
+        wd[w + 4] = y[0]
+        wd[w + 5] = y[1]
+        wd[w + 6] = y[2]
+        wd[w + 7] = y[3]
 
 
-def _group_head_step(s, r, wd, qsh, gi, j):
-    """Head j's sum over group GROUPS[gi] (ggml's lane GROUPS[gi]), combined as the shuffle tree does:
-    s[j] holds s0 + s4, then that + (s2 + s6); r[2 j] and r[2 j + 1] the pending pairs."""
-    l = ((gi & 1) << 2) | (gi & 2) | (gi >> 2)             # 0 4 2 6 1 5 3 7: gi's 3 bits reversed
+def _load_groups_step(wd, k, o, gi0, x):
+    LOAD_GROUP(wd, k, o, gi0 + x, x)
+
+
+def _group_head_step(s, r, wd, qsh, gi, x, j):
+    """Head j's sum over group _group_lane(gi) (ggml's lane), from slot x of wd, combined as the shuffle
+    tree does: s[j] holds s0 + s4, then that + (s2 + s6); r[2 j] and r[2 j + 1] the pending pairs."""
+    l = _group_lane(gi)
     acc = ZERO
     for c in range(D // 64):
         qo = j * D + 64 * c + 8 * l
-        x = ld_f32x4(qsh, qo)
-        y = ld_f32x4(qsh, qo + 4)
-        acc += plain_value(wd, GW * c, 0, TK) * x[0]
-        acc += plain_value(wd, GW * c, 1, TK) * x[1]
-        acc += plain_value(wd, GW * c, 2, TK) * x[2]
-        acc += plain_value(wd, GW * c, 3, TK) * x[3]
-        acc += plain_value(wd, GW * c, 4, TK) * y[0]
-        acc += plain_value(wd, GW * c, 5, TK) * y[1]
-        acc += plain_value(wd, GW * c, 6, TK) * y[2]
-        acc += plain_value(wd, GW * c, 7, TK) * y[3]
+        w = GW * (D // 64) * x + GW * c
+        y0 = ld_f32x4(qsh, qo)
+        y1 = ld_f32x4(qsh, qo + 4)
+        acc += plain_value(wd, w, 0, TK) * y0[0]
+        acc += plain_value(wd, w, 1, TK) * y0[1]
+        acc += plain_value(wd, w, 2, TK) * y0[2]
+        acc += plain_value(wd, w, 3, TK) * y0[3]
+        acc += plain_value(wd, w, 4, TK) * y1[0]
+        acc += plain_value(wd, w, 5, TK) * y1[1]
+        acc += plain_value(wd, w, 6, TK) * y1[2]
+        acc += plain_value(wd, w, 7, TK) * y1[3]
     if gi == 0:
         s[j] = acc
     elif gi == 1:
@@ -537,11 +554,15 @@ def _group_head_step(s, r, wd, qsh, gi, j):
         s[j] += r[2 * j] + (r[2 * j + 1] + acc)             # .. + ((s1 + s5) + (s3 + s7))
 
 
+def _groups_heads_step(s, r, wd, qsh, gi0, x):
+    GROUP_HEADS(s, r, wd, qsh, gi0 + x, x)
+
+
 def _kq_plain(s, r, wd, k, o, qsh):
-    """The 8 groups one after the other (a loop: one group's values live at a time, not the row's)."""
-    for gi in range(8):
-        LOAD_GROUP(wd, k, o, ((gi & 1) << 2) | (gi & 2) | (gi >> 2))
-        GROUP_HEADS(s, r, wd, qsh, gi)
+    """The 8 groups, KG at a time (a loop: KG groups' values live at a time, not the row's)."""
+    for gi0 in range(0, 8, KG):
+        LOAD_GROUPS(wd, k, o, gi0)
+        GROUPS_HEADS(s, r, wd, qsh, gi0)
 
 
 def _get_step(a, j, t1, kk):
@@ -864,10 +885,9 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
     return _divisor_at_most(ratio, min(cap, max(1, 1024 // d), max(1, 64 * lv // d)))
 
 
-# (max_registers, V steps loaded together) of the kernels launcher() takes. 128 registers: 4 blocks
-# (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks) and spills nothing at 128 for the
-# default pairs at D = 128 (ptxas -v, sm_90)
-VARIANT = (128, NB_MAX)
+# (max_registers, V steps loaded together, plain K groups loaded together) of the kernels flash_decode
+# takes. 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks).
+VARIANT = (128, NB_MAX, 2)
 
 
 @functools.cache
@@ -884,18 +904,21 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    max_registers, nb_max = variant
+    max_registers, nb_max, k_groups = variant
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
         nb //= 2
     k_chunk_bytes = 2 * TYPE_SIZES[type_k]               # quantized K: 2 blocks per chunk of loads
-    k_words = d // 64 * (8 if type_k == F32 else 4) if plain_k else k_chunk_bytes // 4
+    group_words = d // 64 * (8 if type_k == F32 else 4)   # a plain K row's 8-value group: its words
+    kg = min(k_groups, max(1, 32 // group_words)) if plain_k else 1   # loaded together: <= 32 words
+    assert 8 % kg == 0
+    k_words = kg * group_words if plain_k else k_chunk_bytes // 4
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
     stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
               V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
-              K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, GW=8 if type_k == F32 else 4,
+              K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, KG=kg, GW=8 if type_k == F32 else 4,
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
               ROW_WORDS=row_words)
@@ -915,8 +938,10 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ns.update(LOAD_K=unrolled(bind(_load_k_step), k_chunk_bytes // 4, 3),
               KQ_PART=unrolled(bind(_kq_part_step), 2, 7),
               GET_G=unrolled(bind(_get_step), g, 3), PUT_G=unrolled(bind(_put_step), g, 3))
-    ns.update(LOAD_GROUP=unrolled(bind(_load_group_step), d // 64, 4),
-              GROUP_HEADS=unrolled(bind(_group_head_step), g, 5))
+    ns.update(LOAD_GROUP=unrolled(bind(_load_group_step), d // 64, 5),
+              GROUP_HEADS=unrolled(bind(_group_head_step), g, 6))
+    ns.update(LOAD_GROUPS=unrolled(bind(_load_groups_step), kg, 4),
+              GROUPS_HEADS=unrolled(bind(_groups_heads_step), kg, 5))
     ns.update(KQ_PLAIN=bind(_kq_plain))
     ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
@@ -930,7 +955,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
         ns.update(SOFTMAX=bind(_sim_softmax))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
-    return _instantiate(_partials, f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}", jit, **ns)
+    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}"
+    return _instantiate(_partials, name, jit, **ns)
 
 
 @functools.cache
@@ -1018,15 +1044,17 @@ def _row_layout(shape, strides, what):
     return (s0, s1, s2), b * h * s1
 
 
-def _span_view(raw, span, align, what):
-    """raw as the kernel reads it: `span` bytes from its first row (kvlab.kernels.cuda._Span)."""
+def _flat_rows(raw, span, align, what):
+    """raw as the kernel reads it: a flat uint8 array of `span` bytes from its first row, described by
+    its address and span only (an _Interface), so that calls at other context lengths L share the key."""
     d = kc._describe(raw)
-    ptr = 0 if d is None else d[3]                                             # None: the simulator's arrays
-    if d is not None and kc._dtype(d[1]) != np.uint8:
+    if d is None:                                                              # the simulator's arrays
+        return raw.reshape(span)
+    if kc._dtype(d[1]) != np.uint8:
         raise ValueError(f"flash_decode: {what} must be uint8, got {kc._dtype(d[1])}")
-    if ptr % align:
+    if d[3] % align:
         raise ValueError(f"flash_decode: {what} must start at a {align}-byte aligned address")
-    return kc._View(ptr, (span,), np.dtype(np.uint8), raw)
+    return kc._Interface(dict(shape=(span,), typestr="|u1", data=(d[3], False), strides=None, version=3))
 
 
 def _empty(like, n: int):
@@ -1069,8 +1097,8 @@ def flash_decode(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits:
     mask None or (B, L) bool (True = attend); scale a float.
     Returns (B, H, Dv) float32: a torch tensor when q is one, else a numba device array.
     Inputs are checked by kvlab.flash.check_inputs; here only what the kernel itself needs."""
-    call, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
-    kc._call(*call)
+    call, values, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
+    kc._call(*call, values=values)
     return out
 
 
@@ -1078,8 +1106,8 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     """(launch, out): flash_decode's host preparation done once, so that launch() only enqueues the
     partials and combine kernels writing out (B, H, Dv) (the replay of kvlab.kernels.cuda's _call). For
     benchmarks: the kernels' own time without the Python preparation around them."""
-    call, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
-    return (lambda: kc._call(*call)), out
+    call, values, out = _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits)
+    return (lambda: kc._call(*call, values=values)), out
 
 
 def prefetch_tiles(type_k: int, type_v: int) -> int:
@@ -1090,8 +1118,8 @@ def prefetch_tiles(type_k: int, type_v: int) -> int:
 
 
 def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):
-    """(kvlab.kernels.cuda._call's arguments, out) of a call. Launches go to the stream the arrays name
-    (kvlab.kernels.cuda._implied_stream: torch's current stream for a CUDA tensor, else the
+    """(kvlab.kernels.cuda._call's arguments, its values=, out) of a call. Launches go to the stream the
+    arrays name (kvlab.kernels.cuda._implied_stream: torch's current stream for a CUDA tensor, else the
     __cuda_array_interface__ 'stream'), so the kernels follow the writes that made their inputs with no
     host wait, also inside torch.cuda.stream(s) and a CUDA-graph capture (the simulator: stream 0)."""
     is_torch = _is_torch(q)
@@ -1109,7 +1137,12 @@ def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):
                                 1 if SIM else _sm_count())
     kst, k_span = _row_layout(k_shape, _byte_strides(k_raw), "k_raw")
     vst, v_span = _row_layout(v_shape, _byte_strides(v_raw), "v_raw")
+    n_kv = k_shape[2]
+    if mask is not None and tuple(mask.shape) != (b, n_kv):
+        raise ValueError(f"flash_decode: mask must be (B, L) = {(b, n_kv)}, got {tuple(mask.shape)}")
     stream = 0 if SIM else kc._implied_stream((q, k_raw, v_raw))
+    k_flat = _flat_rows(k_raw, k_span, 16 if type_k in PLAIN else 4, "k_raw")
+    v_flat = _flat_rows(v_raw, v_span, 16 if type_v in PLAIN else 4, "v_raw")
     device = q.get_device() if is_torch else "numba"
     like = q if is_torch else None
     rows = b * h
@@ -1121,28 +1154,30 @@ def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):
     if n_splits == 1:
         parts = out                                        # the partials kernel writes the result itself
     no_mask = _no_mask(device, like) if mask is None else None
+    # the key: shapes (the context length L only through the split count and a mask's shape), strides,
+    # types, scale; L itself is a value the replay sets (kvlab.kernels.cuda._Value)
     scalars = (type_k, type_v, np.float32(scale), n_splits, kst, vst, prefetch_tiles(type_k, type_v), VARIANT)
-    arrays = (q, k_raw, v_raw, mask, parts, meta, out)
-    return ("flash_decode", scalars, None, arrays, stream, _launch_checked, *arrays, no_mask, k_span, v_span,
-            g, scalars), out
+    arrays = (q, k_flat, v_flat, mask, parts, meta, out)
+    call = ("flash_decode", scalars, None, arrays, stream, _launch_checked, *arrays, no_mask, k_shape[1], g, scalars,
+            n_kv)
+    return call, (n_kv,), out
 
 
-def _launch_checked(q, k_raw, v_raw, mask, parts, meta, out, no_mask, k_span, v_span, g, scalars, stream):
+def _launch_checked(q, k_flat, v_flat, mask, parts, meta, out, no_mask, n_hkv, g, scalars, n_kv, stream):
     """The partials and combine launches of a call (kvlab.kernels.cuda._launch: recorded by _call)."""
     type_k, type_v, scale, n_splits, kst, vst, prefetch, variant = scalars
     qv = kc._view(q, "q", np.float32, 3)
     b, h, dk = qv.shape
-    n_hkv, n_kv = k_raw.shape[1], k_raw.shape[2]
-    kv = _span_view(k_raw, k_span, 16 if type_k in PLAIN else 4, "k_raw")
-    vv = _span_view(v_raw, v_span, 16 if type_v in PLAIN else 4, "v_raw")
+    kv = kc._view(k_flat, "k_raw", np.uint8, 1)
+    vv = kc._view(v_flat, "v_raw", np.uint8, 1)
     mv = kc._view(no_mask if mask is None else mask, "mask", np.dtype(np.bool_), 2)
     pv = kc._view(parts, "parts", np.float32, len(parts.shape))
     mtv = kc._view(meta, "meta", np.float32, 1)
     ov = kc._view(out, "out", np.float32, 3)
     rows = b * h
     kc._launch(partials_kernel(type_k, type_v, dk, g, variant), (rows // g, n_splits), NT,
-               [kc._Flat(qv), kc._Span(kv), kc._Span(vv), kst, vst, n_kv, h, h // n_hkv, kc._Full(mv),
+               [kc._Flat(qv), kc._Flat(kv), kc._Flat(vv), kst, vst, kc._Value(0, n_kv), h, h // n_hkv, kc._Full(mv),
                 mask is not None, scale, prefetch, kc._Flat(pv), kc._Flat(mtv)], stream)
     if n_splits > 1:
-        kc._launch(combine_kernel(ov.shape[2]), rows, ov.shape[2], [kc._Flat(pv), kc._Flat(mtv), kc._Flat(ov), n_splits],
-                   stream)
+        dv = ov.shape[2]
+        kc._launch(combine_kernel(dv), rows, dv, [kc._Flat(pv), kc._Flat(mtv), kc._Flat(ov), n_splits], stream)

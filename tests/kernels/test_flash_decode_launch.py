@@ -1,8 +1,8 @@
 """kvlab.kernels.cuda.flash_decode's host side without a GPU: every launch goes to the caller's stream (the
 one its arrays name, as every kvlab.kernels.cuda call picks it), importing device arrays waits for nothing,
 and a later call of the same key replays the first one's launches (kvlab.kernels.cuda's _call): exactly
-what the checked path launches for it, with its own addresses, allocating only its output and reusing
-its stream's scratch. The kernels, numba.cuda's allocations and the direct launch are stand-ins that
+what the checked path launches for it, with its own addresses and context length, allocating only its
+output and reusing its stream's scratch. The kernels, numba.cuda's allocations and the direct launch are stand-ins that
 log; no kernel is compiled."""
 import itertools
 import types
@@ -61,16 +61,21 @@ def fake(monkeypatch):
     addresses = itertools.count(1 << 40, 1 << 24)
 
     def direct(kernel, grid, block, numba_args):
-        return lambda ptrs, stream: kernel.log.append(
-            (kernel.name, (grid, block, f"stream {stream:#x}"), described(numba_args, ptrs)))
+        def launch(ptrs, stream, scalars=()):       # scalars: (position, value) set by this launch
+            args = list(numba_args)
+            for pos, x in scalars:
+                args[pos] = x
+            kernel.log.append((kernel.name, (grid, block, f"stream {stream:#x}"), described(args, ptrs)))
+        return launch
 
     def device_array(shape, dtype):
         allocated.append(shape)
         return Array(shape if isinstance(shape, tuple) else (shape,), np.dtype(dtype).str, next(addresses))
 
-    def from_interface(desc, owner=None, sync=True):
+    def as_cuda_array(a, sync=True):
         imported.append(sync)
-        return Array(desc["shape"], desc["typestr"], desc["data"][0])
+        iface = a.__cuda_array_interface__
+        return Array(iface["shape"], iface["typestr"], iface["data"][0], iface.get("stream"), iface.get("strides"))
 
     monkeypatch.setattr(fd, "SIM", False)
     monkeypatch.setattr(fd, "partials_kernel", lambda *a: kernels.setdefault("partials", Kernel(log, "partials")))
@@ -84,8 +89,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(kc, "_PLANS", {})
     monkeypatch.setattr("numba.cuda.device_array", device_array)
     monkeypatch.setattr("numba.cuda.to_device", lambda a: device_array(a.shape, a.dtype))
-    monkeypatch.setattr("numba.cuda.as_cuda_array", lambda a, sync=True: imported.append(sync) or a)
-    monkeypatch.setattr("numba.cuda.from_cuda_array_interface", from_interface)
+    monkeypatch.setattr("numba.cuda.as_cuda_array", as_cuda_array)
     return log, imported, allocated
 
 
@@ -138,6 +142,22 @@ def test_a_replayed_call_launches_what_the_checked_path_launches(fake, case):
     assert [(n, c) for n, c, _ in replayed] == [(n, c) for n, c, _ in log]
     assert [strip_scratch(a) for _, _, a in replayed] == [strip_scratch(a) for _, _, a in log]
     assert len(first) == len(log) and first != log                           # the addresses moved
+
+
+def test_another_context_length_replays_with_its_own(fake):
+    """L is not part of the key (the rows are read as their buffer's span, L is a value the replay sets)
+    while the split count stays: 4000 and 4050 rows are 32 tiles each."""
+    log, _, _ = fake
+    call(*arrays(1 << 32, n_kv=4000, capacity=5000))
+    log.clear()
+    call(*arrays(1 << 32, n_kv=4050, capacity=5000))                          # replayed
+    assert len(kc._PLANS) == 1
+    replayed = list(log)
+    kc._PLANS.clear()
+    log.clear()
+    call(*arrays(1 << 32, n_kv=4050, capacity=5000))                          # checked
+    assert [strip_scratch(a) for _, _, a in replayed] == [strip_scratch(a) for _, _, a in log]
+    assert 4050 in replayed[0][2] and 4000 not in replayed[0][2]
 
 
 def strip_scratch(args):
