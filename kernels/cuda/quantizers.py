@@ -43,6 +43,8 @@ _INV_15 = F(1.0) / F(15.0)
 _INV_31 = F(1.0) / F(31.0)
 _GROUP_MAX_EPS = F(1e-15)
 _KV_FIRST = F(-127.0)
+_MAGIC_BITS = 0x4B000000        # the bits of 2^23: floats from there to 2^24 are the integers
+_TWO23_PLUS_8 = F(2.0 ** 23 + 8)
 
 
 # ---- rounding toward -inf (PTX's .rm: an FP32-pipe floor for best_index; ops.py's way, with its twin) --
@@ -87,7 +89,6 @@ else:
 # [-256, 256), RM(y + _U_MAGIC) has the bits _MAGIC_BITS + u, u = floor(y) + 256 (0 .. 511), and
 # RM(y / 4 + _U4_MAGIC) (an fma: y / 4 exact) has _MAGIC_BITS + floor(u / 4), whose bits 2 .. 6 are
 # 4 * floor(u / 16): the byte offset of u's bucket in a 32-word table.
-_MAGIC_BITS = 0x4B000000                     # the bits of 2^23
 _U_MAGIC = F(2.0 ** 23 + 256)
 _U4_MAGIC = F(2.0 ** 23 + 64)
 _BUCKET_BYTES = np.uint32(0x7C)
@@ -180,6 +181,26 @@ def set_byte(words, j, b):
 @device
 def get_byte(words, j):
     return np.int32((words[j >> 2] >> np.uint32(8 * (j & 3))) & np.uint32(0xFF))
+
+
+@device
+def add_nibble(words, q, j):
+    """The qs nibble of value j (still zero) <- q <= 15 (uint32): an add, which the compiler makes one
+    LEA or IMAD where an or would take a shift and a LOP3."""
+    words[(j & 15) >> 2] += q << np.uint32(8 * (j & 3) + 4 * (j >> 4))
+
+
+@device
+def get_nibble(words, j):
+    """The qs nibble of value j (byte j % 16: its low nibble, the high one for j >= 16), as uint32."""
+    return (words[(j & 15) >> 2] >> np.uint32(8 * (j & 3) + 4 * (j >> 4))) & np.uint32(0xF)
+
+
+@device
+def nibble_plus_2_23(words, j):
+    """2^23 + nibble j as a float32, made from its bits: less 2^23 (+ an offset), one exact subtraction,
+    it is the nibble's value with no int -> float conversion."""
+    return f32_from_bits(get_nibble(words, j) | np.uint32(_MAGIC_BITS))
 
 
 @device
@@ -433,20 +454,18 @@ def quantize_q4_0(row, y, o, flavor, lut, kv):
 
 
 @device
-def _dq4_0_pair(words, row, d, j):
-    b = get_byte(words, j)
-    row[j] = mul(F((b & 0x0F) - 8), d)
-    row[j + 16] = mul(F((b >> 4) - 8), d)
+def _dq4_0_value(words, row, d, j):
+    row[j] = mul(sub(nibble_plus_2_23(words, j), _TWO23_PLUS_8), d)     # (q - 8) d: the subtraction is exact
 
 
-_dq4_0_pairs = unrolled(_dq4_0_pair, 16, 3)
+_dq4_0_values = unrolled(_dq4_0_value, QK, 3)
 
 
 @device
 def dequantize_q4_0(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 2, words)
-    _dq4_0_pairs(words, row, load_half(y, o, 0))
+    _dq4_0_values(words, row, load_half(y, o, 0))
 
 
 @device
@@ -594,20 +613,18 @@ def quantize_q4_1(row, y, o, flavor, lut, kv):
 
 
 @device
-def _dq4_1_pair(words, row, d, m, j):
-    b = get_byte(words, j)
-    row[j] = add(mul(F(b & 0x0F), d), m)
-    row[j + 16] = add(mul(F(b >> 4), d), m)
+def _dq4_1_value(words, row, d, m, j):
+    row[j] = add(mul(F(get_nibble(words, j)), d), m)
 
 
-_dq4_1_pairs = unrolled(_dq4_1_pair, 16, 4)
+_dq4_1_values = unrolled(_dq4_1_value, QK, 4)
 
 
 @device
 def dequantize_q4_1(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 4, words)
-    _dq4_1_pairs(words, row, load_half(y, o, 0), load_half(y, o, 2))
+    _dq4_1_values(words, row, load_half(y, o, 0), load_half(y, o, 2))
 
 
 @device
@@ -682,13 +699,6 @@ def best_index(y, lut, clamp):
 
 
 @device
-def _put_index(words, q, j):
-    """qs nibble of value j (byte j % 16, the high nibble for j >= 16) <- q: an add (the words start at
-    0, q <= 15), one LEA."""
-    words[(j & 15) >> 2] += q << np.uint32(8 * (j & 3) + 4 * (j >> 4))
-
-
-@device
 def _twice_x(v, s, flavor, clamp):
     """2 idv v: clamp (s = idv) as 2 * (idv v); else s = 2 idv, and s v is that exactly (a power of two
     scales without rounding; below the normals only |2x| < 2^-125 can differ, which indexes 8 anyway)."""
@@ -705,7 +715,7 @@ def _iq4_ref_value(row, words, acc, idv, lut, kv, clamp, j):
     wk = mul(mul(v, v), k)
     acc[0] = add(acc[0], mul(wk, v))
     acc[1] = add(acc[1], mul(wk, k))
-    _put_index(words, q, j)
+    add_nibble(words, q, j)
 
 
 _iq4_ref_values = unrolled(_iq4_ref_value, QK, 7)
@@ -718,8 +728,8 @@ def _iq4_cuda_pair(row, words, acc, idv, lut, kv, clamp, j):
     v1 = row[j + 16]
     q0 = best_index(_twice_x(v0, idv, CUDA, clamp), lut, clamp)
     q1 = best_index(_twice_x(v1, idv, CUDA, clamp), lut, clamp)
-    _put_index(words, q0, j)
-    _put_index(words, q1, j + 16)
+    add_nibble(words, q0, j)
+    add_nibble(words, q1, j + 16)
     k0 = kv[q0]
     k1 = kv[q1]
     t0 = mul_ftz(mul_ftz(v0, v0), k0)
@@ -782,20 +792,18 @@ def quantize_iq4_nl(row, y, o, flavor, lut, kv):
 
 
 @device
-def _diq4_pair(words, row, d, kv, j):
-    b = get_byte(words, j)
-    row[j] = mul(d, kv[b & 0x0F])
-    row[j + 16] = mul(d, kv[b >> 4])
+def _diq4_value(words, row, d, kv, j):
+    row[j] = mul(d, kv[get_nibble(words, j)])
 
 
-_diq4_pairs = unrolled(_diq4_pair, 16, 4)
+_diq4_values = unrolled(_diq4_value, QK, 4)
 
 
 @device
 def dequantize_iq4_nl(y, o, row, kv):
     words = cuda.local.array(4, np.uint32)
     get_words_4(y, o + 2, words)
-    _diq4_pairs(words, row, load_half(y, o, 0), kv)
+    _diq4_values(words, row, load_half(y, o, 0), kv)
 
 
 # ---- f32 / f16 / bf16: one value at a time, (v, flavor, in_simd_chunk) -> bits, bits -> v ----------
