@@ -19,8 +19,8 @@ a clock an SM), the tile's trip (write the row, read 4 columns of a chunk, write
 back, between warp barriers) four times. H200, fraction of copy_ (bench/gpu_quant.py, one run beside the
 tile version built from the same templates): fused rotate+quantize ref at n = 64 / 128 / 256, q4_0
 0.87 / 0.87 / 0.87 -> 1.01 / 0.96 / 0.92, q5_1 0.88 / 0.88 / 0.89 -> 0.97 / 0.95 / 0.91 (q8_0 1.02 / 1.00 /
-0.96; every type >= 0.90; n = 32, no column stage, 1.01-1.02); dequantize+unrotate the same either way
-(q4_0 0.94, q5_1 0.95-0.96 at n = 64 .. 256), rotate 0.97.
+0.96; every type >= 0.90; n = 32, no column stage, 1.01-1.02); dequantize+unrotate at n = 128 as the tile
+version read in an earlier run (0.94-0.96), rotate 0.97.
 """
 import numpy as np
 from numba import cuda
