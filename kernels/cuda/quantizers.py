@@ -690,8 +690,8 @@ def best_index(y, lut, clamp):
     are one access) counts them: the index is the top 4 bits of u's bits plus its bucket's entry. Both
     floors round toward -inf on the FP32 pipe (no cvt), the entry is read at its byte offset: per value
     2 FP32 and 3 integer instructions and a load. Any y gives an index in 0 .. 15 from an entry of the
-    table (a NaN one, a garbage index). clamp (a constant): fmin first, so a NaN becomes the top; without it y must be a
-    number in [-256, 256) for the right index."""
+    table (a NaN one, a garbage index). clamp (a constant): fmin first, so a NaN becomes the top;
+    without it y must be a number in [-256, 256) for the right index."""
     if clamp:
         y = fmax(fmin(y, F(255.0)), F(-256.0))
     e = lut[(f32_bits(fma_rm(y, F(0.25), _U4_MAGIC)) & _BUCKET_BYTES) >> np.uint32(2)]
