@@ -6,7 +6,8 @@ sum(q q8); f16/bf16/f32: the float dot), softmax, V dequantized. The kernel sums
 order, so the comparison has a tolerance far below the pair's quantization error; the q8_1 rounding of
 Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
 Every type as K and as V with a GQA group of 4 query heads in one block (2 splits: the combine pass);
-GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty).
+GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty); the kernel's variants (K groups
+loaded together, staged V rows) give the default's bits.
 
 The simulator must be chosen before numba.cuda is first imported, so the kernel runs in subprocesses,
 WORKERS at once (the simulator is pure Python: one core each). Where a CUDA GPU is present the same cases
@@ -34,19 +35,33 @@ SCRIPT = textwrap.dedent(r'''
     import sys
     import numpy as np
     from numba import cuda
-    from kvlab.kernels.cuda.flash_decode import flash_decode
+    from kvlab.kernels.cuda import flash_decode as fd
     from kvlab.types import type_info
     data = dict(np.load(sys.argv[1]))
     out = {}
+    default = fd.VARIANT                                 # (registers, V steps, K groups, staged V)
     for key in [k for k in data if k.startswith("k/")]:
         layout, pair = key[2:].split(":")
         tk, tv = pair.split("/")
         masked = layout == "gqa1"
+
+        def run(splits):
+            return fd.flash_decode(cuda.to_device(data["q/" + layout]), cuda.to_device(data[key]),
+                                   cuda.to_device(data[f"v/{layout}:{pair}"]), type_info(tk).ggml_type,
+                                   type_info(tv).ggml_type, data["mask"] if masked else None, np.float32(0.125),
+                                   splits).copy_to_host()
         for splits in ((1, 3) if masked else (2,)):
-            got = flash_decode(cuda.to_device(data["q/" + layout]), cuda.to_device(data[key]),
-                               cuda.to_device(data[f"v/{layout}:{pair}"]), type_info(tk).ggml_type,
-                               type_info(tv).ggml_type, data["mask"] if masked else None, np.float32(0.125), splits)
-            out[f"{layout}:{pair}/{splits}"] = got.copy_to_host()
+            out[f"{layout}:{pair}/{splits}"] = run(splits)
+        # the kernel's other variants where they apply: K groups loaded together (f32/f16/bf16 K), staged V
+        # rows (quantized V); gqa1 (masked) in 3 splits
+        alternatives = [(f"k_groups_{kg}", (*default[:2], kg, default[3])) for kg in (1, 2, 4)
+                        if tk in ("f32", "f16", "bf16") and kg != default[2]]
+        alternatives += [(f"stage_v_{sv}", (*default[:3], sv)) for sv in (0, 1)
+                         if tv not in ("f32", "f16", "bf16") and sv != default[3]]
+        for name, variant in alternatives:
+            fd.VARIANT = variant
+            out[f"{layout}:{pair}/{3 if masked else 2}/{name}"] = run(3 if masked else 2)
+            fd.VARIANT = default
     np.savez(sys.argv[2], **out)
 ''')
 
@@ -158,6 +173,17 @@ def test_matches_ggml_cuda_math(run, pair):
     want = reference(q, kq, vq)
     got = out[f"gqa4:{pair}/2"]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("case", [f"gqa4:{a}/{b}/2" for a, b in PAIRS] + ["gqa1:q4_0/q4_0/3"])
+def test_kernel_variants_give_the_same_bits(run, case):
+    """K groups loaded together (plain K) and V rows staged in shared memory (quantized V) move loads,
+    no arithmetic: every variant's output equals the default's bit for bit."""
+    _, _, out = run
+    others = [k for k in out if k.startswith(case + "/")]
+    assert others
+    for key in others:
+        assert out[key].tobytes() == out[case].tobytes(), key
 
 
 def test_splits_and_mask(run):
