@@ -75,6 +75,9 @@ else:
     sub = _asm("sub.rn.f32 $0, $1, $2;", 2)
     div = _asm("div.rn.f32 $0, $1, $2;", 2)
     fma = _asm("fma.rn.f32 $0, $1, $2, $3;", 3)
+    # rounding toward -inf: an FP32-pipe floor on floats 1 apart (quantizers.best_index)
+    add_rm = _asm("add.rm.f32 $0, $1, $2;", 2)
+    fma_rm = _asm("fma.rm.f32 $0, $1, $2, $3;", 3)
     mul_ftz = _asm("mul.rn.ftz.f32 $0, $1, $2;", 2)
     add_ftz = _asm("add.rn.ftz.f32 $0, $1, $2;", 2)
     sub_ftz = _asm("sub.rn.ftz.f32 $0, $1, $2;", 2)
@@ -180,3 +183,26 @@ else:
     @device
     def st_u32x4(a, i, v0, v1, v2, v3):
         _st_u32x4(a, i, (np.uint32(v0), np.uint32(v1), np.uint32(v2), np.uint32(v3)))
+
+
+# st_f32x4_cs(a, i, v0..v3): st_f32x4 with the streaming hint (st.global.cs: evict first from L2), for
+# an output written once and not read back by the kernel: the input lines prefetched into L2 for later
+# tiles stay. A hint: the bytes are the same; the simulator's is st_f32x4.
+if SIM:
+    st_f32x4_cs = st_f32x4
+else:
+    def _st_f32x4_cs(typingctx, ary, idx, v0, v1, v2, v3):
+        def codegen(context, builder, sig, args):
+            aryty, idxty = sig.args[:2]
+            data = context.make_array(aryty)(context, builder, args[0]).data
+            i = context.cast(builder, args[1], idxty, types.int64)
+            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
+                               [builder.mul(i, ir.Constant(ir.IntType(64), 4))])
+            values = [context.cast(builder, v, t, types.float32) for v, t in zip(args[2:], sig.args[2:])]
+            fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_F32] * 4)
+            builder.call(ir.InlineAsm(fty, "st.global.cs.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f",
+                                      side_effect=True), [builder.ptrtoint(byte, ir.IntType(64)), *values])
+            return context.get_dummy_value()
+        return types.void(ary, idx, v0, v1, v2, v3), codegen
+
+    st_f32x4_cs = intrinsic(_st_f32x4_cs)

@@ -23,8 +23,8 @@ from numba import cuda
 from .. import CPU, CUDA, REF
 from ..fp import bf16_bits as cpu_bf16_bits
 from ..iq4_nl import KVALUES_F32 as KVALUES
-from .ops import (SIM, add, add_ftz, device, div, f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits,
-                  fma_ftz, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx,
+from .ops import (SIM, add, add_ftz, add_rm, device, div, f16_bits_to_f32, f32_bits, f32_from_bits,
+                  f32_to_f16_bits, fma_ftz, fma_rm, fmax, fmax_ftz, fmin, fmin_ftz, ftz, ld_u16, mul, mul_ftz, ptx_i32, ptx_u32, rcp_approx,
                   round_even, roundf, st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
@@ -46,44 +46,6 @@ _KV_FIRST = F(-127.0)
 _MAGIC_BITS = 0x4B000000        # the bits of 2^23: floats from there to 2^24 are the integers
 _TWO23_PLUS_8 = F(2.0 ** 23 + 8)
 
-
-# ---- rounding toward -inf (PTX's .rm: an FP32-pipe floor for best_index; ops.py's way, with its twin) --
-if SIM:
-    from fractions import Fraction
-
-    def _f32_at_or_below(exact):
-        """The largest float32 <= the Fraction exact (-inf below -FLT_MAX)."""
-        if exact > Fraction(float(_FLT_MAX)):
-            return _FLT_MAX
-        if exact < -Fraction(float(_FLT_MAX)):
-            return F(-np.inf)
-        r = F(float(exact))
-        while Fraction(float(r)) > exact:
-            r = np.nextafter(r, F(-np.inf))
-        while Fraction(float(np.nextafter(r, F(np.inf)))) <= exact:
-            r = np.nextafter(r, F(np.inf))
-        return r
-
-    def fma_rm(a, b, c):
-        """fma.rm.f32: a * b + c exactly, then the float32 at or below it (a zero sum of nonzero terms,
-        or of zeros of both signs, is -0, as IEEE rounds toward -inf)."""
-        a, b, c = F(a), F(b), F(c)
-        with np.errstate(all="ignore"):
-            if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c)):
-                return F(np.float64(a) * np.float64(b) + np.float64(c))
-            product = np.float64(a) * np.float64(b)            # exact; its zero carries the sign
-        exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
-        if exact == 0:                                       # +0 only as +0 + +0
-            plus = product == 0 and c == 0 and not np.signbit(product) and not np.signbit(c)
-            return F(0.0) if plus else F(-0.0)
-        return _f32_at_or_below(exact)
-
-    def add_rm(a, b):
-        return fma_rm(a, F(1.0), b)
-else:
-    from .ops import _asm
-    add_rm = _asm("add.rm.f32 $0, $1, $2;", 2)
-    fma_rm = _asm("fma.rm.f32 $0, $1, $2, $3;", 3)
 
 # best_index's floors, on floats 1 apart (2^23 .. 2^24), where rounding toward -inf floors: for y in
 # [-256, 256), RM(y + _U_MAGIC) has the bits _MAGIC_BITS + u, u = floor(y) + 256 (0 .. 511), and

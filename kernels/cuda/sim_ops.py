@@ -73,6 +73,40 @@ def fma(a, b, c):
     return _f32(s)
 
 
+def _f32_at_or_below(exact):
+    """The largest float32 <= the Fraction exact (-inf below -FLT_MAX)."""
+    top = Fraction(float(np.finfo(np.float32).max))
+    if exact > top:
+        return np.finfo(np.float32).max
+    if exact < -top:
+        return _f32(-np.inf)
+    r = _f32(float(exact))
+    while Fraction(float(r)) > exact:
+        r = np.nextafter(r, _f32(-np.inf))
+    while Fraction(float(np.nextafter(r, _f32(np.inf)))) <= exact:
+        r = np.nextafter(r, _f32(np.inf))
+    return r
+
+
+@_quiet
+def fma_rm(a, b, c):
+    """fma.rm.f32: a * b + c exactly, then the float32 at or below it (a zero sum of nonzero terms, or of
+    zeros of both signs, is -0, as IEEE rounds toward -inf)."""
+    a, b, c = _f32(a), _f32(b), _f32(c)
+    product = np.float64(a) * np.float64(b)            # exact; its zero carries the sign
+    if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c)):
+        return _f32(product + np.float64(c))
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    if exact == 0:                                     # +0 only as +0 + +0
+        plus = product == 0 and c == 0 and not np.signbit(product) and not np.signbit(c)
+        return _f32(0.0) if plus else _f32(-0.0)
+    return _f32_at_or_below(exact)
+
+
+def add_rm(a, b):
+    return fma_rm(a, _f32(1.0), b)
+
+
 def mul_ftz(a, b):
     return ftz(mul(ftz(a), ftz(b)))
 
