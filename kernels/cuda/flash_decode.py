@@ -874,12 +874,16 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
                 KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd, t1, n_cols)
         if tok >= n_kv or (use_mask and not mask[b, tok]):     # past the context, or masked (ggml adds -inf)
             FILL_G(s, NEG_INF)
+        lt = warp * WARP + sub                             # this lane's first token in the tile
+        tok0 = tile * NT + lt
+        if not STAGE_V:    # V's first NB steps: loads issued before the softmax (their latency under it)
+            LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2],
+                   n_kv - tok0 if lane_ok else 0, shift)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
         warp_sync()
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first); STAGE_V: the warp's
         # 32 rows first pass through shared memory as K's do (all their loads in flight at once)
-        lt = warp * WARP + sub                             # this lane's first token in the tile
         if STAGE_V:
             first = tile * NT + warp * WARP
             n_rows = max(0, min(WARP, n_kv - first))
@@ -894,9 +898,6 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
                 LOAD_V(raw, vbuf, vbuf, o_v + n0 * TS * V_RB, TS * V_RB, 0, shift)
                 V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
             continue
-        tok0 = tile * NT + lt
-        LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_kv - tok0 if lane_ok else 0,
-               shift)
         V_TOKENS(acc, raw, ps, lt, p, rs, True)             # the first steps (the rescale with the first)
         for n0 in range(NB, STEPS, NB):
             tok0 = tile * NT + lt + n0 * TS
