@@ -6,7 +6,7 @@ One JSON line per figure; a figure that fails prints a line with "error" and the
 
 kernel (GPU): a Llama-3-8B-like attention layer (32 query heads, 8 KV heads, head_dim 128) at contexts
     4k..32k for the default GGML_CUDA_FA_QUANTS pairs (+ every type at 32k; --kernel-pairs: those at every
-    context; --k-groups, --stage-v: kernel variants side by side), over enough sequences that
+    context; --k-groups: kernel variants side by side), over enough sequences that
     K+V exceed the L2 (512 MiB at f16): time per launch of the partials + combine kernels enqueued back
     to back (CUDA events, L2 flushed first), K+V bytes read / time against the same run's torch copy_
     bandwidth ((read + written) / time of a 1 GiB copy). Goal (issue 18): >= 0.80 at 32k. First-call
@@ -142,11 +142,11 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
 def _warm_one(job) -> float:
     """Compile (or load from numba's disk cache) the kernels one pair (and variant) needs: quantize,
     partials, combine."""
-    pair, d, gqa, k_groups, stage_v = job
+    pair, d, gqa, k_groups = job
     import torch
     import kvlab
     from kvlab.kernels.cuda import flash_decode as fd
-    fd.VARIANT = with_choices(fd.VARIANT, k_groups, stage_v)
+    fd.VARIANT = with_k_groups(fd.VARIANT, k_groups)
     t0 = time.perf_counter()
     dev = torch.device("cuda")
     type_k, type_v = pair.split("/")
@@ -158,19 +158,18 @@ def _warm_one(job) -> float:
     return time.perf_counter() - t0
 
 
-def with_choices(variant: tuple, k_groups, stage_v) -> tuple:
-    """fd.VARIANT with its plain-K groups loaded together and its quantized-V staging replaced (None: as
-    they are)."""
-    return (*variant[:2], variant[2] if k_groups is None else k_groups, variant[3] if stage_v is None else stage_v)
+def with_k_groups(variant: tuple, k_groups) -> tuple:
+    """fd.VARIANT with its plain-K groups loaded together replaced (None: as it is)."""
+    return variant if k_groups is None else (*variant[:2], k_groups)
 
 
 def warm_kernels(jobs, d: int, gqa: int) -> dict:
-    """Every (pair, K groups, V staging) case's kernels compiled at once in their own processes (numba
-    compiles one kernel on one core for tens of seconds); the figures then load them from the disk cache."""
+    """Every (pair, K groups) case's kernels compiled at once in their own processes (numba compiles one
+    kernel on one core for tens of seconds); the figures then load them from the disk cache."""
     import multiprocessing
     import os
     t0 = time.perf_counter()
-    jobs = [(p, d, gqa, kg, sv) for p, kg, sv in dict.fromkeys(jobs)]
+    jobs = [(p, d, gqa, kg) for p, kg in dict.fromkeys(jobs)]
     with multiprocessing.get_context("spawn").Pool(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         each = pool.map(_warm_one, jobs)
     return {"figure": "kernel_compile", "pairs": len(jobs), "seconds": time.perf_counter() - t0,
@@ -201,16 +200,14 @@ def run_kernel(args) -> None:
         cases = [(p, n) for p in PAIRS_GPU for n in contexts]
         cases += [(f"{t}/{t}", max(contexts)) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
     k_groups = [int(x) for x in args.k_groups.split(",")] if args.k_groups else [None]
-    stage_v = [int(x) for x in args.stage_v.split(",")] if args.stage_v else [None]
-    cases = [(p, n, kg if p.split("/")[0] in PLAIN else None, sv if p.split("/")[1] not in PLAIN else None)
-             for p, n in cases for kg in k_groups for sv in stage_v]
-    cases = list(dict.fromkeys(cases))                  # one case where a choice does not apply
-    guarded(base, lambda: warm_kernels([(p, kg, sv) for p, _, kg, sv in cases], 128, 4))
+    cases = [(p, n, kg if p.split("/")[0] in PLAIN else None) for p, n in cases for kg in k_groups]
+    cases = list(dict.fromkeys(cases))                  # quantized K: one case whatever the K groups
+    guarded(base, lambda: warm_kernels([(p, kg) for p, _, kg in cases], 128, 4))
     from kvlab.kernels.cuda import flash_decode as fd
     default = fd.VARIANT
-    for pair, n_kv, kg, sv in cases:
+    for pair, n_kv, kg in cases:
         batch = max(1, (1 << 29) // (8 * n_kv * 128 * 2))     # >= 512 MiB of K+V at f16: well past the L2
-        fd.VARIANT = with_choices(default, kg, sv)
+        fd.VARIANT = with_k_groups(default, kg)
         try:
             guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
                     lambda: kernel_figure(torch, dev, pair, n_kv, copy_bw, flush, batch))
@@ -346,8 +343,6 @@ def main(argv=None):
                         "context")
     parser.add_argument("--k-groups", default="", help="f32/f16/bf16 K: each of these counts of 8-value groups "
                         "loaded together (the kernel variant's third field; default: the module's)")
-    parser.add_argument("--stage-v", default="", help="quantized V: each of these (0/1: V rows through shared "
-                        "memory or not; the variant's fourth field; default: the module's)")
     parser.add_argument("--peers", default="quanto,hqq", help="transformers QuantizedCache backends in the hf part "
                         "(where optimum-quanto / hqq install; '' for none)")
     parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768",

@@ -24,9 +24,8 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     (b) softmax: each warp keeps its own running maximum per head (+ FATTN_KQ_MAX_OFFSET), as ggml's
     vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
     tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
-    token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use (a
-    quantized V row of <= 160 bytes: from shared memory, where the warp first copies its 32 rows as for
-    K, all loads issued first; VARIANT's fourth field), and
+    token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use (the
+    first ones before the softmax), and
     accumulates p * V in float32 for all G heads (the tile's first token as fma(rescale, acc, p * v): nvcc
     contracts ggml's rescale into its first FMA so, in fattn-vec.cuh's sm_90 PTX); each V value is
     dequantized once (d * (q - 8) etc. exactly as dequantize_V).
@@ -42,7 +41,9 @@ partials/meta scratch reused per (device, stream): the output is the only alloca
 Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
 ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
 same values). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
-(bench/fa_cuda_ggml.py on an H200, this file at 55c94fa: 54 of 54 cases at ggml's counts and at kvlab's).
+(bench/fa_cuda_ggml.py on an H200, this file at 55c94fa: 54 of 54 cases at ggml's counts and at kvlab's;
+at ec12308 the f16/bf16 output bytes equal that kernel's (14be599) on the H200 in 8 of 8 cases with 1, 2
+and 4 K groups: 4k and 32k, masked, one split).
 
 Differences from ggml-cuda, named:
   - the summation order, where it is not ggml's: V of a quantized type accumulated by its own lane
@@ -93,7 +94,6 @@ WARP = 32
 NWARPS = NT // WARP
 MAX_COLS = 8                                               # query heads per block at most
 NB_MAX = 8                                                 # V steps whose loads are issued together
-STAGED_NB = 2                                              # ... from staged rows (shared memory)
 KQ_MAX_OFFSET = np.float32(3.0) * np.float32(0.6931)       # FATTN_KQ_MAX_OFFSET
 HALF_NEG_FLT_MAX = np.float32(-3.4028234663852886e38 / 2)  # -FLT_MAX/2.0f, the initial maximum
 INV_127 = np.float32(1.0) / np.float32(127.0)
@@ -306,15 +306,6 @@ def u32(a, o):
     """The little-endian 32-bit word at byte o (even) of a flat uint8 array, as two 16-bit loads
     (ggml_cuda_memcpy_1<4, 2>: the blocks of q4_0, q5_0, q8_0 are only 2-byte aligned)."""
     return np.uint32(ld_u16(a, o)) | (np.uint32(ld_u16(a, o + 2)) << U16)
-
-
-@device
-def sh_u32(buf, o):
-    """The little-endian 32-bit word at byte o (even) of a uint32 array (words o // 4 and the next,
-    funnel-shifted: the staged V rows of q4_0, q5_0, q8_0, iq4_nl blocks are only 2-byte aligned)."""
-    i = o >> 2
-    w = (np.uint64(buf[i + 1]) << np.uint64(32)) | np.uint64(buf[i])
-    return np.uint32((w >> np.uint64(8 * (o & 3))) & np.uint64(0xFFFFFFFF))
 
 
 @device
@@ -643,20 +634,10 @@ def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
     """V unit u + ul * LV of slot sl = n * UL + ul (the token n * TS rows after the one at byte o0; step:
     TS rows in bytes) into raw[4 sl ..]: its words, or zeros from n * TS >= n_left (past the context).
     vq, vd: V from the lane's quants word (or 16 bytes) and its block of unit u, so that a load's
-    address is the row's plus a constant; shift: 4 * (u % V_PER_BLOCK), the lane's quants word in its
-    block and 5th bits in qh. STAGE_V: from the warp's rows in shared memory instead."""
+    address is the row's plus a constant; shift: 4 * (u % 4), the lane's 5th bits in qh."""
     n = sl // UL
     ul = sl % UL
     base = 4 * sl
-    if STAGE_V:     # vq is the warp's staged rows (zeros past the context), o0 the lane's block byte there
-        b = o0 + n * step + (ul * LV // V_PER_BLOCK) * V_TSIZE
-        raw[base] = sh_u32(vq, b + V_QS_AT + shift)
-        raw[base + 1] = sh_u32(vq, b)
-        if TV == Q5_0:
-            raw[base + 2] = sh_u32(vq, b + 2) >> shift
-        if TV == Q5_1:
-            raw[base + 2] = sh_u32(vq, b + 4) >> shift
-        return
     raw[base] = raw[base + 1] = raw[base + 2] = raw[base + 3] = np.uint32(0)
     if n * TS < n_left:
         on = o0 + n * step
@@ -788,7 +769,6 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     comb = cuda.shared.array(N_COMB, float32)
     scratch = cuda.shared.array(N_SCRATCH, float32)   # shuffles (the simulator's: all lanes' values at once)
     kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
-    vbuf = cuda.shared.array(N_VBUF, uint32)   # the tile's V rows (and a word past them: sh_u32 reads it)
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
@@ -829,7 +809,6 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     wd = cuda.local.array(K_WORDS, uint32)
     r = cuda.local.array(N_R, float32)                     # plain K: pending pairs of the shuffle tree
     cp = cuda.local.array(ROW_WORDS, uint32)
-    cpv = cuda.local.array(VROW_WORDS, uint32)
     t1 = cuda.local.array(1, float32)
     n_cols = G if ratio > 0 else 0                         # G, as a value the compiler does not unroll
     raw = cuda.local.array(N_RAW, uint32)
@@ -876,28 +855,13 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
             FILL_G(s, NEG_INF)
         lt = warp * WARP + sub                             # this lane's first token in the tile
         tok0 = tile * NT + lt
-        if not STAGE_V:    # V's first NB steps: loads issued before the softmax (their latency under it)
-            LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2],
-                   n_kv - tok0 if lane_ok else 0, shift)
+        # V's first NB steps: loads issued before the softmax (their latency under it)
+        LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_kv - tok0 if lane_ok else 0,
+               shift)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
         warp_sync()
-        # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first); STAGE_V: the warp's
-        # 32 rows first pass through shared memory as K's do (all their loads in flight at once)
-        if STAGE_V:
-            first = tile * NT + warp * WARP
-            n_rows = max(0, min(WARP, n_kv - first))
-            STAGE_VLOAD(cpv, v, b * vst[0] + hk * vst[1] + first * vst[2] + 4 * lane,
-                        4 * (n_rows * VROW_WORDS - lane))
-            STAGE_VSTORE(vbuf, cpv, warp * WARP * VROW_WORDS + lane)
-            warp_sync()
-            o_v = (warp * WARP + sub) * V_RB + (u // V_PER_BLOCK) * V_TSIZE      # the lane's block, first row
-            LOAD_V(raw, vbuf, vbuf, o_v, TS * V_RB, 0, shift)
-            V_TOKENS(acc, raw, ps, lt, p, rs, True)
-            for n0 in range(NB, STEPS, NB):
-                LOAD_V(raw, vbuf, vbuf, o_v + n0 * TS * V_RB, TS * V_RB, 0, shift)
-                V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
-            continue
+        # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
         V_TOKENS(acc, raw, ps, lt, p, rs, True)             # the first steps (the rescale with the first)
         for n0 in range(NB, STEPS, NB):
             tok0 = tile * NT + lt + n0 * TS
@@ -936,11 +900,11 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
     return _divisor_at_most(ratio, min(cap, max(1, 1024 // d), max(1, 64 * lv // d)))
 
 
-# (max_registers, V steps loaded together, plain K groups loaded together, stage quantized V rows in shared
-# memory) of the kernels flash_decode takes. 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240
-# unbounded (1-3 blocks). Staged V (sm_90 SASS, q4_0 at D 128): one coalesced load batch a tile instead
-# of 2, but more instructions (funnel-shifted shared reads) and ~100 bytes of spills: off until measured.
-VARIANT = (128, NB_MAX, 2, 0)
+# (max_registers, V steps loaded together, plain K groups loaded together) of the kernels flash_decode
+# takes. 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks). K groups
+# (H200, Llama-3-8B layer, 32k, ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 /
+# 0.610 / 0.580, f32 0.627 / 0.829 / 0.833 (4 is 2 for f32: at most 32 words).
+VARIANT = (128, NB_MAX, 2)
 
 
 @functools.cache
@@ -957,14 +921,10 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    max_registers, nb_max, k_groups, stage_v = variant
-    v_row_words = d // 32 * TYPE_SIZES[type_v] // 4 if not plain_v else 1
-    stage_v = bool(stage_v) and not plain_v and 4 * v_row_words <= 160 and d // 32 * TYPE_SIZES[type_v] % 4 == 0
+    max_registers, nb_max, k_groups = variant
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
         nb //= 2
-    if stage_v:                                          # from shared memory: a short batch hides the latency
-        nb = min(nb, STAGED_NB)
     k_chunk_bytes = 2 * TYPE_SIZES[type_k]               # quantized K: 2 blocks per chunk of loads
     group_words = d // 64 * (8 if type_k == F32 else 4)   # a plain K row's 8-value group: its words
     kg = min(k_groups, max(1, 32 // group_words)) if plain_k else 1   # loaded together: <= 32 words
@@ -978,13 +938,13 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, KG=kg, GW=8 if type_k == F32 else 4,
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
-              ROW_WORDS=row_words, STAGE_V=stage_v, VROW_WORDS=v_row_words)
+              ROW_WORDS=row_words)
     k_rb = d * TYPE_SIZES[type_k] if plain_k else d // 32 * TYPE_SIZES[type_k]        # row bytes
     v_rb = d * TYPE_SIZES[type_v] if plain_v else d // 32 * TYPE_SIZES[type_v]
     ns.update(K_RB=k_rb, V_RB=v_rb, K_PF=-(-k_rb // 128), V_PF=-(-v_rb // 128))       # lines a thread prefetches
     # array sizes: numba takes only literal integers there
     ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
-              N_KBUF=NT * row_words if stage_k else 1, N_VBUF=NT * v_row_words + 1 if stage_v else 1, N_RAW=4 * nb * ul,
+              N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul,
               N_SCRATCH=NT * max(2, g) if SIM else NT, N_R=2 * g)
 
     def bind(template):
@@ -1002,9 +962,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ns.update(KQ_PLAIN=bind(_kq_plain))
     ns.update(KQ_HEADS=unrolled(bind(_kq_head_step), g, 7))
     ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
-              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3),
-              STAGE_VLOAD=unrolled(bind(_stage_load_step), v_row_words, 4),
-              STAGE_VSTORE=unrolled(bind(_stage_store_step), v_row_words, 3))
+              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
               LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
@@ -1015,7 +973,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
         ns.update(SOFTMAX=bind(_sim_softmax))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
-    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}_{int(stage_v)}"
+    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}"
     return _instantiate(_partials, name, jit, **ns)
 
 
