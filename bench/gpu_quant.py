@@ -14,15 +14,22 @@ calls (torch.cuda.CUDAGraph), replayed: GPU microseconds per call (graph_us, tor
 ratio_graph), the launch work off the host altogether. Then (op "set_rows_decode_stream") the same
 set_rows on a side stream (torch.cuda.stream(s): kvlab follows torch's current stream) against copy_ there.
     python bench/gpu_quant.py [log2_elems] [--types q8_0,q4_0] [--flavors ref,cuda] [--no-compile] [--once]
-                              [--decode-only] [--ab-prefetch] [--kernels-only]
+                              [--decode-only] [--ab-prefetch] [--kernels-only] [--ops dequantize,..]
+                              [--prefetch READ,WRITE]
 --kernels-only: kvlab's own lines alone (no decode set_rows, llama.cpp-way or torch lines; a short run),
 and the fused ref at n = 32 too (the in-row stages alone: against n = 64 .. 256, the column stages' cost).
+--ops: only these ops' kvlab lines (quantize, rotate_quantize, dequantize, dequantize_unrotate, rotate).
+--prefetch: kc._PREFETCH for the whole process (each line then carries it, its impl ending _read<f> or
+_write<f>), set before the first call: kvlab.kernels.cuda replays a call key's first launches (its
+_PLANS: kernel and prefetch distance), so a setting changed later in a process need not take effect.
+Hence --ab-prefetch runs this script once more per setting, each in its own process.
 The copy line also gives fill_GBps, torch's fill_ (writes only), as the roof of write-heavy ops
 (dequantize writes 4-7x the bytes it reads).
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -156,11 +163,25 @@ def first_call(fn):
     return round(time.perf_counter() - t0, 2)
 
 
+PREFETCH_DIRECTION = {"quantize": "write", "rotate_quantize": "write", "dequantize": "read",
+                      "dequantize_unrotate": "read"}
+
+
 class Report:
-    def __init__(self, copy_gbs):
+    """Times fn and prints its line, for the ops asked for (ops None: all); under a --prefetch setting
+    the line carries it, and impl ends _read<f> / _write<f>, f the fraction of the op's direction."""
+    def __init__(self, copy_gbs, ops, prefetch):
         self.copy_gbs = copy_gbs
+        self.ops = ops
+        self.prefetch = prefetch
 
     def __call__(self, op, type_name, impl, fn, nbytes, **extra):
+        if self.ops is not None and op not in self.ops:
+            return
+        direction = PREFETCH_DIRECTION.get(op)
+        if self.prefetch is not None and direction:
+            impl += f"_{direction}{self.prefetch[direction]}"
+            extra["prefetch"] = self.prefetch
         first = first_call(fn)
         ms = timed(fn)
         gbs = nbytes / ms / 1e6
@@ -182,40 +203,32 @@ def profile_once(x, types):
 
 
 AB_TYPES = ("q8_0", "q4_0", "q5_0", "iq4_nl")
-AB_PREFETCH = ((0.0, 1.0), (0.25, 0.25), (0.5, 0.5))     # (read, write) besides the default (1, 0)
+AB_PREFETCH = ((0.0, 1.0), (0.25, 0.25), (0.5, 0.5))     # (read, write) besides the default (0.5, 0)
 
 
-def prefetch_ab(report, x, types, bufs):
+def prefetch_ab(log2_elems, types):
     """The tile kernels again at other L2 prefetch distances (kc._PREFETCH: a fraction of the CUDA blocks
-    the GPU holds, per direction; KVLAB_CUDA_PREFETCH sets it for a whole run): quantize and the fused
-    rotate+quantize (write) as impl ..._write<fraction>, dequantize and dequantize+unrotate (read) as
-    ..._read<fraction>, for the A/B beside the default lines above."""
-    default = dict(kc._PREFETCH)
-    back = torch.empty_like(x)
-    scale = hadamard_scale(ROT_N)
-    for read, write in AB_PREFETCH:
-        kc._PREFETCH = {"read": read, "write": write}
-        kc._PLANS.clear()                  # the recorded launches hold the prefetch distance
-        for name in (t for t in AB_TYPES if t in types):
-            info, (out, nbytes) = TYPES[name], bufs[name]
-            report("quantize", name, f"kvlab_ref_write{write}", lambda: kc.quantize(x, out, info, 0), nbytes)
-            report("rotate_quantize", name, f"kvlab_fused_ref_write{write}",
-                   lambda: kc.rotate_quantize(x, out, info, 0, ROT_N, scale), nbytes, n_rot=ROT_N)
-            report("dequantize", name, f"kvlab_read{read}", lambda: kc.dequantize(out, back, info), nbytes)
-            report("dequantize_unrotate", name, f"kvlab_fused_read{read}",
-                   lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
-    kc._PREFETCH = default
-    kc._PLANS.clear()
+    the GPU holds, per direction), one process per setting (--prefetch: a process's first launches of a
+    key are replayed, their prefetch distance with them): quantize, the fused rotate+quantize, dequantize
+    and dequantize+unrotate (ref, n = ROT_N), each line with its setting and its process's own copy_."""
+    ab_types = ",".join(t for t in AB_TYPES if t in types)
+    for read, write in AB_PREFETCH if ab_types else ():
+        subprocess.run([sys.executable, os.path.abspath(__file__), str(log2_elems), "--types", ab_types,
+                        "--flavors", "ref", "--kernels-only", "--prefetch", f"{read},{write}",
+                        "--ops", "quantize,rotate_quantize,dequantize,dequantize_unrotate"], check=True)
 
 
-def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefetch=False, kernels_only=False):
+def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefetch=False, kernels_only=False,
+         ops=None, prefetch=None):
+    if prefetch is not None:                # before any call of this process: see the docstring
+        prefetch = kc._PREFETCH = {"read": prefetch[0], "write": prefetch[1]}
     n = 1 << log2_elems
     cols = 4096
     torch.manual_seed(0)
     x = torch.randn(n // cols, cols, device="cuda")                 # (rows, 4096)
     if once:
         return profile_once(x, types)
-    if not kernels_only:
+    if not kernels_only and ops is None:
         decode_set_rows(types)
     if decode_only:
         return
@@ -226,14 +239,16 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefet
     fill_ms = timed(lambda: dst.fill_(1.0))                # writes only: the roof of a write-heavy op
     print(json.dumps({"device": torch.cuda.get_device_name(), "elements": n, "copy_ms": round(copy_ms, 4),
                       "copy_GBps": round(copy_gbs, 1), "fill_GBps": round(4 * n / fill_ms / 1e6, 1),
-                      "fill_frac_copy": round(4 * n / fill_ms / 1e6 / copy_gbs, 3)}), flush=True)
-    report = Report(copy_gbs)
+                      "fill_frac_copy": round(4 * n / fill_ms / 1e6 / copy_gbs, 3),
+                      **({} if prefetch is None else {"prefetch": prefetch})}), flush=True)
+    report = Report(copy_gbs, ops, prefetch)
     h = torch.from_numpy(hadamard(ROT_N)).cuda()
     scale = hadamard_scale(ROT_N)
     bufs = {}
     for name in types:                      # kvlab first: its lines come out even if torch's compiles run long
         info = TYPES[name]
-        out = torch.empty(n // cols, info.row_bytes(cols), dtype=torch.uint8, device="cuda")
+        # random bytes, what dequantize reads where --ops times no quantize first
+        out = torch.randint(0, 256, (n // cols, info.row_bytes(cols)), dtype=torch.uint8, device="cuda")
         back = torch.empty_like(x)
         nbytes = 4 * n + out.numel()
         bufs[name] = out, nbytes
@@ -257,8 +272,8 @@ def main(log2_elems, types, compile_torch, once, decode_only, flavors, ab_prefet
                lambda: kc.dequantize_unrotate(out, back, info, ROT_N, scale), nbytes, n_rot=ROT_N)
     report("rotate", "f32", "kvlab", lambda: kc.rotate(x, back, ROT_N, scale), 8 * n, n_rot=ROT_N)
     if ab_prefetch:
-        prefetch_ab(report, x, types, bufs)
-    for name in () if kernels_only else types:
+        prefetch_ab(log2_elems, types)
+    for name in () if kernels_only or ops is not None else types:
         out, nbytes = bufs[name]
         quant, dequant = torch_quant.QUANTIZE[name], torch_quant.DEQUANTIZE[name]
         peers = [("torch_eager", quant, dequant)]
@@ -285,6 +300,9 @@ if __name__ == "__main__":
                     help=f"also time {', '.join(AB_TYPES)} at other L2 prefetch distances {AB_PREFETCH}")
     ap.add_argument("--kernels-only", action="store_true",
                     help="kvlab's lines alone: no decode set_rows, llama.cpp-way or torch lines")
+    ap.add_argument("--ops", help="only these ops' kvlab lines, comma-separated (implies no torch lines)")
+    ap.add_argument("--prefetch", help="READ,WRITE: kc._PREFETCH for this process (fractions of a wave)")
     a = ap.parse_args()
     main(a.log2_elems, a.types.split(","), not a.no_compile, a.once, a.decode_only, a.flavors.split(","),
-         a.ab_prefetch, a.kernels_only)
+         a.ab_prefetch, a.kernels_only, a.ops and a.ops.split(","),
+         a.prefetch and tuple(float(v) for v in a.prefetch.split(",")))

@@ -8,8 +8,11 @@ Block types. A CUDA block of TPB threads owns TPB consecutive 32-value blocks, o
   3. thread t quantizes its row into a shared staging buffer laid out as the ggml block structs;
   4. the staged TPB * type_size bytes leave as coalesced 16-byte words (4-byte words, or single
      bytes, to row_ids' rows for set_rows or when the output is not aligned).
-Dequantize runs these steps backwards (the bytes arrive as 16-byte words). Every thread runs steps
-2-3, rows past the end too (zeros, never stored): no divergence around the barriers.
+Dequantize runs these steps backwards (the bytes arrive as 16-byte words), each warp on its own 32
+rows: it loads their bytes, dequantizes, writes the rows and stores them between warp barriers, with no
+block barrier (but iq4_nl's table's, and a rotation's for n > 256), so that one warp's stores overlap
+another's loads. Every thread runs steps 2-3, rows past the end too (never stored): no divergence
+around the barriers.
 Before step 1, a large call's CUDA block may ask L2 for the input of the tile `ahead` tiles further
 (prefetch.L2, one 128-byte line per thread; ahead a fraction of the CUDA blocks the GPU holds at once,
 so that tile is one a block starts a while later): a block then finds its input in L2, and the memory
@@ -38,9 +41,9 @@ from numba import cuda, float32, uint8, uint32
 from .. import FLAVORS
 from .fwht import rotate_into_tile, rotate_row
 from .ops import (SIM, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, prefetch_l2, st_f32x4, st_u32, st_u32x2,
-                  st_u32x4)
+                  st_u32x4, warp_barrier)
 from .quantizers import BEST_INDEX_LUT, KVALUES
-from .tile import ALIGN, TILE_W, TPB, load_tile, read_row, store_tile, write_row
+from .tile import ALIGN, TILE_W, TPB, WARP_ROWS, load_tile, read_row, store_tile, store_warp_rows, write_row
 
 
 def _load_array_overloads():
@@ -131,29 +134,35 @@ def store_full_tile(stage, y, base, count):
 
 
 @device
-def load_bytes(stage, y, base, count, wide):
-    """Bytes base .. base + count of the flat uint8 y -> stage[0:count].
-    wide: y is 16-byte aligned; a thread then loads at most 3 words of 16 (type_size <= 34), all first."""
+def load_warp_bytes(stage, y, base, count, wide, warp_bytes):
+    """The calling warp's share of a tile's bytes: bytes s .. s + warp_bytes of the tile's (base .. of
+    the flat uint8 y; those below count only) -> stage[s ..], s = warp_bytes * the warp's number; its
+    WARP_ROWS rows' blocks, warp_bytes = WARP_ROWS * type_size (a multiple of 16). Only the warp reads
+    them: a warp barrier publishes them, no block barrier.
+    wide: y is 16-byte aligned; a lane then loads at most 3 words of 16 (type_size <= 34), all first."""
     t = cuda.threadIdx.x
-    n16 = count >> 4 if wide else 0
-    w1 = t + TPB
-    w2 = t + 2 * TPB
+    lane = t % WARP_ROWS
+    s = (t - lane) // WARP_ROWS * warp_bytes
+    end = max(0, min(warp_bytes, count - s))          # this warp's bytes (0: past the end)
+    n16 = end >> 4 if wide else 0
+    w1 = lane + WARP_ROWS
+    w2 = lane + 2 * WARP_ROWS
     zero = np.uint32(0)
     a = b = c = (zero, zero, zero, zero)
-    if t < n16:
-        a = ld_u32x4(y, base + 16 * t)
+    if lane < n16:
+        a = ld_u32x4(y, base + s + 16 * lane)
     if w1 < n16:
-        b = ld_u32x4(y, base + 16 * w1)
+        b = ld_u32x4(y, base + s + 16 * w1)
     if w2 < n16:
-        c = ld_u32x4(y, base + 16 * w2)
-    if t < n16:
-        st_u32x4(stage, 16 * t, a[0], a[1], a[2], a[3])
+        c = ld_u32x4(y, base + s + 16 * w2)
+    if lane < n16:
+        st_u32x4(stage, s + 16 * lane, a[0], a[1], a[2], a[3])
     if w1 < n16:
-        st_u32x4(stage, 16 * w1, b[0], b[1], b[2], b[3])
+        st_u32x4(stage, s + 16 * w1, b[0], b[1], b[2], b[3])
     if w2 < n16:
-        st_u32x4(stage, 16 * w2, c[0], c[1], c[2], c[3])
-    for k in range(16 * n16 + t, count, TPB):
-        stage[k] = y[base + k]
+        st_u32x4(stage, s + 16 * w2, c[0], c[1], c[2], c[3])
+    for k in range(16 * n16 + lane, end, WARP_ROWS):
+        stage[s + k] = y[base + s + k]
 
 
 @device
@@ -264,7 +273,9 @@ def quantize_kernel(info, flavor):
 
 
 def _dequantize(y, out, n_blocks, wide, vec, n, scale, ahead):
-    """Template (DEQUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, TABLES): see dequantize_kernel."""
+    """Template (DEQUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, TABLES): see dequantize_kernel. Each warp
+    moves its own rows' bytes in and values out between warp barriers: no block barrier (but the
+    table's, and a rotation's for n > 256), so a warp's stores overlap the other warps' loads."""
     if ahead > 0:
         later = (np.int64(cuda.blockIdx.x) + ahead) * TPB * TYPE_SIZE  # noqa: F821
         prefetch_tile(y, later, min(later + TPB * TYPE_SIZE, n_blocks * TYPE_SIZE), 128)  # noqa: F821
@@ -275,16 +286,18 @@ def _dequantize(y, out, n_blocks, wide, vec, n, scale, ahead):
     r = np.uint32(cuda.threadIdx.x)
     if TABLES:                            # noqa: F821
         load_table(kv, KVALUES)
-    load_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE, wide)  # noqa: F821
-    cuda.syncthreads()
+        cuda.syncthreads()
+    load_warp_bytes(stage, y, first * TYPE_SIZE, min(TPB, n_blocks - first) * TYPE_SIZE, wide,  # noqa: F821
+                    WARP_ROWS * TYPE_SIZE)  # noqa: F821
+    warp_barrier()
     row = cuda.local.array(32, float32)
     DEQUANTIZE_BLOCK(stage, r * TYPE_SIZE, row, kv)  # noqa: F821
     if n > 0:
-        rotate_into_tile(tile, row, n, scale, TPB)
+        rotate_into_tile(tile, row, n, scale, TPB)    # n > 256: block barriers inside; the rows then the threads' own
     else:
         write_row(tile, r, row)
-    cuda.syncthreads()
-    store_tile(tile, out, first * 32, n_blocks * 32, vec)
+    warp_barrier()
+    store_warp_rows(tile, out, first * 32, n_blocks * 32, vec)
 
 
 @functools.cache

@@ -12,13 +12,13 @@ consecutive float4 of one row, hit 32 distinct banks (36 = 4 mod 32).
 import numpy as np
 from numba import cuda, float32
 
-from .ops import SIM, device, ld_f32x4, st_f32x4
+from .ops import SIM, device, ld_f32x4, st_f32x4, st_f32x4_cs
 from .unroll import unrolled
 
 TPB = 16 if SIM else 128          # the simulator runs each thread as a Python thread
 TILE_W = 36
 ALIGN = None if SIM else 16       # the simulator's arrays are numpy's (aligned) and refuse the argument
-
+WARP_ROWS = min(TPB, 32)          # the tile rows of one warp (the simulator's block is less than a warp)
 
 
 @device
@@ -94,5 +94,30 @@ def store_tile(tile, out, base, total, vec):
     else:
         for k in range(32):
             e = k * TPB + t
+            if base + e < total:
+                out[base + e] = tile[e >> 5, e & 31]
+
+
+@device
+def store_warp_rows(tile, out, base, total, vec):
+    """The calling warp's WARP_ROWS tile rows -> their values of the flat float32 out, base .. being the
+    tile's (none past total), as streaming stores (st_f32x4_cs: written once, never read back here).
+    Reads only the warp's own rows: a warp barrier after the warp's writes suffices, and each warp
+    stores as soon as its rows are ready (no block barrier holds it back for the others).
+    vec: lane l stores float4 number l + k * WARP_ROWS of the warp's rows (k = 0 .. 7), each store
+    instruction 512 contiguous bytes."""
+    t = np.uint32(cuda.threadIdx.x)
+    lane = t % np.uint32(WARP_ROWS)
+    first_row = t - lane
+    start = base + np.int64(32 * first_row)
+    if vec and start + 32 * WARP_ROWS <= total:
+        at = _float4_at(np.uint32(8) * first_row + lane)
+        p = start + np.int64(4 * lane)
+        for k in range(8):              # a constant trip count: unrolled, constant offsets
+            v = ld_f32x4(tile, at + np.uint32(k * (WARP_ROWS // 8) * TILE_W))
+            st_f32x4_cs(out, p + 4 * WARP_ROWS * k, v[0], v[1], v[2], v[3])
+    else:
+        for k in range(32):
+            e = np.uint32(32) * first_row + np.uint32(k * WARP_ROWS) + lane
             if base + e < total:
                 out[base + e] = tile[e >> 5, e & 31]
