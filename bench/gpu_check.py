@@ -13,6 +13,8 @@ differ, outputs poisoned before each GPU run so an unwritten byte shows:
                 a call with one id out of range: bytes changed (must be 0) and whether it raised
   rotate_quantize / dequantize_unrotate / rotate    vs kernels/hadamard.py's rotate_rows + CPU kernels
   unaligned     arrays off 16-byte alignment and rows of 4k+2 values (the slow paths)
+  partial_tiles tensors whose last tile is partial (3,003 and 10,656 blocks): quantize, dequantize,
+                dequantize_unrotate at n = 32, 512, 1024 (a chunk across warps)
   graph         a decode step's set_rows (1 token x 8 KV heads x 128, the cuda flavor) captured into a
                 torch.cuda.CUDAGraph and replayed for 8 tokens, vs the same calls made eagerly
     python bench/gpu_check.py [n_blocks] [--types q4_1,iq4_nl] [--flavors ref,cuda]   (default 2^20, all)
@@ -180,13 +182,38 @@ def check_rotation(rows, xg, types, flavors):
             twice(out, lambda: kc.rotate_quantize(xg, out, info, FLAVORS.index(flavor), n, hadamard_scale(n)))
             want = cpu_quantize(rot, name, flavor)
             emit(check="rotate_quantize", type=name, n=n, flavor=flavor, gpu_vs_cpu=blocks_differ(out.cpu(), want, info))
-            if n == 128:
-                back = poisoned(rows.shape, torch.float32)
-                raw = gpu(want)
-                twice(back, lambda: kc.dequantize_unrotate(raw, back, info, n, hadamard_scale(n)))
-                deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
-                emit(check="dequantize_unrotate", type=name, n=n, gpu_vs_cpu=int(
-                    (back.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
+            # read back at every n (at 1024 one chunk spans several warps of a CUDA block)
+            back = poisoned(rows.shape, torch.float32)
+            raw = gpu(want)
+            twice(back, lambda: kc.dequantize_unrotate(raw, back, info, n, hadamard_scale(n)))
+            deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, rows.shape)))
+            emit(check="dequantize_unrotate", type=name, n=n, gpu_vs_cpu=int(
+                (back.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
+
+
+def check_partial_tiles(rows, types):
+    """Tensors whose last tile is partial (block counts not a multiple of a CUDA block's rows), so the last
+    tile's rows end inside a warp or leave whole warps idle: quantize (cuda flavor), dequantize, and
+    dequantize_unrotate at an n within a warp's rows (32) and across warps (512, 1024)."""
+    for shape, n in (((1001, 96), 32), ((333, 1024), 512), ((333, 1024), 1024)):      # 3003 / 10656 blocks
+        part = np.ascontiguousarray(rows.reshape(-1)[:shape[0] * shape[1]].reshape(shape))
+        for name, info in types.items():
+            if not info.is_quantized:
+                continue
+            out = poisoned((shape[0], info.row_bytes(shape[1])))
+            twice(out, lambda: kc.quantize(gpu(part), out, info, 2))
+            want = cpu_quantize(part, name, "cuda")
+            raw = gpu(want)
+            deq = np.asarray(kvlab.dequantize(kvlab.QTensor.from_raw(want, name, shape)))
+            back = poisoned(shape, torch.float32)
+            twice(back, lambda: kc.dequantize(raw, back, info))
+            unrot = poisoned(shape, torch.float32)
+            twice(unrot, lambda: kc.dequantize_unrotate(raw, unrot, info, n, hadamard_scale(n)))
+            emit(check="partial_tiles", type=name, shape=list(shape), n=n,
+                 quantize_gpu_vs_cpu=blocks_differ(out.cpu(), want, info),
+                 dequantize_gpu_vs_cpu=int((back.cpu().numpy().view(np.uint32) != deq.view(np.uint32)).sum()),
+                 dequantize_unrotate_gpu_vs_cpu=int(
+                     (unrot.cpu().numpy().view(np.uint32) != rotated(deq, n).view(np.uint32)).sum()))
 
 
 def check_unaligned(rows, types):
@@ -250,6 +277,7 @@ def main(n_blocks, types, flavors):
     check_rotation(rows, xg, types, flavors)
     check_unaligned(rows, types)
     check_graph(rows, types)
+    check_partial_tiles(rows, types)
 
 
 if __name__ == "__main__":
