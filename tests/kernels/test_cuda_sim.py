@@ -4,9 +4,6 @@ x case) and to ggml-cuda's own bytes (tests/golden/cuda_<type>.npz) for the cuda
 One subprocess per session runs every kernel (cuda_sim_outputs.py: the simulator must be chosen before
 numba.cuda is first imported); each output is then its own test here.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +13,15 @@ import kvlab
 from kvlab.types import TYPES
 
 from . import cuda_sim_outputs as sim_run
+from .simulated import simulated_outputs
 
 pytestmark = pytest.mark.cudasim
 
 
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("cuda_sim") / "outputs.npz"
     inputs = Path(__file__).parents[1] / "golden" / "inputs.npz"
-    res = subprocess.run([sys.executable, sim_run.__file__, str(inputs), str(out)],
-                         env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    with np.load(out) as f:
-        return {k: f[k] for k in f.files}
+    return simulated_outputs(sim_run.__file__, tmp_path_factory.mktemp("cuda_sim"), inputs)
 
 
 def assert_same_bits(got, want, unit, what):

@@ -11,8 +11,6 @@ transform. The quantized bytes are compared whole.
 The simulator must be chosen before numba.cuda is first imported: one subprocess (this file run as a
 script) runs every kernel, each output is then its own test.
 """
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -96,12 +94,8 @@ def run(out_path):
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fwht_sim") / "outputs.npz"
-    res = subprocess.run([sys.executable, __file__, str(out)], env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"),
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    with np.load(out) as f:
-        return {k: f[k] for k in f.files}
+    from .simulated import simulated_outputs
+    return simulated_outputs(__file__, tmp_path_factory.mktemp("fwht_sim"))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ the quantize kernel, every flavor, against the CPU kernels' bytes.
 
     NUMBA_ENABLE_CUDASIM=1 python test_iq4_best_index.py OUT.npz      (what the fixture runs)
 """
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -79,12 +77,8 @@ def run(out_path):
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("iq4_sim") / "out.npz"
-    res = subprocess.run([sys.executable, __file__, str(out)], env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"),
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    with np.load(out) as f:
-        return {k: f[k] for k in f.files}
+    from .simulated import simulated_outputs
+    return simulated_outputs(__file__, tmp_path_factory.mktemp("iq4_sim"))
 
 
 @pytest.mark.parametrize("clamp", [False, True])
