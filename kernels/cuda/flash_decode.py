@@ -40,7 +40,10 @@ ones replay its launches with their own addresses (kvlab.kernels.cuda's _call, c
 partials/meta scratch reused per (device, stream): the output is the only allocation.
 Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
 ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
-same values). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
+same values), and a V value d * (q - off) of q8_0/q4_0/q5_0/iq4_nl as fma(d, 2^15 + q, -(2^15 + off) d)
+(scaled_byte: exact, the same value). Every index and row offset inside a tile is a constant or 32-bit
+where it can be (rows are back to back: kst[2], vst[2] are the row sizes, constants here; shared arrays
+take unsigned indices, so no negative-index wrap-around code). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
 (bench/fa_cuda_ggml.py on an H200, this file at 55c94fa: 54 of 54 cases at ggml's counts and at kvlab's;
 at ec12308 the f16/bf16 output bytes equal that kernel's (14be599) on the H200 in 8 of 8 cases with 1, 2
 and 4 K groups: 4k and 32k, masked, one split).
@@ -218,6 +221,11 @@ if SIM:
     def byte_f32(w, e, off):
         """Byte e of w (unsigned) minus off (a small integer), as float32 (exact)."""
         return np.float32(ubyte(w, e) - off)
+
+    @device
+    def scaled_byte(d, w, e, off):
+        """d * (byte e of w - off): the product of two exact float32 values, itself exact."""
+        return np.float32(d) * np.float32(ubyte(w, e) - off)
 else:
     from llvmlite import ir
     from numba.cuda import types as nb_types
@@ -299,6 +307,20 @@ else:
         the exponent of 2^23, one subtraction of 2^23 + off (exact) leaves byte - off, instead of a
         conversion instruction (1/8 rate) and a subtraction."""
         return f32_from_bits(np.uint32(_prmt(np.uint32(w), MAGIC, int32(0x7440 + e)))) - (MAGIC_F + np.float32(off))
+
+    MAGIC15 = np.int32(0x47000000)                         # the float 2^15: bits 8..15 take a byte b as 2^15 + b
+
+    @device
+    def scaled_byte(d, w, e, off):
+        """d * (byte e of w - off) (off <= 128, d a float16's value) in two instructions, exact as
+        dequantize_V's d * (q - off): one prmt puts the byte b at bits 8..15 of 2^15 (x = 2^15 + b), one
+        fma(d, x, c) with c = -(2^15 + off) d adds the exact product d x to c, exact itself (2^15 + off
+        <= 13 significant bits times d's 11), and rounds their sum, d (b - off), which float32 holds
+        exactly (<= 19 bits): the value d * float(b - off) has (a zero is +0 here, d's sign there: a V
+        value's zero times p adds nothing either way, and a sum from +0 ends +0). c is one multiply a
+        block; an Inf/NaN d gives NaN for every value of its block (there Inf where b != off)."""
+        x = f32_from_bits(np.uint32(_prmt(np.uint32(MAGIC15), int32(w), int32(0x3240 + 16 * e))))
+        return fma_ftz(d, x, d * np.float32(-(32768 + off)))
 
 
 @device
@@ -442,17 +464,17 @@ def v_value(r0, r1, r2, e, t):
     """Value e (a constant) of a quantized V unit: r0 its quants word, r1 the block's d (and m), r2 the
     5th bits shifted to the word (dequantize_V_<t>: d * (q - 8), d * q + m, ...)."""
     if t == Q8_0:
-        return half_bits(r1, False) * byte_f32(r0 ^ SIGN8, e, 128)
+        return scaled_byte(half_bits(r1, False), r0 ^ SIGN8, e, 128)
     if t == IQ4_NL:                                         # the level as an int8 (kvalues_iq4nl), then as q8_0's
-        return half_bits(r1, False) * byte_f32(iq4_pair(r0)[e // 4] ^ SIGN8, e % 4, 128)
+        return scaled_byte(half_bits(r1, False), iq4_pair(r0)[e // 4] ^ SIGN8, e % 4, 128)
     nib = r0 & LO4 if e < 4 else (r0 >> U4) & LO4
     if t == Q5_0 or t == Q5_1:
         nib |= q5_high(r2, 16 * (e // 4))
     d = half_bits(r1, False)
     if t == Q4_0:
-        return d * byte_f32(nib, e % 4, 8)
+        return scaled_byte(d, nib, e % 4, 8)
     if t == Q5_0:
-        return d * byte_f32(nib, e % 4, 16)
+        return scaled_byte(d, nib, e % 4, 16)
     return d * byte_f32(nib, e % 4, 0) + half_bits(r1, True)   # q4_1, q5_1
 
 
@@ -473,7 +495,7 @@ def _load_k_step(wd, k, o, i):
     """Word i of a quantized K chunk (rows are 4-byte aligned; o a word index of the staged rows when
     STAGE_K)."""
     if STAGE_K:
-        wd[i] = k[o + i]
+        wd[i] = k[o + np.uint32(i)]                        # o unsigned: no negative-index wrap-around code
     else:
         wd[i] = ld_u32(k, o + 4 * i)
 
@@ -568,6 +590,15 @@ def _kq_plain(s, r, wd, k, o, qsh):
         GROUPS_HEADS(s, r, wd, qsh, gi0)
 
 
+def _kq_plain_step(s, r, wd, k, o, qsh, n):
+    """Groups n KG .. n KG + KG - 1 where the 8 are written out (K groups 0): each group's step of the
+    shuffle tree a constant, not a branch on the loop index; ptxas then schedules the row's loads as
+    it likes (sm_90, f16 D 128 G 4: ~1875 instructions a tile instead of ~2900, spills 160 bytes
+    instead of 96)."""
+    LOAD_GROUPS(wd, k, o, n * KG)
+    GROUPS_HEADS(s, r, wd, qsh, n * KG)
+
+
 def _get_step(a, j, t1, kk):
     if kk == j:
         t1[0] = a[kk]
@@ -583,15 +614,20 @@ def _kq_token(s, k, o, qsh, qd, qs, wd, t1, n_cols):
     in shared memory). G <= 4 (KQ_UNROLL): the heads written out (sm_90 SASS of q4_0 at D 128, G 4:
     ~520 instructions a row instead of ~920: no run-time head index selecting s[j] and Q); more heads: a
     loop (n_cols = G, unknown to the compiler), one head's Q words live at a time (registers)."""
-    for c in range(D // K_CHUNK):
-        LOAD_K(wd, k, o + c * (K_WORDS if STAGE_K else K_CHUNK_BYTES))
-        if KQ_UNROLL:
-            KQ_HEADS(s, wd, qsh, qd, qs, t1, c)
-        else:
-            for j in range(n_cols):
-                GET_G(s, j, t1)
-                KQ_PART(t1, wd, qsh, qd, qs, c, j)
-                PUT_G(s, j, t1[0])
+    KQ_CHUNKS(s, k, o, qsh, qd, qs, wd, t1, n_cols)
+
+
+def _kq_chunk_step(s, k, o, qsh, qd, qs, wd, t1, n_cols, c):
+    """Chunk c (2 blocks) of the row: its words, then every head's K.Q over it (c a constant: the Q
+    addresses too)."""
+    LOAD_K(wd, k, o + np.uint32(c * (K_WORDS if STAGE_K else K_CHUNK_BYTES)))
+    if KQ_UNROLL:
+        KQ_HEADS(s, wd, qsh, qd, qs, t1, c)
+    else:
+        for j in range(n_cols):
+            GET_G(s, j, t1)
+            KQ_PART(t1, wd, qsh, qd, qs, c, j)
+            PUT_G(s, j, t1[0])
 
 
 def _kq_head_step(s, wd, qsh, qd, qs, t1, c, j):
@@ -609,7 +645,7 @@ def _stage_load_step(cp, k, o_lane, n_left, m):
 
 def _stage_store_step(kbuf, cp, first, m):
     """... into the warp's rows in shared memory, laid out as in global memory."""
-    kbuf[first + WARP * m] = cp[m]
+    kbuf[first + np.uint32(WARP * m)] = cp[m]
 
 
 def _softmax_step(s, kq_max, lsum, rs, ps, scratch, tid, j):
@@ -627,7 +663,7 @@ def _softmax_head(s, kq_max, lsum, rs, ps, tid, j, m):
     kq_max[j] = m
     pj = expf(s[j] - m)
     lsum[j] = lsum[j] * rs[j] + pj
-    ps[tid * GP + j] = pj
+    ps[np.uint32(tid * GP + j)] = pj
 
 
 def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
@@ -662,18 +698,22 @@ def _load_v_step(raw, vq, vd, o0, step, n_left, shift, sl):
 
 
 def _v_fma_step(acc, raw, p, rs, first, n, kk):
-    """acc[(j * UL + ul) * U + e] += V value e of slot (n, ul) * p[j], kk = (ul * U + e) * G + j. The tile's
-    first token (first and n == 0) also applies the tile's rescale rs[j] as nvcc contracts ggml's
-    `VKQ *= KQ_max_scale` with the first `VKQ += V * KQ`: fma(rs, acc, p * v) (the PTX of fattn-vec.cuh)."""
-    j = kk % G
-    e = (kk // G) % U
-    ul = kk // (G * U)
+    """V value e of slot (n, ul), kk = ul * U + e, dequantized once, then its FMAs for the G heads."""
+    e = kk % U
+    ul = kk // U
     base = 4 * (n * UL + ul)
     if PLAIN_V:
         x = plain_value(raw, base, e, TV)
     else:
         x = v_value(raw[base], raw[base + 1], raw[base + 2], e, TV)
-    i = (j * UL + ul) * U + e
+    V_HEADS(acc, x, p, rs, first, n, kk)
+
+
+def _v_head_step(acc, x, p, rs, first, n, kk, j):
+    """acc[(j * UL + ul) * U + e] += x * p[j], kk = ul * U + e. The tile's first token (first and n == 0)
+    also applies the tile's rescale rs[j] as nvcc contracts ggml's `VKQ *= KQ_max_scale` with the first
+    `VKQ += V * KQ`: fma(rs, acc, p * v) (the PTX of fattn-vec.cuh)."""
+    i = (j * UL + kk // U) * U + kk % U
     if first and n == 0:
         acc[i] = fma_ftz(rs[j], acc[i], mul_ftz(p[j], x))
     else:
@@ -689,6 +729,14 @@ def _v_token_step(acc, raw, ps, lt, p, rs, first, n):
         p[4 * i + 2] = x[2]
         p[4 * i + 3] = x[3]
     V_FMA(acc, raw, p, rs, first, n)
+
+
+def _v_batch_step(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift, m):
+    """V steps m NB .. m NB + NB - 1 of the tile (m >= 1, a constant: its rows at constant offsets from
+    the lane's first), loads first."""
+    n0 = m * NB
+    LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, n_left - int32(n0 * TS), shift)
+    V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
 
 
 def _put_max_step(red, kq_max, warp, j):
@@ -831,7 +879,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     for tile in range(split, tiles, splits):
         nxt = tile + prefetch * splits                     # this block's tile `prefetch` ahead, to L2
         if prefetch > 0 and nxt < tiles:
-            PREFETCH(k, v, b * kst[0] + hk * kst[1] + nxt * NT * kst[2], b * vst[0] + hk * vst[1] + nxt * NT * vst[2],
+            PREFETCH(k, v, b * kst[0] + hk * kst[1] + nxt * NT * K_RB, b * vst[0] + hk * vst[1] + nxt * NT * V_RB,
                      min(NT, n_kv - nxt * NT), tid)
         # (a) scores of token tid for every head; a quantized K's rows first pass through shared
         # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
@@ -840,34 +888,31 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         warp_sync()                                        # the warp's reads of ps and kbuf are done
         if STAGE_K:
             first = tile * NT + warp * WARP
-            n_rows = max(0, min(WARP, n_kv - first))
-            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * kst[2] + 4 * lane, 4 * (n_rows * ROW_WORDS - lane))
-            STAGE_STORE(kbuf, cp, warp * WARP * ROW_WORDS + lane)
+            n_rows = int32(max(0, min(WARP, n_kv - first)))
+            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane, int32(4 * (n_rows * ROW_WORDS - lane)))
+            STAGE_STORE(kbuf, cp, np.uint32(warp * WARP * ROW_WORDS + lane))
             warp_sync()
         if tok < n_kv:
             if PLAIN_K:
-                KQ_PLAIN(s, r, wd, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh)
+                KQ_PLAIN(s, r, wd, k, b * kst[0] + hk * kst[1] + tok * K_RB, qsh)
             elif STAGE_K:
-                KQ_TOKEN(s, kbuf, tid * ROW_WORDS, qsh, qd, qs, wd, t1, n_cols)
+                KQ_TOKEN(s, kbuf, np.uint32(tid * ROW_WORDS), qsh, qd, qs, wd, t1, n_cols)
             else:
-                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * kst[2], qsh, qd, qs, wd, t1, n_cols)
+                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * K_RB, qsh, qd, qs, wd, t1, n_cols)
         if tok >= n_kv or (use_mask and not mask[b, tok]):     # past the context, or masked (ggml adds -inf)
             FILL_G(s, NEG_INF)
         lt = warp * WARP + sub                             # this lane's first token in the tile
         tok0 = tile * NT + lt
+        o_lane = b * vst[0] + hk * vst[1] + tok0 * V_RB     # the lane's first V row, and the rows left from it
+        n_left = int32(n_kv - tok0) if lane_ok else int32(0)
         # V's first NB steps: loads issued before the softmax (their latency under it)
-        LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_kv - tok0 if lane_ok else 0,
-               shift)
+        LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
         warp_sync()
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
         V_TOKENS(acc, raw, ps, lt, p, rs, True)             # the first steps (the rescale with the first)
-        for n0 in range(NB, STEPS, NB):
-            tok0 = tile * NT + lt + n0 * TS
-            n_left = n_kv - tok0 if lane_ok else 0
-            LOAD_V(raw, vq, vd, b * vst[0] + hk * vst[1] + tok0 * vst[2], TS * vst[2], n_left, shift)
-            V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
+        V_BATCHES(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift)
 
     # ---- the end, per head (ggml's order): the warps' maxima, then each head's partial result ----
     if lane == 0:
@@ -903,8 +948,10 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
 # (max_registers, V steps loaded together, plain K groups loaded together) of the kernels flash_decode
 # takes. 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks). K groups
 # (H200, Llama-3-8B layer, 32k, ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 /
-# 0.610 / 0.580, f32 0.627 / 0.829 / 0.833 (4 is 2 for f32: at most 32 words).
-VARIANT = (128, NB_MAX, 2)
+# 0.610 / 0.580, f32 0.627 / 0.829 / 0.833 (4 is 2 for f32: at most 32 words). 0: the 8 groups written out
+# (_kq_plain_step, 2 at a time; sm_90 SASS, D 128 G 4, V steps written out too: f16 ~1800 instructions a
+# tile instead of ~2800 with 2 in a loop, in-loop local loads/stores 19 instead of 15; unmeasured).
+VARIANT = (128, NB_MAX, 0)
 
 
 @functools.cache
@@ -927,7 +974,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
         nb //= 2
     k_chunk_bytes = 2 * TYPE_SIZES[type_k]               # quantized K: 2 blocks per chunk of loads
     group_words = d // 64 * (8 if type_k == F32 else 4)   # a plain K row's 8-value group: its words
-    kg = min(k_groups, max(1, 32 // group_words)) if plain_k else 1   # loaded together: <= 32 words
+    kg = min(k_groups or 2, max(1, 32 // group_words)) if plain_k else 1   # loaded together: <= 32 words
     assert 8 % kg == 0
     k_words = kg * group_words if plain_k else k_chunk_bytes // 4
     row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
@@ -959,15 +1006,18 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               GROUP_HEADS=unrolled(bind(_group_head_step), g, 6))
     ns.update(LOAD_GROUPS=unrolled(bind(_load_groups_step), kg, 4),
               GROUPS_HEADS=unrolled(bind(_groups_heads_step), kg, 5))
-    ns.update(KQ_PLAIN=bind(_kq_plain))
+    ns.update(KQ_PLAIN=unrolled(bind(_kq_plain_step), 8 // kg, 6) if k_groups == 0 else bind(_kq_plain))
     ns.update(KQ_HEADS=unrolled(bind(_kq_head_step), g, 7))
     ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
               STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
+    ns.update(KQ_CHUNKS=unrolled(bind(_kq_chunk_step), d // 64, 9))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
               LOAD_V=unrolled(bind(_load_v_step), nb * ul, 7),
-              V_FMA=unrolled(bind(_v_fma_step), ul * u * g, 6))
-    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 7), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
+              V_HEADS=unrolled(bind(_v_head_step), g, 7))
+    ns.update(V_FMA=unrolled(bind(_v_fma_step), ul * u, 6))
+    ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 7))
+    ns.update(V_BATCHES=unrolled(bind(_v_batch_step), steps // nb, 11, start=1), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
               STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
     ns.update(END_HEADS=unrolled(bind(_end_head_step), g, 17))
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each

@@ -7,7 +7,7 @@ order, so the comparison has a tolerance far below the pair's quantization error
 Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
 Every type as K and as V with a GQA group of 4 query heads in one block (2 splits: the combine pass);
 GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty); f32/f16/bf16 K with 1, 2, 4 groups
-loaded together give the same bits.
+loaded together, or the 8 written out (0), give the same bits.
 
 The simulator must be chosen before numba.cuda is first imported, so the kernel runs in subprocesses,
 WORKERS at once (the simulator is pure Python: one core each). Where a CUDA GPU is present the same cases
@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(r'''
         for splits in ((1, 3) if masked else (2,)):
             out[f"{layout}:{pair}/{splits}"] = run(splits)
         # f32/f16/bf16 K: the kernel's other counts of K groups loaded together
-        for kg in (1, 2, 4):
+        for kg in (0, 1, 2, 4):                          # 0: the 8 groups written out
             if tk in ("f32", "f16", "bf16") and kg != default[2]:
                 fd.VARIANT = (*default[:2], kg)
                 out[f"{layout}:{pair}/2/k_groups_{kg}"] = run(2)
@@ -191,3 +191,33 @@ def test_splits_and_mask(run):
     for splits in (1, 3):
         assert np.abs(out[f"gqa1:q4_0/q4_0/{splits}"] - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(out["gqa1:q4_0/q4_0/3"] - reference(q, kq, vq)).max() > 1e-3    # the mask mattered
+
+
+def _prmt(a, b, c):
+    """prmt.b32's default mode on uint32 arrays: byte n of the result is byte (c's nibble n & 7) of {b, a}
+    (no sign replication: these selectors have no bit 3)."""
+    x = (a.astype(np.uint64) & 0xFFFFFFFF) | (b.astype(np.uint64) << np.uint64(32))
+    r = np.zeros_like(x)
+    for n in range(4):
+        sel = (c >> (4 * n)) & 7
+        r |= ((x >> np.uint64(8 * sel)) & np.uint64(0xFF)) << np.uint64(8 * n)
+    return r.astype(np.uint32)
+
+
+@pytest.mark.parametrize("off", [8, 16, 128])
+def test_scaled_byte_is_exact(off):
+    """The GPU's V dequantize d * (b - off) as scaled_byte computes it (prmt of 2^15's bits and the word
+    by selector 0x3240 + 16 e, then fma(d, x, d * -(2^15 + off)) rounded once) equals float32 d times
+    float32 (b - off) for every finite float16 d, every byte b (0..31 for the nibble types' offsets) at
+    every byte position e of the word, up to the sign of a zero."""
+    d = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    d = d[np.isfinite(d)].astype(np.float32)[:, None]                    # (n, 1)
+    b = np.arange(256 if off == 128 else 32, dtype=np.uint32)
+    for e in range(4):
+        w = b << np.uint32(8 * e) | np.uint32(0xA5A5A5A5 & ~(0xFF << (8 * e)))   # byte e is b, others junk
+        x = _prmt(np.full_like(w, 0x47000000), w, 0x3240 + 16 * e).view(np.float32)
+        assert (x == np.float32(32768) + b.astype(np.float32)).all()
+        c = d * np.float32(-(32768 + off))                              # float32 multiply, rounded
+        got = (d.astype(np.float64) * x.astype(np.float64) + c.astype(np.float64)).astype(np.float32)   # exact, then rounded
+        want = d * (b.astype(np.float32) - np.float32(off))[None, :]
+        assert (got == want).all()
