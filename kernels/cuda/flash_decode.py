@@ -41,12 +41,13 @@ partials/meta scratch reused per (device, stream): the output is the only alloca
 Compiled with fastmath (ftz, contraction, approximate expf; division by div.approx.ftz as nvcc's), as
 ggml-cuda is with -use_fast_math; int-to-float of quants by the exact 2^23 trick (prmt + subtract: the
 same values), and a V value d * (q - off) of q8_0/q4_0/q5_0/iq4_nl as fma(d, 2^15 + q, -(2^15 + off) d)
-(scaled_byte: exact, the same value). Every index and row offset inside a tile is a constant or 32-bit
-where it can be (rows are back to back: kst[2], vst[2] are the row sizes, constants here; shared arrays
-take unsigned indices, so no negative-index wrap-around code). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at equal split counts
-(bench/fa_cuda_ggml.py on an H200, this file at 55c94fa: 54 of 54 cases at ggml's counts and at kvlab's;
-at ec12308 the f16/bf16 output bytes equal that kernel's (14be599) on the H200 in 8 of 8 cases with 1, 2
-and 4 K groups: 4k and 32k, masked, one split).
+(scaled_byte: exact, the same value). Inside a tile V's steps and K's staged words are loaded at constant
+offsets from one 64-bit address per lane (rows are back to back: kst[2], vst[2] are the row sizes, taken
+as constants), the bounds of predicated loads are 32-bit, and shared arrays take unsigned indices (no
+negative-index wrap-around code). f16/f16 and bf16/bf16 are bit-exact with ggml-cuda's vector kernel at
+equal split counts (bench/fa_cuda_ggml.py on an H200, this file at 55c94fa: 54 of 54 cases at ggml's
+counts and at kvlab's; at ec12308 the f16/bf16 output bytes equal that kernel's (14be599) on the H200 in
+8 of 8 cases with 1, 2 and 4 K groups: 4k and 32k, masked, one split).
 
 Differences from ggml-cuda, named:
   - the summation order, where it is not ggml's: V of a quantized type accumulated by its own lane
@@ -889,7 +890,8 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         if STAGE_K:
             first = tile * NT + warp * WARP
             n_rows = int32(max(0, min(WARP, n_kv - first)))
-            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane, int32(4 * (n_rows * ROW_WORDS - lane)))
+            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane,
+                       int32(4 * (n_rows * ROW_WORDS - lane)))
             STAGE_STORE(kbuf, cp, np.uint32(warp * WARP * ROW_WORDS + lane))
             warp_sync()
         if tok < n_kv:
@@ -960,8 +962,9 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     grid (B * H / g, splits) of NT threads (prefetch: K/V rows to L2 that many tiles ahead, 0: none).
 
     q (R * D,) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
-    (batch, head, row) strides in bytes; mask (B, L) bool (True: attend; read only with use_mask); parts
-    (R * splits * D,), meta (R * splits * 2,): flat, row-major."""
+    (batch, head, row) strides in bytes (row: the row size, which the kernel takes as the constant K_RB /
+    V_RB); mask (B, L) bool (True: attend; read only with use_mask); parts (R * splits * D,), meta
+    (R * splits * 2,): flat, row-major."""
     assert NWARPS == 4                                   # the warps' sums are added as (w0 + w2) + (w1 + w3)
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
     u, per_block, lv = v_layout(type_v, d)
@@ -1017,8 +1020,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               V_HEADS=unrolled(bind(_v_head_step), g, 7))
     ns.update(V_FMA=unrolled(bind(_v_fma_step), ul * u, 6))
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 7))
-    ns.update(V_BATCHES=unrolled(bind(_v_batch_step), steps // nb, 11, start=1), PUT_MAX=unrolled(bind(_put_max_step), g, 3),
-              STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
+    ns.update(V_BATCHES=unrolled(bind(_v_batch_step), steps // nb, 11, start=1),
+              PUT_MAX=unrolled(bind(_put_max_step), g, 3), STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
     ns.update(END_HEADS=unrolled(bind(_end_head_step), g, 17))
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
         ns.update(SOFTMAX=bind(_sim_softmax))
