@@ -288,14 +288,15 @@ def _cpu_best_indices(x):
 
 
 def _gpu_best_indices(x):
-    """The CUDA kernels' best_index (kernels/cuda/quantizers.py), step by step in numpy: the 32-entry
-    table indexed by floor(2x) + 256, the NaN-dropping clamps first."""
-    from kvlab.kernels.cuda.quantizers import BEST_INDEX_LUT
+    """The CUDA kernels' best_index (kernels/cuda/quantizers.py), step by step in numpy: the NaN-dropping
+    clamps, u = floor(2x) + 256 (the kernel's sum rounded toward -inf, 2^23 + 256 + y, whose bits are 2^23's plus
+    u), its bucket's entry of the 32-word table added to those bits, the index in the top 4 bits."""
+    from kvlab.kernels.cuda.quantizers import _MAGIC_BITS, BEST_INDEX_LUT
     with np.errstate(invalid="ignore", over="ignore"):
         y = np.fmax(np.fmin(x + x, np.float32(255.0)), np.float32(-256.0))       # NaN -> 255
     u = np.floor(y).astype(np.int64) + 256                                           # 0 .. 511
     e = BEST_INDEX_LUT[u >> 4].astype(np.int64)
-    return (e & 0xFF) + (u >= (e >> 8))
+    return ((_MAGIC_BITS + u + e) & 0xFFFFFFFF) >> 28
 
 
 def test_cuda_best_index_table_equals_the_cpu_search():
