@@ -734,9 +734,13 @@ def _v_token_step(acc, raw, ps, lt, p, rs, first, n):
 
 def _v_batch_step(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift, m):
     """V steps m NB .. m NB + NB - 1 of the tile (m >= 1, a constant: its rows at constant offsets from
-    the lane's first), loads first."""
+    the lane's first), loads first; n_left >= WARP: every row of the lane's tile is in the context (one
+    branch, so that the loads' bounds are constants there: no predicates, no zeroing moves)."""
     n0 = m * NB
-    LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, n_left - int32(n0 * TS), shift)
+    if n_left >= WARP:
+        LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, int32(WARP), shift)
+    else:
+        LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, n_left - int32(n0 * TS), shift)
     V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
 
 
@@ -890,8 +894,11 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         if STAGE_K:
             first = tile * NT + warp * WARP
             n_rows = int32(max(0, min(WARP, n_kv - first)))
-            STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane,
-                       int32(4 * (n_rows * ROW_WORDS - lane)))
+            if n_rows == WARP:                             # a whole warp's rows: constant bounds, no predicates
+                STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane, int32(4 * WARP * ROW_WORDS))
+            else:
+                STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane,
+                           int32(4 * (n_rows * ROW_WORDS - lane)))
             STAGE_STORE(kbuf, cp, np.uint32(warp * WARP * ROW_WORDS + lane))
             warp_sync()
         if tok < n_kv:
@@ -908,7 +915,10 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         o_lane = b * vst[0] + hk * vst[1] + tok0 * V_RB     # the lane's first V row, and the rows left from it
         n_left = int32(n_kv - tok0) if lane_ok else int32(0)
         # V's first NB steps: loads issued before the softmax (their latency under it)
-        LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
+        if n_left >= WARP:                                 # the lane's rows all in the context (see _v_batch_step)
+            LOAD_V(raw, vq, vd, o_lane, TS * V_RB, int32(WARP), shift)
+        else:
+            LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
         warp_sync()
