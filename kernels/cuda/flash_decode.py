@@ -737,7 +737,7 @@ def _v_batch_step(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift, m):
     the lane's first), loads first; n_left >= WARP: every row of the lane's tile is in the context (one
     branch, so that the loads' bounds are constants there: no predicates, no zeroing moves)."""
     n0 = m * NB
-    if n_left >= WARP:
+    if not PLAIN_V and n_left >= WARP:             # (plain V: more spills with both paths)
         LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, int32(WARP), shift)
     else:
         LOAD_V(raw, vq, vd, o_lane + n0 * TS * V_RB, TS * V_RB, n_left - int32(n0 * TS), shift)
@@ -915,7 +915,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         o_lane = b * vst[0] + hk * vst[1] + tok0 * V_RB     # the lane's first V row, and the rows left from it
         n_left = int32(n_kv - tok0) if lane_ok else int32(0)
         # V's first NB steps: loads issued before the softmax (their latency under it)
-        if n_left >= WARP:                                 # the lane's rows all in the context (see _v_batch_step)
+        if not PLAIN_V and n_left >= WARP:                 # the lane's rows all in the context (see _v_batch_step)
             LOAD_V(raw, vq, vd, o_lane, TS * V_RB, int32(WARP), shift)
         else:
             LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
