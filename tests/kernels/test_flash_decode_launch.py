@@ -192,3 +192,23 @@ def test_a_new_shape_is_checked_again(fake):
         q, k, v, _ = arrays(1 << 32, n_kv=4096)
         k.__cuda_array_interface__["strides"] = (8 * 100 * 18 * 4, 100 * 18 * 4, 72, 1)
         call(q, k, v, None)
+
+
+def test_every_kernel_the_geometry_picks_is_generated():
+    """The kernels are written out (unroll.unrolled) per type, head size and G; the simulator runs its own
+    loop twin of that, so only this builds what a GPU compiles. Every V type x head size x G that
+    cols_per_block picks (K q4_0), and every K type x K-groups variant (V f16), 64..256: at D 64 one batch
+    holds all V steps (no later batches: an empty written-out loop, which once failed to generate)."""
+    if fd.SIM:
+        pytest.skip("the simulator replaces the written-out loops")
+    types_ = [t.ggml_type for t in TYPES.values()]
+    built = 0
+    for d in (64, 128, 256):
+        for tv in types_:
+            for g in sorted({fd.cols_per_block(r, d, tv) for r in (1, 2, 4, 8)}):
+                assert callable(fd.partials_kernel(Q4.ggml_type, tv, d, g))
+                built += 1
+        for tk, kg in itertools.product(types_, (0, 1, 2, 4)):
+            assert callable(fd.partials_kernel(tk, F16.ggml_type, d, 4, (*fd.VARIANT[:2], kg)))
+            built += 1
+    assert built >= 3 * (9 + 36)
