@@ -6,7 +6,7 @@ One JSON line per figure; a figure that fails prints a line with "error" and the
 
 kernel (GPU): a Llama-3-8B-like attention layer (32 query heads, 8 KV heads, head_dim 128) at contexts
     4k..32k for the default GGML_CUDA_FA_QUANTS pairs (+ every type at 32k; --kernel-pairs: those at every
-    context; --k-groups: kernel variants side by side), over enough sequences that
+    context; --k-groups, --registers: kernel variants side by side), over enough sequences that
     K+V exceed the L2 (512 MiB at f16): time per launch of the partials + combine kernels enqueued back
     to back (CUDA events, L2 flushed first), K+V bytes read / time against the same run's torch copy_
     bandwidth ((read + written) / time of a 1 GiB copy). Goal (issue 18): >= 0.80 at 32k. First-call
@@ -133,6 +133,7 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
             "read_GBps": read / t / 1e9, "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
             "call_seconds_batch1": statistics.median(t_call), "call_host_seconds_batch1": t_host,
             "variant": list(fd.VARIANT), "prefetch": fd.prefetch_tiles(ik.ggml_type, iv.ggml_type),
+            "registers": fd.registers(ik.ggml_type, iv.ggml_type) if fd.VARIANT[0] is None else fd.VARIANT[0],
             "out_sha256": hashlib.sha256(out[0].cpu().numpy().tobytes()).hexdigest()[:16],
             "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d, iv.ggml_type), n_kv,
                               torch.cuda.get_device_properties(dev).multi_processor_count)[0],
@@ -142,11 +143,11 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
 def _warm_one(job) -> float:
     """Compile (or load from numba's disk cache) the kernels one pair (and variant) needs: quantize,
     partials, combine."""
-    pair, d, gqa, k_groups = job
+    pair, d, gqa, knobs = job
     import torch
     import kvlab
     from kvlab.kernels.cuda import flash_decode as fd
-    fd.VARIANT = with_k_groups(fd.VARIANT, k_groups)
+    fd.VARIANT = with_knobs(fd.VARIANT, knobs)
     t0 = time.perf_counter()
     dev = torch.device("cuda")
     type_k, type_v = pair.split("/")
@@ -158,9 +159,12 @@ def _warm_one(job) -> float:
     return time.perf_counter() - t0
 
 
-def with_k_groups(variant: tuple, k_groups) -> tuple:
-    """fd.VARIANT with its plain-K groups loaded together replaced (None: as it is)."""
-    return variant if k_groups is None else (*variant[:2], k_groups)
+def with_knobs(variant: tuple, knobs: tuple) -> tuple:
+    """fd.VARIANT (max registers, V steps, plain-K groups) with knobs = (max registers, K groups) put in
+    (None: as it is; registers 0: no limit)."""
+    registers, k_groups = knobs
+    return (variant[0] if registers is None else registers, variant[1],
+            variant[2] if k_groups is None else k_groups)
 
 
 def warm_kernels(jobs, d: int, gqa: int) -> dict:
@@ -200,14 +204,16 @@ def run_kernel(args) -> None:
         cases = [(p, n) for p in PAIRS_GPU for n in contexts]
         cases += [(f"{t}/{t}", max(contexts)) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
     k_groups = [int(x) for x in args.k_groups.split(",")] if args.k_groups else [None]
-    cases = [(p, n, kg if p.split("/")[0] in PLAIN else None) for p, n in cases for kg in k_groups]
+    registers = [int(x) for x in args.registers.split(",")] if args.registers else [None]
+    cases = [(p, n, (r, kg if p.split("/")[0] in PLAIN else None))
+             for p, n in cases for r in registers for kg in k_groups]
     cases = list(dict.fromkeys(cases))                  # quantized K: one case whatever the K groups
     guarded(base, lambda: warm_kernels([(p, kg) for p, _, kg in cases], 128, 4))
     from kvlab.kernels.cuda import flash_decode as fd
     default = fd.VARIANT
-    for pair, n_kv, kg in cases:
+    for pair, n_kv, knobs in cases:
         batch = max(1, (1 << 29) // (8 * n_kv * 128 * 2))     # >= 512 MiB of K+V at f16: well past the L2
-        fd.VARIANT = with_k_groups(default, kg)
+        fd.VARIANT = with_knobs(default, knobs)
         try:
             guarded({**base, "pair": pair, "n_kv": n_kv, "goal": 0.80},
                     lambda: kernel_figure(torch, dev, pair, n_kv, copy_bw, flush, batch))
@@ -343,6 +349,8 @@ def main(argv=None):
                         "context")
     parser.add_argument("--k-groups", default="", help="f32/f16/bf16 K: each of these counts of 8-value groups "
                         "loaded together (the kernel variant's third field; default: the module's)")
+    parser.add_argument("--registers", default="", help="each of these register limits of the kernel (the "
+                        "variant's first field, 0: none; default: the module's)")
     parser.add_argument("--peers", default="quanto,hqq", help="transformers QuantizedCache backends in the hf part "
                         "(where optimum-quanto / hqq install; '' for none)")
     parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768",

@@ -958,12 +958,21 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
 
 
 # (max_registers, V steps loaded together, plain K groups loaded together) of the kernels flash_decode
-# takes. 128 registers: 4 blocks (16 warps) an SM; ptxas takes 130-240 unbounded (1-3 blocks). K groups
-# (H200, Llama-3-8B layer, 32k, ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 /
-# 0.610 / 0.580, f32 0.627 / 0.829 / 0.833 (4 is 2 for f32: at most 32 words). 0: the 8 groups written out
-# (_kq_plain_step, 2 at a time; sm_90 SASS, D 128 G 4, V steps written out too: f16 ~1800 instructions a
-# tile instead of ~2800 with 2 in a loop, in-loop local loads/stores 19 instead of 15; unmeasured).
-VARIANT = (128, NB_MAX, 0)
+# takes; max_registers None: registers(type_k, type_v), 0: no limit. K groups (H200, Llama-3-8B layer, 32k,
+# ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 / 0.610 / 0.580, f32 0.627 /
+# 0.829 / 0.833 (4 is 2 for f32: at most 32 words). 0: the 8 groups written out (_kq_plain_step, 2 at a
+# time; sm_90 SASS, D 128 G 4, V steps written out too: f16 ~1800 instructions a tile instead of ~2800);
+# measured at 32k on 5d84206 (run e, bench/README): f16 0.655 / 0.654 with 0 / 2, f32 0.882 / 0.882 at 168
+# registers; the same bits.
+VARIANT = (None, NB_MAX, 0)
+
+
+def registers(type_k: int, type_v: int) -> int:
+    """The partials kernel's register limit: 168 where K or V is f32 (3 blocks an SM), else 128 (4 blocks).
+    H200, Llama-3-8B layer, 32k cells, fraction of copy_ at 128 / 168 / no limit (ptxas takes 130-240):
+    f32/f32 0.71-0.73 / 0.88 / 0.66 (at 128 it spills), f16/f16 0.65 / 0.64 / 0.65, q8_0/q8_0 0.58 / 0.57 /
+    0.59, q4_0/q4_0 0.38 / 0.35 / 0.35 (mixed pairs with f32: not measured)."""
+    return 168 if F32 in (type_k, type_v) else 128
 
 
 @functools.cache
@@ -982,6 +991,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
     max_registers, nb_max, k_groups = variant
+    if max_registers is None:
+        max_registers = registers(type_k, type_v)
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
         nb //= 2
