@@ -148,7 +148,9 @@ def run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fd_sim")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"} if gpu else \
         dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    workers = min(5, os.cpu_count() or 1) if gpu else WORKERS   # GPU: numba compiles a kernel per process
+    # GPU: numba compiles a kernel on one core for tens of seconds, so a process a case (5 at once took
+    # over 140 s on the H200 machine's 16 cores)
+    workers = min(len(qt), os.cpu_count() or 1) if gpu else WORKERS
     procs = []
     for i in range(workers):      # the simulator is pure Python (one core each): the cases in WORKERS processes
         arrays = {"mask": visible, **{"q/" + lay: x[0] for lay, x in layouts.items()}}
