@@ -81,8 +81,8 @@ def quantize_impls(cfg, chunked):
         import kvlab
         numba.set_num_threads(cfg.threads)
         for flavor in ("ref", "cpu"):
-            # kvlab allocates its own output (the public API): out is left alone, no extra copy timed
-            impls[f"kvlab-{flavor}"] = lambda t, fl=flavor: lambda x, out: kvlab.quantize(x, t, flavor=fl)
+            # into out as every peer (the public out=): no allocation and first touch of fresh pages timed
+            impls[f"kvlab-{flavor}"] = lambda t, fl=flavor: lambda x, out: kvlab.quantize(x, t, flavor=fl, out=out)
     except Exception as e:                              # noqa: BLE001 - reported, not hidden
         impls["kvlab"] = f"{type(e).__name__}: {e}"
     try:
@@ -117,7 +117,7 @@ def dequantize_impls(cfg, chunked):
     impls = {}
     try:
         import kvlab
-        impls["kvlab"] = lambda t: lambda raw, out: kvlab.dequantize(kvlab.QTensor.from_raw(raw, t, out.shape))
+        impls["kvlab"] = lambda t: lambda raw, out: kvlab.dequantize(kvlab.QTensor.from_raw(raw, t, out.shape), out=out)
     except Exception as e:                              # noqa: BLE001
         impls["kvlab"] = f"{type(e).__name__}: {e}"
     try:
