@@ -9,7 +9,9 @@ Peers, on the same input and the same thread count:
   ggml-cpu      the C library's CPU-backend from_float (SIMD) and to_float
   memcpy        numpy copy of the float32 input over the same threads: the machine's yardstick
 The C calls run over row chunks in --threads Python threads (ctypes releases the GIL).
-GB/s counts bytes read + bytes written (1e9 bytes); the median of --repeat runs after one warm-up.
+GB/s counts bytes read + bytes written (1e9 bytes); the median of --repeat runs after one warm-up,
+the impls of a type and op taken in turn (round r runs each once, a memcpy among them for frac_memcpy),
+so that a slow spell of a shared machine falls on all of them alike.
 An impl that is missing (no kernel yet, no ggml library, no gguf) prints a line with "skipped".
 """
 import argparse
@@ -50,13 +52,26 @@ def parse_args(argv=None) -> Config:
 
 
 def median_seconds(run, repeat):
-    run()                                               # warm-up: JIT compile, page faults, caches
-    times = []
+    return interleaved_seconds({"run": run}, repeat)["run"]
+
+
+def interleaved_seconds(runs: dict, repeat: int) -> dict:
+    """name -> median seconds of runs[name](): each warmed up once (JIT compile, page faults, caches),
+    then `repeat` rounds that run every one once, in turn; a run that raises gives its exception."""
+    out, live = {}, {}
+    for name, run in runs.items():
+        try:
+            run()
+            live[name] = []
+        except Exception as e:                          # noqa: BLE001 - e.g. a kernel not written yet
+            out[name] = e
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, times in live.items():
+            start = time.perf_counter()
+            runs[name]()
+            times.append(time.perf_counter() - start)
+    out.update({name: statistics.median(times) for name, times in live.items()})
+    return out
 
 
 class Chunked:
@@ -140,20 +155,20 @@ def dequantize_impls(cfg, chunked):
     return impls
 
 
-def emit(cfg, impl, op, type_name, n_bytes, run, copy_gbps):
-    line = {"impl": impl, "op": op, "type": type_name, "n": cfg.n, "threads": cfg.threads, "bytes": n_bytes}
-    if isinstance(run, str):
-        line["skipped"] = run
-    else:
-        try:
-            seconds = median_seconds(run, cfg.repeat)
-            line.update(seconds=round(seconds, 6), gbps=round(n_bytes / seconds / 1e9, 3))
-            if copy_gbps:
-                line["frac_memcpy"] = round(line["gbps"] / copy_gbps, 3)
-        except Exception as e:                          # noqa: BLE001 - e.g. a kernel not written yet
-            line["skipped"] = f"{type(e).__name__}: {e}"
-    print(json.dumps(line), flush=True)
-    return line.get("gbps")
+def emit_group(cfg, op, type_name, n_bytes, makers, copy, copy_bytes):
+    """One line per impl of (op, type): the runnable ones timed in turn beside a memcpy."""
+    runs = {impl: run for impl, run in makers.items() if not isinstance(run, str)}
+    seconds = interleaved_seconds({**runs, "memcpy": copy}, cfg.repeat)
+    copy_gbps = copy_bytes / seconds["memcpy"] / 1e9
+    for impl, run in makers.items():
+        line = {"impl": impl, "op": op, "type": type_name, "n": cfg.n, "threads": cfg.threads, "bytes": n_bytes}
+        t = run if isinstance(run, str) else seconds[impl]
+        if isinstance(t, (str, Exception)):
+            line["skipped"] = t if isinstance(t, str) else f"{type(t).__name__}: {t}"
+        else:
+            gbps = n_bytes / t / 1e9
+            line.update(seconds=round(t, 6), gbps=round(gbps, 3), frac_memcpy=round(gbps / copy_gbps, 3))
+        print(json.dumps(line), flush=True)
 
 
 def main(argv=None):
@@ -162,19 +177,22 @@ def main(argv=None):
     chunked = Chunked(cfg.threads)
     copy_out = np.empty_like(x)
     copy = lambda: chunked(lambda src, dst: np.copyto(dst, src), x, copy_out)  # noqa: E731
-    copy_gbps = emit(cfg, "memcpy", "copy", "f32", 2 * x.nbytes, copy, None)
+    seconds = median_seconds(copy, cfg.repeat)
+    print(json.dumps({"impl": "memcpy", "op": "copy", "type": "f32", "n": cfg.n, "threads": cfg.threads,
+                      "bytes": 2 * x.nbytes, "seconds": round(seconds, 6),
+                      "gbps": round(2 * x.nbytes / seconds / 1e9, 3)}), flush=True)
     quantizers, dequantizers = quantize_impls(cfg, chunked), dequantize_impls(cfg, chunked)
     for type_name in cfg.types:
         info = TYPES[type_name]
         raw = np.zeros((len(x), info.row_bytes(ROW_LEN)), np.uint8)   # (rows, row_bytes): quantizers' output
         n_bytes = x.nbytes + raw.nbytes
-        for impl, make in quantizers.items():
-            run = make if isinstance(make, str) else (lambda fn=make(type_name): fn(x, raw))
-            emit(cfg, impl, "quantize", type_name, n_bytes, run, copy_gbps)
         values = np.empty_like(x)
-        for impl, make in dequantizers.items():
-            run = make if isinstance(make, str) else (lambda fn=make(type_name): fn(raw, values))
-            emit(cfg, impl, "dequantize", type_name, n_bytes, run, copy_gbps)
+        emit_group(cfg, "quantize", type_name, n_bytes,
+                   {impl: make if isinstance(make, str) else (lambda fn=make(type_name): fn(x, raw))
+                    for impl, make in quantizers.items()}, copy, 2 * x.nbytes)
+        emit_group(cfg, "dequantize", type_name, n_bytes,
+                   {impl: make if isinstance(make, str) else (lambda fn=make(type_name): fn(raw, values))
+                    for impl, make in dequantizers.items()}, copy, 2 * x.nbytes)
 
 
 if __name__ == "__main__":
