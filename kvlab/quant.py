@@ -174,12 +174,15 @@ def quantize(x, type: str, flavor: str = "ref", out=None) -> QTensor:
     xs = to_numpy(x, np.float32, f"quantize(x, {type!r})")
     raw = np.empty(raw_shape, dtype=np.uint8) if out is None else out_buffer(out, np.uint8, raw_shape, xs,
                                                                              "quantize(out=)")
+    # made before the kernel: right after a parallel region its worker threads still spin, and Python work
+    # then runs ~10x slower where they share the cores (2 threads on 2 cores: 0.1 ms a call)
+    result = QTensor(wrap_like(raw, x) if out is None else out, type, shape, flavor)
     if xs.size:
         values, data = _kernel_views(info, xs, raw)
         # the cuda flavor divides with the GPU's rcp.approx, reproduced from a measured table
         with kernel_lock():
             info.quantize_row(values, data, code, rcp_approx_table())
-    return QTensor(wrap_like(raw, x) if out is None else out, type, shape, flavor)
+    return result
 
 
 def dequantize(q: QTensor, out=None):
