@@ -4,6 +4,8 @@ A kernel change that only moves loads, registers or instructions must leave ever
 this runs the same cases through two trees' kvlab.kernels.cuda.flash_decode and counts differing values.
 
     python bench/flash_decode_bits.py tree REV DIR          # DIR/kvlab: this kvlab with REV's kernels/
+                                                            # (REV from this checkout's git: on a machine
+                                                            # whose copy lacks it, build DIR here, carry it)
     python bench/flash_decode_bits.py make IN.npz           # the cases' Q and K/V bytes (seeded)
     PYTHONPATH=DIR python bench/flash_decode_bits.py run IN.npz OUT.npz [I N]   # cases I::N (processes
                                                             # at once: numba compiles a kernel per core)
