@@ -155,19 +155,27 @@ def dequantize_impls(cfg, chunked):
     return impls
 
 
+def timed_line(cfg, impl, op, type_name, n_bytes, seconds) -> dict:
+    """A figure's JSON line: its seconds and GB/s, or "skipped" with why (a string or the exception)."""
+    line = {"impl": impl, "op": op, "type": type_name, "n": cfg.n, "threads": cfg.threads, "bytes": n_bytes}
+    if isinstance(seconds, str):
+        line["skipped"] = seconds
+    elif isinstance(seconds, Exception):
+        line["skipped"] = f"{type(seconds).__name__}: {seconds}"
+    else:
+        line.update(seconds=round(seconds, 6), gbps=round(n_bytes / seconds / 1e9, 3))
+    return line
+
+
 def emit_group(cfg, op, type_name, n_bytes, makers, copy, copy_bytes):
     """One line per impl of (op, type): the runnable ones timed in turn beside a memcpy."""
     runs = {impl: run for impl, run in makers.items() if not isinstance(run, str)}
     seconds = interleaved_seconds({**runs, "memcpy": copy}, cfg.repeat)
     copy_gbps = copy_bytes / seconds["memcpy"] / 1e9
     for impl, run in makers.items():
-        line = {"impl": impl, "op": op, "type": type_name, "n": cfg.n, "threads": cfg.threads, "bytes": n_bytes}
-        t = run if isinstance(run, str) else seconds[impl]
-        if isinstance(t, (str, Exception)):
-            line["skipped"] = t if isinstance(t, str) else f"{type(t).__name__}: {t}"
-        else:
-            gbps = n_bytes / t / 1e9
-            line.update(seconds=round(t, 6), gbps=round(gbps, 3), frac_memcpy=round(gbps / copy_gbps, 3))
+        line = timed_line(cfg, impl, op, type_name, n_bytes, run if isinstance(run, str) else seconds[impl])
+        if "gbps" in line:
+            line["frac_memcpy"] = round(n_bytes / seconds[impl] / 1e9 / copy_gbps, 3)
         print(json.dumps(line), flush=True)
 
 
@@ -177,10 +185,8 @@ def main(argv=None):
     chunked = Chunked(cfg.threads)
     copy_out = np.empty_like(x)
     copy = lambda: chunked(lambda src, dst: np.copyto(dst, src), x, copy_out)  # noqa: E731
-    seconds = median_seconds(copy, cfg.repeat)
-    print(json.dumps({"impl": "memcpy", "op": "copy", "type": "f32", "n": cfg.n, "threads": cfg.threads,
-                      "bytes": 2 * x.nbytes, "seconds": round(seconds, 6),
-                      "gbps": round(2 * x.nbytes / seconds / 1e9, 3)}), flush=True)
+    print(json.dumps(timed_line(cfg, "memcpy", "copy", "f32", 2 * x.nbytes, median_seconds(copy, cfg.repeat))),
+          flush=True)
     quantizers, dequantizers = quantize_impls(cfg, chunked), dequantize_impls(cfg, chunked)
     for type_name in cfg.types:
         info = TYPES[type_name]

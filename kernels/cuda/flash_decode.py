@@ -975,6 +975,11 @@ def registers(type_k: int, type_v: int) -> int:
     return 168 if F32 in (type_k, type_v) else 128
 
 
+def register_limit(type_k: int, type_v: int, variant: tuple) -> int:
+    """The limit a variant gives the partials kernel (0: none)."""
+    return registers(type_k, type_v) if variant[0] is None else variant[0]
+
+
 @functools.cache
 def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
     """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
@@ -990,9 +995,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    max_registers, nb_max, k_groups = variant
-    if max_registers is None:
-        max_registers = registers(type_k, type_v)
+    _, nb_max, k_groups = variant
+    max_registers = register_limit(type_k, type_v, variant)
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
         nb //= 2
