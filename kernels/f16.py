@@ -13,39 +13,12 @@ convert with F16C's instruction, ``f16c_fp32_to_fp16``, and ref and cuda replace
 Dequantize is exact for every half (``ggml_compute_fp16_to_fp32``; NaN payload kept).
 """
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from . import CPU, CUDA
-from .fp import fp16_to_fp32, fp32_to_fp16
+from .fp import f16c_fp32_to_fp16, fp16_to_fp32, fp32_to_fp16, nan_as
 
 _SIMD_WIDTH = 4  # the narrowest F16C chunk ggml_cpu_fp32_to_fp16 uses before its scalar tail
-
-
-@intrinsic
-def f16c_fp32_to_fp16(typingctx, f):
-    """x86's vcvtps2ph with round to nearest even (ggml-cpu's row body), as the uint16 half bits.
-
-    LLVM's ``fptrunc`` to half: with F16C (every x86-64 CPU since 2012) LLVM emits vcvtps2ph itself,
-    16 lanes per instruction in a vectorized loop, so the bytes are the instruction's on every input,
-    NaN included, with no NaN path of kvlab's own (a software formula that keeps F16C's NaN payloads
-    ran at a third of ggml's speed). Without F16C LLVM calls the compiler runtime's __truncsfhf2,
-    which rounds the same and keeps NaN the same way. tests/kernels/test_f16_bf16_bits.py
-    holds it against ggml's from_float over a dense sample of all float32 bit patterns."""
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return sig, codegen
-
-
-@njit(cache=True, inline="always")
-def nan_as(h, nan):
-    """The half h, or nan where h is a NaN: ref and cuda round every other value as F16C does, so they
-    take its fast conversion and replace only the NaN rule (a select, so that the loop vectorizes)."""
-    return nan if (h & np.uint16(0x7FFF)) > np.uint16(0x7C00) else h
 
 
 @njit(parallel=True, cache=True)
@@ -66,8 +39,7 @@ def quantize_row_f16(x, out, flavor, rcp_table=None):
                 halves[r, c] = nan_as(f16c_fp32_to_fp16(x[r, c]), np.uint16(0x7FFF))
         else:
             for c in range(n_cols):
-                h = f16c_fp32_to_fp16(x[r, c])
-                halves[r, c] = nan_as(h, h & np.uint16(0xFE00))  # sign | 0x7E00, as fp32_to_fp16
+                halves[r, c] = fp32_to_fp16(x[r, c])
 
 
 @njit(parallel=True, cache=True)
