@@ -23,17 +23,21 @@ and 0x7FFF (cuda).
 
 Row kernels: a block whose largest |x| is 0 or in [2**-100, 2**100] (scalar.is_ordinary) takes a fast path
 (ref, cpu): no NaN, so the max is an integer max, and every |x*id| <= 127, so the casts need neither
-their range selects nor saturation. Any other block, and the cuda flavor, go through quantize_block.
+their range selects nor saturation; with rows back to back (scalar.contiguous_blocks, what kvlab.quantize
+passes) the block is one 32-lane vector load, reduce and store (scalar.block_abs_max_bits,
+store_i8_round_*). Any other block, and the cuda flavor, go through quantize_block.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import CPU, CUDA, REF
 from .fp import f32_from_bits, fp32_to_fp16, ftz
-from .scalar import (add_half_away, c_cast_i32, cuda_div, cuda_fp32_to_fp16, is_ordinary, load_half, low_byte,
-                     max_abs_bits, ptx_cast_i32, round_even32, roundf32, saturate_i8, scale_inverse, store_half)
+from .scalar import (block_abs_max_bits, c_cast_i32, contiguous_blocks, cuda_div, cuda_fp32_to_fp16, is_ordinary,
+                     load_half, low_byte, max_abs_bits, ptx_cast_i32, round_even32, roundf32, saturate_i8,
+                     scale_inverse, store_half, store_i8_round_even, store_i8_round_half_away)
 
 _QS = 2  # byte offset of qs
+_TYPE_SIZE = _QS + 32
 _127 = np.float32(127.0)
 _INF_BITS = np.uint32(0x7F800000)  # |x| bits above this are NaN
 
@@ -119,21 +123,18 @@ def quantize_block(x, y, i, flavor, rcp_table=None):
 
 @njit(cache=True, inline="always")
 def _quantize_ordinary(x, y, i, flavor):
-    """Block i by the ref or cpu flavor if it is ordinary (see the docstring); False if not."""
-    bits = max_abs_bits(x, i, False, False)
+    """Block i by the ref or cpu flavor if it is ordinary (see the docstring; x and y are
+    contiguous_blocks); False if not."""
+    bits = block_abs_max_bits(x, i)
     if not is_ordinary(bits):
         return False
     amax = f32_from_bits(bits)
     d = amax / _127
     store_half(y, i, 0, fp32_to_fp16(d))
     if flavor == CPU:
-        idv = _127 / amax if amax != np.float32(0.0) else np.float32(0.0)
-        for j in range(x.shape[1]):
-            y[i, _QS + j] = np.uint8(np.int32(round_even32(x[i, j] * idv)))
+        store_i8_round_even(x, y, i, _QS, _127 / amax if amax != np.float32(0.0) else np.float32(0.0))
     else:
-        idv = scale_inverse(d, REF)
-        for j in range(x.shape[1]):
-            y[i, _QS + j] = np.uint8(np.int32(add_half_away(x[i, j] * idv)))
+        store_i8_round_half_away(x, y, i, _QS, scale_inverse(d, REF))
     return True
 
 
@@ -151,8 +152,9 @@ def quantize_row_q8_0(x, out, flavor, rcp_table=None):
 
     rcp_table: scalar.rcp_approx_table() makes the cuda flavor's ``1/d`` exact (None: one ulp off
     for some scales; other flavors ignore it)."""
+    fast = flavor != CUDA and contiguous_blocks(x, out, _TYPE_SIZE)
     for i in prange(x.shape[0]):
-        if flavor == CUDA or not _quantize_ordinary(x, out, i, flavor):
+        if not (fast and _quantize_ordinary(x, out, i, flavor)):
             quantize_block(x, out, i, flavor, rcp_table)
 
 

@@ -214,6 +214,22 @@ def test_parallel_equals_serial_and_blockwise(type_name, flavor):
         assert (one_by_one == serial).all()
 
 
+@pytest.mark.parametrize("type_name", BLOCK_TYPES)
+@pytest.mark.parametrize("flavor", ["ref", "cpu"])
+def test_row_kernels_take_blocks_that_are_not_back_to_back(type_name, flavor):
+    """A row kernel called on strided views (a value every other float, a block every other row of bytes)
+    writes the bytes it writes for contiguous arrays: q8_0's whole-block vectors run only where
+    scalar.contiguous_blocks holds, and the element loops take the rest."""
+    x = normal_blocks(13, n_blocks=300)
+    info = TYPES[type_name]
+    want = quantize(type_name, x, flavor)
+    wide = np.zeros((300, 64), np.float32)
+    wide[:, ::2] = x
+    got = np.zeros((600, info.type_size), np.uint8)
+    info.quantize_row(wide[:, ::2], got[::2], flavor_code(flavor), None)     # (300, 32) views, strides 8 and 2 rows
+    assert (got[::2] == want).all() and not got[1::2].any()
+
+
 # ---- particular types ----------------------------------------------------------------------------
 
 def test_f16_nan_per_flavor():
