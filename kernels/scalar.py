@@ -66,8 +66,8 @@ Fast paths (ref and cpu flavors, blocks where no C cast can meet NaN or overflow
   ``block_abs_max_bits(x, i)``    max_abs_bits(x, i, False, False) as one <32 x i32> load, mask and reduce
   ``store_i8_round_even(x, y, i, off, idv)`` / ``store_i8_round_half_away(..)``  y[i, off + j] = the int8 of
                                   round_even32 / add_half_away of x[i, j] * idv, j < 32, as one <32 x float>
-                                  load and <32 x i8> store; only where every |x * idv| < 127.5 or so (no NaN:
-                                  the ordinary window), since LLVM's fptosi has no out-of-range value. A loop
+                                  load and <32 x i8> store; only in the ordinary window (every |x * idv| <= 127, no
+                                  NaN), since LLVM's fptosi of a NaN or out-of-range value has no defined result. A loop
                                   of 32 runs on 8 lanes with its overlap checks (LLVM vectorizes 32-trip loops
                                   at half width), a third of q8_0's block time on the CPU
   ``scale_add(qd, m)``            qd + m in its own rounding (ggml-base is built without FMA), with x86's NaN
@@ -412,8 +412,8 @@ def _store_i8_rounded(half_away):
                                            ir.Constant(_vector(i32), [0] * _QK))
             p = builder.fmul(v, scale)
             if half_away:           # add_half_away: p + copysign(0.49999997f, p), truncated below
-                half = builder.or_(builder.and_(builder.bitcast(p, _vector(i32)), _splat(i32, 0x80000000)),
-                                   _splat(i32, 0x3EFFFFFF))
+                half = builder.or_(builder.and_(builder.bitcast(p, _vector(i32)), _splat(i32, int(_SIGN))),
+                                   _splat(i32, int(_BELOW_HALF)))
                 r = builder.fadd(p, builder.bitcast(half, _vector(f32)))
             else:                   # round_even32
                 roundeven = cgutils.get_or_insert_function(
