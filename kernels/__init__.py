@@ -12,3 +12,4 @@ code path whose bytes it writes.
 """
 FLAVORS = ("ref", "cpu", "cuda")   # quantize_row_*_ref, ggml-cpu's from_float on x86-64, ggml-cuda's set_rows
 REF, CPU, CUDA = range(len(FLAVORS))
+QK = 32                            # values in a block of every quantized type (ggml's QK8_0 .. QK4_NL)

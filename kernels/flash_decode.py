@@ -18,12 +18,12 @@ sliced, so the prange loop takes no reference counts.
 import numpy as np
 from numba import njit, prange
 
+from . import QK
 from .fp import bf16_to_fp32, f32_from_bits, fma32, fp16_to_fp32, fp32_to_fp16
 from .iq4_nl import KVALUES
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30   # enum ggml_type
 KVALUES_IQ4NL = KVALUES.astype(np.int32)
-QK = 32
 
 
 @njit(cache=True, inline="always")

@@ -81,7 +81,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import CUDA
+from . import CUDA, QK
 from .fp import f32_bits, f32_from_bits, fp32_to_fp16, fp16_to_fp32, ftz
 
 FLT_MAX = np.float32(3.4028234663852886e38)
@@ -350,20 +350,17 @@ def scale_add(qd, m):
 
 
 # ---- whole-block vectors (see the docstring) ----------------------------------------------------------
-_QK = 32
-
-
 def _vector(t):
-    return ir.VectorType(t, _QK)
+    return ir.VectorType(t, QK)
 
 
 def _splat(t, v):
-    return ir.Constant(_vector(t), [ir.Constant(t, v)] * _QK)
+    return ir.Constant(_vector(t), [ir.Constant(t, v)] * QK)
 
 
 @njit(cache=True, inline="always")
 def contiguous_blocks(x, y, type_size):
-    return (x.shape[1] == _QK and y.shape[1] == type_size and x.strides[1] == 4 and y.strides[1] == 1)
+    return (x.shape[1] == QK and y.shape[1] == type_size and x.strides[1] == 4 and y.strides[1] == 1)
 
 
 def _block_pointer(context, builder, array_type, array, i, off, vector_type):
@@ -409,7 +406,7 @@ def _store_i8_rounded(half_away):
             v = builder.load(_block_pointer(context, builder, x_type, args[0], args[2], zero, _vector(f32)), align=4)
             scale = builder.insert_element(ir.Constant(_vector(f32), ir.Undefined), args[4], ir.Constant(i32, 0))
             scale = builder.shuffle_vector(scale, ir.Constant(_vector(f32), ir.Undefined),
-                                           ir.Constant(_vector(i32), [0] * _QK))
+                                           ir.Constant(_vector(i32), [0] * QK))
             p = builder.fmul(v, scale)
             if half_away:           # add_half_away: p + copysign(0.49999997f, p), truncated below
                 half = builder.or_(builder.and_(builder.bitcast(p, _vector(i32)), _splat(i32, int(_SIGN))),

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import cuda
 
-from .. import CPU, CUDA, REF
+from .. import CPU, CUDA, QK, REF
 from ..fp import bf16_bits as cpu_bf16_bits
 from ..iq4_nl import KVALUES_F32 as KVALUES
 from .ops import (SIM, add, add_ftz, add_rm, device, div, f16_bits_to_f32, f32_bits, f32_from_bits,
@@ -28,7 +28,6 @@ from .ops import (SIM, add, add_ftz, add_rm, device, div, f16_bits_to_f32, f32_b
                   round_even, roundf, st_u16, sub, sub_ftz)
 from .unroll import unrolled
 
-QK = 32
 F = np.float32
 _ONE = F(1.0)
 _ZERO = F(0.0)
