@@ -7,8 +7,9 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     for f16/bf16 V), as ggml's vector kernel runs ncols query columns per block. Split y of S reads the
     128-token tiles y, y + S, y + 2 S, ... of the context (split-K, as ggml's parallel blocks), a
     combine kernel merges the splits (flash_attn_combine_results); splits give ~16 blocks per SM.
-    With quantized K and V, at the start of a tile the block asks for the K and V rows of its next tile in
-    L2 (prefetch.L2, a hint; PREFETCH / KVLAB_FD_PREFETCH set it; ggml has no such step, same values).
+    With quantized K and V, at the start of a tile the block asks L2 for the tile's V rows (read after its
+    K.Q and softmax) and the next tile's K rows (prefetch.L2, a hint; PREFETCH / KVLAB_FD_PREFETCH set it;
+    ggml has no such step, same values).
   - Q: multiplied by the scale (float32) and, for a quantized K, quantized to q8_1 per 32 values
     (quantize_q8_1_to_shared: 4 values a thread, amax and the float sum over 8 threads by xor
     shuffles, d = amax * (1/127), q = roundf(x * rcp(d))), kept in shared memory; for f16/bf16/f32 K
@@ -107,10 +108,13 @@ ZERO = np.float32(0.0)
 IQ4_T = tuple(np.int32(x) for x in np.asarray(_LEVELS, np.int8).view(np.int32))
 IQ4_T0, IQ4_T1, IQ4_T2, IQ4_T3 = IQ4_T
 JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
-# each block may prefetch the K/V rows of its tile PREFETCH tiles ahead to L2 while it works on one (a hint:
-# values unchanged). None: 1 when K and V are both quantized, else 0 (H200, Llama-3-8B layer, 32k: q4_0
-# 0.24 -> 0.26 of copy_, q8_0 0.39 -> 0.41; f16/bf16 0.53 -> 0.44). KVLAB_FD_PREFETCH=N, or this set to N
-# before launcher(), forces N.
+# what a block asks L2 for at the start of a tile (a hint: values unchanged). N > 0: the K and V rows of its tile
+# N tiles ahead; -1: this tile's V rows (read after its K.Q and softmax) and the next tile's K rows; -2: this
+# tile's V rows only; 0: nothing. None: -1 when K and V are both quantized, else 0. H200, Llama-3-8B layer, 32k,
+# fraction of copy_ with 0 / 1 / -1 / -2, two rounds (session 9, bench/README): q8_0 0.617-0.613 / 0.594-0.577 /
+# 0.635-0.623 / 0.635-0.628, q4_0 0.364-0.359 / 0.378-0.366 / 0.378-0.373 / 0.372-0.366, f16 0.653-0.643 /
+# 0.487-0.476 / 0.522-0.516 / 0.600-0.602 (bf16 alike), f32 0.833-0.824 / 0.564-0.551 / 0.568-0.556 / 0.676-0.672;
+# the same output bits in every mode. KVLAB_FD_PREFETCH=N, or this set to N before launcher(), forces N.
 PREFETCH = int(os.environ["KVLAB_FD_PREFETCH"]) if os.environ.get("KVLAB_FD_PREFETCH") else None
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
@@ -788,14 +792,14 @@ def _end_head_step(acc, lsum, kq_max, red, comb, scratch, parts, meta, row0, spl
     block_sync()
 
 
-def _prefetch_tile(k, v, ko, vo, n_rows, tid):
-    """prefetch.L2 of a tile's n_rows K and V rows (contiguous from byte ko / vo): 128-byte lines tid,
-    tid + NT, ... (a hint: no result)."""
+def _prefetch_tile(k, v, ko, vo, k_rows, v_rows, tid):
+    """prefetch.L2 of k_rows K rows from byte ko and v_rows V rows from byte vo (each contiguous): 128-byte
+    lines tid, tid + NT, ... (a hint: no result)."""
     for m in range(K_PF):
-        if 128 * (tid + NT * m) < n_rows * K_RB:
+        if 128 * (tid + NT * m) < k_rows * K_RB:
             prefetch_l2(k, ko + 128 * (tid + NT * m))
     for m in range(V_PF):
-        if 128 * (tid + NT * m) < n_rows * V_RB:
+        if 128 * (tid + NT * m) < v_rows * V_RB:
             prefetch_l2(v, vo + 128 * (tid + NT * m))
 
 
@@ -882,10 +886,13 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
 
     tiles = (n_kv + NT - 1) // NT
     for tile in range(split, tiles, splits):
-        nxt = tile + prefetch * splits                     # this block's tile `prefetch` ahead, to L2
-        if prefetch > 0 and nxt < tiles:
-            PREFETCH(k, v, b * kst[0] + hk * kst[1] + nxt * NT * K_RB, b * vst[0] + hk * vst[1] + nxt * NT * V_RB,
-                     min(NT, n_kv - nxt * NT), tid)
+        if prefetch != 0:                                  # to L2: see PREFETCH's modes
+            kt = tile + (prefetch if prefetch > 0 else 1) * splits
+            vt = tile + prefetch * splits if prefetch > 0 else tile
+            k_rows = min(NT, n_kv - kt * NT) if kt < tiles and prefetch != -2 else 0
+            v_rows = min(NT, n_kv - vt * NT) if vt < tiles else 0
+            PREFETCH(k, v, b * kst[0] + hk * kst[1] + kt * NT * K_RB, b * vst[0] + hk * vst[1] + vt * NT * V_RB,
+                     k_rows, v_rows, tid)
         # (a) scores of token tid for every head; a quantized K's rows first pass through shared
         # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
         tok = tile * NT + tid
@@ -983,7 +990,7 @@ def register_limit(type_k: int, type_v: int, variant: tuple) -> int:
 @functools.cache
 def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
     """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
-    grid (B * H / g, splits) of NT threads (prefetch: K/V rows to L2 that many tiles ahead, 0: none).
+    grid (B * H / g, splits) of NT threads (prefetch: what goes to L2 at a tile's start, PREFETCH's modes).
 
     q (R * D,) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
     (batch, head, row) strides in bytes (row: the row size, which the kernel takes as the constant K_RB /
@@ -1207,10 +1214,11 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
 
 
 def prefetch_tiles(type_k: int, type_v: int) -> int:
-    """Tiles ahead a block prefetches (PREFETCH, or by default 1 for quantized K and V, 0 otherwise)."""
+    """The L2 prefetch mode of a launch (PREFETCH's): PREFETCH, or by default -1 (this tile's V, the next
+    tile's K) for quantized K and V, 0 (none) otherwise."""
     if PREFETCH is not None:
         return int(PREFETCH)
-    return 1 if type_k not in PLAIN and type_v not in PLAIN else 0
+    return -1 if type_k not in PLAIN and type_v not in PLAIN else 0
 
 
 def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):

@@ -244,5 +244,6 @@ def st_u32x4(a, i, v0, v1, v2, v3):
 
 
 def prefetch_l2(a, i):
-    """A hint on the GPU; nothing here."""
+    """A hint on the GPU; here only the check that the line asked for starts inside the array."""
+    assert 0 <= i < a.size, (i, a.size)
 
