@@ -4,9 +4,9 @@ ggml_compute_forward_flash_attn_ext_f16_one_chunk), dequantizing block by block 
 
 Per query row (one head of one sequence), in ggml's order, as the x86-64 AVX512 build computes it
 (kvlab.accuracy.cpu_fa models the same build op by op, checked against libggml; the two agree bit
-for bit, tests/kernels/test_flash_decode.py):
+for bit, tests/test_flash.py):
   s  = vec_dot(K row, Q converted to K's vec_dot_type) * scale      (Q conversion by the caller;
-       `kq_dot` gives the SIMD lane order); s += mask, and a -inf mask entry skips the row;
+       `block_dot` / `plain_dot` give the SIMD lane order); s += mask, and a -inf mask entry skips the row;
   online softmax: ms = expf(Mold - M) on a new maximum, else vs = expf(s - M); S = fma(S, ms, vs);
   V accumulator: float32, acc = fma(v, vs, acc) (ggml_vec_mad_f32), or an fp16 vector for an f16 V
   (and an f32 V, which llama.cpp casts to f16, as it casts an f32 K): every update stored as fp16
@@ -125,15 +125,11 @@ def read_f16(raw, b, h, i, c, t):
 
 
 @njit(cache=True, inline="always")
-def kq_dot(k, b, h, i, t, n, qq, qd, qs, qf, r, acc):
-    """K's vec_dot (ggml-cpu, x86-64 AVX512 build) of row k[b, h, i] (n values of type t) with query row r.
-
-    Block types: 8 float lanes of 4 consecutive values, acc = fma(d_k * d_q, lane integer sum, acc) per
-    block (iq4_nl: even and odd blocks in two accumulators), hsum_float_8, then q4_1/q5_1's sum(m * s).
-    f16 (and f32, cast): 4 x 16 lanes of fma over steps of 64, (s0+s2) + (s1+s3), the 16-lane reduction.
-    bf16: two vdpbf16ps accumulators (lane l: value 2l+1 then 2l), each reduced, summed in double.
-    qq (R, n) int8, qd/qs (R, n/32) float32: Q as q8_0 / q8_1 (d and s as ggml's fp16); qf (R, n)
-    float32: Q as f16/bf16 values. acc: float32 scratch of 64."""
+def plain_dot(k, b, h, i, t, n, qf, r, acc):
+    """K's vec_dot (ggml-cpu, x86-64 AVX512 build) of f32/f16/bf16 row k[b, h, i] (n values of type t) with
+    query row r: f16 (and f32, cast): 4 x 16 lanes of fma over steps of 64, (s0+s2) + (s1+s3), the 16-lane
+    reduction; bf16: two vdpbf16ps accumulators (lane l: value 2l+1 then 2l), each reduced, summed in
+    double. qf (R, n) float32: Q as f16/bf16 values. acc: float32 scratch of 64."""
     for x in range(64):
         acc[x] = np.float32(0)
     n_steps = n - n % 64     # the values past the last whole step: ggml's leftover loop, in double
@@ -147,31 +143,51 @@ def kq_dot(k, b, h, i, t, n, qq, qd, qs, qf, r, acc):
         for x in range(n_steps, n):
             total += np.float64(np.float32(read_f16(k, b, h, i, x, t) * qf[r, x]))
         return np.float32(total)
-    if t == BF16:
-        for c0 in range(0, n_steps, 64):
-            for half in range(2):
-                for lane in range(16):
-                    x = c0 + 32 * half + 2 * lane
-                    a = 16 * half + lane
-                    hi = np.float32(acc[a] + np.float32(plain_value(k, b, h, i, x + 1, t) * qf[r, x + 1]))
-                    acc[a] = np.float32(hi + np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
-        total = np.float64(reduce16(acc, 0)) + np.float64(reduce16(acc, 16))
-        for x in range(n_steps, n):
-            total += np.float64(np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
-        return np.float32(total)
+    for c0 in range(0, n_steps, 64):            # bf16
+        for half in range(2):
+            for lane in range(16):
+                x = c0 + 32 * half + 2 * lane
+                a = 16 * half + lane
+                hi = np.float32(acc[a] + np.float32(plain_value(k, b, h, i, x + 1, t) * qf[r, x + 1]))
+                acc[a] = np.float32(hi + np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
+    total = np.float64(reduce16(acc, 0)) + np.float64(reduce16(acc, 16))
+    for x in range(n_steps, n):
+        total += np.float64(np.float32(plain_value(k, b, h, i, x, t) * qf[r, x]))
+    return np.float32(total)
+
+
+@njit(cache=True, inline="always")
+def decode_k_row(k, b, h, i, t, n, kint, kd, km):
+    """Block-type row k[b, h, i] (n values of type t) as its integer values (as vec_dot reads them), and
+    each block's d and m (q4_1/q5_1) as float32: what block_dot reads, decoded once for a GQA group."""
     ts = type_size(t)
-    summs = np.float32(0)
     for blk in range(n // QK):
         o = blk * ts
-        d = np.float32(fp16_to_fp32(_u16(k, b, h, i, o)) * qd[r, blk])
+        kd[blk] = fp16_to_fp32(_u16(k, b, h, i, o))
+        km[blk] = fp16_to_fp32(_u16(k, b, h, i, o + 2)) if has_min(t) else np.float32(0)
+        for j in range(QK):
+            kint[blk * QK + j] = quant(k, b, h, i, o, j, t)
+
+
+@njit(cache=True, inline="always")
+def block_dot(kint, kd, km, t, n, qq, qd, qs, r, acc):
+    """K's vec_dot (ggml-cpu, x86-64 AVX512 build) of a decoded block-type row with query row r: 8 float
+    lanes of 4 consecutive values, acc = fma(d_k * d_q, lane integer sum, acc) per block (iq4_nl: even and
+    odd blocks in two accumulators), hsum_float_8, then q4_1/q5_1's sum(m * s). qq (R, n) int8, qd/qs
+    (R, n/32) float32: Q as q8_0 / q8_1 (d and s as ggml's fp16). acc: float32 scratch of 16."""
+    for x in range(16):
+        acc[x] = np.float32(0)
+    summs = np.float32(0)
+    for blk in range(n // QK):
+        d = np.float32(kd[blk] * qd[r, blk])
         a = 8 * (blk & 1) if t == IQ4_NL else 0
         for lane in range(8):
-            isum = np.int32(0)
-            for j in range(4 * lane, 4 * lane + 4):
-                isum += quant(k, b, h, i, o, j, t) * np.int32(qq[r, blk * QK + j])
+            isum = np.int32(0)                  # exact: any order of the four products is ggml's
+            for j in range(blk * QK + 4 * lane, blk * QK + 4 * lane + 4):
+                isum += kint[j] * np.int32(qq[r, j])
             acc[a + lane] = fma32(d, np.float32(isum), acc[a + lane])
         if has_min(t):
-            summs = np.float32(summs + np.float32(fp16_to_fp32(_u16(k, b, h, i, o + 2)) * qs[r, blk]))
+            summs = np.float32(summs + np.float32(km[blk] * qs[r, blk]))
     if t == IQ4_NL:
         for lane in range(8):
             acc[lane] = acc[lane] + acc[8 + lane]
@@ -204,56 +220,85 @@ def dequantize_row(v, b, h, i, t, out):
 
 
 @njit(parallel=True, cache=True)
-def flash_decode(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out):
+def flash_decode(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, n_threads):
     """out[b, h] = attention of query row (b, h) over the cache rows 0..L-1 of KV head h // group.
 
-    qq (B*H, Dk) int8, qd/qs (B*H, Dk/32) float32, qf (B*H, Dk) float32: Q in K's vec_dot_type (see kq_dot;
-    the arrays K's type does not read may be empty); n_dk = Dk;
+    qq (B*H, Dk) int8, qd/qs (B*H, Dk/32) float32, qf (B*H, Dk) float32: Q in K's vec_dot_type (see
+    block_dot / plain_dot; the arrays K's type does not read may be empty); n_dk = Dk;
     k (B, Hkv, >=L, Dk row bytes), v (B, Hkv, >=L, Dv row bytes) uint8, rows in ggml's layout;
     mask (B, L) float32 added to s (-inf skips the row), or (B, 0) for none; scale float32;
     out (B, H, Dv) float32. L = mask's length when given, else k.shape[2] (the caller passes the
-    cache's filled part)."""
+    cache's filled part). n_threads: numba's thread count (work items are split to give each one).
+
+    A work item is one (sequence, KV head) with the query heads of its group, or a part of them when
+    there are fewer groups than threads: each V row is dequantized and each block-type K row decoded once
+    per item, not once per head (ggml does both for every query row), and every head keeps its own
+    accumulator, maximum and sum in ggml's order, so the values are ggml's."""
     n_b, n_h, n_dv = out.shape
     n_hkv = k.shape[1]
     group = n_h // n_hkv
+    n_groups = n_b * n_hkv
+    per_part = -(-group // min(group, max(1, -(-n_threads // n_groups))))     # heads of an item
+    parts = -(-group // per_part)                                              # items of a group
+    for item in prange(n_groups * parts):
+        bk = item // parts                              # b * Hkv + hk
+        h0 = (bk % n_hkv) * group + (item - bk * parts) * per_part
+        _attend(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, bk // n_hkv, bk % n_hkv, h0,
+                min(per_part, (bk % n_hkv + 1) * group - h0))
+
+
+@njit(cache=True)
+def _attend(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, b, hk, h0, n_heads):
+    """Query heads h0 .. h0 + n_heads - 1 of sequence b (all reading KV head hk), as ggml's one-chunk loop
+    runs each of them."""
+    n_h, n_dv = out.shape[1], out.shape[2]
     n_kv = k.shape[2]
     use_mask = mask.shape[1] > 0
     f16_acc = type_v == F16 or type_v == F32      # an f32 V is cast to f16: its accumulator is fp16 too
-    for row in prange(n_b * n_h):
-        b = row // n_h
-        h = row - b * n_h
-        hk = h // group
-        acc = np.zeros(n_dv, np.float32)
-        v32 = np.empty(n_dv, np.float32)
-        scratch = np.empty(64, np.float32)
-        big_m = np.float32(-np.inf)
-        big_s = np.float32(0)
-        for i in range(n_kv):
-            mv = mask[b, i] if use_mask else np.float32(0)
-            if mv == -np.inf:
-                continue
-            s = np.float32(kq_dot(k, b, hk, i, type_k, n_dk, qq, qd, qs, qf, row, scratch) * scale) + mv
+    acc = np.zeros((n_heads, n_dv), np.float32)
+    big_m = np.full(n_heads, -np.inf, np.float32)
+    big_s = np.zeros(n_heads, np.float32)
+    v32 = np.empty(n_dv, np.float32)
+    scratch = np.empty(64, np.float32)
+    plain_k = type_k == F32 or type_k == F16 or type_k == BF16
+    kint = np.empty(n_dk, np.int32)
+    kd = np.empty(n_dk // QK, np.float32)
+    km = np.empty(n_dk // QK, np.float32)
+    for i in range(n_kv):
+        mv = mask[b, i] if use_mask else np.float32(0)
+        if mv == -np.inf:
+            continue
+        dequantize_row(v, b, hk, i, type_v, v32)
+        if not plain_k:
+            decode_k_row(k, b, hk, i, type_k, n_dk, kint, kd, km)
+        for j in range(n_heads):
+            row = b * n_h + h0 + j
+            if plain_k:
+                dot = plain_dot(k, b, hk, i, type_k, n_dk, qf, row, scratch)
+            else:
+                dot = block_dot(kint, kd, km, type_k, n_dk, qq, qd, qs, row, scratch)
+            s = np.float32(dot * scale) + mv
             ms = np.float32(1)
             vs = np.float32(1)
-            if s > big_m:
-                ms = np.float32(np.exp(np.float32(big_m - s)))
-                big_m = s
+            if s > big_m[j]:
+                ms = np.float32(np.exp(np.float32(big_m[j] - s)))
+                big_m[j] = s
                 if f16_acc:
                     for c in range(n_dv):
-                        acc[c] = fp16_to_fp32(fp32_to_fp16(np.float32(acc[c] * ms)))
+                        acc[j, c] = fp16_to_fp32(fp32_to_fp16(np.float32(acc[j, c] * ms)))
                 else:
                     for c in range(n_dv):
-                        acc[c] = np.float32(acc[c] * ms)
+                        acc[j, c] = np.float32(acc[j, c] * ms)
             else:
-                vs = np.float32(np.exp(np.float32(s - big_m)))
-            dequantize_row(v, b, hk, i, type_v, v32)
+                vs = np.float32(np.exp(np.float32(s - big_m[j])))
             if f16_acc:
                 for c in range(n_dv):
-                    acc[c] = fp16_to_fp32(fp32_to_fp16(fma32(v32[c], vs, acc[c])))
+                    acc[j, c] = fp16_to_fp32(fp32_to_fp16(fma32(v32[c], vs, acc[j, c])))
             else:
                 for c in range(n_dv):
-                    acc[c] = fma32(v32[c], vs, acc[c])
-            big_s = fma32(big_s, ms, vs)
-        inv = np.float32(0) if big_s == 0 else np.float32(1) / big_s
+                    acc[j, c] = fma32(v32[c], vs, acc[j, c])
+            big_s[j] = fma32(big_s[j], ms, vs)
+    for j in range(n_heads):
+        inv = np.float32(0) if big_s[j] == 0 else np.float32(1) / big_s[j]
         for c in range(n_dv):
-            out[b, h, c] = acc[c] * inv
+            out[b, h0 + j, c] = acc[j, c] * inv

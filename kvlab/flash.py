@@ -13,6 +13,7 @@ head. H a multiple of Hkv (query head h reads KV head h // (H / Hkv), ggml's bro
 (B, L) bool (True = attend). Rotation as llama.cpp's build_attn: Q rotated with H_k before the kernel,
 the output rotated back with H_v after. Returns (B, H, Dv) float32, where q lives.
 """
+import numba
 import numpy as np
 
 from kvlab._threads import kernel_lock
@@ -121,5 +122,6 @@ def _cpu(q, k_raw, v_raw, type_k, type_v, mask, scale, rot_k):
     dv = head_dim(v, type_v, "v_raw")
     out = np.empty((b, h, dv), np.float32)
     with kernel_lock():
-        kernel(qq, qd, qs, qf, k, v, type_info(type_k).ggml_type, type_info(type_v).ggml_type, dk, add, scale, out)
+        kernel(qq, qd, qs, qf, k, v, type_info(type_k).ggml_type, type_info(type_v).ggml_type, dk, add, scale, out,
+               numba.get_num_threads())
     return out

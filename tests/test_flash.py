@@ -86,6 +86,31 @@ def test_batch_rows_are_independent_and_mask_skips_cells():
     assert np.array_equal(_bits(first[:, 2:3]), _bits(one_head))
 
 
+@pytest.mark.parametrize("pair", ["q4_0/q8_0", "iq4_nl/f16", "f16/q4_1", "bf16/bf16"])
+def test_work_items_give_every_head_the_same_bits(pair):
+    """The kernel's work items (a GQA group's query heads together, split over more items when there are
+    fewer groups than threads; each K/V row decoded once per item) change no value: a group of 5 over one
+    KV head, as one item and as 2, 3 and 5 items (n_threads 1, 2, 3, 4, 8), equals each head run alone."""
+    from kvlab.flash import cpu_query
+    from kvlab.kernels.flash_decode import flash_decode as kernel
+    type_k, type_v = pair.split("/")
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((5, D)).astype(np.float32)                                   # (H, D), Hkv 1
+    kq = kvlab.quantize((rng.standard_normal((1, 1, L, D)) * 2).astype(np.float32), type_k)
+    vq = kvlab.quantize(rng.standard_normal((1, 1, L, D)).astype(np.float32), type_v)
+    ik, iv = kvlab.types.type_info(type_k), kvlab.types.type_info(type_v)
+    no_mask, scale = np.zeros((1, 0), np.float32), np.float32(0.125)
+
+    def run(rows, n_threads):
+        out = np.full((1, len(rows), D), np.nan, np.float32)        # an unwritten value shows
+        kernel(*cpu_query(q[rows], type_k), kq.raw, vq.raw, ik.ggml_type, iv.ggml_type, D, no_mask, scale, out,
+               n_threads)
+        return out[0]
+    alone = np.concatenate([run([h], 1) for h in range(5)])
+    for n_threads in (1, 2, 3, 4, 8):
+        assert np.array_equal(_bits(run(list(range(5)), n_threads)), _bits(alone)), n_threads
+
+
 def test_rotation_is_llama_cpp_s():
     """rotation=plan: Q rotated with H_k before the kernel, the output rotated back with H_v after."""
     q, k, v = _qkv(5)
