@@ -341,8 +341,8 @@ def speed_case(ggml: GgmlVec, pair: str, n_kv: int, copy_bw: float, n_sm: int, r
             "copy_GBps": copy_bw / 1e9, "ggml_seconds": t_ggml, "kvlab_seconds": t_kvlab,
             "ggml_fraction_of_copy": read / t_ggml / copy_bw, "kvlab_fraction_of_copy": read / t_kvlab / copy_bw,
             "kvlab_time_over_ggml": t_kvlab / t_ggml,
-            "kvlab_prefetch": fd.prefetch_tiles(ggml.type_k.ggml_type, ggml.type_v.ggml_type)
-            if hasattr(fd, "prefetch_tiles") else None,
+            "kvlab_prefetch": fd.prefetch_mode(ggml.type_k.ggml_type, ggml.type_v.ggml_type)
+            if hasattr(fd, "prefetch_mode") else None,
             **{f"kvlab_fraction_of_copy_prefetch_{n}": read / t / copy_bw for n, t in t_pf.items()},
             "splits_ggml": g_splits,
             "splits_kvlab": fd.plan(batch * h // g, n_kv, n_sm)[0]}

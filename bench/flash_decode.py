@@ -132,7 +132,7 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     return {"batch": batch, "seconds": t, "first_call_seconds": first, "kv_bytes": read,
             "read_GBps": read / t / 1e9, "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
             "call_seconds_batch1": statistics.median(t_call), "call_host_seconds_batch1": t_host,
-            "variant": list(fd.VARIANT), "prefetch": fd.prefetch_tiles(ik.ggml_type, iv.ggml_type),
+            "variant": list(fd.VARIANT), "prefetch": fd.prefetch_mode(ik.ggml_type, iv.ggml_type),
             "registers": fd.register_limit(ik.ggml_type, iv.ggml_type, fd.VARIANT),
             "out_sha256": hashlib.sha256(out[0].cpu().numpy().tobytes()).hexdigest()[:16],
             "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d, iv.ggml_type), n_kv,

@@ -1213,7 +1213,7 @@ def launcher(q, k_raw, v_raw, type_k: int, type_v: int, mask, scale, splits: int
     return (lambda: kc._call(*call, values=values)), out
 
 
-def prefetch_tiles(type_k: int, type_v: int) -> int:
+def prefetch_mode(type_k: int, type_v: int) -> int:
     """The L2 prefetch mode of a launch (PREFETCH's): PREFETCH, or by default -1 (this tile's V, the next
     tile's K) for quantized K and V, 0 (none) otherwise."""
     if PREFETCH is not None:
@@ -1260,7 +1260,7 @@ def _prepare(q, k_raw, v_raw, type_k, type_v, mask, scale, splits):
     no_mask = _no_mask(device, like) if mask is None else None
     # the key: shapes (the context length L only through the split count and a mask's shape), strides,
     # types, scale; L itself is a value the replay sets (kvlab.kernels.cuda._Value)
-    scalars = (type_k, type_v, np.float32(scale), n_splits, kst, vst, prefetch_tiles(type_k, type_v), VARIANT)
+    scalars = (type_k, type_v, np.float32(scale), n_splits, kst, vst, prefetch_mode(type_k, type_v), VARIANT)
     arrays = (q, k_flat, v_flat, mask, parts, meta, out)
     call = ("flash_decode", scalars, None, arrays, stream, _launch_checked, *arrays, no_mask, k_shape[1], g, scalars,
             n_kv)
