@@ -35,6 +35,19 @@ def _npz(name: str) -> dict:
 _CROSS_PRODUCT = {"type_name": tuple(TYPES), "flavor": FLAVORS, "case": tuple(_npz("inputs.npz"))}
 
 
+def pytest_sessionstart(session):
+    """numba's disk cache (cache=True) checks only a function's own source file, so a kernel that inlines a
+    helper from another module (kernels/fp.py, scalar.py, ...) keeps its old machine code after that helper
+    changes, and the tests would pass on code that is gone. In a checkout, the package's caches are dropped
+    whenever one of them is older than its newest source (an install writes sources and caches anew)."""
+    trees = [ROOT / "kernels", ROOT / "kvlab"]
+    newest = max(p.stat().st_mtime for tree in trees for p in tree.rglob("*.py"))
+    caches = [p for tree in trees for p in tree.rglob("__pycache__/*.nb[ic]")]
+    if any(p.stat().st_mtime < newest for p in caches):
+        for p in caches:
+            p.unlink(missing_ok=True)
+
+
 def pytest_generate_tests(metafunc):
     explicit = {name.strip() for mark in metafunc.definition.iter_markers("parametrize")
                 for name in (mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0])}
