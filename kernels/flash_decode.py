@@ -242,9 +242,11 @@ def flash_decode(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, n
     parts = -(-group // per_part)                                              # items of a group
     for item in prange(n_groups * parts):
         bk = item // parts                              # b * Hkv + hk
-        h0 = (bk % n_hkv) * group + (item - bk * parts) * per_part
-        _attend(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, bk // n_hkv, bk % n_hkv, h0,
-                min(per_part, (bk % n_hkv + 1) * group - h0))
+        b = bk // n_hkv
+        hk = bk - b * n_hkv
+        h0 = hk * group + (item - bk * parts) * per_part
+        _attend(qq, qd, qs, qf, k, v, type_k, type_v, n_dk, mask, scale, out, b, hk, h0,
+                min(per_part, (hk + 1) * group - h0))
 
 
 @njit(cache=True)
