@@ -634,8 +634,9 @@ def _write_checked(x, out, info, flavor_code, row_ids, n, scale, stream):
     else:
         width = 16 if remap == 0 and _aligned(ov, 16) else 4 if remap % 4 == 0 and _aligned(ov, 4) else 1
         tiles = _tiles(xv.size)
-        _launch(k.quantize_kernel(info, int(flavor_code)), *tiles,
-                [_Flat(xv), _Flat(ov), xv.size // 32, _aligned(xv, 16), width, remap, int(n or 0),
+        per_block = k.tiles_per_block(info)
+        _launch(k.quantize_kernel(info, int(flavor_code)), -(-tiles[0] // per_block), tiles[1],
+                [_Flat(xv), _Flat(ov), xv.size // 32, per_block, _aligned(xv, 16), width, remap, int(n or 0),
                  np.float32(scale), _ahead(tiles, "write"), *check], stream)
 
 

@@ -18,6 +18,9 @@ staged in shared memory leave as whole words): ``ld_f32x4(a, i)`` -> 4 float32 a
 C-contiguous float32 array (i a multiple of 4, address 16-byte aligned), ``st_f32x4(a, i, v0..v3)``;
 on uint8 arrays at byte offset i (aligned to the width): ``ld_u16``/``st_u16``, ``ld_u32``/``st_u32``, ``ld_u32x2``/
 ``st_u32x2``, ``ld_u32x4``/``st_u32x4`` (several words come and go as tuples).
+``cp_async16(dst, i, src, j)``: cp.async.cg of the 16 bytes at element j of the global src to element i of
+the shared dst (both 16-byte aligned), no registers between: the copy flies while the thread goes on;
+``cp_async_wait_all()`` waits for the thread's copies (a barrier after it publishes them to the block).
 ``prefetch_l2(a, i)``: prefetch.L2 of the 128-byte line holding element i of a (a hint: no result, no
 fault, no effect on any value; nothing in the simulator). ``warp_barrier()``: bar.warp.sync of the
 whole warp (the simulator, whose blocks are under a warp, has no syncwarp: a block barrier there).
@@ -102,17 +105,20 @@ else:
     f32_bits = _asm("mov.b32 $0, $1;", 1, ret=_I32, ret_c="r", nb_ret=types.uint32)
     f32_from_bits = _asm("mov.b32 $0, $1;", 1, arg=_I32, arg_c="r", nb_arg=types.uint32)
 
+    def _byte_pointer(context, builder, aryty, ary, idx, idxty):
+        """Pointer (i8*) to element idx of the array ary."""
+        data = context.make_array(aryty)(context, builder, ary).data
+        i = context.cast(builder, idx, idxty, types.int64)
+        return builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
+                           [builder.mul(i, ir.Constant(ir.IntType(64), aryty.dtype.bitwidth // 8))])
+
     def _vector_access(elem, nb_elem, count, store):
         """ld/st of `count` consecutive elements of a C-contiguous array at element index i, one access."""
         vec = elem if count == 1 else ir.VectorType(elem, count)
         nb_val = nb_elem if count == 1 else types.UniTuple(nb_elem, count)
 
         def pointer(context, builder, aryty, ary, idx, idxty):
-            data = context.make_array(aryty)(context, builder, ary).data
-            i = context.cast(builder, idx, idxty, types.int64)
-            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
-                               [builder.mul(i, ir.Constant(ir.IntType(64), aryty.dtype.bitwidth // 8))])
-            return builder.bitcast(byte, vec.as_pointer())
+            return builder.bitcast(_byte_pointer(context, builder, aryty, ary, idx, idxty), vec.as_pointer())
 
         def load(typingctx, ary, idx):
             def codegen(context, builder, sig, args):
@@ -155,11 +161,7 @@ else:
 
     def _prefetch(typingctx, ary, idx):
         def codegen(context, builder, sig, args):
-            aryty, idxty = sig.args
-            data = context.make_array(aryty)(context, builder, args[0]).data
-            i = context.cast(builder, args[1], idxty, types.int64)
-            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
-                               [builder.mul(i, ir.Constant(ir.IntType(64), aryty.dtype.bitwidth // 8))])
+            byte = _byte_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
             fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
             builder.call(ir.InlineAsm(fty, "prefetch.L2 [$0];", "l", side_effect=True),
                          [builder.ptrtoint(byte, ir.IntType(64))])
@@ -167,6 +169,27 @@ else:
         return types.void(ary, idx), codegen
 
     prefetch_l2 = intrinsic(_prefetch)
+
+    def _cp_async(typingctx, dst, di, src, si):
+        def codegen(context, builder, sig, args):
+            dst_ptr, src_ptr = (builder.ptrtoint(_byte_pointer(context, builder, sig.args[a], args[a], args[a + 1],
+                                                               sig.args[a + 1]), ir.IntType(64)) for a in (0, 2))
+            fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 2)
+            text = "{ .reg .u64 s; cvta.to.shared.u64 s, $0; cp.async.cg.shared.global [s], [$1], 16; }"
+            builder.call(ir.InlineAsm(fty, text, "l,l,~{memory}", side_effect=True), [dst_ptr, src_ptr])
+            return context.get_dummy_value()
+        return types.void(dst, di, src, si), codegen
+
+    cp_async16 = intrinsic(_cp_async)
+
+    def _cp_async_wait(typingctx):
+        def codegen(context, builder, sig, args):
+            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.wait_all;", "~{memory}",
+                                      side_effect=True), [])
+            return context.get_dummy_value()
+        return types.void(), codegen
+
+    cp_async_wait_all = intrinsic(_cp_async_wait)
 
     @device
     def warp_barrier():
@@ -193,11 +216,7 @@ if SIM:
 else:
     def _st_f32x4_cs(typingctx, ary, idx, v0, v1, v2, v3):
         def codegen(context, builder, sig, args):
-            aryty, idxty = sig.args[:2]
-            data = context.make_array(aryty)(context, builder, args[0]).data
-            i = context.cast(builder, args[1], idxty, types.int64)
-            byte = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()),
-                               [builder.mul(i, ir.Constant(ir.IntType(64), 4))])
+            byte = _byte_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
             values = [context.cast(builder, v, t, types.float32) for v, t in zip(args[2:], sig.args[2:])]
             fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_F32] * 4)
             builder.call(ir.InlineAsm(fty, "st.global.cs.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f",

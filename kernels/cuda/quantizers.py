@@ -802,10 +802,12 @@ class DeviceCodec(NamedTuple):
     """A type's device functions. Block types: quantize(row, y, o, flavor, lut, kv) and
     dequantize(y, o, row, kv) on one 32-value block; f32/f16/bf16: quantize(v, flavor, in_simd_chunk)
     -> the value's bits (uint32 / uint16) and dequantize(bits) -> float32. tables: the kernel stages
-    BEST_INDEX_LUT and KVALUES in shared memory for it."""
+    BEST_INDEX_LUT and KVALUES in shared memory for it. lookahead: quantizing a tile takes long enough that
+    a CUDA block takes several, loading the next while it quantizes one (kernels.TILES_PER_BLOCK)."""
     quantize: Callable
     dequantize: Callable
     tables: bool = False
+    lookahead: bool = False
 
 
 F32 = DeviceCodec(f32_value_bits, f32_from_bits)
@@ -814,6 +816,6 @@ BF16 = DeviceCodec(bf16_bits, bf16_to_f32)
 Q8_0 = DeviceCodec(quantize_q8_0, dequantize_q8_0)
 Q4_0 = DeviceCodec(quantize_q4_0, dequantize_q4_0)
 Q4_1 = DeviceCodec(quantize_q4_1, dequantize_q4_1)
-IQ4_NL = DeviceCodec(quantize_iq4_nl, dequantize_iq4_nl, tables=True)
+IQ4_NL = DeviceCodec(quantize_iq4_nl, dequantize_iq4_nl, tables=True, lookahead=True)
 Q5_0 = DeviceCodec(quantize_q5_0, dequantize_q5_0)
 Q5_1 = DeviceCodec(quantize_q5_1, dequantize_q5_1)

@@ -12,7 +12,7 @@ consecutive float4 of one row, hit 32 distinct banks (36 = 4 mod 32).
 import numpy as np
 from numba import cuda, float32
 
-from .ops import SIM, device, ld_f32x4, st_f32x4, st_f32x4_cs
+from .ops import SIM, cp_async16, device, ld_f32x4, st_f32x4, st_f32x4_cs
 from .unroll import unrolled
 
 TPB = 16 if SIM else 128          # the simulator runs each thread as a Python thread
@@ -52,12 +52,28 @@ def _put4(tile, at, k, v):
 
 
 @device
-def load_tile(tile, x, base, total, vec):
+def _copy4(tile, at, x, p, k):
+    """The same float4 by cp.async, from its values at p + 4 * TPB * k of x."""
+    cp_async16(tile, at + np.uint32(k * (TPB // 8) * TILE_W), x, p + 4 * TPB * k)
+
+
+_copy_float4s = unrolled(_copy4, 8, 4)
+
+
+@device
+def load_tile(tile, x, base, total, vec, async_copy):
     """Values base .. base + TPB*32 of the flat float32 x -> the tile (zeros past total).
-    vec: x is 16-byte aligned, so a whole tile comes as 8 float4 per thread, all loads first."""
+    vec: x is 16-byte aligned, so a whole tile comes as 8 float4 per thread: with async_copy (a constant)
+    by cp.async straight into shared memory, in flight while the thread goes on until cp_async_wait_all
+    (then a barrier before the tile is read); else all 8 loads first, then the stores. Otherwise value
+    by value. Landed on return but with async_copy and vec."""
     t = cuda.threadIdx.x
     if vec and base + TPB * 32 <= total:
         p = base + 4 * t
+        at = _float4_at(np.uint32(t))
+        if async_copy:
+            _copy_float4s(tile, at, x, p)
+            return
         v0 = ld_f32x4(x, p)
         v1 = ld_f32x4(x, p + 4 * TPB)
         v2 = ld_f32x4(x, p + 8 * TPB)
@@ -66,7 +82,6 @@ def load_tile(tile, x, base, total, vec):
         v5 = ld_f32x4(x, p + 20 * TPB)
         v6 = ld_f32x4(x, p + 24 * TPB)
         v7 = ld_f32x4(x, p + 28 * TPB)
-        at = _float4_at(np.uint32(t))
         _put4(tile, at, 0, v0)
         _put4(tile, at, 1, v1)
         _put4(tile, at, 2, v2)

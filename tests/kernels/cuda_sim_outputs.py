@@ -23,6 +23,8 @@ ROTATIONS = (((2, 256), 1), ((2, 256), 4), ((2, 256), 32), ((2, 256), 64), ((2, 
              ((2, 512), 512))                                                                   # (shape, n)
 FUSED = ((32, "cuda"), (64, "ref"), (128, "cpu"), (256, "cuda"), (512, "cpu"))                                                 # (n, flavor)
 FUSED_ROW_IDS = (2, 0)                      # rotate_quantize writes rows 0, 1 of x to these rows of a 3-row cache
+LOOPED = (("iq4_nl", "ref", 0), ("iq4_nl", "cuda", 0), ("iq4_nl", "cpu", 64))  # (lookahead type, flavor, rotation n)
+LOOPED_ROWS = 5                             # (5, 256): 40 blocks, 3 tiles of 16 (the last partial) on 2 CUDA blocks
 SET_ROWS_IDS = (2, 6)                       # ids per set_rows: checked in every CUDA block / by a kernel first
 
 
@@ -44,6 +46,14 @@ def run(inputs) -> dict:
             deq = cuda.to_device(np.zeros((1, 256), np.float32))
             kc.dequantize(raw, deq, info)                                # the cuda flavor's bytes
             out[f"dequantize/{name}/{case}"] = deq.copy_to_host()
+    for name, flavor, n in LOOPED:     # 2 tiles a CUDA block: a block loads its next tile while it works
+        x = np.ascontiguousarray(inputs["normal"][:LOOPED_ROWS])
+        raw = cuda.to_device(np.zeros((LOOPED_ROWS, TYPES[name].row_bytes(256)), np.uint8))
+        if n:
+            kc.rotate_quantize(cuda.to_device(x), raw, TYPES[name], FLAVORS.index(flavor), n, hadamard_scale(n))
+        else:
+            kc.quantize(cuda.to_device(x), raw, TYPES[name], FLAVORS.index(flavor))
+        out[f"looped/{name}/{flavor}/{n}"] = raw.copy_to_host()
     for shape, n in ROTATIONS:        # in-row stages only, register columns, shared-memory columns
         a = rotation_input(inputs, shape)
         rot = cuda.to_device(np.zeros(shape, np.float32))

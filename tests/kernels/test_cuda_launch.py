@@ -67,7 +67,7 @@ def log(monkeypatch):
     values = lambda info: types.SimpleNamespace(**{f: k(f + info.name) for f in  # noqa: E731
                                                    ("quantize", "quantize_any", "dequantize", "dequantize_any")})
     stub = types.SimpleNamespace(SIM=False, TPB=128, VALUE_TPB=256, IDS_CHECKED_IN_KERNEL=4, CHECK_TPB=1024,
-                                 resident_tiles=lambda: 2,
+                                 resident_tiles=lambda: 2, tiles_per_block=lambda info: 2,
                                  quantize_kernel=lambda info, fl: k(f"q_{info.name}_{fl}"),
                                  dequantize_kernel=lambda info: k(f"d_{info.name}"), rotate_kernel=k("rotate"),
                                  check_rows_kernel=k("check"), value_kernels=values)
@@ -210,8 +210,8 @@ def test_a_large_tile_call_prefetches_a_wave_ahead(log, monkeypatch):
         kc.quantize(Array((rows, 4096), "<f4", 1 << 24), Array((rows, 2560), "|u1", 2 << 24), Q4_1, 0)
         kc.dequantize(Array((rows, 2560), "|u1", 2 << 24), Array((rows, 4096), "<f4", 1 << 24), Q4_1)
         (_, (q_grid, _, _), q_args), (_, (d_grid, _, _), d_args) = log
-        assert (q_grid, d_grid) == (rows, rows)                        # one tile (128 blocks) per row
-        return q_args[8], d_args[-1]
+        assert (q_grid, d_grid) == (-(-rows // 2), rows)   # a tile (128 blocks) per row; quantize: 2 a CUDA block
+        return q_args[9], d_args[-1]
 
     assert aheads(1) == (0, 0) and aheads(2) == (0, 1) and aheads(3) == (0, 1)
     for read, write, want in [(0.0, 0.0, (0, 0)), (1.0, 1.0, (2, 2)), (0.5, 1.0, (2, 1)), (0.25, 0.5, (1, 0))]:

@@ -55,6 +55,17 @@ def test_cuda_flavor_equals_ggml_cuda(type_name, case, sim, golden):
                      f"{type_name} cuda on {case!r}, GPU vs ggml-cuda")
 
 
+@pytest.mark.parametrize("name,flavor,n", sim_run.LOOPED)
+def test_blocks_looping_over_tiles_equal_cpu_kernel(name, flavor, n, sim, golden_inputs):
+    """A lookahead type's CUDA block quantizes TILES_PER_BLOCK (here 2) tiles, the next one's copies in
+    flight meanwhile (a copy landing before every row was read shows here: checked); 3 tiles, so one
+    block takes a single, partial tile."""
+    x = golden_inputs["normal"][:sim_run.LOOPED_ROWS]
+    want = kvlab.quantize(kvlab.rotate(x, n) if n else x, name, flavor).raw
+    assert_same_bits(sim[f"looped/{name}/{flavor}/{n}"], want, TYPES[name].type_size,
+                     f"{name} {flavor} n={n} over 3 tiles, GPU vs CPU")
+
+
 @pytest.mark.parametrize("case", sim_run.CASES)
 def test_dequantize_equals_cpu_kernel(type_name, case, sim):
     raw = sim[f"quantize/{type_name}/cuda/{case}"]
