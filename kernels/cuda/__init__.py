@@ -52,7 +52,9 @@ with its own addresses (cuLaunchKernel): microseconds of host time. The simulato
 in the environment (to compare the two). A dequantize of more tiles than the GPU holds at once has its
 blocks prefetch (into L2) the bytes of the tile half a wave later (kernels.py, _PREFETCH); the quantizers
 can too, but measured slower with it and do not; KVLAB_CUDA_PREFETCH=0 turns it off, =all on for both
-(a hint: the bytes are the same either way).
+(a hint: the bytes are the same either way). iq4_nl's quantize blocks take 4 consecutive tiles each, the
+next one's loads in flight while they quantize one (kernels.TILES_PER_BLOCK; KVLAB_CUDA_TILES_PER_BLOCK=K
+sets K, for measuring).
 """
 import ctypes
 import math
