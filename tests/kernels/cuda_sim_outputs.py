@@ -49,8 +49,9 @@ def run(inputs) -> dict:
     for name, flavor, n in LOOPED:     # 2 tiles a CUDA block: a block loads its next tile while it works
         x = np.ascontiguousarray(inputs["normal"][:LOOPED_ROWS])
         raw = cuda.to_device(np.zeros((LOOPED_ROWS, TYPES[name].row_bytes(256)), np.uint8))
-        if n:
-            kc.rotate_quantize(cuda.to_device(x), raw, TYPES[name], FLAVORS.index(flavor), n, hadamard_scale(n))
+        if n:                          # and through row_ids: row k to row LOOPED_ROWS - 1 - k
+            kc.rotate_quantize(cuda.to_device(x), raw, TYPES[name], FLAVORS.index(flavor), n, hadamard_scale(n),
+                               row_ids=cuda.to_device(np.arange(LOOPED_ROWS)[::-1].copy()))
         else:
             kc.quantize(cuda.to_device(x), raw, TYPES[name], FLAVORS.index(flavor))
         out[f"looped/{name}/{flavor}/{n}"] = raw.copy_to_host()

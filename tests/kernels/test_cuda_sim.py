@@ -59,9 +59,9 @@ def test_cuda_flavor_equals_ggml_cuda(type_name, case, sim, golden):
 def test_blocks_looping_over_tiles_equal_cpu_kernel(name, flavor, n, sim, golden_inputs):
     """A lookahead type's CUDA block quantizes TILES_PER_BLOCK (here 2) tiles, the next one's copies in
     flight meanwhile (a copy landing before every row was read shows here: checked); 3 tiles, so one
-    block takes a single, partial tile."""
+    block takes a single, partial tile. The rotated case writes through row_ids, rows reversed."""
     x = golden_inputs["normal"][:sim_run.LOOPED_ROWS]
-    want = kvlab.quantize(kvlab.rotate(x, n) if n else x, name, flavor).raw
+    want = kvlab.quantize(kvlab.rotate(x, n)[::-1] if n else x, name, flavor).raw
     assert_same_bits(sim[f"looped/{name}/{flavor}/{n}"], want, TYPES[name].type_size,
                      f"{name} {flavor} n={n} over 3 tiles, GPU vs CPU")
 
