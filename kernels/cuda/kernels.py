@@ -42,8 +42,8 @@ from numba import cuda, float32, uint8, uint32
 
 from .. import FLAVORS
 from .fwht import rotate_into_tile, rotate_row
-from .ops import (SIM, cp_async_wait_all, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, prefetch_l2, st_f32x4, st_u32, st_u32x2,
-                  st_u32x4, warp_barrier)
+from .ops import (SIM, cp_async_wait_all, device, ld_f32x4, ld_u32, ld_u32x2, ld_u32x4, prefetch_l2, st_f32x4,
+                  st_u32, st_u32x2, st_u32x4, warp_barrier)
 from .quantizers import BEST_INDEX_LUT, KVALUES
 from .tile import ALIGN, TILE_W, TPB, WARP_ROWS, load_tile, read_row, store_tile, store_warp_rows, write_row
 
@@ -243,7 +243,7 @@ def check_rows_kernel(row_ids, n_cache_rows, flag):
 # ---- the block-type kernels --------------------------------------------------------------------
 def _quantize(x, y, n_blocks, per_block, vec, width, row_bytes, n, scale, ahead, row_ids, n_check, n_cache_rows,
               flag, refused):
-    """Template (QUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, FLAVOR, TABLES): see quantize_kernel."""
+    """Template (QUANTIZE_BLOCK, TYPE_SIZE, STAGE_BYTES, FLAVOR, TABLES, LOOKAHEAD): see quantize_kernel."""
     if rows_refused(row_ids, n_check, n_cache_rows, flag, refused):
         return                            # the whole block: no barrier below waits for it
     tile = cuda.shared.array((TPB, TILE_W), float32, alignment=ALIGN)
@@ -284,9 +284,10 @@ def _quantize(x, y, n_blocks, per_block, vec, width, row_bytes, n, scale, ahead,
 
 @functools.cache
 def quantize_kernel(info, flavor):
-    """kernel(x, y, n_blocks, vec, width, row_bytes, n, scale, ahead, row_ids, n_check, n_cache_rows, flag,
-    refused) for a block type (a TypeInfo): x flat float32 (n_blocks * 32), y flat uint8; row_bytes > 0:
-    source row k goes to row row_ids[k] of y, once rows_refused has passed the ids; n > 0: quantize
+    """kernel(x, y, n_blocks, per_block, vec, width, row_bytes, n, scale, ahead, row_ids, n_check, n_cache_rows,
+    flag, refused) for a block type (a TypeInfo): x flat float32 (n_blocks * 32), y flat uint8; CUDA block b
+    takes the per_block tiles from b * per_block (tiles_per_block(info); several for a LOOKAHEAD type);
+    row_bytes > 0: source row k goes to row row_ids[k] of y, once rows_refused has passed the ids; n > 0: quantize
     x @ H_n chunkwise (H_n[0, 0] == scale); ahead > 0: prefetch the input of the tile that far on. The
     flavor is a compile-time constant too: a kernel then holds only its flavor's per-value code, not
     the other flavors' selects."""

@@ -248,7 +248,6 @@ def prefetch_l2(a, i):
     assert 0 <= i < a.size, (i, a.size)
 
 
-
 def cp_async16(dst, i, src, j):
     """The copy at once (the GPU's lands by cp_async_wait_all); both 16 bytes inside their arrays."""
     d, s = _flat(dst), _flat(src)
