@@ -86,7 +86,15 @@ def resident_tiles():
 # 1 / 2 / 4 / 8 / 16 tiles (base: d2bfbce's one tile, plain loads): iq4_nl quantize ref 0.853 / 0.929 / 0.927 /
 # 0.925 / 0.893 (base 0.841-0.848), fused ref n = 64 0.731 / 0.798 / 0.809 / 0.802 / 0.777 (base 0.730-0.734).
 # The other types stay at one tile and plain loads: cp.async alone took q4_0 quantize from 1.03 to 0.96.
-TILES_PER_BLOCK = 2 if SIM else int(os.environ.get("KVLAB_CUDA_TILES_PER_BLOCK", "4"))
+def _tiles_setting(text: str) -> int:
+    """KVLAB_CUDA_TILES_PER_BLOCK's value, a positive integer; anything else is refused when the kernels load."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"KVLAB_CUDA_TILES_PER_BLOCK={text!r}: expected a positive integer (the tiles a quantize "
+                         f"CUDA block of a lookahead type takes)")
+    return int(text)
+
+
+TILES_PER_BLOCK = 2 if SIM else _tiles_setting(os.environ.get("KVLAB_CUDA_TILES_PER_BLOCK", "4"))
 
 
 def tiles_per_block(info):

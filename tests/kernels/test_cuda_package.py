@@ -1,5 +1,6 @@
 """kvlab.kernels.cuda without a GPU and without the simulator: what importing and calling it does to the
 process before any kernel runs."""
+import os
 import subprocess
 import sys
 
@@ -33,3 +34,15 @@ def test_entry_points_take_a_type_info_not_a_name():
     import kvlab.kernels.cuda as kc
     with pytest.raises(TypeError, match=r"expected a kvlab.types.TypeInfo \(kvlab.TYPES\[name\]\), got str"):
         kc.quantize(np.zeros((1, 32), np.float32), np.zeros((1, 18), np.uint8), "q4_0", 0)
+
+
+@pytest.mark.parametrize("setting", ["0", "-2", "four", ""])
+def test_a_bad_tiles_per_block_setting_is_refused_when_the_kernels_load(setting):
+    """KVLAB_CUDA_TILES_PER_BLOCK (a measuring knob) must be a positive integer: anything else stops the
+    import with the variable named, not a division by zero at the first quantize."""
+    env = {**os.environ, "KVLAB_CUDA_TILES_PER_BLOCK": setting}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)               # the simulator fixes the setting at 2
+    res = subprocess.run([sys.executable, "-c", "import kvlab.kernels.cuda.kernels"], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode != 0
+    assert f"KVLAB_CUDA_TILES_PER_BLOCK={setting!r}: expected a positive integer" in res.stderr
