@@ -1,7 +1,7 @@
 """sm_90 SASS of a quantize kernel (kernels/cuda/kernels.py) on a machine with no GPU: count instructions
 before spending device time on a variant.
 
-numba -> PTX through libNVVM, ptxas with the kernels' register limit (64) -> cubin, cuobjdump -> SASS
+numba -> PTX through libNVVM, ptxas with the tile kernels' register limit (TILE_JIT) -> cubin, cuobjdump -> SASS
 (an opcode histogram and the static count; a kernel of a type holds its whole block code once, the
 rotation's paths for every n beside it). The toolchain is pip's, outside the project's environment:
 
@@ -67,7 +67,7 @@ def opcodes(sass: str) -> collections.Counter:
 
 def main(type_name: str, flavor: str, out_path: str | None = None) -> None:
     kernel = kernels.quantize_kernel(kvlab.types.TYPES[type_name], FLAVORS.index(flavor))
-    report, sass = sass_of(kernel.py_func, quantize_signature(), 64)
+    report, sass = sass_of(kernel.py_func, quantize_signature(), kernels.TILE_JIT["max_registers"])
     ops = opcodes(sass)
     print(" ".join(line.strip() for line in report.splitlines() if "Used" in line))
     print(f"quantize {type_name} {flavor}: {sum(ops.values())} SASS instructions;", dict(ops.most_common(24)))

@@ -251,9 +251,9 @@ def prefetch_l2(a, i):
 def cp_async16(dst, i, src, j):
     """The copy at once (the GPU's lands by cp_async_wait_all); both 16 bytes inside their arrays."""
     d, s = _flat(dst), _flat(src)
-    n = 16 // d.itemsize
-    assert 0 <= i and i + n <= d.size and 0 <= j and j + 16 // s.itemsize <= s.size, (i, d.size, j, s.size)
-    d[i:i + n] = s[j:j + 16 // s.itemsize].view(d.dtype)
+    nd, ns = 16 // d.itemsize, 16 // s.itemsize
+    assert 0 <= i and i + nd <= d.size and 0 <= j and j + ns <= s.size, (i, d.size, j, s.size)
+    d[i:i + nd] = s[j:j + ns].view(d.dtype)
 
 
 def cp_async_wait_all():
