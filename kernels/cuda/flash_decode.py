@@ -16,9 +16,13 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     it stays float32.
   - per tile, (a) scores: thread t owns token t of the tile and computes K.Q for all G heads from its
     K row, Q read from shared memory (broadcast). A quantized K row of <= 160 bytes (every type at
-    D <= 128) comes from shared memory, where each warp first copies its 32 rows (contiguous) by
-    coalesced 4-byte loads, all issued first; otherwise the thread loads its row itself (4-byte
-    words of 2 blocks at a time). An f16/bf16/f32 row is summed in ggml's order (vec_dot_fattn_vec_KQ_f16:
+    D <= 128) and an f16/bf16 row of <= 256 (D <= 128) come from shared memory: each warp copies its 32
+    rows (contiguous) there by cp.async (4-byte words of a quantized row; 16-byte chunks of an f16/bf16
+    row, chunk c of row r at c ^ (r % 8) so that a 16-byte read of 8 threads' rows meets no bank
+    conflict), the next tile's rows issued as soon as the warp has read this tile's, so they fly under
+    this tile's softmax and V (H200, 32k: f16/bf16 0.65 -> 0.77-0.78 of copy_, q8_0 0.63 -> 0.66, q4_0
+    unchanged; the same output bits); otherwise the thread loads its row itself (4-byte words of 2
+    blocks at a time). An f16/bf16/f32 row is summed in ggml's order (vec_dot_fattn_vec_KQ_f16:
     8 lanes, lane l the 8-value groups 64 c + 8 l, fma from 0, then xor shuffles 4, 2, 1): the thread
     loads KG groups (16 bytes per 64 values each; VARIANT's third field, at most 32 words) together,
     then sums them one by one, and adds the 8 partial sums as that tree does;
@@ -83,7 +87,7 @@ from numba.cuda import libdevice
 
 from .. import cuda as kc                                  # the launch mechanism (_call, _launch), this package
 from .kernels import _instantiate
-from .ops import SIM, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
+from .ops import SIM, cp_async4, cp_async16, cp_async_wait_all, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
 from .ops import fma_ftz, mul_ftz, prefetch_l2, rcp_approx, roundf
 from .unroll import unrolled
 
@@ -531,7 +535,11 @@ def _load_group_step(wd, k, o, gi, x, c):
     slot x of wd (GW * D / 64 words a slot)."""
     w = GW * (D // 64) * x + GW * c
     at = o + (64 * c + 8 * _group_lane(gi)) * K_VB
-    v = ld_u32x4(k, at)
+    if STAGE_K:     # o: the row's first word in kbuf, its 16-byte chunks swizzled (see _stage_copy_step)
+        ch = (64 * c + 8 * _group_lane(gi)) * K_VB // 16
+        v = ld_u32x4(k, o + np.uint32(4 * (ch ^ ((o // np.uint32(ROW_WORDS)) & np.uint32(7)))))
+    else:
+        v = ld_u32x4(k, at)
     wd[w] = v[0]
     wd[w + 1] = v[1]
     wd[w + 2] = v[2]
@@ -642,15 +650,34 @@ def _kq_head_step(s, wd, qsh, qd, qs, t1, c, j):
     s[j] = t1[0]
 
 
-def _stage_load_step(cp, k, o_lane, n_left, m):
-    """Word lane + 32 m of the warp's K rows (contiguous; o_lane: the lane's first byte, n_left: the
-    bytes valid from there): one 4-byte load, 128 bytes after the previous one (one base address)."""
-    cp[m] = ld_u32(k, o_lane + 128 * m) if 128 * m < n_left else np.uint32(0)
+def _stage_piece(kbuf, k, src, dst, i):
+    """Piece i of the warp's K rows (contiguous from byte src) by cp.async into the warp's rows of kbuf (from
+    word dst): a 4-byte word of a quantized row at the same place, or a 16-byte chunk of an f16/bf16 row at
+    chunk (its chunk ^ row % 8) of its row, so that the 8 threads of a 16-byte shared load (each its own row,
+    ROW_WORDS apart: one bank group) read 8 bank groups."""
+    if PLAIN_K:
+        row = i // CHUNKS
+        cp_async16(kbuf, dst + np.uint32(row * ROW_WORDS + 4 * ((i % CHUNKS) ^ (row & 7))), k, src + 16 * i)
+    else:
+        cp_async4(kbuf, dst + np.uint32(i), k, src + 4 * i)
 
 
-def _stage_store_step(kbuf, cp, first, m):
-    """... into the warp's rows in shared memory, laid out as in global memory."""
-    kbuf[first + np.uint32(WARP * m)] = cp[m]
+def _stage_copy_step(kbuf, k, src, dst, lane, m):
+    STAGE_PIECE(kbuf, k, src, dst, lane + WARP * m)
+
+
+def _stage_rows(kbuf, k, kbase, tile, n_kv, warp, lane):
+    """The warp's 32 K rows of `tile` (fewer at the context's end) on their way into its rows of kbuf: in
+    flight until cp_async_wait_all, while the thread goes on."""
+    first = tile * NT + warp * WARP
+    n_rows = min(WARP, n_kv - first)
+    src = kbase + first * K_RB
+    dst = np.uint32(warp * WARP * ROW_WORDS)
+    if n_rows == WARP:                                     # written out: constant offsets, no predicates
+        STAGE_COPY(kbuf, k, src, dst, lane)
+    else:
+        for i in range(lane, n_rows * (CHUNKS if PLAIN_K else ROW_WORDS), WARP):
+            STAGE_PIECE(kbuf, k, src, dst, i)
 
 
 def _softmax_step(s, kq_max, lsum, rs, ps, scratch, tid, j):
@@ -865,7 +892,6 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     acc = cuda.local.array(N_ACC, float32)
     wd = cuda.local.array(K_WORDS, uint32)
     r = cuda.local.array(N_R, float32)                     # plain K: pending pairs of the shuffle tree
-    cp = cuda.local.array(ROW_WORDS, uint32)
     t1 = cuda.local.array(1, float32)
     n_cols = G if ratio > 0 else 0                         # G, as a value the compiler does not unroll
     raw = cuda.local.array(N_RAW, uint32)
@@ -882,39 +908,39 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         vd = v[(u // V_PER_BLOCK) * V_TSIZE:]
         vq = vd[V_QS_AT + 4 * (u % V_PER_BLOCK):]
     shift = np.uint32(4 * (u % V_PER_BLOCK))
+    tiles = (n_kv + NT - 1) // NT
+    kbase = b * kst[0] + hk * kst[1]
+    if STAGE_K and split < tiles:
+        STAGE_ROWS(kbuf, k, kbase, split, n_kv, warp, lane)
     cuda.syncthreads()
 
-    tiles = (n_kv + NT - 1) // NT
     for tile in range(split, tiles, splits):
         if prefetch != 0:                                  # to L2: see PREFETCH's modes
             kt = tile + (prefetch if prefetch > 0 else 1) * splits
             vt = tile + prefetch * splits if prefetch > 0 else tile
             k_rows = min(NT, n_kv - kt * NT) if kt < tiles and prefetch != -2 else 0
             v_rows = min(NT, n_kv - vt * NT) if vt < tiles else 0
-            PREFETCH(k, v, b * kst[0] + hk * kst[1] + kt * NT * K_RB, b * vst[0] + hk * vst[1] + vt * NT * V_RB,
+            PREFETCH(k, v, kbase + kt * NT * K_RB, b * vst[0] + hk * vst[1] + vt * NT * V_RB,
                      k_rows, v_rows, tid)
-        # (a) scores of token tid for every head; a quantized K's rows first pass through shared
-        # memory, the warp's 32 rows (contiguous) by coalesced 4-byte loads, all issued first
+        # (a) scores of token tid for every head, from the staged rows (or the row in global memory)
         tok = tile * NT + tid
         FILL_G(s, ZERO)
-        warp_sync()                                        # the warp's reads of ps and kbuf are done
         if STAGE_K:
-            first = tile * NT + warp * WARP
-            n_rows = int32(max(0, min(WARP, n_kv - first)))
-            if n_rows == WARP:                             # a whole warp's rows: constant bounds, no predicates
-                STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane, int32(4 * WARP * ROW_WORDS))
-            else:
-                STAGE_LOAD(cp, k, b * kst[0] + hk * kst[1] + first * K_RB + 4 * lane,
-                           int32(4 * (n_rows * ROW_WORDS - lane)))
-            STAGE_STORE(kbuf, cp, np.uint32(warp * WARP * ROW_WORDS + lane))
-            warp_sync()
+            cp_async_wait_all()
+        warp_sync()                                        # the warp's reads of ps done, its staged rows landed
         if tok < n_kv:
-            if PLAIN_K:
-                KQ_PLAIN(s, r, wd, k, b * kst[0] + hk * kst[1] + tok * K_RB, qsh)
+            if PLAIN_K and STAGE_K:
+                KQ_PLAIN(s, r, wd, kbuf, np.uint32(tid * ROW_WORDS), qsh)
+            elif PLAIN_K:
+                KQ_PLAIN(s, r, wd, k, kbase + tok * K_RB, qsh)
             elif STAGE_K:
                 KQ_TOKEN(s, kbuf, np.uint32(tid * ROW_WORDS), qsh, qd, qs, wd, t1, n_cols)
             else:
-                KQ_TOKEN(s, k, b * kst[0] + hk * kst[1] + tok * K_RB, qsh, qd, qs, wd, t1, n_cols)
+                KQ_TOKEN(s, k, kbase + tok * K_RB, qsh, qd, qs, wd, t1, n_cols)
+        if STAGE_K:                                        # the next tile's rows fly under this tile's softmax and V
+            warp_sync()                                    # (every lane has read its row)
+            if tile + splits < tiles:
+                STAGE_ROWS(kbuf, k, kbase, tile + splits, n_kv, warp, lane)
         if tok >= n_kv or (use_mask and not mask[b, tok]):     # past the context, or masked (ggml adds -inf)
             FILL_G(s, NEG_INF)
         lt = warp * WARP + sub                             # this lane's first token in the tile
@@ -1012,22 +1038,26 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     kg = min(k_groups or 2, max(1, 32 // group_words)) if plain_k else 1   # loaded together: <= 32 words
     assert 8 % kg == 0
     k_words = kg * group_words if plain_k else k_chunk_bytes // 4
-    row_words = d // 32 * TYPE_SIZES[type_k] // 4 if not plain_k else 1
-    stage_k = not plain_k and 4 * row_words <= 160        # the staged tile fits beside the rest (< 48 KB)
-    ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=4 * (-(-g // 4)), PLAIN_K=plain_k, PLAIN_V=plain_v,
+    k_rb = d * TYPE_SIZES[type_k] if plain_k else d // 32 * TYPE_SIZES[type_k]        # row bytes
+    v_rb = d * TYPE_SIZES[type_v] if plain_v else d // 32 * TYPE_SIZES[type_v]
+    # the tile's K rows staged in shared memory (a quantized row of <= 160 bytes, an f16/bf16 row of <= 256),
+    # where they fit beside the other shared arrays (48 KB of static shared memory)
+    gp = 4 * (-(-g // 4))
+    n_shared = dict(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * gp, N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
+                    N_SCRATCH=NT * max(2, g) if SIM else NT)
+    others = sum(n_shared.values()) + n_shared["N_QBLK"]             # qd and qs
+    stage_k = (k_rb <= 160 if not plain_k else type_k != F32 and k_rb <= 256) and 4 * (others + NT * k_rb // 4) <= 48 * 1024
+    row_words = k_rb // 4 if stage_k else 1
+    ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=gp, PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
               V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
               K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, KG=kg, GW=8 if type_k == F32 else 4,
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
-              ROW_WORDS=row_words)
-    k_rb = d * TYPE_SIZES[type_k] if plain_k else d // 32 * TYPE_SIZES[type_k]        # row bytes
-    v_rb = d * TYPE_SIZES[type_v] if plain_v else d // 32 * TYPE_SIZES[type_v]
+              ROW_WORDS=row_words, CHUNKS=k_rb // 16)
     ns.update(K_RB=k_rb, V_RB=v_rb, K_PF=-(-k_rb // 128), V_PF=-(-v_rb // 128))       # lines a thread prefetches
     # array sizes: numba takes only literal integers there
-    ns.update(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * ns["GP"], N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
-              N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul,
-              N_SCRATCH=NT * max(2, g) if SIM else NT, N_R=2 * g)
+    ns.update(n_shared, N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul, N_R=2 * g)
 
     def bind(template):
         return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
@@ -1043,8 +1073,9 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               GROUPS_HEADS=unrolled(bind(_groups_heads_step), kg, 5))
     ns.update(KQ_PLAIN=unrolled(bind(_kq_plain_step), 8 // kg, 6) if k_groups == 0 else bind(_kq_plain))
     ns.update(KQ_HEADS=unrolled(bind(_kq_head_step), g, 7))
-    ns.update(STAGE_LOAD=unrolled(bind(_stage_load_step), row_words, 4),
-              STAGE_STORE=unrolled(bind(_stage_store_step), row_words, 3))
+    ns.update(STAGE_PIECE=bind(_stage_piece))
+    ns.update(STAGE_COPY=unrolled(bind(_stage_copy_step), k_rb // 16 if plain_k else row_words, 5))
+    ns.update(STAGE_ROWS=bind(_stage_rows))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
     ns.update(KQ_CHUNKS=unrolled(bind(_kq_chunk_step), d // 64, 9))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),

@@ -20,6 +20,7 @@ on uint8 arrays at byte offset i (aligned to the width): ``ld_u16``/``st_u16``, 
 ``st_u32x2``, ``ld_u32x4``/``st_u32x4`` (several words come and go as tuples).
 ``cp_async16(dst, i, src, j)``: cp.async.cg of the 16 bytes at element j of the global src to element i of
 the shared dst (both 16-byte aligned), no registers between: the copy flies while the thread goes on;
+``cp_async4`` the same for 4 bytes (cp.async.ca: both 4-byte aligned);
 ``cp_async_wait_all()`` waits for the thread's copies (a barrier after it publishes them to the block).
 ``prefetch_l2(a, i)``: prefetch.L2 of the 128-byte line holding element i of a (a hint: no result, no
 fault, no effect on any value; nothing in the simulator). ``warp_barrier()``: bar.warp.sync of the
@@ -170,17 +171,27 @@ else:
 
     prefetch_l2 = intrinsic(_prefetch)
 
-    def _cp_async(typingctx, dst, di, src, si):
-        def codegen(context, builder, sig, args):
-            dst_ptr, src_ptr = (builder.ptrtoint(_byte_pointer(context, builder, sig.args[a], args[a], args[a + 1],
-                                                               sig.args[a + 1]), ir.IntType(64)) for a in (0, 2))
-            fty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 2)
-            text = "{ .reg .u64 s; cvta.to.shared.u64 s, $0; cp.async.cg.shared.global [s], [$1], 16; }"
-            builder.call(ir.InlineAsm(fty, text, "l,l,~{memory}", side_effect=True), [dst_ptr, src_ptr])
-            return context.get_dummy_value()
-        return types.void(dst, di, src, si), codegen
+    def _cp_async(size, cache):
+        """cp.async.<cache> of `size` bytes from element si of the global src to element di of the shared dst."""
+        text = f"cp.async.{cache}.shared.global [$0], [$1], {size};"
 
-    cp_async16 = intrinsic(_cp_async)
+        def op(typingctx, dst, di, src, si):
+            def codegen(context, builder, sig, args):
+                # the shared side as a 32-bit shared-window address: the generic pointer cast back to the
+                # shared address space (NVVM folds the casts: no cvta, the base once for every copy)
+                dst_ptr = builder.ptrtoint(builder.addrspacecast(
+                    _byte_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                    ir.IntType(8).as_pointer(3)), _I32)
+                src_ptr = builder.ptrtoint(_byte_pointer(context, builder, sig.args[2], args[2], args[3], sig.args[3]),
+                                           ir.IntType(64))
+                fty = ir.FunctionType(ir.VoidType(), [_I32, ir.IntType(64)])
+                builder.call(ir.InlineAsm(fty, text, "r,l,~{memory}", side_effect=True), [dst_ptr, src_ptr])
+                return context.get_dummy_value()
+            return types.void(dst, di, src, si), codegen
+        return intrinsic(op)
+
+    cp_async16 = _cp_async(16, "cg")
+    cp_async4 = _cp_async(4, "ca")                 # .cg takes only 16 bytes
 
     def _cp_async_wait(typingctx):
         def codegen(context, builder, sig, args):

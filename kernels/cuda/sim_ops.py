@@ -200,7 +200,9 @@ def _flat(a):
 
 
 def _words(a, i, count):
-    return _flat(a)[i:i + 4 * count].view(np.uint32)
+    """`count` 32-bit words from element i of a (uint8: i a byte offset; uint32: a word index)."""
+    f = _flat(a)
+    return f[i:i + 4 * count // f.itemsize].view(np.uint32)
 
 
 def ld_f32x4(a, i):
@@ -248,12 +250,18 @@ def prefetch_l2(a, i):
     assert 0 <= i < a.size, (i, a.size)
 
 
-def cp_async16(dst, i, src, j):
-    """The copy at once (the GPU's lands by cp_async_wait_all); both 16 bytes inside their arrays."""
-    d, s = _flat(dst), _flat(src)
-    nd, ns = 16 // d.itemsize, 16 // s.itemsize
-    assert 0 <= i and i + nd <= d.size and 0 <= j and j + ns <= s.size, (i, d.size, j, s.size)
-    d[i:i + nd] = s[j:j + ns].view(d.dtype)
+def _cp_async(size):
+    def copy(dst, i, src, j):
+        """The copy at once (the GPU's lands by cp_async_wait_all); both sides inside their arrays."""
+        d, s = _flat(dst), _flat(src)
+        nd, ns = size // d.itemsize, size // s.itemsize
+        assert 0 <= i and i + nd <= d.size and 0 <= j and j + ns <= s.size, (i, d.size, j, s.size)
+        d[i:i + nd] = s[j:j + ns].view(d.dtype)
+    return copy
+
+
+cp_async16 = _cp_async(16)
+cp_async4 = _cp_async(4)
 
 
 def cp_async_wait_all():

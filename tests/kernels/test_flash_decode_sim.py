@@ -39,6 +39,7 @@ SCRIPT = textwrap.dedent(r'''
     from kvlab.types import type_info
     data = dict(np.load(sys.argv[1]))
     out = {}
+    ONE_SPLIT = ("f16/f16", "q8_0/q8_0")
     default = fd.VARIANT                                 # (registers, V steps, K groups)
     for key in [k for k in data if k.startswith("k/")]:
         layout, pair = key[2:].split(":")
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent(r'''
                                    cuda.to_device(data[f"v/{layout}:{pair}"]), type_info(tk).ggml_type,
                                    type_info(tv).ggml_type, data["mask"] if masked else None, np.float32(0.125),
                                    splits).copy_to_host()
-        for splits in ((1, 3) if masked else (2,)):
+        for splits in ((1, 3) if masked else (1, 2) if pair in ONE_SPLIT else (2,)):
             out[f"{layout}:{pair}/{splits}"] = run(splits)
             if splits == 3 or pair == "f16/f16":         # the other L2 prefetch modes (a hint: the same bits)
                 for mode in {0, 1, -1, -2} - {fd.prefetch_mode(type_info(tk).ggml_type, type_info(tv).ggml_type)}:
@@ -176,6 +177,16 @@ def test_matches_ggml_cuda_math(run, pair):
     want = reference(q, kq, vq)
     got = out[f"gqa4:{pair}/2"]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("pair", ["f16/f16", "q8_0/q8_0"])
+def test_one_split_runs_the_tiles_in_turn(run, pair):
+    """One split: a block takes both tiles, its K rows of the second staged (cp.async) while it computes the
+    first (an f16 row's 16-byte chunks swizzled in shared memory, a q8_0 row's words as they are; the
+    second tile partial)."""
+    _, qt, out = run
+    want = reference(*qt["gqa4:" + pair])
+    assert np.abs(out[f"gqa4:{pair}/1"] - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("case", [f"gqa4:{a}/{b}/2" for a, b in PAIRS if a in ("f32", "f16", "bf16")])
