@@ -160,11 +160,11 @@ def _warm_one(job) -> float:
 
 
 def with_knobs(variant: tuple, knobs: tuple) -> tuple:
-    """fd.VARIANT (max registers, V steps, plain-K groups) with knobs = (max registers, K groups) put in
-    (None: as it is; registers 0: no limit)."""
+    """fd.VARIANT (max registers, V steps, plain-K groups, staged V) with knobs = (max registers, K groups) put
+    in (None: as it is; registers 0: no limit)."""
     registers, k_groups = knobs
     return (variant[0] if registers is None else registers, variant[1],
-            variant[2] if k_groups is None else k_groups)
+            variant[2] if k_groups is None else k_groups, *variant[3:])
 
 
 def warm_kernels(jobs, d: int, gqa: int) -> dict:

@@ -86,7 +86,7 @@ def run(inp: str, outp: str, first: int = 0, step: int = 1) -> None:
             for kg in (0, 1, 2, 4):
                 if kg == default[2]:
                     continue
-                fd.VARIANT = (*default[:2], kg)
+                fd.VARIANT = (*default[:2], kg, *default[3:])
                 try:
                     out[f"{name}/kg{kg}"] = call()
                 except Exception as e:  # noqa: BLE001 - an older tree without this count of K groups

@@ -30,7 +30,9 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
     tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
     token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use (the
-    first ones before the softmax), and
+    first ones before the softmax; a 4-bit or 5-bit V row of <= 160 bytes from shared memory, where the
+    warp copied its 32 rows by cp.async at the tile's start, under its K.Q and softmax: 3-8% faster at
+    32k, slower for q8_0, see VARIANT), and
     accumulates p * V in float32 for all G heads (the tile's first token as fma(rescale, acc, p * v): nvcc
     contracts ggml's rescale into its first FMA so, in fattn-vec.cuh's sm_90 PTX); each V value is
     dequantized once (d * (q - 8) etc. exactly as dequantize_V).
@@ -87,7 +89,8 @@ from numba.cuda import libdevice
 
 from .. import cuda as kc                                  # the launch mechanism (_call, _launch), this package
 from .kernels import _instantiate
-from .ops import SIM, cp_async4, cp_async16, cp_async_wait_all, device, f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
+from .ops import SIM, cp_async4, cp_async16, cp_async_commit, cp_async_wait_all, cp_async_wait_one, device
+from .ops import f16_bits_to_f32, f32_bits, f32_from_bits, ld_f32x4, ld_u16, ld_u32, ld_u32x4
 from .ops import fma_ftz, mul_ftz, prefetch_l2, rcp_approx, roundf
 from .unroll import unrolled
 
@@ -650,34 +653,38 @@ def _kq_head_step(s, wd, qsh, qd, qs, t1, c, j):
     s[j] = t1[0]
 
 
-def _stage_piece(kbuf, k, src, dst, i):
-    """Piece i of the warp's K rows (contiguous from byte src) by cp.async into the warp's rows of kbuf (from
-    word dst): a 4-byte word of a quantized row at the same place, or a 16-byte chunk of an f16/bf16 row at
-    chunk (its chunk ^ row % 8) of its row, so that the 8 threads of a 16-byte shared load (each its own row,
-    ROW_WORDS apart: one bank group) read 8 bank groups."""
-    if PLAIN_K:
-        row = i // CHUNKS
-        cp_async16(kbuf, dst + np.uint32(row * ROW_WORDS + 4 * ((i % CHUNKS) ^ (row & 7))), k, src + 16 * i)
+# ---- rows staged in shared memory by cp.async: a warp copies its 32 rows of K (or V) and reads only those,
+# so a warp barrier orders its copies and reads. One template for K and V: S_RB the row bytes, S_WORDS a row's
+# words in the buffer, S_WIDE 16-byte chunks (f16/bf16 rows) or 4-byte words, S_UNIT the buffer's elements a
+# word (1: uint32, 4: uint8).
+def _stage_piece(buf, src_rows, src, dst, i):
+    """Piece i of the warp's rows (contiguous from byte src) by cp.async into the warp's rows of buf (from
+    element dst): a 4-byte word at the same place, or a 16-byte chunk of an f16/bf16 row at chunk (its chunk
+    ^ row % 8) of its row, so that the 8 threads of a 16-byte shared load (each its own row, S_WORDS apart:
+    one bank group) read 8 bank groups."""
+    if S_WIDE:
+        row = i // (S_RB // 16)
+        cp_async16(buf, dst + np.uint32(row * S_WORDS + 4 * ((i % (S_RB // 16)) ^ (row & 7))), src_rows, src + 16 * i)
     else:
-        cp_async4(kbuf, dst + np.uint32(i), k, src + 4 * i)
+        cp_async4(buf, dst + np.uint32(S_UNIT * i), src_rows, src + 4 * i)
 
 
-def _stage_copy_step(kbuf, k, src, dst, lane, m):
-    STAGE_PIECE(kbuf, k, src, dst, lane + WARP * m)
+def _stage_copy_step(buf, src_rows, src, dst, lane, m):
+    STAGE_PIECE(buf, src_rows, src, dst, lane + WARP * m)
 
 
-def _stage_rows(kbuf, k, kbase, tile, n_kv, warp, lane):
-    """The warp's 32 K rows of `tile` (fewer at the context's end) on their way into its rows of kbuf: in
-    flight until cp_async_wait_all, while the thread goes on."""
+def _stage_rows(buf, src_rows, base, tile, n_kv, warp, lane):
+    """The warp's 32 rows of `tile` (fewer at the context's end; rows of S_RB bytes from byte base) on their
+    way into its rows of buf: in flight until cp_async_wait_all / _wait_one, while the thread goes on."""
     first = tile * NT + warp * WARP
     n_rows = min(WARP, n_kv - first)
-    src = kbase + first * K_RB
-    dst = np.uint32(warp * WARP * ROW_WORDS)
+    src = base + first * S_RB
+    dst = np.uint32(warp * WARP * S_WORDS * S_UNIT)
     if n_rows == WARP:                                     # written out: constant offsets, no predicates
-        STAGE_COPY(kbuf, k, src, dst, lane)
+        STAGE_COPY(buf, src_rows, src, dst, lane)
     else:
-        for i in range(lane, n_rows * (CHUNKS if PLAIN_K else ROW_WORDS), WARP):
-            STAGE_PIECE(kbuf, k, src, dst, i)
+        for i in range(lane, n_rows * S_RB // (16 if S_WIDE else 4), WARP):
+            STAGE_PIECE(buf, src_rows, src, dst, i)
 
 
 def _softmax_step(s, kq_max, lsum, rs, ps, scratch, tid, j):
@@ -775,6 +782,14 @@ def _v_batch_step(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift, m):
     V_TOKENS(acc, raw, ps, lt + n0 * TS, p, rs, False)
 
 
+def _first_v(raw, vq, vd, o_lane, n_left, shift):
+    """The loads of V's first NB steps."""
+    if not PLAIN_V and n_left >= WARP:                     # the lane's rows all in the context (see _v_batch_step)
+        LOAD_V(raw, vq, vd, o_lane, TS * V_RB, int32(WARP), shift)
+    else:
+        LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
+
+
 def _put_max_step(red, kq_max, warp, j):
     red[warp * G + j] = kq_max[j]
 
@@ -853,6 +868,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     comb = cuda.shared.array(N_COMB, float32)
     scratch = cuda.shared.array(N_SCRATCH, float32)   # shuffles (the simulator's: all lanes' values at once)
     kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
+    vbuf = cuda.shared.array(N_VBUF, np.uint8, alignment=ALIGN)   # the tile's V rows (STAGE_V)
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
@@ -901,17 +917,20 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     lane_ok = lane < TS * LV                               # D / U not a multiple of 32: idle lanes
     sub = lane // LV if lane_ok else 0                     # this lane's token of a V step
     u = lane - sub * LV                                    # and its first V unit
+    v_rows = vbuf if STAGE_V else v                        # where the V stage reads the rows
     if PLAIN_V:
-        vq = v[16 * u:]
+        vq = v_rows[16 * u:]
         vd = vq
     else:
-        vd = v[(u // V_PER_BLOCK) * V_TSIZE:]
+        vd = v_rows[(u // V_PER_BLOCK) * V_TSIZE:]
         vq = vd[V_QS_AT + 4 * (u % V_PER_BLOCK):]
     shift = np.uint32(4 * (u % V_PER_BLOCK))
     tiles = (n_kv + NT - 1) // NT
     kbase = b * kst[0] + hk * kst[1]
+    vbase = b * vst[0] + hk * vst[1]
     if STAGE_K and split < tiles:
-        STAGE_ROWS(kbuf, k, kbase, split, n_kv, warp, lane)
+        STAGE_K_ROWS(kbuf, k, kbase, split, n_kv, warp, lane)
+    cp_async_commit()
     cuda.syncthreads()
 
     for tile in range(split, tiles, splits):
@@ -925,7 +944,12 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         # (a) scores of token tid for every head, from the staged rows (or the row in global memory)
         tok = tile * NT + tid
         FILL_G(s, ZERO)
-        if STAGE_K:
+        if STAGE_V:                                        # this tile's V rows fly under its K.Q and softmax
+            warp_sync()                                    # (the warp's reads of the last tile's are done)
+            STAGE_V_ROWS(vbuf, v, vbase, tile, n_kv, warp, lane)
+            cp_async_commit()
+            cp_async_wait_one()                            # the K rows (the V rows may still fly)
+        elif STAGE_K:
             cp_async_wait_all()
         warp_sync()                                        # the warp's reads of ps done, its staged rows landed
         if tok < n_kv:
@@ -940,21 +964,26 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
         if STAGE_K:                                        # the next tile's rows fly under this tile's softmax and V
             warp_sync()                                    # (every lane has read its row)
             if tile + splits < tiles:
-                STAGE_ROWS(kbuf, k, kbase, tile + splits, n_kv, warp, lane)
+                STAGE_K_ROWS(kbuf, k, kbase, tile + splits, n_kv, warp, lane)
+            cp_async_commit()                              # (an empty group at the last tile: the count stays)
         if tok >= n_kv or (use_mask and not mask[b, tok]):     # past the context, or masked (ggml adds -inf)
             FILL_G(s, NEG_INF)
         lt = warp * WARP + sub                             # this lane's first token in the tile
         tok0 = tile * NT + lt
-        o_lane = b * vst[0] + hk * vst[1] + tok0 * V_RB     # the lane's first V row, and the rows left from it
+        # the lane's first V row (in the staged rows, or in global memory), and the rows left from it
+        o_lane = lt * V_RB if STAGE_V else vbase + tok0 * V_RB
         n_left = int32(n_kv - tok0) if lane_ok else int32(0)
         # V's first NB steps: loads issued before the softmax (their latency under it)
-        if not PLAIN_V and n_left >= WARP:                 # the lane's rows all in the context (see _v_batch_step)
-            LOAD_V(raw, vq, vd, o_lane, TS * V_RB, int32(WARP), shift)
-        else:
-            LOAD_V(raw, vq, vd, o_lane, TS * V_RB, n_left, shift)
+        if not STAGE_V:
+            FIRST_V(raw, vq, vd, o_lane, n_left, shift)
         # (b) the warp's maximum per head, the rescale, p
         SOFTMAX(s, kq_max, lsum, rs, ps, scratch, tid)
-        warp_sync()
+        if STAGE_V:
+            cp_async_wait_one()                            # this tile's V rows (the next tile's K may fly)
+            warp_sync()
+            FIRST_V(raw, vq, vd, o_lane, n_left, shift)
+        else:
+            warp_sync()
         # (c) V of the warp's 32 tokens, NB steps of TS tokens at a time (loads first)
         V_TOKENS(acc, raw, ps, lt, p, rs, True)             # the first steps (the rescale with the first)
         V_BATCHES(acc, raw, ps, lt, p, rs, vq, vd, o_lane, n_left, shift)
@@ -990,14 +1019,21 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
     return _divisor_at_most(ratio, min(cap, max(1, 1024 // d), max(1, 64 * lv // d)))
 
 
-# (max_registers, V steps loaded together, plain K groups loaded together) of the kernels flash_decode
-# takes; max_registers None: registers(type_k, type_v), 0: no limit. K groups (H200, Llama-3-8B layer, 32k,
+# (max_registers, V steps loaded together, plain K groups loaded together, V rows staged) of the kernels
+# flash_decode takes; max_registers None: registers(type_k, type_v), 0: no limit. K groups (H200, Llama-3-8B layer, 32k,
 # ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 / 0.610 / 0.580, f32 0.627 /
 # 0.829 / 0.833 (4 is 2 for f32: at most 32 words). 0: the 8 groups written out (_kq_plain_step, 2 at a
 # time; sm_90 SASS, D 128 G 4, V steps written out too: f16 ~1800 instructions a tile instead of ~2800);
 # measured at 32k on 5d84206 (run e, bench/README): f16 0.655 / 0.654 with 0 / 2, f32 0.882 / 0.882 at 168
-# registers; the same bits.
-VARIANT = (None, NB_MAX, 0)
+# registers; the same bits. V rows staged: a quantized V row of <= 160 bytes copied by cp.async into shared
+# memory at the tile's start (under its K.Q and softmax), beside the staged K rows; None: every such V type
+# but q8_0, True / False (KVLAB_FD_STAGE_V=1 / 0): all or none. H200, 32k, session 11 (run s11-2, two
+# rounds, microseconds a launch staged / not, the same output bits): q4_0 194.3 194.3 / 200.6 198.1, q4_1
+# 213.7 213.3 / 222.5 220.7, iq4_nl 238.9 238.6 / 253.7 253.0, q5_0 257.8 258.8 / 281.3 278.3, q5_1 274.3
+# 273.3 / 281.4 284.9, q8_0 214.2 213.4 / 209.8 210.4 (its 34-byte blocks read from shared memory as
+# 16-bit halves cost more than the latency saved).
+_STAGE_V = os.environ.get("KVLAB_FD_STAGE_V")
+VARIANT = (None, NB_MAX, 0, None if not _STAGE_V else _STAGE_V != "0")
 
 
 def registers(type_k: int, type_v: int) -> int:
@@ -1028,7 +1064,7 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ts = WARP // lv                                      # tokens per V step
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
-    _, nb_max, k_groups = variant
+    _, nb_max, k_groups, _ = variant
     max_registers = register_limit(type_k, type_v, variant)
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
@@ -1046,21 +1082,29 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     n_shared = dict(N_QSH=g * d, N_QBLK=g * d // 32, N_PS=NT * gp, N_RED=2 * NWARPS * g, N_COMB=NWARPS * ts * d,
                     N_SCRATCH=NT * max(2, g) if SIM else NT)
     others = sum(n_shared.values()) + n_shared["N_QBLK"]             # qd and qs
-    stage_k = (k_rb <= 160 if not plain_k else type_k != F32 and k_rb <= 256) and 4 * (others + NT * k_rb // 4) <= 48 * 1024
+    stage_k = ((k_rb <= 160 if not plain_k else type_k != F32 and k_rb <= 256)
+               and 4 * (others + NT * k_rb // 4) <= 48 * 1024)
     row_words = k_rb // 4 if stage_k else 1
+    # a quantized V row of <= 160 bytes too, beside staged K rows (variant[3]; None: every type but q8_0)
+    stage_v = ((type_v != Q8_0 if variant[3] is None else variant[3]) and stage_k and not plain_v and v_rb <= 160
+               and 4 * (others + NT * row_words) + NT * v_rb <= 48 * 1024)
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=gp, PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
               V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
               K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, KG=kg, GW=8 if type_k == F32 else 4,
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
-              ROW_WORDS=row_words, CHUNKS=k_rb // 16)
+              ROW_WORDS=row_words, STAGE_V=stage_v)
     ns.update(K_RB=k_rb, V_RB=v_rb, K_PF=-(-k_rb // 128), V_PF=-(-v_rb // 128))       # lines a thread prefetches
     # array sizes: numba takes only literal integers there
-    ns.update(n_shared, N_KBUF=NT * row_words if stage_k else 1, N_RAW=4 * nb * ul, N_R=2 * g)
+    ns.update(n_shared, N_KBUF=NT * row_words if stage_k else 1, N_VBUF=NT * v_rb if stage_v else 16,
+              N_RAW=4 * nb * ul, N_R=2 * g)
 
-    def bind(template):
-        return device(types.FunctionType(template.__code__, {**template.__globals__, **ns}, template.__name__))
+    def bind(names, template=None):
+        """template as a device function whose globals include the instance's constants (`names`, else ns)."""
+        if template is None:
+            names, template = ns, names
+        return device(types.FunctionType(template.__code__, {**template.__globals__, **names}, template.__name__))
 
     ns.update(FILL_G=unrolled(bind(_fill_step), g, 2),
               FILL_ACC=unrolled(bind(_fill_step), g * ul * u, 2), V_COL=bind(_v_col))
@@ -1073,9 +1117,14 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               GROUPS_HEADS=unrolled(bind(_groups_heads_step), kg, 5))
     ns.update(KQ_PLAIN=unrolled(bind(_kq_plain_step), 8 // kg, 6) if k_groups == 0 else bind(_kq_plain))
     ns.update(KQ_HEADS=unrolled(bind(_kq_head_step), g, 7))
-    ns.update(STAGE_PIECE=bind(_stage_piece))
-    ns.update(STAGE_COPY=unrolled(bind(_stage_copy_step), k_rb // 16 if plain_k else row_words, 5))
-    ns.update(STAGE_ROWS=bind(_stage_rows))
+    def bind_stage(rb, wide, unit):
+        """_stage_rows for rows of rb bytes: 16-byte chunks (wide) or words, into a buffer of `unit` elements
+        a word."""
+        c = dict(S_RB=rb, S_WORDS=rb // 4, S_WIDE=wide, S_UNIT=unit)
+        c.update(STAGE_PIECE=bind({**ns, **c}, _stage_piece))
+        c.update(STAGE_COPY=unrolled(bind({**ns, **c}, _stage_copy_step), rb // 16 if wide else rb // 4, 5))
+        return bind({**ns, **c}, _stage_rows)
+    ns.update(STAGE_K_ROWS=bind_stage(k_rb, plain_k, 1), STAGE_V_ROWS=bind_stage(v_rb, False, 4))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
     ns.update(KQ_CHUNKS=unrolled(bind(_kq_chunk_step), d // 64, 9))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
@@ -1083,13 +1132,14 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               V_HEADS=unrolled(bind(_v_head_step), g, 7))
     ns.update(V_FMA=unrolled(bind(_v_fma_step), ul * u, 6))
     ns.update(V_TOKENS=unrolled(bind(_v_token_step), nb, 7))
+    ns.update(FIRST_V=bind(_first_v))
     ns.update(V_BATCHES=unrolled(bind(_v_batch_step), steps // nb, 11, start=1),
               PUT_MAX=unrolled(bind(_put_max_step), g, 3), STORE_ACC=unrolled(bind(_store_acc_step), ul * u, 6))
     ns.update(END_HEADS=unrolled(bind(_end_head_step), g, 17))
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
         ns.update(SOFTMAX=bind(_sim_softmax))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
-    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}"
+    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}_{int(stage_v)}"
     return _instantiate(_partials, name, jit, **ns)
 
 

@@ -21,7 +21,9 @@ on uint8 arrays at byte offset i (aligned to the width): ``ld_u16``/``st_u16``, 
 ``cp_async16(dst, i, src, j)``: cp.async.cg of the 16 bytes at element j of the global src to element i of
 the shared dst (both 16-byte aligned), no registers between: the copy flies while the thread goes on;
 ``cp_async4`` the same for 4 bytes (cp.async.ca: both 4-byte aligned);
-``cp_async_wait_all()`` waits for the thread's copies (a barrier after it publishes them to the block).
+``cp_async_wait_all()`` waits for the thread's copies (a barrier after it publishes them to the block);
+``cp_async_commit()`` closes the thread's copies issued since the last into a group, ``cp_async_wait_one()``
+waits for every group but the newest.
 ``prefetch_l2(a, i)``: prefetch.L2 of the 128-byte line holding element i of a (a hint: no result, no
 fault, no effect on any value; nothing in the simulator). ``warp_barrier()``: bar.warp.sync of the
 whole warp (the simulator, whose blocks are under a warp, has no syncwarp: a block barrier there).
@@ -193,14 +195,18 @@ else:
     cp_async16 = _cp_async(16, "cg")
     cp_async4 = _cp_async(4, "ca")                 # .cg takes only 16 bytes
 
-    def _cp_async_wait(typingctx):
-        def codegen(context, builder, sig, args):
-            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.wait_all;", "~{memory}",
-                                      side_effect=True), [])
-            return context.get_dummy_value()
-        return types.void(), codegen
+    def _cp_async_op(text):
+        """An intrinsic of one cp.async bookkeeping instruction (no operands; a compiler barrier to memory)."""
+        def op(typingctx):
+            def codegen(context, builder, sig, args):
+                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+            return types.void(), codegen
+        return intrinsic(op)
 
-    cp_async_wait_all = intrinsic(_cp_async_wait)
+    cp_async_wait_all = _cp_async_op("cp.async.wait_all;")
+    cp_async_commit = _cp_async_op("cp.async.commit_group;")
+    cp_async_wait_one = _cp_async_op("cp.async.wait_group 1;")
 
     @device
     def warp_barrier():

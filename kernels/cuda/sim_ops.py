@@ -266,3 +266,11 @@ cp_async4 = _cp_async(4)
 
 def cp_async_wait_all():
     pass
+
+
+def cp_async_commit():
+    pass
+
+
+def cp_async_wait_one():
+    pass

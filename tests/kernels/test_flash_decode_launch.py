@@ -209,6 +209,6 @@ def test_every_kernel_the_geometry_picks_is_generated():
                 assert callable(fd.partials_kernel(Q4.ggml_type, tv, d, g))
                 built += 1
         for tk, kg in itertools.product(types_, (0, 1, 2, 4)):
-            assert callable(fd.partials_kernel(tk, F16.ggml_type, d, 4, (*fd.VARIANT[:2], kg)))
+            assert callable(fd.partials_kernel(tk, F16.ggml_type, d, 4, (*fd.VARIANT[:2], kg, *fd.VARIANT[3:])))
             built += 1
     assert built >= 3 * (9 + 36)

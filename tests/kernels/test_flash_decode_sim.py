@@ -61,8 +61,13 @@ SCRIPT = textwrap.dedent(r'''
         # f32/f16/bf16 K: the kernel's other counts of K groups loaded together
         for kg in (0, 1, 2, 4):                          # 0: the 8 groups written out
             if tk in ("f32", "f16", "bf16") and kg != default[2]:
-                fd.VARIANT = (*default[:2], kg)
+                fd.VARIANT = (*default[:2], kg, *default[3:])
                 out[f"{layout}:{pair}/2/k_groups_{kg}"] = run(2)
+                fd.VARIANT = default
+        if pair in ONE_SPLIT[1:] + ("q4_0/q4_0",) and layout == "gqa4":   # V rows staged in shared memory, or not
+            for stage_v in (False, True):
+                fd.VARIANT = (*default[:3], stage_v)
+                out[f"{layout}:{pair}/2/stage_v_{stage_v}"] = run(2)
                 fd.VARIANT = default
     np.savez(sys.argv[2], **out)
 ''')
@@ -198,6 +203,15 @@ def test_k_groups_give_the_same_bits(run, case):
     assert others
     for key in others:
         assert out[key].tobytes() == out[case].tobytes(), key
+
+
+@pytest.mark.parametrize("case", ["gqa4:q4_0/q4_0/2", "gqa4:q8_0/q8_0/2"])
+def test_staged_v_rows_give_the_same_bits(run, case):
+    """V rows copied into shared memory by cp.async (VARIANT's fourth field) or read from global memory: the
+    same loads from another place, the same bits (by default q4_0's are staged, q8_0's not)."""
+    _, _, out = run
+    for stage_v in (False, True):
+        assert out[f"{case}/stage_v_{stage_v}"].tobytes() == out[case].tobytes(), stage_v
 
 
 @pytest.mark.parametrize("case", ["gqa1:q4_0/q4_0/3", "gqa4:f16/f16/2"])
