@@ -6,7 +6,7 @@ sum(q q8); f16/bf16/f32: the float dot), softmax, V dequantized. The kernel sums
 order, so the comparison has a tolerance far below the pair's quantization error; the q8_1 rounding of
 Q is shared exactly (the simulator's rcp.approx table), so no value can round the other way.
 Every type as K and as V with a GQA group of 4 query heads in one block (2 splits: the combine pass);
-GQA ratio 1 (2 KV heads) masked, in 1 and 3 splits (the third empty); f32/f16/bf16 K with 1, 2, 4 groups
+GQA ratio 1 (2 KV heads) masked, in 1, 3 and 5 splits (the last ones empty); f32/f16/bf16 K with 1, 2, 4 groups
 loaded together, or the 8 written out (0), give the same bits.
 
 The simulator must be chosen before numba.cuda is first imported, so the kernel runs in subprocesses,
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.cudasim
 D, L = 64, 150                        # 150 tokens: two 128-token tiles, the second partial
 GQA4, GQA1 = (4, 1), (2, 2)             # (H, Hkv)
 WORKERS = 2                             # subprocesses at once
-PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type at GQA4; q4_0/q4_0 also GQA1 masked, 1 and 3 splits
+PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type at GQA4; q4_0/q4_0 also GQA1 masked, 1, 3 and 5 splits
 SCRIPT = textwrap.dedent(r'''
     import sys
     import numpy as np
@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(r'''
                                    cuda.to_device(data[f"v/{layout}:{pair}"]), type_info(tk).ggml_type,
                                    type_info(tv).ggml_type, data["mask"] if masked else None, np.float32(0.125),
                                    splits).copy_to_host()
-        for splits in ((1, 3) if masked else (1, 2) if pair in ONE_SPLIT else (2,)):
+        for splits in ((1, 3, 5) if masked else (1, 2) if pair in ONE_SPLIT else (2,)):
             out[f"{layout}:{pair}/{splits}"] = run(splits)
             if splits == 3 or pair == "f16/f16":         # the other L2 prefetch modes (a hint: the same bits)
                 for mode in {0, 1, -1, -2} - {fd.prefetch_mode(type_info(tk).ggml_type, type_info(tv).ggml_type)}:
@@ -227,12 +227,12 @@ def test_prefetch_modes_give_the_same_bits(run, case):
 
 
 def test_splits_and_mask(run):
-    """GQA ratio 1 (2 KV heads): one split and three (the last empty) give the masked result up to
-    float32 order; masked cells are left out."""
+    """GQA ratio 1 (2 KV heads): one split, three (the last empty) and five (three empty) give the masked
+    result up to float32 order; masked cells are left out."""
     visible, qt, out = run
     q, kq, vq = qt["gqa1:q4_0/q4_0"]
     want = reference(q, kq, vq, visible)
-    for splits in (1, 3):
+    for splits in (1, 3, 5):
         assert np.abs(out[f"gqa1:q4_0/q4_0/{splits}"] - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(out["gqa1:q4_0/q4_0/3"] - reference(q, kq, vq)).max() > 1e-3    # the mask mattered
 
