@@ -30,7 +30,9 @@ pytestmark = pytest.mark.cudasim
 D, L = 64, 150                        # 150 tokens: two 128-token tiles, the second partial
 GQA4, GQA1 = (4, 1), (2, 2)             # (H, Hkv)
 WORKERS = 2                             # subprocesses at once
-PAIRS = [(t, t) for t in kvlab.TYPES]   # every K and every V type at GQA4; q4_0/q4_0 also GQA1 masked, 1, 3 and 5 splits
+# every K and every V type at GQA4, and two mixed pairs (f16 K and q4_0 V both staged in shared memory at
+# D 64, and the other way round); q4_0/q4_0 also GQA1 masked, 1, 3 and 5 splits
+PAIRS = [(t, t) for t in kvlab.TYPES] + [("f16", "q4_0"), ("q4_0", "f16")]
 SCRIPT = textwrap.dedent(r'''
     import sys
     import numpy as np
