@@ -76,3 +76,22 @@ def test_f16_row_tail_is_ggml_software_conversion(patterns, ggml_lib):
     expected = ggml_lib.quantize_ref(patterns, "f16").view(np.uint16).ravel()
     got = np.asarray(kvlab.quantize(patterns.reshape(-1, 2), "f16", flavor="cpu").raw).view(np.uint16).ravel()
     assert np.array_equal(got, expected), f"{int((got != expected).sum())} patterns differ"
+
+
+def test_a_large_bf16_dequantize_streams_ggmls_bytes(ggml_lib):
+    """An output of STREAM_MIN_BYTES or more is written by nontemporal 64-byte stores from each row's first
+    64-byte boundary: every bf16 pattern (NaN payloads, subnormals, both zeros, +-Inf) in rows of 4099 values
+    (scalar heads and tails), into the caller's buffer 4 bytes off a 64-byte boundary, gives the bytes of
+    ggml's to_float, and touches nothing around the buffer."""
+    from kvlab.kernels.bf16 import STREAM_MIN_BYTES
+    n_rows, row_len = -(-STREAM_MIN_BYTES // (4 * 4099)), 4099
+    halves = np.resize(np.arange(1 << 16, dtype=np.uint16), n_rows * row_len)
+    raw = halves.view(np.uint8).reshape(n_rows, 2 * row_len)
+    want = ggml_lib.dequantize(raw, "bf16", row_len).view(np.uint32)
+    buf = np.full(n_rows * row_len + 32, 0x7FC0DEAD, np.uint32)
+    at = 16 - buf.ctypes.data % 64 // 4 + 1                       # 4 bytes past a 64-byte boundary
+    out = buf[at:at + n_rows * row_len].view(np.float32).reshape(n_rows, row_len)
+    assert out.nbytes >= STREAM_MIN_BYTES and out.ctypes.data % 64 == 4
+    kvlab.dequantize(kvlab.QTensor.from_raw(raw, "bf16", (n_rows, row_len)), out=out)
+    assert np.array_equal(out.view(np.uint32), want)
+    assert (buf[:at] == 0x7FC0DEAD).all() and (buf[at + n_rows * row_len:] == 0x7FC0DEAD).all()
