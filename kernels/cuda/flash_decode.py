@@ -122,7 +122,17 @@ JIT = dict(cache=True) if SIM else dict(cache=True, fastmath=True)
 # 0.635-0.623 / 0.635-0.628, q4_0 0.364-0.359 / 0.378-0.366 / 0.378-0.373 / 0.372-0.366, f16 0.653-0.643 /
 # 0.487-0.476 / 0.522-0.516 / 0.600-0.602 (bf16 alike), f32 0.833-0.824 / 0.564-0.551 / 0.568-0.556 / 0.676-0.672;
 # the same output bits in every mode. KVLAB_FD_PREFETCH=N, or this set to N before launcher(), forces N.
-PREFETCH = int(os.environ["KVLAB_FD_PREFETCH"]) if os.environ.get("KVLAB_FD_PREFETCH") else None
+def _setting(name: str, allowed: tuple):
+    """A measuring knob's value from the environment (None when unset), refused at load unless one of `allowed`."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    if text.strip() not in allowed:
+        raise ValueError(f"{name}={text!r}: expected one of {', '.join(allowed)}")
+    return int(text)
+
+
+PREFETCH = _setting("KVLAB_FD_PREFETCH", tuple(str(n) for n in range(-2, 17)))
 ALIGN = None if SIM else 16                 # shared arrays read 16 bytes at a time (the simulator has no alignment)
 LO4 = np.uint32(0x0F0F0F0F)
 SIGN8 = np.uint32(0x80808080)
@@ -538,7 +548,7 @@ def _load_group_step(wd, k, o, gi, x, c):
     slot x of wd (GW * D / 64 words a slot)."""
     w = GW * (D // 64) * x + GW * c
     at = o + (64 * c + 8 * _group_lane(gi)) * K_VB
-    if STAGE_K:     # o: the row's first word in kbuf, its 16-byte chunks swizzled (see _stage_copy_step)
+    if STAGE_K:     # o: the row's first word in kbuf, its 16-byte chunks swizzled (see _stage_piece)
         ch = (64 * c + 8 * _group_lane(gi)) * K_VB // 16
         v = ld_u32x4(k, o + np.uint32(4 * (ch ^ ((o // np.uint32(ROW_WORDS)) & np.uint32(7)))))
     else:
@@ -1032,8 +1042,8 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
 # 213.7 213.3 / 222.5 220.7, iq4_nl 238.9 238.6 / 253.7 253.0, q5_0 257.8 258.8 / 281.3 278.3, q5_1 274.3
 # 273.3 / 281.4 284.9, q8_0 214.2 213.4 / 209.8 210.4 (its 34-byte blocks read from shared memory as
 # 16-bit halves cost more than the latency saved).
-_STAGE_V = os.environ.get("KVLAB_FD_STAGE_V")
-VARIANT = (None, NB_MAX, 0, None if not _STAGE_V else _STAGE_V != "0")
+_STAGE_V = _setting("KVLAB_FD_STAGE_V", ("0", "1"))
+VARIANT = (None, NB_MAX, 0, None if _STAGE_V is None else bool(_STAGE_V))
 
 
 def registers(type_k: int, type_v: int) -> int:

@@ -5,6 +5,9 @@ what the checked path launches for it, with its own addresses and context length
 output and reusing its stream's scratch. The kernels, numba.cuda's allocations and the direct launch are stand-ins that
 log; no kernel is compiled."""
 import itertools
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -212,3 +215,15 @@ def test_every_kernel_the_geometry_picks_is_generated():
             assert callable(fd.partials_kernel(tk, F16.ggml_type, d, 4, (*fd.VARIANT[:2], kg, *fd.VARIANT[3:])))
             built += 1
     assert built >= 3 * (9 + 36)
+
+
+@pytest.mark.parametrize("name, setting", [("KVLAB_FD_STAGE_V", "2"), ("KVLAB_FD_STAGE_V", "yes"),
+                                           ("KVLAB_FD_PREFETCH", "-3"), ("KVLAB_FD_PREFETCH", "ahead")])
+def test_a_bad_measuring_knob_is_refused_when_the_kernel_loads(name, setting):
+    """The flash-decoding kernel's measuring knobs (V rows staged: 0 or 1; the L2 prefetch mode: -2 .. 16)
+    stop the import with the variable named, not a bare int() traceback or a silent choice."""
+    env = {**os.environ, name: setting}
+    res = subprocess.run([sys.executable, "-c", "import kvlab.kernels.cuda.flash_decode"], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode != 0
+    assert f"{name}={setting!r}: expected one of" in res.stderr
