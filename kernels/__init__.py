@@ -4,7 +4,7 @@ One module per ggml type (``q4_0.py`` holds q4_0's block layout, its quantize an
 its dequantize, as ``ggml-quants.c`` keeps ``block_q4_0`` beside
 ``quantize_row_q4_0_ref``), the scalar helpers they share (``fp.py``: float bits and
 half/bfloat16 conversions; ``scalar.py``: C casts, CUDA fast-math emulation, block
-searches; ``stream.py``: large f16/bf16 outputs written past the caches), the fast Walsh-Hadamard transform (``hadamard.py``), and their GPU twins
+searches), the fast Walsh-Hadamard transform (``hadamard.py``), and their GPU twins
 (``cuda/``). ``kvlab.types.TYPES`` ties each type to its kernels, as ggml's type_traits do.
 
 The flavor enum below is the one every kernel, CPU and GPU, takes: the index of the ggml

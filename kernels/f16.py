@@ -11,42 +11,14 @@ convert with F16C's instruction, ``f16c_fp32_to_fp16``, and ref and cuda replace
   last ``cols % 4`` values of a row go through the software conversion, as in ref.
 - cuda ``__float2half`` (cvt.rn.f16.f32): NaN -> canonical 0x7FFF.
 Dequantize is exact for every half (``ggml_compute_fp16_to_fp32``; NaN payload kept).
-Outputs of 16 MiB or more are written past the caches (stream.py), the same bits.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import CPU, CUDA
 from .fp import f16c_fp32_to_fp16, fp16_to_fp32, fp32_to_fp16, nan_as
-from .stream import streams, write_row
 
 _SIMD_WIDTH = 4  # the narrowest F16C chunk ggml_cpu_fp32_to_fp16 uses before its scalar tail
-
-
-@njit(cache=True, inline="always")
-def _halves(dst, at, a, b, args):
-    """dst[at + c - a] = x[r, c] as the flavor's half for c in [a, b); args = (x, r, flavor, simd_cols).
-    One loop per flavor: a flavor test inside the loop would keep LLVM from vectorizing it."""
-    x, r, flavor, simd_cols = args
-    if flavor == CPU:
-        for c in range(a, min(b, simd_cols)):
-            dst[at + c - a] = f16c_fp32_to_fp16(x[r, c])
-        for c in range(max(a, simd_cols), b):
-            dst[at + c - a] = fp32_to_fp16(x[r, c])  # ggml's scalar tail
-    elif flavor == CUDA:
-        for c in range(a, b):
-            dst[at + c - a] = nan_as(f16c_fp32_to_fp16(x[r, c]), np.uint16(0x7FFF))
-    else:
-        for c in range(a, b):
-            dst[at + c - a] = fp32_to_fp16(x[r, c])
-
-
-@njit(cache=True, inline="always")
-def _floats(dst, at, a, b, args):
-    """dst[at + c - a] = the float32 of halves[r, c] for c in [a, b); args = (halves, r)."""
-    halves, r = args
-    for c in range(a, b):
-        dst[at + c - a] = fp16_to_fp32(halves[r, c])
 
 
 @njit(parallel=True, cache=True)
@@ -54,9 +26,20 @@ def quantize_row_f16(x, out, flavor, rcp_table=None):
     """x: (rows, cols) float32 -> out: (rows, 2 * cols) uint8; no flavor divides, so rcp_table is unused."""
     n_rows, n_cols = x.shape
     halves = out.view(np.uint16)  # (rows, cols)
-    stream = streams(halves)
+    simd_cols = n_cols - n_cols % _SIMD_WIDTH
     for r in prange(n_rows):
-        write_row(halves[r], n_cols, stream, _halves, (x, r, flavor, n_cols - n_cols % _SIMD_WIDTH))
+        # One loop per flavor: a flavor test inside the loop would keep LLVM from vectorizing it.
+        if flavor == CPU:
+            for c in range(simd_cols):
+                halves[r, c] = f16c_fp32_to_fp16(x[r, c])
+            for c in range(simd_cols, n_cols):
+                halves[r, c] = fp32_to_fp16(x[r, c])  # ggml's scalar tail
+        elif flavor == CUDA:
+            for c in range(n_cols):
+                halves[r, c] = nan_as(f16c_fp32_to_fp16(x[r, c]), np.uint16(0x7FFF))
+        else:
+            for c in range(n_cols):
+                halves[r, c] = fp32_to_fp16(x[r, c])
 
 
 @njit(parallel=True, cache=True)
@@ -64,6 +47,6 @@ def dequantize_row_f16(raw, out):
     """raw: (rows, 2 * cols) uint8 -> out: (rows, cols) float32."""
     halves = raw.view(np.uint16)  # (rows, cols)
     n_rows, n_cols = out.shape
-    stream = streams(out)
     for r in prange(n_rows):
-        write_row(out[r], n_cols, stream, _floats, (halves, r))
+        for c in range(n_cols):
+            out[r, c] = fp16_to_fp32(halves[r, c])

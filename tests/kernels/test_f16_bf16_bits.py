@@ -78,40 +78,20 @@ def test_f16_row_tail_is_ggml_software_conversion(patterns, ggml_lib):
     assert np.array_equal(got, expected), f"{int((got != expected).sum())} patterns differ"
 
 
-def _misaligned(shape, dtype):
-    """(buffer, view): a C-contiguous `shape` view 4 bytes past a 64-byte boundary of a larger buffer of 0xA5."""
-    n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = np.full(n_bytes + 128, 0xA5, np.uint8)
-    at = (4 - buf.ctypes.data) % 64
-    view = buf[at:at + n_bytes].view(dtype).reshape(shape)
-    assert view.ctypes.data % 64 == 4
-    return buf, view
-
-
-def _untouched_around(buf, view) -> bool:
-    at = view.ctypes.data - buf.ctypes.data
-    return bool((buf[:at] == 0xA5).all() and (buf[at + view.nbytes:] == 0xA5).all())
-
-
-@pytest.mark.parametrize("type_name", ["f16", "bf16"])
-def test_large_outputs_stream_ggmls_bytes(type_name, ggml_lib):
-    """Outputs of STREAM_MIN_BYTES or more are written by nontemporal 64-byte stores from each row's first
-    64-byte boundary (kernels/stream.py). Every half pattern (NaN payloads, subnormals, both zeros, +-Inf)
-    in rows of 4099 values (scalar heads and tails) dequantized, and float32 patterns quantized in every
-    flavor ggml has (ref, cpu), into the caller's buffers 4 bytes off a 64-byte boundary: ggml's bytes, and
-    nothing around the buffers touched."""
-    from kvlab.kernels.stream import STREAM_MIN_BYTES
-    row_len = 4099
-    n_rows = -(-STREAM_MIN_BYTES // (2 * row_len))                 # >= 16 MiB of halves, 32 MiB of floats
+def test_a_large_bf16_dequantize_streams_ggmls_bytes(ggml_lib):
+    """An output of STREAM_MIN_BYTES or more is written by nontemporal 64-byte stores from each row's first
+    64-byte boundary: every bf16 pattern (NaN payloads, subnormals, both zeros, +-Inf) in rows of 4099 values
+    (scalar heads and tails), into the caller's buffer 4 bytes off a 64-byte boundary, gives the bytes of
+    ggml's to_float, and touches nothing around the buffer."""
+    from kvlab.kernels.bf16 import STREAM_MIN_BYTES
+    n_rows, row_len = -(-STREAM_MIN_BYTES // (4 * 4099)), 4099
     halves = np.resize(np.arange(1 << 16, dtype=np.uint16), n_rows * row_len)
     raw = halves.view(np.uint8).reshape(n_rows, 2 * row_len)
-    buf, out = _misaligned((n_rows, row_len), np.float32)
-    kvlab.dequantize(kvlab.QTensor.from_raw(raw, type_name, (n_rows, row_len)), out=out)
-    assert np.array_equal(out.view(np.uint32), ggml_lib.dequantize(raw, type_name, row_len).view(np.uint32))
-    assert _untouched_around(buf, out)
-    x = np.resize(dense_patterns()[0], n_rows * row_len).reshape(n_rows, row_len)
-    for flavor, ground_truth in (("ref", ggml_lib.quantize_ref), ("cpu", ggml_lib.quantize_cpu)):
-        buf, q_out = _misaligned((n_rows, 2 * row_len), np.uint8)
-        kvlab.quantize(x, type_name, flavor=flavor, out=q_out)
-        assert np.array_equal(q_out, ground_truth(x, type_name)), flavor
-        assert _untouched_around(buf, q_out)
+    want = ggml_lib.dequantize(raw, "bf16", row_len).view(np.uint32)
+    buf = np.full(n_rows * row_len + 32, 0x7FC0DEAD, np.uint32)
+    at = 16 - buf.ctypes.data % 64 // 4 + 1                       # 4 bytes past a 64-byte boundary
+    out = buf[at:at + n_rows * row_len].view(np.float32).reshape(n_rows, row_len)
+    assert out.nbytes >= STREAM_MIN_BYTES and out.ctypes.data % 64 == 4
+    kvlab.dequantize(kvlab.QTensor.from_raw(raw, "bf16", (n_rows, row_len)), out=out)
+    assert np.array_equal(out.view(np.uint32), want)
+    assert (buf[:at] == 0x7FC0DEAD).all() and (buf[at + n_rows * row_len:] == 0x7FC0DEAD).all()
