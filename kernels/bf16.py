@@ -16,8 +16,8 @@ from numba.extending import intrinsic
 
 from .fp import bf16_bits, bf16_to_fp32, f32_bits
 
-# 16 MiB: beyond the last-level cache share of a core or two (2 threads, 16.7 M values: 1.2x the cached
-# stores' speed, session 11's bench/cpu_quant.py)
+# 16 MiB: beyond the last-level cache share of a core or two (2 threads, 2^24 values: 1.04-1.55x ggml-cpu's
+# to_float where the cached stores read 0.87-1.06x, bench/README's cpu_quant section)
 STREAM_MIN_BYTES = 16 << 20
 
 
