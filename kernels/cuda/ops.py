@@ -50,7 +50,11 @@ if SIM:
 else:
     from llvmlite import ir
     from numba.cuda import types
+    from numba.cuda.core import caching as _caching
     from numba.cuda.extending import intrinsic
+
+    from ..numba_cache import register
+    register(_caching)      # the GPU kernels' disk cache keyed by every kernel source (numba_cache.py)
 
     _F32 = ir.FloatType()
     _I32 = ir.IntType(32)
