@@ -5,7 +5,8 @@ its dequantize, as ``ggml-quants.c`` keeps ``block_q4_0`` beside
 ``quantize_row_q4_0_ref``), the scalar helpers they share (``fp.py``: float bits and
 half/bfloat16 conversions; ``scalar.py``: C casts, CUDA fast-math emulation, block
 searches), the fast Walsh-Hadamard transform (``hadamard.py``), and their GPU twins
-(``cuda/``); ``numba_cache.py`` keys numba's disk cache of them by every kernel source. ``kvlab.types.TYPES`` ties each type to its kernels, as ggml's type_traits do.
+(``cuda/``); ``numba_cache.py`` keys numba's disk cache of them by every kernel source.
+``kvlab.types.TYPES`` ties each type to its kernels, as ggml's type_traits do.
 
 The flavor enum below is the one every kernel, CPU and GPU, takes: the index of the ggml
 code path whose bytes it writes.

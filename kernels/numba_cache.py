@@ -1,11 +1,11 @@
 """numba's on-disk cache of kvlab's kernels, keyed by every kernel source file.
 
 Why: numba keys a cached function by its own file only, but a kernel inlines helpers from other files
-(fp.py into q8_0.py, ops.py into cuda/flash_decode.py, ...): after an edit of fp.py alone, numba loaded the
-old q8_0 kernels, with the old bytes. Here a kernel's stamp is the SHA-256 of every .py file under
-kernels/, so any edit there re-makes every kvlab kernel. Only functions defined under kernels/ take these
-locators (numba's own classes, ahead of them in its list, with this one method changed); every other
-package's cache is numba's as before.
+(fp.py into bf16.py, ops.py into cuda/flash_decode.py, ...): after an edit of fp.py's bf16 rounding alone,
+numba loaded the old bf16 kernel, with the old bytes (tests/kernels/test_numba_cache.py). Here a kernel's
+stamp is the SHA-256 of every .py file under kernels/, so any edit there re-makes every kvlab kernel. Only
+functions defined under kernels/ take these locators (subclasses of numba's own, placed ahead of them in
+its list, with the stamp changed); every other package's cache is numba's as before.
 """
 import functools
 import hashlib

@@ -544,21 +544,20 @@ def _group_lane(gi):
 
 
 def _load_group_step(wd, k, o, gi, x, c):
-    """The 8 values of group _group_lane(gi) of 64-value chunk c of the row at byte o (16 or 32 bytes) into
-    slot x of wd (GW * D / 64 words a slot)."""
+    """The 8 values of group _group_lane(gi) of 64-value chunk c of the row at byte o (word o of the staged
+    rows when STAGE_K; 16 or 32 bytes) into slot x of wd (GW * D / 64 words a slot)."""
     w = GW * (D // 64) * x + GW * c
-    at = o + (64 * c + 8 * _group_lane(gi)) * K_VB
-    if STAGE_K:     # o: the row's first word in kbuf, its 16-byte chunks swizzled (see _stage_piece)
-        ch = (64 * c + 8 * _group_lane(gi)) * K_VB // 16
-        v = ld_u32x4(k, o + np.uint32(4 * (ch ^ ((o // np.uint32(ROW_WORDS)) & np.uint32(7)))))
+    at = (64 * c + 8 * _group_lane(gi)) * K_VB                # the group's first byte in the row
+    if STAGE_K:     # an f16/bf16 group is one 16-byte chunk, swizzled in its staged row (see _stage_piece)
+        v = ld_u32x4(k, o + np.uint32(4 * ((at // 16) ^ ((o // np.uint32(ROW_WORDS)) & np.uint32(7)))))
     else:
-        v = ld_u32x4(k, at)
+        v = ld_u32x4(k, o + at)
     wd[w] = v[0]
     wd[w + 1] = v[1]
     wd[w + 2] = v[2]
     wd[w + 3] = v[3]
     if TK == F32:
-        y = ld_u32x4(k, at + 16)
+        y = ld_u32x4(k, o + at + 16)
         wd[w + 4] = y[0]
         wd[w + 5] = y[1]
         wd[w + 6] = y[2]
@@ -949,7 +948,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
             vt = tile + prefetch * splits if prefetch > 0 else tile
             k_rows = min(NT, n_kv - kt * NT) if kt < tiles and prefetch != -2 else 0
             v_rows = min(NT, n_kv - vt * NT) if vt < tiles else 0
-            PREFETCH(k, v, kbase + kt * NT * K_RB, b * vst[0] + hk * vst[1] + vt * NT * V_RB,
+            PREFETCH(k, v, kbase + kt * NT * K_RB, vbase + vt * NT * V_RB,
                      k_rows, v_rows, tid)
         # (a) scores of token tid for every head, from the staged rows (or the row in global memory)
         tok = tile * NT + tid
