@@ -129,11 +129,12 @@ def kernel_figure(torch, dev, pair: str, n_kv: int, copy_bw: float, flush, batch
     p = torch.softmax(qg @ kd.transpose(-1, -2) * scale, dim=-1)
     exact = (p @ vd).reshape(h, d)
     err = float((out[0].double() - exact).norm() / exact.norm())
+    layout = fd.layout(ik.ggml_type, iv.ggml_type, d, fd.cols_per_block(h // hkv, d, iv.ggml_type), fd.VARIANT)
     return {"batch": batch, "seconds": t, "first_call_seconds": first, "kv_bytes": read,
             "read_GBps": read / t / 1e9, "copy_GBps": copy_bw / 1e9, "fraction_of_copy": read / t / copy_bw,
             "call_seconds_batch1": statistics.median(t_call), "call_host_seconds_batch1": t_host,
             "variant": list(fd.VARIANT), "prefetch": fd.prefetch_mode(ik.ggml_type, iv.ggml_type),
-            "registers": fd.register_limit(ik.ggml_type, iv.ggml_type, fd.VARIANT),
+            **{k.lower(): layout[k] for k in ("MAX_REGISTERS", "STAGE_K", "STAGE_V", "NB", "DYN_BYTES")},
             "out_sha256": hashlib.sha256(out[0].cpu().numpy().tobytes()).hexdigest()[:16],
             "splits": fd.plan(batch * h // fd.cols_per_block(h // hkv, d, iv.ggml_type), n_kv,
                               torch.cuda.get_device_properties(dev).multi_processor_count)[0],
@@ -160,11 +161,9 @@ def _warm_one(job) -> float:
 
 
 def with_knobs(variant: tuple, knobs: tuple) -> tuple:
-    """fd.VARIANT (max registers, V steps, plain-K groups, staged V) with knobs = (max registers, K groups) put
-    in (None: as it is; registers 0: no limit)."""
-    registers, k_groups = knobs
-    return (variant[0] if registers is None else registers, variant[1],
-            variant[2] if k_groups is None else k_groups, *variant[3:])
+    """fd.VARIANT (max registers, V steps, plain-K groups, staged V) with knobs, the same four fields, put in
+    (None: as it is; registers 0: no limit)."""
+    return tuple(v if k is None else k for v, k in zip(variant, knobs))
 
 
 def warm_kernels(jobs, d: int, gqa: int) -> dict:
@@ -203,10 +202,11 @@ def run_kernel(args) -> None:
     else:
         cases = [(p, n) for p in PAIRS_GPU for n in contexts]
         cases += [(f"{t}/{t}", max(contexts)) for t in ALL_TYPES if f"{t}/{t}" not in PAIRS_GPU]
-    k_groups = [int(x) for x in args.k_groups.split(",")] if args.k_groups else [None]
-    registers = [int(x) for x in args.registers.split(",")] if args.registers else [None]
-    cases = [(p, n, (r, kg if p.split("/")[0] in PLAIN else None))
-             for p, n in cases for r in registers for kg in k_groups]
+    def knob(text, parse=int):
+        return [parse(x) for x in text.split(",")] if text else [None]
+    cases = [(p, n, (r, nb, kg if p.split("/")[0] in PLAIN else None, sv))
+             for p, n in cases for r in knob(args.registers) for nb in knob(args.v_steps)
+             for kg in knob(args.k_groups) for sv in knob(args.stage_v, lambda x: bool(int(x)))]
     cases = list(dict.fromkeys(cases))                  # quantized K: one case whatever the K groups
     guarded(base, lambda: warm_kernels([(p, kg) for p, _, kg in cases], 128, 4))
     from kvlab.kernels.cuda import flash_decode as fd
@@ -351,6 +351,10 @@ def main(argv=None):
                         "loaded together (the kernel variant's third field; default: the module's)")
     parser.add_argument("--registers", default="", help="each of these register limits of the kernel (the "
                         "variant's first field, 0: none; default: the module's)")
+    parser.add_argument("--v-steps", default="", help="each of these counts of V steps whose loads are issued "
+                        "together (the variant's second field; default: the module's)")
+    parser.add_argument("--stage-v", default="", help="V rows staged in shared memory: each of 0, 1 (the variant's "
+                        "fourth field; default: the module's, by type)")
     parser.add_argument("--peers", default="quanto,hqq", help="transformers QuantizedCache backends in the hf part "
                         "(where optimum-quanto / hqq install; '' for none)")
     parser.add_argument("--kernel-contexts", default="4096,8192,16384,32768",

@@ -203,18 +203,19 @@ def _arg(a):
     return a.value if isinstance(a, _Value) else a
 
 
-def _launch(kernel, grid, block, args, stream):
-    """kernel[grid, block, stream](*args), arrays given as _Flat/_Full views, stream a CUstream handle
-    (int). Off the simulator, the first call of a key (kernel, grid, and the arguments but the arrays'
+def _launch(kernel, grid, block, args, stream, shared=0):
+    """kernel[grid, block, stream, shared](*args), arrays given as _Flat/_Full views, stream a CUstream handle
+    (int), shared the bytes of dynamic shared memory (the kernel is allowed them first: _configured).
+    Off the simulator, the first call of a key (kernel, grid, shared, and the arguments but the arrays'
     addresses) takes numba's dispatcher and keeps a _DirectLaunch; the next ones launch through it."""
     if _k().SIM:
-        kernel[grid, block](*[_arg(a) for a in args])
+        kernel[grid, block, 0, shared](*[_arg(a) for a in args])
         return
     if not _DIRECT_LAUNCH:
-        kernel[grid, block, _numba_stream(stream)](*[_arg(a) for a in args])
+        _configured(kernel, grid, block, stream, shared)(*[_arg(a) for a in args])
         return
     ptrs, values = [], []
-    key = [kernel, grid, block]
+    key = [kernel, grid, block, shared]
     for pos, a in enumerate(args):
         if isinstance(a, _ARRAY_ARGS):
             ptrs.append(a.view.ptr)
@@ -230,16 +231,33 @@ def _launch(kernel, grid, block, args, stream):
         direct(ptrs, stream, values) if values else direct(ptrs, stream)
     else:
         numba_args = [_arg(a) for a in args]
-        kernel[grid, block, _numba_stream(stream)](*numba_args)     # compiles or loads, binds the module
+        _configured(kernel, grid, block, stream, shared)(*numba_args)   # compiles or loads, binds the module
         if direct is None:
             if len(_DIRECT) >= _DIRECT_KEYS:         # many shapes (a prefill of every length): start over
                 _DIRECT.clear()
             overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in numba_args))
             # None: the dispatcher converted an argument to an overload of other types; it keeps this key
-            direct = _DIRECT[key] = False if overload is None else _direct_launch(overload, grid, block, numba_args)
+            direct = _DIRECT[key] = (False if overload is None
+                                     else _direct_launch(overload, grid, block, shared, numba_args))
     if _RECORDING:
         _record(_RECORDING[-1], direct, [a.view.source for a in args if isinstance(a, _ARRAY_ARGS)], ptrs,
                 [(pos, a.index) for pos, a in enumerate(args) if isinstance(a, _Value)])
+
+
+def _configured(kernel, grid, block, stream, shared):
+    """numba's launch configuration kernel[grid, block, stream, shared], which first allows the compiled kernel
+    `shared` bytes of dynamic shared memory (CUDA's default limit is 48 KB with the static)."""
+    config = kernel[grid, block, _numba_stream(stream), shared]
+    if shared:
+        config.pre_launch_callbacks.append(lambda compiled, _: _allow_shared(compiled, shared))
+    return config
+
+
+def _allow_shared(compiled, shared):
+    from cuda.bindings import driver
+    func = compiled._codelibrary.get_cufunc()                   # its handle: a CUkernel
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    _check(driver.cuKernelSetAttribute(attribute, shared, func.handle, func.device.id)[0], "cuKernelSetAttribute")
 
 
 # ---- streams -----------------------------------------------------------------------------------------
@@ -388,11 +406,11 @@ def _record(rec, direct, sources, ptrs, value_slots=()):
     rec["launches"].append((direct, list(ptrs), slots + flags, value_slots))
 
 
-def _direct_launch(overload, grid, block, numba_args):
+def _direct_launch(overload, grid, block, shared, numba_args):
     """A _DirectLaunch, or False (the dispatcher keeps the key) where numba-cuda or the CUDA bindings
     are not what it was written against (numba-cuda 0.30.4, cuda-bindings 13)."""
     try:
-        return _DirectLaunch(overload, grid, block, numba_args)
+        return _DirectLaunch(overload, grid, block, shared, numba_args)
     except (AttributeError, ImportError, RuntimeError, TypeError) as e:
         warnings.warn(f"kvlab.kernels.cuda: no direct launch ({type(e).__name__}: {e}); numba's dispatcher "
                       f"launches every call", RuntimeWarning, stacklevel=3)
@@ -409,13 +427,14 @@ class _DirectLaunch:
     nitems, itemsize, data, shape.., strides.., each pointer-sized; scalars as their C type), launched
     by cuLaunchKernel; a call sets the arrays' data pointers and, where given, scalars (_Value)."""
 
-    def __init__(self, overload, grid, block, numba_args):
+    def __init__(self, overload, grid, block, shared, numba_args):
         from cuda.bindings import driver
         from numba.cuda import types
         err, self.func = driver.cuKernelGetFunction(overload._codelibrary.get_cufunc().handle)
         _check(err, "cuKernelGetFunction")
         self.launch = driver.cuLaunchKernel
         self.dims = _dim3(grid) + _dim3(block)
+        self.shared = shared
         self.values, self.ptrs, self.first_cell = [], [], []
         for ty, a in zip(overload.argument_types, numba_args):
             self.first_cell.append(len(self.values))            # an argument's first parameter
@@ -449,7 +468,7 @@ class _DirectLaunch:
             self.values[self.first_cell[pos]].value = x
         # the driver copies the parameters at the call (a graph capture too): the cells may change
         # right after
-        _check(self.launch(self.func, *self.dims, 0, stream, self.params_ptr, 0)[0], "cuLaunchKernel")
+        _check(self.launch(self.func, *self.dims, self.shared, stream, self.params_ptr, 0)[0], "cuLaunchKernel")
 
 
 def _dim3(d):

@@ -30,9 +30,11 @@ Layout (for memory bandwidth: every K/V byte is read and decoded once per step):
     vector kernel does, rescales by expf(old - new); p = expf(s - max); (c) V: each warp takes its 32
     tokens, lanes own columns (8 values of a 4-bit block word, or 16 bytes of f16/bf16 with 8 lanes a
     token as ggml's nthreads_V, 4 values of q8_0 or f32), loads a few tokens' bytes before use (the
-    first ones before the softmax; a 4-bit or 5-bit V row of <= 160 bytes from shared memory, where the
-    warp copied its 32 rows by cp.async at the tile's start, under its K.Q and softmax: 3-8% faster at
-    32k, slower for q8_0, see VARIANT), and
+    first ones before the softmax; a 4-bit or 5-bit V row of <= 160 bytes, or an f16/bf16 row of <= 256,
+    from shared memory, where the warp copied its 32 rows by cp.async at the tile's start, under its K.Q
+    and softmax: 3-8% faster at 32k, slower for q8_0, see VARIANT; the f16/bf16 tile (32 KB at D 128) in
+    dynamic shared memory beyond the 48 KB of static, 3 blocks an SM at 168 registers: H200, 32k, 0.77-0.79
+    -> 0.85-0.87 of copy_), and
     accumulates p * V in float32 for all G heads (the tile's first token as fma(rescale, acc, p * v): nvcc
     contracts ggml's rescale into its first FMA so, in fattn-vec.cuh's sm_90 PTX); each V value is
     dequantized once (d * (q - 8) etc. exactly as dequantize_V).
@@ -84,7 +86,7 @@ import sys
 import types
 
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int32, uint8, uint32
 from numba.cuda import libdevice
 
 from .. import cuda as kc                                  # the launch mechanism (_call, _launch), this package
@@ -668,12 +670,15 @@ def _kq_head_step(s, wd, qsh, qd, qs, t1, c, j):
 # word (1: uint32, 4: uint8).
 def _stage_piece(buf, src_rows, src, dst, i):
     """Piece i of the warp's rows (contiguous from byte src) by cp.async into the warp's rows of buf (from
-    element dst): a 4-byte word at the same place, or a 16-byte chunk of an f16/bf16 row at chunk (its chunk
-    ^ row % 8) of its row, so that the 8 threads of a 16-byte shared load (each its own row, S_WORDS apart:
-    one bank group) read 8 bank groups."""
-    if S_WIDE:
+    element dst): a 4-byte word at the same place, or a 16-byte chunk of an f16/bf16 row: of a K row at chunk
+    (its chunk ^ row % 8) of its row (S_SWIZZLE), so that the 8 threads of a 16-byte shared load (each its own
+    row, S_WORDS apart: one bank group) read 8 bank groups; of a V row at its place (8 lanes read one row)."""
+    if S_WIDE and S_SWIZZLE:
         row = i // (S_RB // 16)
-        cp_async16(buf, dst + np.uint32(row * S_WORDS + 4 * ((i % (S_RB // 16)) ^ (row & 7))), src_rows, src + 16 * i)
+        at = row * S_WORDS + 4 * ((i % (S_RB // 16)) ^ (row & 7))
+        cp_async16(buf, dst + np.uint32(S_UNIT * at), src_rows, src + 16 * i)
+    elif S_WIDE:
+        cp_async16(buf, dst + np.uint32(S_UNIT * 4 * i), src_rows, src + 16 * i)
     else:
         cp_async4(buf, dst + np.uint32(S_UNIT * i), src_rows, src + 4 * i)
 
@@ -877,7 +882,7 @@ def _partials(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, pre
     comb = cuda.shared.array(N_COMB, float32)
     scratch = cuda.shared.array(N_SCRATCH, float32)   # shuffles (the simulator's: all lanes' values at once)
     kbuf = cuda.shared.array(N_KBUF, uint32)   # the tile's K rows
-    vbuf = cuda.shared.array(N_VBUF, np.uint8, alignment=ALIGN)   # the tile's V rows (STAGE_V)
+    vbuf = cuda.shared.array(N_VBUF, uint8, alignment=ALIGN)   # the tile's V rows (STAGE_V)
 
     # ---- Q: scaled, and q8_1 for a quantized K (quantize_q8_1_to_shared) ----
     if PLAIN_K:
@@ -1029,44 +1034,39 @@ def cols_per_block(ratio: int, d: int, type_v: int) -> int:
 
 
 # (max_registers, V steps loaded together, plain K groups loaded together, V rows staged) of the kernels
-# flash_decode takes; max_registers None: registers(type_k, type_v), 0: no limit. K groups (H200, Llama-3-8B layer, 32k,
+# flash_decode takes; max_registers None: registers(...), 0: no limit. K groups (H200, Llama-3-8B layer, 32k,
 # ec12308): 1 / 2 / 4 gave f16 0.547 / 0.611 / 0.580 of copy_, bf16 0.548 / 0.610 / 0.580, f32 0.627 /
 # 0.829 / 0.833 (4 is 2 for f32: at most 32 words). 0: the 8 groups written out (_kq_plain_step, 2 at a
 # time; sm_90 SASS, D 128 G 4, V steps written out too: f16 ~1800 instructions a tile instead of ~2800);
 # measured at 32k on 5d84206 (run e, bench/README): f16 0.655 / 0.654 with 0 / 2, f32 0.882 / 0.882 at 168
-# registers; the same bits. V rows staged: a quantized V row of <= 160 bytes copied by cp.async into shared
-# memory at the tile's start (under its K.Q and softmax), beside the staged K rows; None: every such V type
-# but q8_0, True / False (KVLAB_FD_STAGE_V=1 / 0): all or none. H200, 32k, session 11 (run s11-2, two
-# rounds, microseconds a launch staged / not, the same output bits): q4_0 194.3 194.3 / 200.6 198.1, q4_1
-# 213.7 213.3 / 222.5 220.7, iq4_nl 238.9 238.6 / 253.7 253.0, q5_0 257.8 258.8 / 281.3 278.3, q5_1 274.3
-# 273.3 / 281.4 284.9, q8_0 214.2 213.4 / 209.8 210.4 (its 34-byte blocks read from shared memory as
-# 16-bit halves cost more than the latency saved).
+# registers; the same bits. V rows staged: a quantized V row of <= 160 bytes or an f16/bf16 row of <= 256
+# copied by cp.async into shared memory at the tile's start (under its K.Q and softmax), beside the staged K
+# rows; None: every such V type but q8_0, True / False (KVLAB_FD_STAGE_V=1 / 0): all or none. H200, 32k,
+# session 11 (run s11-2, two rounds, microseconds a launch staged / not, the same output bits): q4_0 194.3
+# 194.3 / 200.6 198.1, q4_1 213.7 213.3 / 222.5 220.7, iq4_nl 238.9 238.6 / 253.7 253.0, q5_0 257.8 258.8 /
+# 281.3 278.3, q5_1 274.3 273.3 / 281.4 284.9, q8_0 214.2 213.4 / 209.8 210.4 (its 34-byte blocks read from
+# shared memory as 16-bit halves cost more than the latency saved). Session 12 (runs s12-1, s12-2, fraction
+# of copy_ staged / not at 168 and 128 registers): f16/f16 0.869 0.847 / 0.787 0.772 at 168, 0.719 0.720 /
+# 0.754 0.748 at 128; bf16/bf16 0.869 0.856 / 0.778 0.779 at 168, 0.718 0.716 / 0.759 0.751 at 128.
 _STAGE_V = _setting("KVLAB_FD_STAGE_V", ("0", "1"))
 VARIANT = (None, NB_MAX, 0, None if _STAGE_V is None else bool(_STAGE_V))
 
 
-def registers(type_k: int, type_v: int) -> int:
-    """The partials kernel's register limit: 168 where K or V is f32 (3 blocks an SM), else 128 (4 blocks).
-    H200, Llama-3-8B layer, 32k cells, fraction of copy_ at 128 / 168 / no limit (ptxas takes 130-240):
-    f32/f32 0.71-0.73 / 0.88 / 0.66 (at 128 it spills), f16/f16 0.65 / 0.64 / 0.65, q8_0/q8_0 0.58 / 0.57 /
-    0.59, q4_0/q4_0 0.38 / 0.35 / 0.35 (mixed pairs with f32: not measured)."""
-    return 168 if F32 in (type_k, type_v) else 128
-
-
-def register_limit(type_k: int, type_v: int, variant: tuple) -> int:
-    """The limit a variant gives the partials kernel (0: none)."""
-    return registers(type_k, type_v) if variant[0] is None else variant[0]
+def registers(type_k: int, type_v: int, dynamic_v: bool) -> int:
+    """The partials kernel's register limit: 168 where K or V is f32, or where f16/bf16 V rows are staged in
+    dynamic shared memory (dynamic_v: 69,760 bytes of shared memory a block at D 128), 3 blocks an SM either
+    way; else 128 (4 blocks). H200, Llama-3-8B layer, 32k cells, fraction of copy_ at 128 / 168 / no limit
+    (ptxas takes 130-240): f32/f32 0.71-0.73 / 0.88 / 0.66 (at 128 it spills), q8_0/q8_0 0.58 / 0.57 / 0.59,
+    q4_0/q4_0 0.38 / 0.35 / 0.35 (session 9); f16/f16 with V staged 0.72 / 0.85-0.87 (sm_90: 156 / 24 bytes
+    spilled), not staged 0.75 / 0.77-0.79 (session 12, see VARIANT); q8_0 at 128 / 96 / 80 0.66 / 0.63 /
+    0.62, q4_0 0.37 / 0.34 / 0.32 (s12-1: more blocks an SM do not pay for the spills)."""
+    return 168 if F32 in (type_k, type_v) or dynamic_v else 128
 
 
 @functools.cache
-def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
-    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
-    grid (B * H / g, splits) of NT threads (prefetch: what goes to L2 at a tile's start, PREFETCH's modes).
-
-    q (R * D,) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
-    (batch, head, row) strides in bytes (row: the row size, which the kernel takes as the constant K_RB /
-    V_RB); mask (B, L) bool (True: attend; read only with use_mask); parts (R * splits * D,), meta
-    (R * splits * 2,): flat, row-major."""
+def layout(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT) -> dict:
+    """The constants of a partials kernel instance (its templates' UPPER CASE names: types, lane layout, array
+    sizes, what is staged), MAX_REGISTERS, and DYN_BYTES: the dynamic shared memory its launch gives (0: none)."""
     assert NWARPS == 4                                   # the warps' sums are added as (w0 + w2) + (w1 + w3)
     plain_k, plain_v = type_k in PLAIN, type_v in PLAIN
     u, per_block, lv = v_layout(type_v, d)
@@ -1074,7 +1074,6 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     ul = d // u // lv                                    # units per lane
     steps = WARP // ts
     _, nb_max, k_groups, _ = variant
-    max_registers = register_limit(type_k, type_v, variant)
     nb = min(steps, max(1, nb_max // ul))                # V steps whose loads are issued together
     while nb > 1 and g * ul * u + 4 * nb * ul > 80:      # accumulators + loaded words: no spills at 128 registers
         nb //= 2
@@ -1094,20 +1093,48 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     stage_k = ((k_rb <= 160 if not plain_k else type_k != F32 and k_rb <= 256)
                and 4 * (others + NT * k_rb // 4) <= 48 * 1024)
     row_words = k_rb // 4 if stage_k else 1
-    # a quantized V row of <= 160 bytes too, beside staged K rows (variant[3]; None: every type but q8_0)
-    stage_v = ((type_v != Q8_0 if variant[3] is None else variant[3]) and stage_k and not plain_v and v_rb <= 160
+    # the tile's V rows too, beside staged K rows (variant[3]; None: every quantized type but q8_0): a quantized
+    # row of <= 160 bytes in static shared memory; an f16/bf16 row of <= 256 (32 KB a tile at D 128) in dynamic
+    # shared memory (more than the 48 KB of static), shared with the end's column sums (comb: written after
+    # the block's last V read, a block barrier between)
+    want_v = type_v not in (Q8_0, F32) if variant[3] is None else variant[3]
+    stage_v = (want_v and stage_k and not plain_v and v_rb <= 160
                and 4 * (others + NT * row_words) + NT * v_rb <= 48 * 1024)
+    dyn_v = bool(want_v and stage_k and type_v in (F16, BF16) and v_rb <= 256)
+    dyn_bytes = max(NT * v_rb, 4 * n_shared["N_COMB"]) if dyn_v else 0
+    if dyn_v:
+        n_shared["N_COMB"] = 0                             # 0: dynamic shared memory (numba's shared.array(0))
     ns = dict(TK=type_k, TV=type_v, D=d, G=g, GP=gp, PLAIN_K=plain_k, PLAIN_V=plain_v,
               V_NIB=type_v in NIBBLES, K_TSIZE=TYPE_SIZES[type_k], V_TSIZE=TYPE_SIZES[type_v], V_PER_BLOCK=per_block,
               V_QS_AT={Q8_0: 2, Q4_0: 2, IQ4_NL: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}.get(type_v, 0),
               K_CHUNK=64, K_CHUNK_BYTES=k_chunk_bytes, K_WORDS=k_words, KG=kg, GW=8 if type_k == F32 else 4,
               K_VB=4 if type_k == F32 else 2,
               U=u, LV=lv, TS=ts, UL=ul, STEPS=steps, NB=nb, N_ACC=g * ul * u, STAGE_K=stage_k,
-              ROW_WORDS=row_words, STAGE_V=stage_v)
+              ROW_WORDS=row_words, STAGE_V=stage_v or dyn_v)
     ns.update(K_RB=k_rb, V_RB=v_rb, K_PF=-(-k_rb // 128), V_PF=-(-v_rb // 128))       # lines a thread prefetches
     # array sizes: numba takes only literal integers there
-    ns.update(n_shared, N_KBUF=NT * row_words if stage_k else 1, N_VBUF=NT * v_rb if stage_v else 16,
+    ns.update(n_shared, N_KBUF=NT * row_words if stage_k else 1, N_VBUF=0 if dyn_v else NT * v_rb if stage_v else 16,
               N_RAW=4 * nb * ul, N_R=2 * g)
+    ns.update(MAX_REGISTERS=registers(type_k, type_v, dyn_v) if variant[0] is None else variant[0],
+              DYN_BYTES=dyn_bytes)
+    return ns
+
+
+@functools.cache
+def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = VARIANT):
+    """kernel(q, k, v, kst, vst, n_kv, n_head, ratio, mask, use_mask, scale, prefetch, parts, meta), run on a
+    grid (B * H / g, splits) of NT threads with layout(...)["DYN_BYTES"] bytes of dynamic shared memory
+    (prefetch: what goes to L2 at a tile's start, PREFETCH's modes).
+
+    q (R * D,) float32, R = B * H; k, v flat uint8 of the caches (B, Hkv, capacity, row bytes); kst, vst:
+    (batch, head, row) strides in bytes (row: the row size, which the kernel takes as the constant K_RB /
+    V_RB); mask (B, L) bool (True: attend; read only with use_mask); parts (R * splits * D,), meta
+    (R * splits * 2,): flat, row-major."""
+    ns = dict(layout(type_k, type_v, d, g, variant))
+    g, d, k_rb, v_rb = ns["G"], ns["D"], ns["K_RB"], ns["V_RB"]
+    ul, u, nb, kg = ns["UL"], ns["U"], ns["NB"], ns["KG"]
+    k_groups, steps, plain_k, plain_v = variant[2], ns["STEPS"], ns["PLAIN_K"], ns["PLAIN_V"]
+    k_chunk_bytes, max_registers = ns["K_CHUNK_BYTES"], ns["MAX_REGISTERS"]
 
     def bind(names, template=None):
         """template as a device function whose globals include the instance's constants (`names`, else ns)."""
@@ -1126,14 +1153,14 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
               GROUPS_HEADS=unrolled(bind(_groups_heads_step), kg, 5))
     ns.update(KQ_PLAIN=unrolled(bind(_kq_plain_step), 8 // kg, 6) if k_groups == 0 else bind(_kq_plain))
     ns.update(KQ_HEADS=unrolled(bind(_kq_head_step), g, 7))
-    def bind_stage(rb, wide, unit):
-        """_stage_rows for rows of rb bytes: 16-byte chunks (wide) or words, into a buffer of `unit` elements
-        a word."""
-        c = dict(S_RB=rb, S_WORDS=rb // 4, S_WIDE=wide, S_UNIT=unit)
+    def bind_stage(rb, wide, unit, swizzle):
+        """_stage_rows for rows of rb bytes: 16-byte chunks (wide; swizzled or not) or words, into a buffer of
+        `unit` elements a word."""
+        c = dict(S_RB=rb, S_WORDS=rb // 4, S_WIDE=wide, S_UNIT=unit, S_SWIZZLE=swizzle)
         c.update(STAGE_PIECE=bind({**ns, **c}, _stage_piece))
         c.update(STAGE_COPY=unrolled(bind({**ns, **c}, _stage_copy_step), rb // 16 if wide else rb // 4, 5))
         return bind({**ns, **c}, _stage_rows)
-    ns.update(STAGE_K_ROWS=bind_stage(k_rb, plain_k, 1), STAGE_V_ROWS=bind_stage(v_rb, False, 4))
+    ns.update(STAGE_K_ROWS=bind_stage(k_rb, plain_k, 1, True), STAGE_V_ROWS=bind_stage(v_rb, plain_v, 4, False))
     ns.update(SOFTMAX_HEAD=bind(_softmax_head), PREFETCH=bind(_prefetch_tile))
     ns.update(KQ_CHUNKS=unrolled(bind(_kq_chunk_step), d // 64, 9))
     ns.update(KQ_TOKEN=bind(_kq_token), SOFTMAX=unrolled(bind(_softmax_step), g, 7),
@@ -1148,7 +1175,8 @@ def partials_kernel(type_k: int, type_v: int, d: int, g: int, variant: tuple = V
     if SIM:   # the same values through one exchange of all lanes' values instead of a shuffle each
         ns.update(SOFTMAX=bind(_sim_softmax))
     jit = dict(JIT, max_registers=max_registers) if max_registers and not SIM else JIT
-    name = f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{nb_max}_{kg}_{int(stage_v)}"
+    name = (f"flash_partials_{type_k}_{type_v}_{d}_{g}_{max_registers}_{variant[1]}_{kg}_{int(ns['STAGE_V'])}"
+            f"{'d' if ns['DYN_BYTES'] else ''}")
     return _instantiate(_partials, name, jit, **ns)
 
 
@@ -1199,6 +1227,22 @@ def _is_torch(a) -> bool:
 @functools.cache
 def _sm_count() -> int:
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def launch_variant(type_k: int, type_v: int, d: int, g: int, variant: tuple, optin: int) -> tuple:
+    """(variant, dynamic shared bytes) of a launch on a GPU that allows a block `optin` bytes of shared memory:
+    the variant as it is, or without staged V where its dynamic shared memory does not fit beside up to 48 KB
+    of static (sm_75 allows 64 KB: the V rows are read from global memory there)."""
+    shared = layout(type_k, type_v, d, g, variant)["DYN_BYTES"]
+    if shared and 48 * 1024 + shared > optin:
+        return (*variant[:3], False), 0
+    return variant, shared
+
+
+@functools.cache
+def _shared_optin() -> int:
+    """The most shared memory (static + dynamic) a block may be allowed on this GPU, in bytes."""
+    return cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1369,9 +1413,10 @@ def _launch_checked(q, k_flat, v_flat, mask, parts, meta, out, no_mask, n_hkv, g
     mtv = kc._view(meta, "meta", np.float32, 1)
     ov = kc._view(out, "out", np.float32, 3)
     rows = b * h
+    variant, shared = launch_variant(type_k, type_v, dk, g, variant, 1 << 30 if SIM else _shared_optin())
     kc._launch(partials_kernel(type_k, type_v, dk, g, variant), (rows // g, n_splits), NT,
                [kc._Flat(qv), kc._Flat(kv), kc._Flat(vv), kst, vst, kc._Value(0, n_kv), h, h // n_hkv, kc._Full(mv),
-                mask is not None, scale, prefetch, kc._Flat(pv), kc._Flat(mtv)], stream)
+                mask is not None, scale, prefetch, kc._Flat(pv), kc._Flat(mtv)], stream, shared)
     if n_splits > 1:
         dv = ov.shape[2]
         kc._launch(combine_kernel(dv), rows, dv, [kc._Flat(pv), kc._Flat(mtv), kc._Flat(ov), n_splits], stream)

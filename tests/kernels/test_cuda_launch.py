@@ -23,8 +23,8 @@ class Array:
 
 
 class Kernel:
-    """A stand-in for a numba dispatcher: kernel[grid, block, stream](*args) logs (name, (grid, block,
-    stream), args)."""
+    """A stand-in for a numba dispatcher: kernel[grid, block, stream, shared](*args) logs (name, (grid, block,
+    stream, shared), args)."""
 
     def __init__(self, log, name):
         self.log, self.name = log, name
@@ -47,11 +47,11 @@ class Device:
         return isinstance(other, Device) and other.ptr == self.ptr
 
 
-def direct(kernel, grid, block, numba_args):
+def direct(kernel, grid, block, shared, numba_args):
     """A stand-in _DirectLaunch: logs what the dispatcher would have been called with."""
     def launch(ptrs, stream):
         it = iter(ptrs)
-        kernel.log.append((kernel.name, (grid, block, stream),
+        kernel.log.append((kernel.name, (grid, block, stream, shared),
                            tuple(Device(next(it)) if isinstance(a, Device) else a for a in numba_args)))
     return launch
 
@@ -209,7 +209,7 @@ def test_a_large_tile_call_prefetches_a_wave_ahead(log, monkeypatch):
         log.clear()
         kc.quantize(Array((rows, 4096), "<f4", 1 << 24), Array((rows, 2560), "|u1", 2 << 24), Q4_1, 0)
         kc.dequantize(Array((rows, 2560), "|u1", 2 << 24), Array((rows, 4096), "<f4", 1 << 24), Q4_1)
-        (_, (q_grid, _, _), q_args), (_, (d_grid, _, _), d_args) = log
+        (_, (q_grid, *_), q_args), (_, (d_grid, *_), d_args) = log
         assert (q_grid, d_grid) == (-(-rows // 2), rows)   # a tile (128 blocks) per row; quantize: 2 a CUDA block
         return q_args[9], d_args[-1]
 

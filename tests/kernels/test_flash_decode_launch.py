@@ -43,14 +43,19 @@ def described(args, ptrs=None):
 
 
 class Kernel:
-    """A numba dispatcher stand-in: kernel[grid, block, stream](*args) logs (name, config, args)."""
+    """A numba dispatcher stand-in: kernel[grid, block, stream, shared](*args) logs (name, config, args), and
+    the names of the pre-launch callbacks its configuration was given (pre_launch)."""
 
     def __init__(self, log, name):
-        self.log, self.name = log, name
+        self.log, self.name, self.pre_launch = log, name, []
         self.overloads = types.SimpleNamespace(get=lambda argument_types: self)   # compiled for any
 
     def __getitem__(self, config):
-        return lambda *args: self.log.append((self.name, config, described(args)))
+        def launch(*args):
+            self.pre_launch += [getattr(f, "__qualname__", "") for f in launch.pre_launch_callbacks]
+            self.log.append((self.name, config, described(args)))
+        launch.pre_launch_callbacks = []
+        return launch
 
     def typeof_pyval(self, a):
         return type(a)
@@ -63,12 +68,12 @@ def fake(monkeypatch):
     kernels = {}
     addresses = itertools.count(1 << 40, 1 << 24)
 
-    def direct(kernel, grid, block, numba_args):
+    def direct(kernel, grid, block, shared, numba_args):
         def launch(ptrs, stream, scalars=()):       # scalars: (position, value) set by this launch
             args = list(numba_args)
             for pos, x in scalars:
                 args[pos] = x
-            kernel.log.append((kernel.name, (grid, block, f"stream {stream:#x}"), described(args, ptrs)))
+            kernel.log.append((kernel.name, (grid, block, f"stream {stream:#x}", shared), described(args, ptrs)))
         return launch
 
     def device_array(shape, dtype):
@@ -84,6 +89,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(fd, "partials_kernel", lambda *a: kernels.setdefault("partials", Kernel(log, "partials")))
     monkeypatch.setattr(fd, "combine_kernel", lambda *a: kernels.setdefault("combine", Kernel(log, "combine")))
     monkeypatch.setattr(fd, "_sm_count", lambda: 132)
+    monkeypatch.setattr(fd, "_shared_optin", lambda: 227 * 1024)                # an H100's / H200's
     monkeypatch.setattr(fd, "_SCRATCH", {})
     monkeypatch.setattr(kc, "_numba_stream", lambda handle: f"stream {handle:#x}")
     monkeypatch.setattr(kc, "_direct_launch", direct)
@@ -227,3 +233,30 @@ def test_a_bad_measuring_knob_is_refused_when_the_kernel_loads(name, setting):
                          text=True, timeout=600, env=env)
     assert res.returncode != 0
     assert f"{name}={setting!r}: expected one of" in res.stderr
+
+
+def test_f16_v_rows_launch_with_their_dynamic_shared_memory(fake):
+    """f16 V rows staged in dynamic shared memory (32 KB a block at D 128, beyond the 48 KB of static): the
+    dispatcher's launch asks for them and first allows the kernel them (a pre-launch callback: CUDA refuses
+    a launch above 48 KB otherwise); the replay's direct launch asks for the same bytes; q4_0 asks for none."""
+    log, _, _ = fake
+    assert fd.layout(F16.ggml_type, F16.ggml_type, 128, 4)["DYN_BYTES"] == 128 * 256
+    for base in (1 << 32, 5 << 32):                                         # checked, then replayed
+        call(*arrays(base, info=F16), info=F16)
+    partials = [config for name, config, _ in log if name == "partials"]
+    assert [c[3] for c in partials] == [128 * 256] * 2
+    assert fd.partials_kernel().pre_launch == ["_configured.<locals>.<lambda>"]
+    log.clear()
+    call(*arrays(1 << 32), info=Q4)
+    assert {config[3] for _, config, _ in log} == {0}
+
+
+def test_staged_v_needs_room_for_its_dynamic_shared_memory():
+    """Where a GPU allows a block less than 48 KB of static + the V tile (sm_75: 64 KB), the f16 V rows are
+    read from global memory: the launch's variant has V staging off and asks for no dynamic shared memory."""
+    f16 = F16.ggml_type
+    assert fd.launch_variant(f16, f16, 128, 4, fd.VARIANT, 227 * 1024) == (fd.VARIANT, 32768)
+    variant, shared = fd.launch_variant(f16, f16, 128, 4, fd.VARIANT, 64 * 1024)
+    assert shared == 0 and variant[3] is False
+    assert fd.layout(f16, f16, 128, 4, variant)["DYN_BYTES"] == 0
+    assert fd.launch_variant(Q4.ggml_type, Q4.ggml_type, 128, 8, fd.VARIANT, 64 * 1024) == (fd.VARIANT, 0)

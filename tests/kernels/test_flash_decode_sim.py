@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent(r'''
     data = dict(np.load(sys.argv[1]))
     out = {}
     ONE_SPLIT = ("f16/f16", "q8_0/q8_0")
+    STAGED_V = ("q8_0/q8_0", "q4_0/q4_0", "f16/f16", "bf16/bf16", "q4_0/f16")
     default = fd.VARIANT                                 # (registers, V steps, K groups)
     for key in [k for k in data if k.startswith("k/")]:
         layout, pair = key[2:].split(":")
@@ -66,7 +67,7 @@ SCRIPT = textwrap.dedent(r'''
                 fd.VARIANT = (*default[:2], kg, *default[3:])
                 out[f"{layout}:{pair}/2/k_groups_{kg}"] = run(2)
                 fd.VARIANT = default
-        if pair in ONE_SPLIT[1:] + ("q4_0/q4_0",) and layout == "gqa4":   # V rows staged in shared memory, or not
+        if pair in STAGED_V and layout == "gqa4":         # V rows staged in shared memory, or not
             for stage_v in (False, True):
                 fd.VARIANT = (*default[:3], stage_v)
                 out[f"{layout}:{pair}/2/stage_v_{stage_v}"] = run(2)
@@ -207,10 +208,12 @@ def test_k_groups_give_the_same_bits(run, case):
         assert out[key].tobytes() == out[case].tobytes(), key
 
 
-@pytest.mark.parametrize("case", ["gqa4:q4_0/q4_0/2", "gqa4:q8_0/q8_0/2"])
+@pytest.mark.parametrize("case", ["gqa4:q4_0/q4_0/2", "gqa4:q8_0/q8_0/2", "gqa4:f16/f16/2", "gqa4:bf16/bf16/2",
+                                  "gqa4:q4_0/f16/2"])
 def test_staged_v_rows_give_the_same_bits(run, case):
     """V rows copied into shared memory by cp.async (VARIANT's fourth field) or read from global memory: the
-    same loads from another place, the same bits (by default q4_0's are staged, q8_0's not)."""
+    same loads from another place, the same bits (q4_0's and f16's rows in static and in dynamic shared memory,
+    the latter shared with the end's column sums)."""
     _, _, out = run
     for stage_v in (False, True):
         assert out[f"{case}/stage_v_{stage_v}"].tobytes() == out[case].tobytes(), stage_v
